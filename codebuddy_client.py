@@ -1,0 +1,291 @@
+"""Run one prompt through the `codebuddy` CLI and return a `RunResult`.
+
+The CLI runs with `-p --output-format stream-json`, the prompt on stdin (so a prompt starting with `-` is
+never a flag and nothing goes through a shell), in its own process group so a timeout or a cancel can stop
+it and every child it started. Success is only a `result` line with `is_error: false` (NOTES.md §4).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+log = logging.getLogger("codebuddy_client")
+
+# Namespace for deriving CLI session ids from DingTalk conversation ids (which contain "+/=").
+_SESSION_NAMESPACE = uuid.UUID("6f1c9a52-3c1e-4d8e-9a55-1c0de0b0d1e5")
+
+# Environment the official SDK sets for quiet, non-interactive runs.
+_QUIET_ENV = {
+    "DISABLE_AUTOUPDATER": "1",
+    "CODEBUDDY_CODE_DISABLE_BACKGROUND_TASKS": "1",
+    "CODEBUDDY_DISABLE_AUTO_MEMORY": "1",
+}
+
+_STDERR_TAIL_LINES = 20
+
+# Things that look like credentials in CLI error text: (pattern, replacement keeping any label).
+_TOKEN_PATTERNS = (
+    (re.compile(r"\b(?:sk|ak|pk)-[A-Za-z0-9_\-]{8,}"), "***"),
+    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._\-]{8,}"), r"\1***"),
+    (re.compile(r"(?i)\b((?:api[_-]?key|access[_-]?token|token|secret|password)[\"']?\s*[:=]\s*[\"']?)"
+                r"[^\s\"',;]{4,}"), r"\1***"),
+    (re.compile(r"\b(?=[A-Za-z_\-]*\d)(?=[0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{32,}\b"), "***"),
+)
+
+
+def redact_secrets(text: str, extra_secrets: Iterable[str] = ()) -> str:
+    """Replace anything that looks like a token, and each of `extra_secrets`, with `***`."""
+    for secret in extra_secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    for pattern, replacement in _TOKEN_PATTERNS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def session_id_for(conversation_key: str) -> str:
+    """A CLI-safe session id (`^[a-zA-Z0-9][a-zA-Z0-9\\-_:]*$`) derived from a DingTalk conversation key."""
+    return str(uuid.uuid5(_SESSION_NAMESPACE, conversation_key))
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What one CLI run produced. `ok` only when the CLI reported success."""
+
+    ok: bool
+    text: str = ""
+    error: str = ""
+    duration: float = 0.0
+    session_id: str | None = None
+    timed_out: bool = False
+    cancelled: bool = False
+    last_step: str = ""
+
+
+@dataclass
+class StreamState:
+    """What the stream-json lines said so far."""
+
+    result: dict | None = None
+    error: str = ""
+    session_id: str | None = None
+    last_step: str = ""
+    partial_text: str = ""
+
+
+def parse_stream_line(line: str, state: StreamState) -> str | None:
+    """Fold one stream-json line into `state`; return a human progress step if the line names one."""
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    kind = event.get("type")
+    if event.get("session_id"):
+        state.session_id = str(event["session_id"])
+    if kind == "result":
+        state.result = event
+        return None
+    if kind == "error":
+        state.error = str(event.get("error") or event.get("message") or "unknown error")
+        return None
+    if kind == "assistant":
+        step = None
+        content = (event.get("message") or {}).get("content") or []
+        for block in content if isinstance(content, list) else []:
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "tool_use":
+                step = f"工具 {block.get('name', '?')}"
+            elif block.get("type") == "text" and block.get("text"):
+                state.partial_text = str(block["text"])
+                step = step or "生成回答"
+        if step:
+            state.last_step = step
+        return step
+    return None
+
+
+def result_from_stream(state: StreamState, returncode: int | None, stderr_tail: str, duration: float,
+                       *, timed_out: bool = False, cancelled: bool = False) -> RunResult:
+    """Decide success or failure from what the stream said, the exit code and stderr."""
+    common = {"duration": duration, "session_id": state.session_id, "last_step": state.last_step}
+    if cancelled:
+        return RunResult(ok=False, error="任务已取消", cancelled=True, **common)
+    if timed_out:
+        return RunResult(ok=False, error=f"执行超时 (超过 {duration:.0f} 秒)", timed_out=True, **common)
+    result = state.result
+    if result is not None and not result.get("is_error") and returncode in (0, None):
+        return RunResult(ok=True, text=str(result.get("result") or ""), **common)
+    if result is not None and (result.get("is_error") or result.get("subtype") != "success"):
+        errors = result.get("errors") or []
+        detail = "; ".join(str(e) for e in errors) if isinstance(errors, list) else str(errors)
+        detail = detail or str(result.get("result") or "") or str(result.get("subtype") or "unknown error")
+        return RunResult(ok=False, error=detail, **common)
+    if state.error:
+        return RunResult(ok=False, error=state.error, **common)
+    if returncode not in (0, None):
+        detail = stderr_tail.strip() or "no output"
+        return RunResult(ok=False, error=f"CLI exited with code {returncode}: {detail}", **common)
+    if result is not None:
+        return RunResult(ok=True, text=str(result.get("result") or ""), **common)
+    detail = stderr_tail.strip()
+    return RunResult(ok=False, error="CLI ended without a result" + (f": {detail}" if detail else ""), **common)
+
+
+class CodeBuddyClient:
+    """Runs prompts through the CLI. Thread-safe: each `run` owns its own process."""
+
+    def __init__(self, binary: str, workdir: str, *, model: str = "", extra_args: Iterable[str] = (),
+                 permission_mode: str = "acceptEdits", timeout: float = 1800.0, kill_grace: float = 3.0,
+                 env: Mapping[str, str] | None = None, poll_interval: float = 0.1) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.model = model
+        self.extra_args = tuple(extra_args)
+        self.permission_mode = permission_mode
+        self.timeout = timeout
+        self.kill_grace = kill_grace
+        self.poll_interval = poll_interval
+        self._env = dict(os.environ if env is None else env)
+        self._env.update({k: v for k, v in _QUIET_ENV.items() if k not in self._env})
+        self._running: dict[int, subprocess.Popen] = {}
+        self._running_lock = threading.Lock()
+
+    def command(self, session_id: str | None = None) -> list[str]:
+        """The argv of one run (the prompt goes on stdin, never on the command line)."""
+        argv = [self.binary, "-p", "--output-format", "stream-json"]
+        if self.permission_mode:
+            argv += ["--permission-mode", self.permission_mode]
+        if self.model:
+            argv += ["--model", self.model]
+        if session_id:
+            argv += ["--resume", session_id, "--resume-create-missing"]
+        argv += list(self.extra_args)
+        return argv
+
+    @property
+    def running_processes(self) -> int:
+        """How many CLI processes are alive right now."""
+        with self._running_lock:
+            return len(self._running)
+
+    def version(self, timeout: float = 20.0) -> str:
+        """`CODEBUDDY_BIN --version` output; raises OSError/subprocess errors on failure."""
+        proc = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=timeout,
+                              env=self._env, stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise RuntimeError(f"exit code {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}")
+        return proc.stdout.strip()
+
+    def run(self, prompt: str, *, session_id: str | None = None, timeout: float | None = None,
+            cancel_event: threading.Event | None = None, on_step: Callable[[str], None] | None = None,
+            clock: Callable[[], float] = time.monotonic) -> RunResult:
+        """Run `prompt` to completion, timeout or cancellation. Never raises for CLI failures."""
+        limit = self.timeout if timeout is None else timeout
+        started = clock()
+        os.makedirs(self.workdir, exist_ok=True)
+        try:
+            proc = subprocess.Popen(
+                self.command(session_id), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=self.workdir, env=self._env, start_new_session=True,
+            )
+        except OSError as exc:
+            return RunResult(ok=False, error=f"无法启动 CodeBuddy CLI ({self.binary}): {exc.strerror or exc}")
+        with self._running_lock:
+            self._running[proc.pid] = proc
+        try:
+            return self._supervise(proc, prompt, limit, started, cancel_event, on_step, clock)
+        finally:
+            self._kill_group(proc, signal.SIGKILL)  # nothing the run started outlives it
+            with self._running_lock:
+                self._running.pop(proc.pid, None)
+
+    def _supervise(self, proc: subprocess.Popen, prompt: str, limit: float, started: float,
+                   cancel_event: threading.Event | None, on_step: Callable[[str], None] | None,
+                   clock: Callable[[], float]) -> RunResult:
+        state = StreamState()
+        stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+
+        def read_stdout() -> None:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                step = parse_stream_line(raw.decode("utf-8", "replace"), state)
+                if step and on_step is not None:
+                    try:
+                        on_step(step)
+                    except Exception:  # a progress callback must never break the run
+                        log.exception("progress callback failed")
+
+        def read_stderr() -> None:
+            assert proc.stderr is not None
+            for raw in proc.stderr:
+                stderr_tail.append(raw.decode("utf-8", "replace").rstrip())
+
+        readers = [threading.Thread(target=read_stdout, daemon=True),
+                   threading.Thread(target=read_stderr, daemon=True)]
+        for reader in readers:
+            reader.start()
+        threading.Thread(target=self._write_prompt, args=(proc, prompt), daemon=True).start()
+
+        timed_out = cancelled = False
+        while True:
+            try:
+                proc.wait(timeout=self.poll_interval)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if cancel_event is not None and cancel_event.is_set():
+                cancelled = True
+            elif clock() - started >= limit:
+                timed_out = True
+            if cancelled or timed_out:
+                self._stop(proc)
+                break
+        # Children may keep the pipes open after the CLI exits: the finally in run() kills them.
+        self._kill_group(proc, signal.SIGKILL)
+        for reader in readers:
+            reader.join(timeout=5)
+        return result_from_stream(state, proc.returncode if not (timed_out or cancelled) else None,
+                                  "\n".join(stderr_tail), clock() - started,
+                                  timed_out=timed_out, cancelled=cancelled)
+
+    @staticmethod
+    def _write_prompt(proc: subprocess.Popen, prompt: str) -> None:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(prompt.encode("utf-8", "replace"))
+            proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass  # the CLI died before reading its prompt; its exit status tells the story
+
+    def _stop(self, proc: subprocess.Popen) -> None:
+        """TERM the process group, wait the grace period, then KILL it."""
+        self._kill_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=self.kill_grace)
+        except subprocess.TimeoutExpired:
+            self._kill_group(proc, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+    @staticmethod
+    def _kill_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -1,0 +1,401 @@
+"""Deliver text to DingTalk: the message's session webhook, or a push through the OpenAPI.
+
+This is the only module that sends HTTP to DingTalk. `DingTalkSender.send(route, text)` is its one seam:
+it picks the path (webhook while alive, else batchSend for 1:1 or groupMessages/send for groups), splits
+long answers, retries what is worth retrying within a deadline and returns a `Delivery` value.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from config import HTTP_TIMEOUT, PUSH_MAX_BYTES, TOKEN_REFRESH_MARGIN, WEBHOOK_MAX_CHARS
+
+log = logging.getLogger("dingtalk_sender")
+
+BATCH_SEND_PATH = "/v1.0/robot/oToMessages/batchSend"
+GROUP_SEND_PATH = "/v1.0/robot/groupMessages/send"
+TOKEN_PATH = "/v1.0/oauth2/accessToken"
+
+_MARKER_RESERVE = 24  # room for the "(i/n)\n" prefix of a split part
+_FENCE = re.compile(r"^\s*(`{3,}|~{3,})(.*)$")
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def utf8_json_cost(text: str) -> int:
+    """Bytes `text` takes inside a JSON string (UTF-8, escapes counted): the unit of the push limit."""
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8")) - 2
+
+
+def _hard_pieces(line: str, max_cost: int, cost: Callable[[str], int]) -> list[str]:
+    """Cut one over-long line into pieces of at most `max_cost`, on character boundaries."""
+    pieces, start, used = [], 0, 0
+    for index, char in enumerate(line):
+        char_cost = cost(char)
+        if used + char_cost > max_cost and index > start:
+            pieces.append(line[start:index])
+            start, used = index, 0
+        used += char_cost
+    pieces.append(line[start:])
+    return pieces
+
+
+def _fence_after(state: str | None, line: str) -> str | None:
+    """The open code fence (its opening line) after `line`, given the one open before it."""
+    match = _FENCE.match(line)
+    if not match:
+        return state
+    if state is None:
+        return line.rstrip("\r\n")
+    opener = _FENCE.match(state)
+    assert opener is not None
+    closes = match.group(1)[0] == opener.group(1)[0] and len(match.group(1)) >= len(opener.group(1))
+    return None if closes and not match.group(2).strip() else state
+
+
+def _closing_fence(opener: str) -> str:
+    match = _FENCE.match(opener)
+    assert match is not None
+    return match.group(1)
+
+
+def split_message(text: str, limit: int, cost: Callable[[str], int] = len) -> list[str]:
+    """Split `text` into parts of at most `limit` (measured by `cost`), each marked `(i/n)` when n > 1.
+
+    Parts prefer paragraph boundaries; a code fence cut across parts is closed at the end of one part
+    and reopened, with its language tag, at the start of the next.
+    """
+    if cost(text) <= limit:
+        return [text]
+    budget = limit - _MARKER_RESERVE
+    lines: list[str] = []
+    for line in text.splitlines(keepends=True):
+        lines.extend(_hard_pieces(line, budget // 2, cost) if cost(line) > budget // 2 else [line])
+
+    parts: list[str] = []
+    fence: str | None = None
+    index = 0
+    while index < len(lines):
+        reopen = fence + "\n" if fence else ""
+        chunk, used, state, start = [reopen], cost(reopen), fence, index
+        paragraph_break: tuple[int, int] | None = None  # (line index after the break, chunk length)
+        while index < len(lines):
+            line = lines[index]
+            after = _fence_after(state, line)
+            closing = cost("\n" + _closing_fence(after) + "\n") if after else 0
+            if used + cost(line) + closing > budget and index > start:
+                break
+            chunk.append(line)
+            used += cost(line)
+            state = after
+            index += 1
+            if not line.strip() and state is None and used >= budget // 2:
+                paragraph_break = (index, len(chunk))
+        if index < len(lines) and paragraph_break and paragraph_break[0] < index:
+            index, keep = paragraph_break
+            chunk, state = chunk[:keep], None
+        part = "".join(chunk)
+        if state:
+            part += ("" if part.endswith("\n") else "\n") + _closing_fence(state) + "\n"
+        parts.append(part)
+        fence = state
+    total = len(parts)
+    return [f"({number}/{total})\n{part}" for number, part in enumerate(parts, 1)]
+
+
+# ---------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a task's messages go: the chat it came from and, while alive, its session webhook."""
+
+    conversation_type: str  # "1" = 1:1, "2" = group
+    user_id: str  # sender's staff id (batchSend userIds)
+    conversation_id: str  # group: the openConversationId
+    session_webhook: str = ""
+    webhook_expires_ms: int = 0
+
+    @property
+    def is_group(self) -> bool:
+        return self.conversation_type == "2"
+
+    def session_webhook_alive(self, now_ms: float, margin_ms: float = 5000) -> bool:
+        """True while the session webhook exists and is not about to expire."""
+        return bool(self.session_webhook) and now_ms + margin_ms < self.webhook_expires_ms
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """The outcome of one `send`: delivered or not, by which path, and why not."""
+
+    ok: bool
+    path: str = ""  # "webhook", "batchSend" or "group"
+    error: str = ""
+    permanent: bool = False  # retrying later will not help
+
+
+class DeliveryError(Exception):
+    """A send failed; `retryable` says whether trying again later may succeed."""
+
+    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class _InvalidToken(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- token
+
+
+class AccessTokenProvider:
+    """Fetches the app's access token once, caches it and refreshes it before it expires.
+
+    One lock: when many threads need a token at once, one fetches and the others wait for its answer.
+    """
+
+    def __init__(self, session: requests.Session, endpoint: str, app_key: str, app_secret: str, *,
+                 clock: Callable[[], float] = time.monotonic, refresh_margin: float = TOKEN_REFRESH_MARGIN,
+                 timeout: tuple[float, float] = HTTP_TIMEOUT) -> None:
+        self._session = session
+        self._url = endpoint.rstrip("/") + TOKEN_PATH
+        self._app_key = app_key
+        self._app_secret = app_secret
+        self._clock = clock
+        self._margin = refresh_margin
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._token = ""
+        self._expires_at = 0.0
+        self.fetches = 0
+
+    def get(self) -> str:
+        """A valid access token, fetched only when the cached one is missing or near expiry."""
+        with self._lock:
+            if self._token and self._clock() < self._expires_at:
+                return self._token
+            self._token, self._expires_at = self._fetch()
+            return self._token
+
+    def invalidate(self, token: str) -> None:
+        """Forget `token` (DingTalk rejected it); the next `get` fetches a new one."""
+        with self._lock:
+            if self._token == token:
+                self._token, self._expires_at = "", 0.0
+
+    def _fetch(self) -> tuple[str, float]:
+        self.fetches += 1
+        try:
+            response = self._session.post(self._url, json={"appKey": self._app_key, "appSecret": self._app_secret},
+                                          timeout=self._timeout)
+        except requests.RequestException as exc:
+            raise DeliveryError(f"access token request failed: {type(exc).__name__}", retryable=True) from None
+        body = _json_body(response)
+        token = body.get("accessToken")
+        if response.status_code != 200 or not token:
+            code = body.get("code") or response.status_code
+            retryable = response.status_code == 429 or response.status_code >= 500
+            raise DeliveryError(f"access token refused: HTTP {response.status_code} {code}", retryable=retryable)
+        expire_in = float(body.get("expireIn") or 7200)
+        log.info("access token fetched, expires in %.0f s", expire_in)
+        return str(token), self._clock() + max(expire_in - self._margin, expire_in / 2)
+
+
+def _json_body(response: requests.Response) -> dict:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------- sender
+
+
+def make_session(pool_size: int = 32, transport_retries: int = 2) -> requests.Session:
+    """A requests session whose adapter retries POSTs on connection errors, 429 and 5xx (with Retry-After)."""
+    retry = Retry(
+        total=transport_retries, connect=transport_retries, read=transport_retries, status=transport_retries,
+        backoff_factor=0.3, backoff_jitter=0.2, status_forcelist=(429, 500, 502, 503, 504),
+        allowed_methods=frozenset({"POST", "GET"}), respect_retry_after_header=True, raise_on_status=False,
+    )
+    session = requests.Session()
+    session.trust_env = False  # no proxy from the environment: DingTalk endpoints are reached directly
+    adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=pool_size)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+class DingTalkSender:
+    """Sends text to a `Route`. Thread-safe; every call has timeouts and a bounded retry window."""
+
+    def __init__(self, endpoint: str, client_id: str, client_secret: str, robot_code: str, *,
+                 session: requests.Session | None = None, retry_window: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 timeout: tuple[float, float] = HTTP_TIMEOUT, stop_event: threading.Event | None = None) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.robot_code = robot_code
+        self.retry_window = retry_window
+        self._session = session or make_session()
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._timeout = timeout
+        self._stop = stop_event or threading.Event()
+        self.tokens = AccessTokenProvider(self._session, self.endpoint, client_id, client_secret, clock=clock,
+                                          timeout=timeout)
+        self._stats_lock = threading.Lock()
+        self.stats: dict[str, int] = {}
+
+    def stop(self) -> None:
+        """Make retry waits give up at once (shutdown); undelivered results stay in the store."""
+        self._stop.set()
+
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self.stats[key] = self.stats.get(key, 0) + 1
+
+    # -- the seam
+
+    def send(self, route: Route, text: str, *, markdown: bool = False, title: str = "CodeBuddy",
+             allow_webhook: bool = True, retry_window: float | None = None) -> Delivery:
+        """Deliver `text` to `route`: the session webhook while alive, else an OpenAPI push."""
+        if allow_webhook and route.session_webhook_alive(self._wall_clock() * 1000):
+            delivery = self.reply_webhook(route, text, markdown=markdown, title=title)
+            if delivery.ok:
+                return delivery
+            log.warning("会话 webhook 发送失败 (%s)，改用主动推送, user=%s", delivery.error, route.user_id)
+        return self.push(route, text, markdown=markdown, title=title, retry_window=retry_window)
+
+    def reply_webhook(self, route: Route, text: str, *, markdown: bool = False,
+                      title: str = "CodeBuddy") -> Delivery:
+        """POST `text` to the route's session webhook; a non-zero errcode is a failure."""
+        for part in split_message(text, WEBHOOK_MAX_CHARS):
+            if markdown:
+                body = {"msgtype": "markdown", "markdown": {"title": title, "text": part}}
+            else:
+                body = {"msgtype": "text", "text": {"content": part}}
+            try:
+                response = self._session.post(route.session_webhook, json=body, timeout=self._timeout)
+            except requests.RequestException as exc:
+                self._count("webhook_failed")
+                return Delivery(ok=False, path="webhook", error=f"webhook request failed: {type(exc).__name__}")
+            reply = _json_body(response)
+            if response.status_code != 200 or reply.get("errcode", 0) != 0:
+                self._count("webhook_failed")
+                return Delivery(ok=False, path="webhook",
+                                error=f"webhook HTTP {response.status_code} errcode={reply.get('errcode')} "
+                                      f"{reply.get('errmsg', '')}".strip())
+        self._count("webhook_ok")
+        return Delivery(ok=True, path="webhook")
+
+    def push(self, route: Route, text: str, *, markdown: bool = False, title: str = "CodeBuddy",
+             retry_window: float | None = None) -> Delivery:
+        """Push `text` through the OpenAPI (batchSend for 1:1, groupMessages/send for groups)."""
+        path_name = "group" if route.is_group else "batchSend"
+        if route.is_group and not route.conversation_id:
+            return Delivery(ok=False, path=path_name, error="group route without conversation id", permanent=True)
+        if not route.is_group and not route.user_id:
+            return Delivery(ok=False, path=path_name, error="1:1 route without staff id", permanent=True)
+        msg_key = "sampleMarkdown" if markdown else "sampleText"
+        overhead = utf8_json_cost(json.dumps({"title": title, "text": "", "content": ""}, ensure_ascii=False))
+        deadline = self._clock() + (self.retry_window if retry_window is None else retry_window)
+        for part in split_message(text, PUSH_MAX_BYTES - overhead - 64, utf8_json_cost):
+            param = {"title": title, "text": part} if markdown else {"content": part}
+            body: dict = {"robotCode": self.robot_code, "msgKey": msg_key,
+                          "msgParam": json.dumps(param, ensure_ascii=False)}
+            if route.is_group:
+                body["openConversationId"] = route.conversation_id
+            else:
+                body["userIds"] = [route.user_id]
+            try:
+                self._push_with_retry(GROUP_SEND_PATH if route.is_group else BATCH_SEND_PATH, body, deadline)
+            except DeliveryError as exc:
+                self._count(f"{path_name}_failed")
+                return Delivery(ok=False, path=path_name, error=str(exc), permanent=not exc.retryable)
+        self._count(f"{path_name}_ok")
+        return Delivery(ok=True, path=path_name)
+
+    # -- OpenAPI with retries
+
+    def _push_with_retry(self, path: str, body: dict, deadline: float) -> None:
+        attempt = 0
+        refreshed = False
+        while True:
+            attempt += 1
+            try:
+                pending = self._post_openapi(path, body)
+                if pending is None:
+                    return
+                body = {**body, "userIds": pending}  # only the throttled users are retried
+                error = DeliveryError(f"flow-controlled: {len(pending)} user(s)", retryable=True, retry_after=1.0)
+            except _InvalidToken:
+                if refreshed:
+                    raise DeliveryError("access token rejected twice", retryable=True) from None
+                refreshed = True
+                continue
+            except DeliveryError as exc:
+                if not exc.retryable:
+                    raise
+                error = exc
+            delay = error.retry_after if error.retry_after is not None else min(30.0, 0.5 * 2 ** (attempt - 1))
+            delay += random.uniform(0, delay * 0.25)
+            if self._clock() + delay > deadline:
+                raise DeliveryError(f"gave up after {attempt} attempts: {error}", retryable=True)
+            log.warning("推送失败，%.1f 秒后重试 (第 %d 次): %s", delay, attempt, error)
+            if self._stop.wait(delay):
+                raise DeliveryError(f"stopping: {error}", retryable=True)
+
+    def _post_openapi(self, path: str, body: dict) -> list[str] | None:
+        """One POST; None when delivered, the throttled user ids when some must be retried."""
+        token = self.tokens.get()
+        try:
+            response = self._session.post(self.endpoint + path, json=body, timeout=self._timeout,
+                                          headers={"x-acs-dingtalk-access-token": token})
+        except requests.RequestException as exc:
+            raise DeliveryError(f"{path} request failed: {type(exc).__name__}", retryable=True) from None
+        reply = _json_body(response)
+        code = str(reply.get("code") or "")
+        status = response.status_code
+        if status == 200 and not code:
+            flow_controlled = [str(u) for u in reply.get("flowControlledStaffIdList") or []]
+            invalid = [str(u) for u in reply.get("invalidStaffIdList") or []]
+            if invalid and len(invalid) == len(body.get("userIds", [])):
+                raise DeliveryError(f"invalid staff id(s): {','.join(invalid)}", retryable=False)
+            return flow_controlled or None
+        if status in (400, 401) and code == "InvalidAuthentication" or status == 401:
+            self.tokens.invalidate(token)
+            raise _InvalidToken()
+        detail = f"{path} HTTP {status} {code} {str(reply.get('message') or '')[:200]}".strip()
+        if "ApiCountLimitForOrg" in code:
+            log.error("钉钉 API 月度调用额度已用完 (%s)，不再重试", code)
+            raise DeliveryError(detail, retryable=False)
+        if "QpsLimit" in code:
+            raise DeliveryError(detail, retryable=True, retry_after=max(1.0, _retry_after(response) or 1.0))
+        if status == 429 or status >= 500:
+            raise DeliveryError(detail, retryable=True, retry_after=_retry_after(response))
+        raise DeliveryError(detail, retryable=False)

@@ -122,13 +122,13 @@ def parse_stream_line(line: str, state: StreamState) -> str | None:
 
 
 def result_from_stream(state: StreamState, returncode: int | None, stderr_tail: str, duration: float,
-                       *, timed_out: bool = False, cancelled: bool = False) -> RunResult:
+                       *, timed_out: bool = False, cancelled: bool = False, limit: float = 0.0) -> RunResult:
     """Decide success or failure from what the stream said, the exit code and stderr."""
     common = {"duration": duration, "session_id": state.session_id, "last_step": state.last_step}
     if cancelled:
         return RunResult(ok=False, error="任务已取消", cancelled=True, **common)
     if timed_out:
-        return RunResult(ok=False, error=f"执行超时 (超过 {duration:.0f} 秒)", timed_out=True, **common)
+        return RunResult(ok=False, error=f"执行超时 (超过 {limit or duration:.0f} 秒)", timed_out=True, **common)
     result = state.result
     if result is not None and not result.get("is_error") and returncode in (0, None):
         return RunResult(ok=True, text=str(result.get("result") or ""), **common)
@@ -154,8 +154,9 @@ class CodeBuddyClient:
     def __init__(self, binary: str, workdir: str, *, model: str = "", extra_args: Iterable[str] = (),
                  permission_mode: str = "acceptEdits", timeout: float = 1800.0, kill_grace: float = 3.0,
                  env: Mapping[str, str] | None = None, poll_interval: float = 0.1) -> None:
-        self.binary = binary
-        self.workdir = workdir
+        # A relative path with a slash would be looked up from the run's cwd (the workspace): pin it now.
+        self.binary = os.path.abspath(binary) if os.sep in binary and not os.path.isabs(binary) else binary
+        self.workdir = os.path.abspath(workdir)
         self.model = model
         self.extra_args = tuple(extra_args)
         self.permission_mode = permission_mode
@@ -263,7 +264,7 @@ class CodeBuddyClient:
             reader.join(timeout=5)
         return result_from_stream(state, proc.returncode if not (timed_out or cancelled) else None,
                                   "\n".join(stderr_tail), clock() - started,
-                                  timed_out=timed_out, cancelled=cancelled)
+                                  timed_out=timed_out, cancelled=cancelled, limit=limit)
 
     @staticmethod
     def _write_prompt(proc: subprocess.Popen, prompt: str) -> None:

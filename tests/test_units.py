@@ -72,7 +72,8 @@ def _manager(**kwargs) -> AsyncTaskManager:
     return AsyncTaskManager(_NoClient(), _NoSender(), MemoryTaskStore(), **kwargs)
 
 
-@pytest.mark.parametrize("prompt", ["please do a Client Analysis of ACME", "帮我分析公司财报", "生成报告", "竞品分析一下"])
+@pytest.mark.parametrize("prompt", ["please do a Client Analysis of ACME", "帮我分析公司财报", "生成报告",
+                                    "竞品分析一下"])
 def test_should_use_async_matches_seed_keywords_case_insensitively(prompt):
     assert _manager().should_use_async(prompt)
 

@@ -26,7 +26,8 @@ SEED_LONG_TASK_KEYWORDS = (
 )
 
 # Limits of one DingTalk message (NOTES.md §2, §3).
-WEBHOOK_MAX_CHARS = 20_000
+# The webhook limit is documented as ~20,000 characters; counting UTF-8 bytes keeps Chinese text safe too.
+WEBHOOK_MAX_BYTES = 20_000
 PUSH_MAX_BYTES = 15_000
 
 # Longest prompt accepted; longer ones get a clear reply instead of a CLI run.

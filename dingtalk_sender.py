@@ -20,7 +20,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from config import HTTP_TIMEOUT, PUSH_MAX_BYTES, TOKEN_REFRESH_MARGIN, WEBHOOK_MAX_CHARS
+from config import HTTP_TIMEOUT, PUSH_MAX_BYTES, TOKEN_REFRESH_MARGIN, WEBHOOK_MAX_BYTES
 
 log = logging.getLogger("dingtalk_sender")
 
@@ -294,7 +294,7 @@ class DingTalkSender:
     def reply_webhook(self, route: Route, text: str, *, markdown: bool = False,
                       title: str = "CodeBuddy") -> Delivery:
         """POST `text` to the route's session webhook; a non-zero errcode is a failure."""
-        for part in split_message(text, WEBHOOK_MAX_CHARS):
+        for part in split_message(text, WEBHOOK_MAX_BYTES - 64, utf8_json_cost):
             if markdown:
                 body = {"msgtype": "markdown", "markdown": {"title": title, "text": part}}
             else:

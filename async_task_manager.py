@@ -283,8 +283,10 @@ class SQLiteTaskStore:
 
 class Client(Protocol):
     def run(self, prompt: str, *, session_id: str | None = None, timeout: float | None = None,
-            cancel_event: threading.Event | None = None,
-            on_step: Callable[[str], None] | None = None) -> RunResult: ...
+            cancel_event: threading.Event | None = None, on_step: Callable[[str], None] | None = None,
+            run_tag: str = "") -> RunResult: ...
+
+    def kill_leftovers(self, run_tag: str) -> int: ...
 
 
 class Sender(Protocol):
@@ -560,7 +562,7 @@ class AsyncTaskManager:
             log.info("后台任务开始执行: %s task=%s user=%s", task.id, task.id, task.user_id)
         session = self.conversation_session(task.conversation_key)
         result = self.client.run(task.prompt, session_id=session, timeout=self.task_timeout,
-                                 cancel_event=running.cancel_event,
+                                 cancel_event=running.cancel_event, run_tag=task.id,
                                  on_step=lambda step: self._transition(task, last_step=step))
         if result.cancelled and running.by_shutdown:
             # Stopped by a shutdown, not by the user: leave it to be re-run on the next start.
@@ -736,6 +738,9 @@ class AsyncTaskManager:
         for task in self.store.load(ACTIVE_STATUSES):
             with self._lock:
                 self._tasks[task.id] = task
+            leftovers = self.client.kill_leftovers(task.id)
+            if leftovers:
+                log.warning("已结束上次运行遗留的 %d 个 CLI 进程 task=%s user=%s", leftovers, task.id, task.user_id)
             if task.attempts >= 2:
                 self.fail_task(task.id, "任务在重新执行时再次中断")
                 self._transition(task, background=True)

@@ -33,6 +33,9 @@ _QUIET_ENV = {
 }
 
 _STDERR_TAIL_LINES = 20
+# Every CLI run carries this variable (value: the task id); it survives into the CLI's children, so the
+# processes of a run interrupted by a crash can be found and stopped on the next start.
+RUN_TAG_VARIABLE = "CODEBUDDY_BOT_RUN"
 
 # Things that look like credentials in CLI error text: (pattern, replacement keeping any label).
 _TOKEN_PATTERNS = (
@@ -196,15 +199,16 @@ class CodeBuddyClient:
 
     def run(self, prompt: str, *, session_id: str | None = None, timeout: float | None = None,
             cancel_event: threading.Event | None = None, on_step: Callable[[str], None] | None = None,
-            clock: Callable[[], float] = time.monotonic) -> RunResult:
+            run_tag: str = "", clock: Callable[[], float] = time.monotonic) -> RunResult:
         """Run `prompt` to completion, timeout or cancellation. Never raises for CLI failures."""
         limit = self.timeout if timeout is None else timeout
         started = clock()
         os.makedirs(self.workdir, exist_ok=True)
+        env = {**self._env, RUN_TAG_VARIABLE: run_tag} if run_tag else self._env
         try:
             proc = subprocess.Popen(
                 self.command(session_id), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=self.workdir, env=self._env, start_new_session=True,
+                cwd=self.workdir, env=env, start_new_session=True,
             )
         except OSError as exc:
             return RunResult(ok=False, error=f"无法启动 CodeBuddy CLI ({self.binary}): {exc.strerror or exc}")
@@ -283,6 +287,28 @@ class CodeBuddyClient:
         except subprocess.TimeoutExpired:
             self._kill_group(proc, signal.SIGKILL)
             proc.wait(timeout=5)
+
+    @staticmethod
+    def kill_leftovers(run_tag: str, proc_root: str = "/proc") -> int:
+        """SIGKILL every process of an earlier run tagged `run_tag` (left behind by a crash); return how many."""
+        if not run_tag:
+            return 0
+        marker = f"{RUN_TAG_VARIABLE}={run_tag}".encode()
+        killed = 0
+        try:
+            entries = [e for e in os.listdir(proc_root) if e.isdigit()]
+        except OSError:
+            return 0
+        for entry in entries:
+            try:
+                with open(os.path.join(proc_root, entry, "environ"), "rb") as handle:
+                    if marker not in handle.read().split(b"\0"):
+                        continue
+                os.kill(int(entry), signal.SIGKILL)
+                killed += 1
+            except (OSError, ValueError):
+                continue
+        return killed
 
     @staticmethod
     def _kill_group(proc: subprocess.Popen, sig: signal.Signals) -> None:

@@ -393,6 +393,14 @@ class DingTalkStandin:
         with self._lock:
             self._state.faults.setdefault(path, []).append(_Fault(status, body, dict(headers or {}), times))
 
+    def clear_faults(self, path: str | None = None) -> None:
+        """Forget injected faults for `path` (None: every path)."""
+        with self._lock:
+            if path is None:
+                self._state.faults.clear()
+            else:
+                self._state.faults.pop(path, None)
+
     def flow_control_next(self, staff_id: str, times: int = 1) -> None:
         """The next `times` batchSends to `staff_id` report it flow-controlled (not delivered)."""
         with self._lock:

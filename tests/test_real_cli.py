@@ -1,0 +1,164 @@
+"""End to end with the REAL CodeBuddy CLI (from the `codebuddy-agent-sdk` wheel) against a fake model server.
+
+`python bot.py` runs as a subprocess, talks to the local DingTalk stand-in, and runs the real CLI, which
+talks to `tests/fake_model_server.py` through `CODEBUDDY_BASE_URL`. Nothing leaves 127.0.0.1: with
+`DISABLE_TELEMETRY=1` and `CODEBUDDY_SKIP_BUILTIN_MARKETPLACE=1` the CLI does not even look up a DNS name
+(checked with strace). Deselect with `-m "not real_cli"`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import platform
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import process_alive
+from tests.fake_model_server import FakeModelServer
+
+pytestmark = [pytest.mark.real_cli, pytest.mark.e2e]
+
+CLI_START_TIMEOUT = 60  # one real CLI run takes 3-7 s of CPU on a small machine
+
+
+def real_cli_path() -> Path:
+    """The CLI shipped in the wheel; skips (with the reason) where the platform has no wheel."""
+    spec = importlib.util.find_spec("codebuddy_agent_sdk")
+    if spec is None or spec.origin is None:
+        pytest.skip(f"codebuddy-agent-sdk is not installed: PyPI has no wheel of it for "
+                    f"{platform.system()} {platform.machine()} (see requirements-dev.txt)")
+    binary = Path(spec.origin).parent / "bin" / "codebuddy-headless"
+    if not binary.is_file():
+        pytest.skip(f"codebuddy-agent-sdk has no CLI binary for {platform.system()} {platform.machine()}: "
+                    f"{binary} is missing")
+    return binary
+
+
+@pytest.fixture
+def model_server():
+    with FakeModelServer() as server:
+        yield server
+
+
+@pytest.fixture
+def real_bot(make_bot, model_server):
+    """Factory: the bot running the real CLI against the fake model server (make_bot strips CODEBUDDY_*)."""
+    binary = real_cli_path()
+
+    def factory(**overrides: str):
+        env = {
+            "CODEBUDDY_BIN": str(binary), "CODEBUDDY_BASE_URL": model_server.base_url,
+            "CODEBUDDY_API_KEY": "fake-key-for-tests", "CODEBUDDY_PERMISSION_MODE": "bypassPermissions",
+            # Quiet and offline: no updater, telemetry, plugin marketplace, background tasks or memory.
+            "DISABLE_AUTOUPDATER": "1", "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1",
+            "CODEBUDDY_SKIP_BUILTIN_MARKETPLACE": "1", "CODEBUDDY_CODE_DISABLE_BACKGROUND_TASKS": "1",
+            "CODEBUDDY_DISABLE_AUTO_MEMORY": "1",
+        }
+        env.update(overrides)
+        return make_bot(**env)
+
+    return factory
+
+
+def processes_of_this_test(tmp_path: Path, exclude: set[int]) -> dict[int, list[str]]:
+    """Live processes (pid → argv) started for this test: cwd inside tmp_path or HOME = the test's home."""
+    home = f"HOME={tmp_path / 'home'}".encode()
+    found: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in exclude or int(entry) == os.getpid():
+            continue
+        pid = int(entry)
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                environ = handle.read().split(b"\0")
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                argv = [part.decode("utf-8", "replace") for part in handle.read().split(b"\0") if part]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if (cwd.startswith(str(tmp_path)) or home in environ) and process_alive(pid):
+            found[pid] = argv
+    return found
+
+
+def wait_for_sleeper(tmp_path: Path, bot_pid: int) -> int:
+    """The pid of the `sleep 300` the CLI's Bash tool started for this test."""
+    deadline = time.monotonic() + CLI_START_TIMEOUT
+    while time.monotonic() < deadline:
+        for pid, argv in processes_of_this_test(tmp_path, {bot_pid}).items():
+            if argv == ["sleep", "300"]:
+                return pid
+        time.sleep(0.1)
+    raise AssertionError(f"no `sleep 300` started by the CLI: {processes_of_this_test(tmp_path, {bot_pid})}")
+
+
+def wait_until_gone(tmp_path: Path, bot_pid: int, timeout: float = 10.0) -> dict[int, list[str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = processes_of_this_test(tmp_path, {bot_pid})
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def _posts(standin, session: str, count: int, timeout: float = CLI_START_TIMEOUT):
+    return standin.wait_for(lambda: len(standin.webhook_posts(session)) >= count and standin.webhook_posts(session),
+                            timeout=timeout, message=f"{count} webhook posts")
+
+
+def test_short_answer_comes_back_through_the_webhook_and_a_follow_up_sees_the_first_turn(
+        standin, real_bot, model_server):
+    real_bot()
+    first = standin.send_bot_message("你好，请介绍一下你自己", sender_staff_id="rc-short")
+    posts = _posts(standin, first.session, 2)
+    assert posts[0].text.startswith("收到任务，正在处理中")
+    assert posts[1].msgtype == "markdown" and "回答: 你好，请介绍一下你自己 (turn 1)" in posts[1].text
+    assert not standin.batch_sends()
+
+    follow_up = standin.send_bot_message("那我刚才问了什么？", sender_staff_id="rc-short")
+    posts = _posts(standin, follow_up.session, 2)
+    assert "回答: 那我刚才问了什么？ (turn 2)" in posts[1].text
+    last = model_server.chat_requests()[-1]
+    assert last.user_queries == ["你好，请介绍一下你自己", "那我刚才问了什么？"]
+    assert last.assistant_texts == ["回答: 你好，请介绍一下你自己 (turn 1)"]
+    # What the CLI asks of a model server: streamed chat completions and nothing the fake did not know.
+    assert all(r.body.get("stream") is True for r in model_server.chat_requests())
+    assert not model_server.unanswered
+
+
+def test_long_task_answer_is_pushed_through_batch_send(standin, real_bot, model_server):
+    bot = real_bot()
+    sent = standin.send_bot_message("生成报告: 本周项目进展", sender_staff_id="rc-long")
+    ack = standin.wait_for(lambda: standin.webhook_posts(sent.session))[0]
+    assert "后台" in ack.text and "任务ID" in ack.text
+    push = standin.wait_for(lambda: standin.batch_sends(), timeout=CLI_START_TIMEOUT)[0]
+    assert push.user_ids == ["rc-long"] and push.msg_key == "sampleMarkdown"
+    assert "回答: 生成报告: 本周项目进展 (turn 1)" in push.msg_param["text"]
+    assert len(standin.webhook_posts(sent.session)) == 1
+    bot.wait_log("任务结果已推送")
+
+
+def test_cancel_during_a_bash_tool_call_leaves_no_process_behind(standin, real_bot, model_server, tmp_path):
+    bot = real_bot()
+    standin.send_bot_message("跑一个很慢的命令 [bash:sleep 300]", sender_staff_id="rc-cancel")
+    sleeper = wait_for_sleeper(tmp_path, bot.proc.pid)
+    cancel = standin.send_bot_message("/cancel", sender_staff_id="rc-cancel")
+    reply = _posts(standin, cancel.session, 1, timeout=20)[0]
+    assert reply.text.startswith("已取消任务") and "进程仍在退出中" not in reply.text
+    assert not process_alive(sleeper)
+    assert wait_until_gone(tmp_path, bot.proc.pid) == {}
+    bot.wait_log(r"任务 \w+ 失败 \(cancelled\)")
+
+
+def test_task_timeout_during_a_bash_tool_call_leaves_no_process_behind(standin, real_bot, model_server, tmp_path):
+    bot = real_bot(TASK_TIMEOUT="12")
+    sent = standin.send_bot_message("另一个很慢的命令 [bash:sleep 300]", sender_staff_id="rc-timeout")
+    sleeper = wait_for_sleeper(tmp_path, bot.proc.pid)
+    posts = _posts(standin, sent.session, 2, timeout=40)
+    assert "执行超时" in posts[1].text and "工具 Bash" in posts[1].text
+    assert not process_alive(sleeper)
+    assert wait_until_gone(tmp_path, bot.proc.pid) == {}
+    bot.wait_log(r"任务 \w+ 失败 \(timed_out\)")

@@ -505,8 +505,12 @@ def build_app(config: Config):
 
 def run_daemon(config: Config) -> int:
     """Run the bot until SIGTERM/SIGINT."""
+    import ops
+
     os.environ["DINGTALK_OPENAPI_ENDPOINT"] = config.openapi_endpoint  # the SDK reads it at import
     sender, client, manager, app = build_app(config)
+    durations = ops.DurationHistogram()
+    manager.client = ops.TimedClient(client, durations)  # every run's duration feeds /metrics
     log.info("启动 DingTalk CodeBuddy 机器人: workers=%d, sync_timeout=%.0fs, task_timeout=%.0fs, cli=%s",
              config.max_workers, config.sync_timeout, config.task_timeout, config.codebuddy_bin)
     manager.recover()
@@ -525,37 +529,82 @@ def run_daemon(config: Config) -> int:
             log.exception("处理消息失败 msgId=%s user=%s", message.msg_id, message.user_id)
 
     stream = StreamConnection(config, on_data, intake, idle_timeout=config.stream_idle_timeout)
+    notifier = ops.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
+    status_server = ops.start_status_server(config.status_port, ops.StatusSources(
+        manager=manager, sender=sender, client=client, stream=stream, task_db=config.task_db, durations=durations))
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            notifier.stopping()
+            stream.stop()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stream.stop)
+            loop.add_signal_handler(sig, stop)
+        supervisor = asyncio.create_task(ops.notify_systemd(notifier, lambda: stream.connected))
         await stream.run()
+        supervisor.cancel()
 
     asyncio.run(main())
     log.info("收到停止信号，停止接收新消息，等待运行中的任务 (最多 %.0f 秒)", config.shutdown_grace)
     intake.shutdown(wait=True)  # messages already ACKed become queued tasks, re-run after the restart
     manager.shutdown(config.shutdown_grace)
     sender.stop()
+    if status_server is not None:
+        status_server.stop()
     log.info("机器人已停止")
     logging.shutdown()
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bot.py", description="DingTalk ⇄ CodeBuddy bot")
-    parser.add_argument("command", nargs="?", default="run", choices=["run"],
-                        help="run: the daemon (default)")
+    """Parse the command line and run one command (the daemon when none is given); returns the exit code."""
+    import ops
+    from async_task_manager import STATUS_LABELS
+
+    parser = argparse.ArgumentParser(
+        prog="bot.py", description="DingTalk ⇄ CodeBuddy bot. Settings come from .env and the environment "
+        "(the environment wins); README.md lists them all.")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    commands.add_parser("run", help="run the daemon: connect to DingTalk Stream and answer messages (default)",
+                        description="Run the daemon until SIGTERM/SIGINT. Under systemd (Type=notify) it sends "
+                        "READY=1, WATCHDOG=1 and STOPPING=1; STATUS_PORT serves /healthz and /metrics.")
+    commands.add_parser("check", help="doctor: show the settings, test the DingTalk credentials, the CLI and "
+                        "the writable paths (exit 0 only if all pass)",
+                        description="Print every setting (secrets masked) and one ✓/✗ line per check: "
+                        "configuration, DingTalk access token, Stream gateway, CODEBUDDY_BIN --version, "
+                        "workspace, task DB and log file writable. Exit 0 only if every check passes.")
+    tasks = commands.add_parser("tasks", help="table of tasks from the task DB (TASK_DB)",
+                                description="Print the newest tasks from the SQLite task DB, newest first.")
+    tasks.add_argument("--user", metavar="ID", help="only this user's tasks (staff id)")
+    tasks.add_argument("--status", choices=list(STATUS_LABELS), help="only tasks with this status")
+    tasks.add_argument("--limit", metavar="N", type=ops.positive_int, default=20, help="at most N rows (20)")
+    tasks.add_argument("--db", metavar="PATH", help="task DB file (default: TASK_DB)")
+    console = commands.add_parser("console", help="chat with the bot in this terminal, no DingTalk needed",
+                                  description="Each line of stdin goes through the same commands, routing, task "
+                                  "manager and CodeBuddy CLI (CODEBUDDY_BIN) as a DingTalk 1:1 message; what the "
+                                  "chat would show is printed. Tasks are kept in memory only. End of input "
+                                  "waits for running tasks, then exits.")
+    console.add_argument("--user", metavar="ID", default="console",
+                         help="the staff id you chat as (default: console; must be in ALLOWED_USERS if set)")
     args = parser.parse_args(argv)
+    command = args.command or "run"
+    if command == "check":
+        return ops.run_check(os.environ)
     try:
-        config = load_config()
+        config = load_config() if command == "run" else ops.load_local_config(os.environ)
     except ConfigError as exc:
         print(f"配置错误: {exc}", file=sys.stderr)
         return 2
-    setup_logging(config.log_file, config.log_level, (config.client_secret,))
-    if args.command == "run":
-        return run_daemon(config)
-    return 0
+    if command == "tasks":
+        return ops.print_tasks(args.db or config.task_db, user=args.user, status=args.status, limit=args.limit)
+    handler = setup_logging(config.log_file, config.log_level, (config.client_secret,))
+    if command == "console":
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)  # log lines on the terminal would drown the chat
+        return ops.run_console(config, ChatApp, IncomingMessage, user_id=args.user)
+    return run_daemon(config)
 
 
 if __name__ == "__main__":

@@ -585,6 +585,10 @@ def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", o
     except ConfigError as exc:
         print(CheckResult("configuration", False, str(exc)).line(), file=out)
         return 1
+    except OSError as exc:  # e.g. a .env the user may not read
+        print(CheckResult("configuration", False, f"cannot read {exc.filename or dotenv_path}: "
+                                                  f"{exc.strerror or exc}").line(), file=out)
+        return 1
     print("Settings (.env and the environment; the environment wins):", file=out)
     for line in describe_settings(config, environ, dotenv_path):
         print(line, file=out)

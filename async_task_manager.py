@@ -632,10 +632,7 @@ class AsyncTaskManager:
     # ------------------------------------------------------------ delivery
 
     def _notify(self, task: Task, text: str, allow_webhook: bool = True) -> Delivery:
-        delivery = self.sender.send(task.route, text, allow_webhook=allow_webhook)
-        if not delivery.ok:
-            log.warning("通知发送失败: %s task=%s user=%s", delivery.error, task.id, task.user_id)
-        return delivery
+        return self._send_notice(task.route, text, allow_webhook, task.id)
 
     def _schedule_delivery(self, task: Task) -> Future:
         future = self._deliveries.submit(self.deliver_result, task)
@@ -650,7 +647,17 @@ class AsyncTaskManager:
 
     def notify(self, route: Route, text: str) -> Future:
         """Send a notice (command answer, refusal) to a chat, off the calling thread."""
-        return self._notices.submit(self.sender.send, route, text)
+        return self._notices.submit(self._send_notice, route, text)
+
+    def _send_notice(self, route: Route, text: str, allow_webhook: bool = True, task_id: str = "") -> Delivery:
+        try:
+            delivery = self.sender.send(route, text, allow_webhook=allow_webhook)
+        except Exception as exc:  # runs in a pool: an escaping exception would vanish unlogged
+            log.exception("通知发送出错 task=%s user=%s", task_id or "-", route.user_id)
+            return Delivery(ok=False, error=type(exc).__name__)
+        if not delivery.ok:
+            log.warning("通知发送失败: %s task=%s user=%s", delivery.error, task_id or "-", route.user_id)
+        return delivery
 
     def result_text(self, task: Task) -> str:
         """What the user reads for a finished task."""
@@ -675,8 +682,12 @@ class AsyncTaskManager:
                 pass  # a failed acknowledgement was logged by _notify; the result still goes out
         with self._lock:
             background = task.background
-        delivery = self.sender.send(task.route, self.result_text(task), markdown=task.status == SUCCEEDED,
-                                    title="CodeBuddy 回复", allow_webhook=not background)
+        try:
+            delivery = self.sender.send(task.route, self.result_text(task), markdown=task.status == SUCCEEDED,
+                                        title="CodeBuddy 回复", allow_webhook=not background)
+        except Exception as exc:  # runs in a pool: an escaping exception would vanish unlogged
+            log.exception("任务 %s 结果发送出错 task=%s user=%s", task.id, task.id, task.user_id)
+            delivery = Delivery(ok=False, error=type(exc).__name__)
         if delivery.ok:
             self._transition(task, delivered=True)
             if delivery.path == "webhook":

@@ -1,8 +1,8 @@
 """DingTalk ⇄ CodeBuddy bot: the entry point.
 
 Where a message goes:
-  DingTalk Stream frame → `StreamConnection` (own connect/receive loop, ACK at once)
-  → `BotStreamHandler.process` hands the frame to the intake thread
+  DingTalk Stream frame → `StreamConnection` (own connect/receive loop)
+  → `BotStreamHandler.process` hands the frame to the intake thread, ACKs once it is recorded (ms)
   → `ChatApp.handle(IncomingMessage)`: access checks, rate limit, dedup, chat commands
   → `AsyncTaskManager.submit` (async_task_manager.py): acknowledgement, queue, CLI run, delivery
   → `CodeBuddyClient.run` (codebuddy_client.py) and `DingTalkSender.send` (dingtalk_sender.py).
@@ -36,6 +36,7 @@ log = logging.getLogger("bot")
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
 LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
 BOT_TOPIC = "/v1.0/im/bot/messages/get"
+INTAKE_ACK_WAIT = 2.0  # seconds a frame's ACK waits for the message to be recorded
 
 HELP_TEXT = """可用命令:
 /help (帮助) — 显示本帮助
@@ -206,6 +207,9 @@ class ChatApp:
 
     def handle(self, message: IncomingMessage) -> None:
         """Handle one message; never raises for bad input."""
+        if not message.user_id or not (message.session_webhook or message.conversation_id):
+            log.warning("忽略缺少发送者或会话信息的消息 msgId=%s", message.msg_id or "-")
+            return
         if not self.manager.accept_message(message.msg_id):
             log.info("重复消息已忽略: msgId=%s user=%s", message.msg_id, message.user_id)
             return
@@ -329,7 +333,7 @@ def _stream_handler_class():
     from dingtalk_stream import AckMessage, ChatbotHandler
 
     class BotStreamHandler(ChatbotHandler):
-        """ACKs every bot message at once; the intake thread does the rest."""
+        """Hands every bot message to the intake thread and ACKs it as soon as it is recorded."""
 
         def __init__(self, on_data: Callable[[dict], None], intake: ThreadPoolExecutor) -> None:
             super().__init__()
@@ -337,7 +341,13 @@ def _stream_handler_class():
             self.intake = intake
 
         async def process(self, callback):
-            self.intake.submit(self.on_data, callback.data)
+            # ACK once the message is recorded as a task (milliseconds), so a crash right after the ACK
+            # loses nothing; a stuck intake must not hold the ACK back for long.
+            handled = asyncio.wrap_future(self.intake.submit(self.on_data, callback.data))
+            try:
+                await asyncio.wait_for(asyncio.shield(handled), timeout=INTAKE_ACK_WAIT)
+            except TimeoutError:
+                log.warning("消息处理较慢，先行确认 (ACK) 收到")
             return AckMessage.STATUS_OK, "OK"
 
     return BotStreamHandler

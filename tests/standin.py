@@ -12,6 +12,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import random
 import secrets
 import socket
 import threading
@@ -223,6 +224,7 @@ class DingTalkStandin:
         self._lock = threading.Lock()
         self._state = _State()
         self._global_webhook_delay = 0.0
+        self._random_faults: dict[str, tuple[float, list[tuple[int, Any, dict[str, str]]], random.Random]] = {}
         self._streams: list[_Stream] = []
         self._current: _Stream | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -393,13 +395,21 @@ class DingTalkStandin:
         with self._lock:
             self._state.faults.setdefault(path, []).append(_Fault(status, body, dict(headers or {}), times))
 
+    def fail_randomly(self, path: str, ratio: float, choices: list[tuple[int, Any, dict[str, str]]],
+                      seed: int = 1) -> None:
+        """From now on fail about `ratio` of the requests to `path` with a response picked from `choices`."""
+        with self._lock:
+            self._random_faults[path] = (ratio, list(choices), random.Random(seed))
+
     def clear_faults(self, path: str | None = None) -> None:
-        """Forget injected faults for `path` (None: every path)."""
+        """Forget injected faults, queued and random, for `path` (None: every path)."""
         with self._lock:
             if path is None:
                 self._state.faults.clear()
+                self._random_faults.clear()
             else:
                 self._state.faults.pop(path, None)
+                self._random_faults.pop(path, None)
 
     def flow_control_next(self, staff_id: str, times: int = 1) -> None:
         """The next `times` batchSends to `staff_id` report it flow-controlled (not delivered)."""
@@ -612,6 +622,12 @@ class DingTalkStandin:
         with self._lock:
             queue = self._state.faults.get(path) or []
             if not queue:
+                random_faults = self._random_faults.get(path)
+                if random_faults is not None:
+                    ratio, choices, rng = random_faults
+                    if rng.random() < ratio:
+                        status, body, headers = rng.choice(choices)
+                        return _Fault(status, body, dict(headers), 1)
                 return None
             fault = queue[0]
             fault.times -= 1

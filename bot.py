@@ -375,6 +375,7 @@ class StreamConnection:
         self.connected = False
         self.reconnects = 0
         self._stop = asyncio.Event()
+        self._opener = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-open")
 
     def stop(self) -> None:
         self._stop.set()
@@ -404,6 +405,14 @@ class StreamConnection:
             log.error("连接钉钉 Stream 失败: unexpected answer %s", response.text[:200])
             return None
 
+    async def _unless_stopped(self, coroutine):
+        """Await `coroutine`, or give up on it (None) as soon as stop() is called."""
+        work = asyncio.ensure_future(coroutine)
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({work, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        return work.result() if work.done() else None
+
     async def _sleep_or_stop(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
@@ -416,7 +425,12 @@ class StreamConnection:
 
         attempt = 0
         while not self._stop.is_set():
-            connection = await asyncio.to_thread(self._open_connection)
+            # Not asyncio.to_thread: asyncio.run() joins the default executor, so a hung request would
+            # hold up the shutdown; this executor is left behind (the process ends with os._exit).
+            opening = asyncio.get_running_loop().run_in_executor(self._opener, self._open_connection)
+            connection = await self._unless_stopped(opening)
+            if self._stop.is_set():
+                break
             if connection is not None:
                 uri = f"{connection['endpoint']}?ticket={quote_plus(connection['ticket'])}"
                 try:

@@ -365,3 +365,19 @@ def test_mixed_faults_every_answer_delivered_exactly_once(standin, make_bot, tmp
     print(f"\nmixed run: 100 tasks, {sum(runs.values())} CLI runs ({len(rerun)} re-run after SIGKILL), "
           f"{faulted} injected push failures, {standin.token_fetches} token fetches, "
           f"{standin.stream_connects} stream connections, answers delivered once each: {len(counts)}")
+
+
+def test_sigterm_ends_the_bot_while_the_gateway_hangs(make_bot):
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections in the kernel, never answers
+    try:
+        bot = make_bot(connect=False, DINGTALK_OPENAPI_ENDPOINT=f"http://127.0.0.1:{silent.getsockname()[1]}")
+        time.sleep(1.5)
+        started = time.monotonic()
+        assert bot.terminate(timeout=15) == 0
+        assert time.monotonic() - started < 3 + 5
+    finally:
+        silent.close()

@@ -111,7 +111,7 @@ def _log_level(name: str, raw: str) -> str:
     return level
 
 
-_PERMISSION_MODES = ("acceptEdits", "bypassPermissions", "default", "plan", "dontAsk")
+_PERMISSION_MODES = ("acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan")
 
 
 def _permission_mode(name: str, raw: str) -> str:

@@ -23,7 +23,13 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
 from codebuddy_client import RunResult, redact_secrets, session_id_for
-from config import DEDUP_TTL_SECONDS, DEFAULT_EXPECTED_DURATION, MEMORY_RETENTION_SECONDS, SEED_LONG_TASK_KEYWORDS
+from config import (
+    DEDUP_TTL_SECONDS,
+    DEFAULT_EXPECTED_DURATION,
+    MEMORY_RETENTION_SECONDS,
+    SEED_LONG_TASK_KEYWORDS,
+    Config,
+)
 from dingtalk_sender import Delivery, Route
 
 log = logging.getLogger("async_task_manager")
@@ -341,6 +347,15 @@ class AsyncTaskManager:
         self._notices = ThreadPoolExecutor(max_workers=32, thread_name_prefix="notice")
         self._deliveries = ThreadPoolExecutor(max_workers=8, thread_name_prefix="deliver")
         self._last_cleanup = 0.0
+
+    @classmethod
+    def from_config(cls, config: Config, client: Client, sender: Sender, store: TaskStore) -> AsyncTaskManager:
+        """A manager with the bot's settings."""
+        return cls(client, sender, store, max_workers=config.max_workers,
+                   max_tasks_per_user=config.max_tasks_per_user, sync_timeout=config.sync_timeout,
+                   task_timeout=config.task_timeout, keywords=config.all_long_task_keywords,
+                   progress_interval=config.progress_interval, retention_days=config.task_retention_days,
+                   secrets=(config.client_secret,))
 
     # ------------------------------------------------------------ routing
 

@@ -509,21 +509,12 @@ def build_app(config: Config):
     """Create the sender, client, store, manager and chat app from `config`."""
     from async_task_manager import AsyncTaskManager, SQLiteTaskStore
     from codebuddy_client import CodeBuddyClient
-    from config import KILL_GRACE
     from dingtalk_sender import DingTalkSender
 
     sender = DingTalkSender(config.openapi_endpoint, config.client_id, config.client_secret, config.robot_code,
                             retry_window=config.delivery_retry_window)
-    client = CodeBuddyClient(config.codebuddy_bin, config.codebuddy_workdir, model=config.codebuddy_model,
-                             extra_args=config.codebuddy_extra_args,
-                             permission_mode=config.codebuddy_permission_mode,
-                             timeout=config.task_timeout, kill_grace=KILL_GRACE)
-    store = SQLiteTaskStore(config.task_db)
-    manager = AsyncTaskManager(client, sender, store, max_workers=config.max_workers,
-                               max_tasks_per_user=config.max_tasks_per_user, sync_timeout=config.sync_timeout,
-                               task_timeout=config.task_timeout, keywords=config.all_long_task_keywords,
-                               progress_interval=config.progress_interval,
-                               retention_days=config.task_retention_days, secrets=(config.client_secret,))
+    client = CodeBuddyClient.from_config(config)
+    manager = AsyncTaskManager.from_config(config, client, sender, SQLiteTaskStore(config.task_db))
     return sender, client, manager, ChatApp(manager, config)
 
 

@@ -20,6 +20,8 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from config import KILL_GRACE, Config
+
 log = logging.getLogger("codebuddy_client")
 
 # Namespace for deriving CLI session ids from DingTalk conversation ids (which contain "+/=").
@@ -170,6 +172,13 @@ class CodeBuddyClient:
         self._env.update({k: v for k, v in _QUIET_ENV.items() if k not in self._env})
         self._running: dict[int, subprocess.Popen] = {}
         self._running_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: Config) -> CodeBuddyClient:
+        """The client the bot's settings describe (with the CLI variables from .env)."""
+        return cls(config.codebuddy_bin, config.codebuddy_workdir, model=config.codebuddy_model,
+                   extra_args=config.codebuddy_extra_args, permission_mode=config.codebuddy_permission_mode,
+                   timeout=config.task_timeout, kill_grace=KILL_GRACE, env={**os.environ, **dict(config.cli_env)})
 
     def command(self, session_id: str | None = None) -> list[str]:
         """The argv of one run (the prompt goes on stdin, never on the command line)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_OPENAPI_ENDPOINT = "https://api.dingtalk.com"
+CLI_ENV_PREFIX = "CODEBUDDY_"
 
 # Built-in long-task keywords (case-insensitive substring match); LONG_TASK_KEYWORDS adds to these.
 SEED_LONG_TASK_KEYWORDS = (
@@ -212,6 +213,8 @@ class Config:
     shutdown_grace: float
     user_rate_limit: int
     status_port: int | None
+    # CodeBuddy CLI variables (CODEBUDDY_API_KEY, CODEBUDDY_BASE_URL, …) found in .env, passed to every run.
+    cli_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     @property
     def all_long_task_keywords(self) -> tuple[str, ...]:
@@ -250,7 +253,12 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | os.
         from dotenv import dotenv_values
 
         values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    from_file = dict(values)
     values.update(os.environ if environ is None else environ)  # the real environment wins over .env
+    own = {setting.env for setting in SETTINGS}
+    # The CLI inherits the process environment; its own variables set only in .env must be handed on.
+    cli_env = tuple(sorted((name, values[name]) for name in from_file
+                           if name.startswith(CLI_ENV_PREFIX) and name not in own))
 
     parsed: dict[str, object] = {}
     for setting in SETTINGS:
@@ -265,4 +273,4 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | os.
     if not parsed["robot_code"]:
         parsed["robot_code"] = parsed["client_id"]
     parsed["openapi_endpoint"] = str(parsed["openapi_endpoint"]).rstrip("/")
-    return Config(**parsed)  # type: ignore[arg-type]
+    return Config(**parsed, cli_env=cli_env)  # type: ignore[arg-type]

@@ -541,7 +541,7 @@ def check_cli(config: Config, timeout: float = 20.0) -> CheckResult:
     import shutil
     import subprocess
 
-    client = CodeBuddyClient(config.codebuddy_bin, config.codebuddy_workdir)
+    client = CodeBuddyClient.from_config(config)
     shown = shutil.which(client.binary) or client.binary
     try:
         version = client.version(timeout=timeout)
@@ -748,14 +748,7 @@ def wait_until_idle(manager: AsyncTaskManager, sender: ConsoleSender, *, quiet: 
 
 def build_console_manager(config: Config, sender: ConsoleSender) -> AsyncTaskManager:
     """A task manager like the daemon's (same settings, real CLI) with an in-memory store and the console sender."""
-    client = CodeBuddyClient(config.codebuddy_bin, config.codebuddy_workdir, model=config.codebuddy_model,
-                             extra_args=config.codebuddy_extra_args,
-                             permission_mode=config.codebuddy_permission_mode,
-                             timeout=config.task_timeout, kill_grace=KILL_GRACE)
-    return AsyncTaskManager(client, sender, MemoryTaskStore(), max_workers=config.max_workers,
-                            max_tasks_per_user=config.max_tasks_per_user, sync_timeout=config.sync_timeout,
-                            task_timeout=config.task_timeout, keywords=config.all_long_task_keywords,
-                            progress_interval=config.progress_interval, retention_days=config.task_retention_days)
+    return AsyncTaskManager.from_config(config, CodeBuddyClient.from_config(config), sender, MemoryTaskStore())
 
 
 CONSOLE_BANNER = ("CodeBuddy console: each line you type goes to the bot as a DingTalk 1:1 message would.\n"

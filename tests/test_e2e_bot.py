@@ -194,3 +194,12 @@ def test_unwritable_log_file_falls_back_to_stderr(make_bot, standin):
     assert output.count("cannot open LOG_FILE") == 1 and "创建任务" in output
 
 
+
+
+def test_codebuddy_credentials_in_dotenv_reach_the_cli(standin, make_bot, tmp_path):
+    (tmp_path / ".env").write_text("CODEBUDDY_API_KEY=from-dotenv-file\n")
+    make_bot(FAKE_CODEBUDDY_ECHO="CODEBUDDY_API_KEY")
+    sent = standin.send_bot_message("key? [echo-env]", sender_staff_id="u13")
+    posts = standin.wait_for(lambda: len(standin.webhook_posts(sent.session)) >= 2 and standin.webhook_posts(
+        sent.session))
+    assert "from-dotenv-file" in posts[1].text

@@ -253,3 +253,14 @@ def test_redact_secrets_removes_token_like_text():
 def test_task_elapsed_stops_at_finish():
     task = Task("t", "u", "", "c", Route("1", "u", "c"), "p", created_at=10.0, finished_at=15.0)
     assert task.elapsed(100.0) == 5.0
+
+
+def test_cli_variables_in_dotenv_are_handed_to_the_cli_and_never_shown(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("CODEBUDDY_API_KEY=ck-live-123456\nCODEBUDDY_MODEL=m1\nOTHER=x\n")
+    config = load_config(BASE_ENV, dotenv_path=env_file)
+    assert config.cli_env == (("CODEBUDDY_API_KEY", "ck-live-123456"),)  # bot settings are not passed on
+    assert "ck-live" not in repr(config)
+    from codebuddy_client import CodeBuddyClient
+
+    assert CodeBuddyClient.from_config(config)._env["CODEBUDDY_API_KEY"] == "ck-live-123456"

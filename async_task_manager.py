@@ -340,6 +340,7 @@ class AsyncTaskManager:
         self._running: dict[str, _Running] = {}
         self._acks: dict[str, Future] = {}
         self._pending_deliveries: set[Future] = set()
+        self._finished_counts: dict[str, int] = {}  # since start, by final status (for metrics)
         self._accepting = True
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -386,14 +387,34 @@ class AsyncTaskManager:
         p90 = history[min(len(history) - 1, int(round(0.9 * (len(history) - 1))))]
         return f"约 {_minutes(median)} 分钟 (90% 的同类任务在 {_minutes(p90)} 分钟内完成)"
 
+    def expected_remaining(self, task: Task, now: float) -> str:
+        """How much longer a running task should take, from the median of its keyword class."""
+        history = self.store.durations(task.keyword, limit=50)
+        if len(history) < 3:
+            return f"同类任务通常需要 {DEFAULT_EXPECTED_DURATION}" if task.background else "未知"
+        remaining = statistics.median(history) - (now - (task.started_at or now))
+        if remaining <= 0:
+            return "已超过同类任务的通常耗时，应该很快完成"
+        return f"约 {_minutes(remaining)} 分钟"
+
     # ------------------------------------------------------------ lifecycle primitives
 
     def _transition(self, task: Task, **changes: object) -> Task:
-        """Apply `changes` to `task` under the lock and write it through to the store."""
+        """Apply `changes` to `task` under the lock and write it through to the store.
+
+        A task that has finished and been delivered leaves memory here (the store keeps it), so memory
+        holds only live tasks however many have run.
+        """
         with self._lock:
+            was_finished = task.finished
             for name, value in changes.items():
                 setattr(task, name, value)
             self.store.save(task)
+            if task.finished and not was_finished:
+                self._finished_counts[task.status] = self._finished_counts.get(task.status, 0) + 1
+            if task.finished and task.delivered:
+                self._tasks.pop(task.id, None)
+                self._acks.pop(task.id, None)
             return task
 
     def create_task(self, user_id: str, prompt: str, route: Route, *, user_name: str = "",
@@ -438,11 +459,15 @@ class AsyncTaskManager:
         return task
 
     def cleanup(self, now: float | None = None) -> int:
-        """Drop finished, delivered tasks from memory after a while and purge old ones from the store."""
+        """Drop finished tasks whose delivery gave up from memory after a while; purge old ones from the store.
+
+        (Delivered tasks leave memory at once, in `_transition`; undelivered ones wait in the store for the
+        next start.)
+        """
         now = self.clock() if now is None else now
         with self._lock:
             old = [k for k, t in self._tasks.items()
-                   if t.finished and t.delivered and now - (t.finished_at or now) > self.memory_retention]
+                   if t.finished and now - (t.finished_at or now) > self.memory_retention]
             for key in old:
                 del self._tasks[key]
                 self._acks.pop(key, None)
@@ -640,9 +665,10 @@ class AsyncTaskManager:
             self._transition(task, background=True)
         log.info("任务 %s 超过 %.0f 秒，转入后台执行 task=%s user=%s", task.id, self.sync_timeout, task.id,
                  task.user_id)
+        doing = "执行" if task.status == RUNNING else "排队"
         self._notices.submit(self._notify, task,
-                             f"任务执行时间超过 {self.sync_timeout:.0f} 秒，已转入后台继续执行 (任务ID: {task.id})。"
-                             f"完成后会主动推送结果，可发送 /status {task.id} 查看进度。")
+                             f"任务{doing}已超过 {self.sync_timeout:.0f} 秒，已转入后台继续{doing} "
+                             f"(任务ID: {task.id})。完成后会主动推送结果，可发送 /status {task.id} 查看进度。")
 
     # ------------------------------------------------------------ delivery
 
@@ -815,10 +841,13 @@ class AsyncTaskManager:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counts for metrics: tasks by status in memory, queue length, running tasks."""
+        """Counts for metrics: live tasks by status, finished ones since start, queue length, running tasks."""
         with self._lock:
             counts: dict[str, int] = {status: 0 for status in STATUS_LABELS}
             for task in self._tasks.values():
-                counts[task.status] += 1
+                if not task.finished:
+                    counts[task.status] += 1
+            for status, count in self._finished_counts.items():
+                counts[status] += count
             return {**{f"tasks_{k}": v for k, v in counts.items()}, "queue_length": len(self._queue),
                     "running": len(self._running)}

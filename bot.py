@@ -305,7 +305,7 @@ class ChatApp:
             lines.append(f"排队位置: 第 {self.manager.queue_position(task.id)} 位")
         if task.status == RUNNING:
             lines.append(f"最近步骤: {task.last_step or '等待 CodeBuddy 输出'}")
-            lines.append(f"预计耗时: {self.manager.expected_duration(task.keyword)}")
+            lines.append(f"预计剩余时间: {self.manager.expected_remaining(task, now)}")
         if task.error and task.status != QUEUED:
             lines.append(f"原因: {task.error}")
         return "\n".join(lines)

@@ -286,8 +286,8 @@ def render_metrics(sources: StatusSources) -> str:
     stats = sources.manager.stats
     sent = dict(sources.sender.stats)
     out = _Exposition()
-    out.family("dingtalk_bot_tasks", "gauge", "Tasks the manager holds in memory (finished ones for about an hour), "
-               "by status.")
+    out.family("dingtalk_bot_tasks", "gauge", "Live tasks by status (queued, running), and tasks finished since "
+               "start by final status.")
     for status in STATUS_LABELS:
         out.sample("dingtalk_bot_tasks", stats.get(f"tasks_{status}", 0), {"status": status})
     out.family("dingtalk_bot_queue_length", "gauge", "Tasks waiting for a worker.")

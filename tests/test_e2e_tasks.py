@@ -229,3 +229,27 @@ def test_prediction_sends_a_keywordless_prompt_to_the_background_after_its_class
     assert "后台执行" in ack and "预计耗时" in ack
     other_user = _replies(standin, standin.send_bot_message("又一个问题", sender_staff_id="u2"), 1)[0]
     assert "后台" not in other_user
+
+
+def test_a_user_runs_at_most_max_tasks_per_user_at_once(standin, make_bot, tmp_path):
+    make_bot(MAX_WORKERS="4", MAX_TASKS_PER_USER="1")
+    standin.send_bot_message("私聊任务 [sleep=1.5]", sender_staff_id="u1")
+    group = standin.send_bot_message("群里的任务", sender_staff_id="u1", conversation_type="2")
+    other = standin.send_bot_message("别人的任务", sender_staff_id="u2", conversation_type="2",
+                                     conversation_id="cidOTHERgroup==")
+    assert "排队中" in _replies(standin, group, 1)[0]
+    _replies(standin, group, 2)
+    _replies(standin, other, 2)
+    starts = {run["prompt"]: run["start"] for run in _runs(tmp_path)}
+    assert starts["群里的任务"] - starts["私聊任务 [sleep=1.5]"] >= 1.4  # waited for u1's first task
+    assert starts["别人的任务"] - starts["私聊任务 [sleep=1.5]"] < 1.0  # another user did not wait
+
+
+def test_status_of_a_running_task_names_its_last_step_and_expected_remaining_time(standin, make_bot):
+    make_bot()
+    sent = standin.send_bot_message("生成报告 [sleep=20]", sender_staff_id="u1")
+    task_id = _task_id(_replies(standin, sent, 1)[0])
+    time.sleep(0.8)
+    status = _replies(standin, standin.send_bot_message("/status", sender_staff_id="u1"), 1)[0]
+    assert status.startswith(f"任务 {task_id}: 执行中")
+    assert "最近步骤: 工具 Bash" in status and "预计剩余时间: 同类任务通常需要 2-5 分钟" in status

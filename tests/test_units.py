@@ -114,17 +114,17 @@ def test_task_lifecycle_is_persisted_in_sqlite(tmp_path):
     assert store.remember_message("m1", 1.0) and not store.remember_message("m1", 2.0)
 
 
-def test_cleanup_drops_old_delivered_tasks_from_memory():
+def test_cleanup_drops_old_undelivered_tasks_from_memory_not_from_the_store():
     now = [1000.0]
     manager = AsyncTaskManager(_NoClient(), _NoSender(), MemoryTaskStore(), clock=lambda: now[0],
                                memory_retention=60)
     task = manager.create_task("u1", "hi", Route("1", "u1", "c"))
-    manager.complete_task(task.id, "ok", 1)
-    manager.update_status(task.id, "succeeded", delivered=True)
+    manager.complete_task(task.id, "ok", 1)  # its delivery gave up: it waits in the store for the next start
     now[0] += 30
     assert manager.cleanup() == 0
     now[0] += 60
     assert manager.cleanup() == 1
+    assert task.id not in manager._tasks and manager.store.load(undelivered_only=True)[0].id == task.id
 
 
 # ---------------------------------------------------------------- splitting

@@ -798,13 +798,18 @@ class AsyncTaskManager:
                 self._transition(task, background=True)
                 self._schedule_delivery(task)
                 continue
+            interrupted = task.started_at is not None  # it had started; otherwise it was still waiting
+            notice = (f"上次运行被中断，正在重新执行… (任务ID: {task.id})" if interrupted
+                      else f"机器人已重启，你的任务继续排队执行 (任务ID: {task.id})，完成后会主动推送结果。")
             self._transition(task, status=QUEUED, background=True)
             with self._lock:
                 self._queue.append(task.id)
-                self._acks[task.id] = self._notices.submit(
-                    self._notify, task, f"上次运行被中断，正在重新执行… (任务ID: {task.id})", False)
+                self._acks[task.id] = self._notices.submit(self._notify, task, notice, False)
                 self._wakeup.notify_all()
-            log.info("任务 %s 上次运行被中断，重新执行 task=%s user=%s", task.id, task.id, task.user_id)
+            if interrupted:
+                log.info("任务 %s 上次运行被中断，重新执行 task=%s user=%s", task.id, task.id, task.user_id)
+            else:
+                log.info("任务 %s 重启后继续排队 task=%s user=%s", task.id, task.id, task.user_id)
 
     def stop_accepting(self) -> None:
         """New prompts are refused from now on."""

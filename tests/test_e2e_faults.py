@@ -381,3 +381,19 @@ def test_sigterm_ends_the_bot_while_the_gateway_hangs(make_bot):
         assert time.monotonic() - started < 3 + 5
     finally:
         silent.close()
+
+
+def test_tasks_queued_at_shutdown_run_after_the_restart(standin, make_bot):
+    bot = make_bot(MAX_WORKERS="1", SHUTDOWN_GRACE="0.5")
+    running = standin.send_bot_message("生成报告 跑着 [sleep=5]", sender_staff_id="u1")
+    _replies(standin, running, 1)
+    bot.wait_log("后台任务开始执行")
+    waiting = standin.send_bot_message("排着队", sender_staff_id="u2")
+    assert "排队中" in _replies(standin, waiting, 1)[0]
+    assert bot.terminate(timeout=15) == 0
+    make_bot(MAX_WORKERS="1")
+    texts = standin.wait_for(lambda: (t := _push_texts(standin)) and any("回答: 排着队" in x for x in t) and t,
+                             timeout=30)
+    assert any(x.startswith("机器人已重启，你的任务继续排队执行") for x in texts)
+    assert any(x.startswith("上次运行被中断，正在重新执行") for x in texts)
+    assert len([x for x in texts if "回答: 排着队" in x]) == 1

@@ -48,7 +48,7 @@ DEDUP_TTL_SECONDS = 24 * 3600.0
 DEFAULT_EXPECTED_DURATION = "2-5 分钟"
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """A setting is missing or invalid; the message names the variable."""
 
 
@@ -72,7 +72,8 @@ def _non_negative_float(name: str, raw: str) -> float:
     return value
 
 
-def _positive_int(name: str, raw: str) -> int:
+def parse_positive_int(name: str, raw: str) -> int:
+    """`raw` as a whole number greater than 0; ConfigError naming `name` otherwise."""
     try:
         value = int(raw)
     except ValueError:
@@ -162,8 +163,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LOG_FILE", "log_file", "/var/log/dingtalk-bot.log", _text,
             "Log file; if it cannot be opened the bot logs to stderr"),
     Setting("LOG_LEVEL", "log_level", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
-    Setting("MAX_WORKERS", "max_workers", "4", _positive_int, "CodeBuddy runs at once; more tasks wait in a queue"),
-    Setting("MAX_TASKS_PER_USER", "max_tasks_per_user", "2", _positive_int, "CodeBuddy runs at once for one user"),
+    Setting("MAX_WORKERS", "max_workers", "4", parse_positive_int,
+            "CodeBuddy runs at once; more tasks wait in a queue"),
+    Setting("MAX_TASKS_PER_USER", "max_tasks_per_user", "2", parse_positive_int, "CodeBuddy runs at once for one user"),
     Setting("TASK_DB", "task_db", "./data/tasks.db", _text, "SQLite file holding tasks (directory created)"),
     Setting("TASK_RETENTION_DAYS", "task_retention_days", "30", _positive_float,
             "Finished tasks older than this are purged from the task DB"),
@@ -177,7 +179,7 @@ SETTINGS: tuple[Setting, ...] = (
             "Reconnect the stream after this many seconds without any frame"),
     Setting("SHUTDOWN_GRACE", "shutdown_grace", "20", _non_negative_float,
             "Seconds running tasks get to finish on SIGTERM before they are stopped"),
-    Setting("USER_RATE_LIMIT", "user_rate_limit", "20", _positive_int, "Prompts one user may send per minute"),
+    Setting("USER_RATE_LIMIT", "user_rate_limit", "20", parse_positive_int, "Prompts one user may send per minute"),
     Setting("STATUS_PORT", "status_port", "", _optional_port,
             "Port of the 127.0.0.1 /healthz and /metrics server (unset = off)"),
 )

@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 from async_task_manager import STATUS_LABELS, AsyncTaskManager, MemoryTaskStore, SQLiteTaskStore, Task
 from codebuddy_client import CodeBuddyClient, RunResult
-from config import HTTP_TIMEOUT, KILL_GRACE, SETTINGS, Config, ConfigError, load_config
+from config import HTTP_TIMEOUT, KILL_GRACE, SETTINGS, Config, ConfigError, load_config, parse_positive_int
 from dingtalk_sender import AccessTokenProvider, Delivery, DeliveryError, Route, make_session
 
 log = logging.getLogger("ops")
@@ -408,13 +408,7 @@ def load_local_config(environ: Mapping[str, str], dotenv_path: str | None = ".en
 
 def positive_int(raw: str) -> int:
     """argparse type: a whole number greater than 0."""
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"not a whole number: {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"must be greater than 0: {raw!r}")
-    return value
+    return parse_positive_int("the value", raw)
 
 
 # ---------------------------------------------------------------- the doctor

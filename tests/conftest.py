@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -29,6 +30,19 @@ def process_alive(pid: int) -> bool:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+
+
+def cli_runs(tmp_path: Path) -> list[dict]:
+    """The fake CLI's runs so far (one JSON line each: argv, prompt, pid, session, start)."""
+    path = tmp_path / "cli-runs.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def replies(standin: DingTalkStandin, sent, count: int, timeout: float = 15.0) -> list[str]:
+    """The first `count` texts posted to one message's session webhook (waits for them)."""
+    posts = standin.wait_for(lambda: len(standin.webhook_posts(sent.session)) >= count
+                             and standin.webhook_posts(sent.session), timeout=timeout)
+    return [p.text or "" for p in posts]
 
 
 class BotProcess:

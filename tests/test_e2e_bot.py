@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import CLIENT_SECRET
+from tests.conftest import CLIENT_SECRET, replies
 
 pytestmark = pytest.mark.e2e
 
@@ -25,10 +25,9 @@ def test_short_prompt_is_acknowledged_then_answered_through_the_webhook(standin,
     sent = standin.send_bot_message("你好 CodeBuddy", sender_staff_id="u1")
     ack = standin.wait_ack(sent.frame_message_id)
     assert ack["code"] == 200
-    posts = standin.wait_for(lambda: len(standin.webhook_posts(sent.session)) >= 2 and standin.webhook_posts(
-        sent.session))
-    assert posts[0].text.startswith("收到任务，正在处理中")
-    assert posts[1].msgtype == "markdown" and "回答: 你好 CodeBuddy" in posts[1].text
+    posts = replies(standin, sent, 2)
+    assert posts[0].startswith("收到任务，正在处理中")
+    assert "回答: 你好 CodeBuddy" in posts[1] and standin.webhook_posts(sent.session)[1].msgtype == "markdown"
     assert not standin.batch_sends() and not standin.group_sends()
     bot.wait_log(r"任务 \w+ 完成，耗时: [\d.]+秒")
     log = bot.log_text()
@@ -63,9 +62,8 @@ def test_group_long_prompt_is_pushed_to_the_group_not_the_sender(standin, make_b
 def test_short_prompt_past_sync_timeout_is_promoted_and_pushed(standin, make_bot):
     bot = make_bot(SYNC_TIMEOUT="1")
     sent = standin.send_bot_message("写个小脚本 [sleep=2.5]", sender_staff_id="u4")
-    posts = standin.wait_for(lambda: len(standin.webhook_posts(sent.session)) >= 2 and standin.webhook_posts(
-        sent.session))
-    assert "已转入后台继续执行" in posts[1].text
+    posts = replies(standin, sent, 2)
+    assert "已转入后台继续执行" in posts[1]
     push = standin.wait_for(lambda: standin.batch_sends())[0]
     assert "回答: 写个小脚本" in push.msg_param["text"]
     assert len(standin.webhook_posts(sent.session)) == 2
@@ -93,18 +91,16 @@ def test_webhook_expiry_time_is_read_before_replying(standin, make_bot):
 def test_failed_run_reaches_the_user_in_plain_words(standin, make_bot):
     bot = make_bot()
     sent = standin.send_bot_message("do it [fail]", sender_staff_id="u7")
-    posts = standin.wait_for(lambda: len(standin.webhook_posts(sent.session)) >= 2 and standin.webhook_posts(
-        sent.session))
-    assert posts[1].text.startswith("CodeBuddy 执行失败: 模型调用失败")
+    posts = replies(standin, sent, 2)
+    assert posts[1].startswith("CodeBuddy 执行失败: 模型调用失败")
     bot.wait_log(r"任务 \w+ 失败")
 
 
 def test_cli_error_text_is_passed_on_without_the_token(standin, make_bot):
     make_bot()
     sent = standin.send_bot_message("x [error]", sender_staff_id="u8")
-    posts = standin.wait_for(lambda: len(standin.webhook_posts(sent.session)) >= 2 and standin.webhook_posts(
-        sent.session))
-    assert "Authentication required" in posts[1].text and "FAKESECRET" not in posts[1].text
+    posts = replies(standin, sent, 2)
+    assert "Authentication required" in posts[1] and "FAKESECRET" not in posts[1]
 
 
 def test_task_timeout_kills_the_cli_and_tells_the_user(standin, make_bot, tmp_path):
@@ -112,9 +108,8 @@ def test_task_timeout_kills_the_cli_and_tells_the_user(standin, make_bot, tmp_pa
 
     make_bot(TASK_TIMEOUT="1.5")
     sent = standin.send_bot_message("loop [sleep=30] [spawn]", sender_staff_id="u9")
-    posts = standin.wait_for(lambda: len(standin.webhook_posts(sent.session)) >= 2 and standin.webhook_posts(
-        sent.session), timeout=15)
-    assert "执行超时" in posts[1].text and "工具 Bash" in posts[1].text
+    posts = replies(standin, sent, 2, timeout=15)
+    assert "执行超时" in posts[1] and "工具 Bash" in posts[1]
     child = int((tmp_path / "cli-children.txt").read_text().split()[0])
     run = json.loads((tmp_path / "cli-runs.jsonl").read_text().splitlines()[0])
     assert not process_alive(child) and not process_alive(run["pid"])
@@ -128,12 +123,10 @@ def test_non_text_messages_get_a_clear_reply_and_audio_uses_recognition(standin,
     rich = standin.send_bot_message(msgtype="richText", sender_staff_id="u10", content=rich_content)
     audio = standin.send_bot_message(msgtype="audio", content={"recognition": "语音问题", "duration": 2},
                                      sender_staff_id="u10")
-    assert "暂不支持图片" in standin.wait_for(lambda: standin.webhook_posts(picture.session))[0].text
-    assert "消息为空" in standin.wait_for(lambda: standin.webhook_posts(empty.session))[0].text
+    assert "暂不支持图片" in replies(standin, picture, 1)[0]
+    assert "消息为空" in replies(standin, empty, 1)[0]
     for sent, expected in ((rich, "回答: 富文本"), (audio, "回答: 语音问题")):
-        posts = standin.wait_for(lambda s=sent: len(standin.webhook_posts(s.session)) >= 2 and standin.webhook_posts(
-            s.session))
-        assert expected in posts[1].text
+        assert expected in replies(standin, sent, 2)[1]
     assert bot.proc.poll() is None
 
 
@@ -200,6 +193,5 @@ def test_codebuddy_credentials_in_dotenv_reach_the_cli(standin, make_bot, tmp_pa
     (tmp_path / ".env").write_text("CODEBUDDY_API_KEY=from-dotenv-file\n")
     make_bot(FAKE_CODEBUDDY_ECHO="CODEBUDDY_API_KEY")
     sent = standin.send_bot_message("key? [echo-env]", sender_staff_id="u13")
-    posts = standin.wait_for(lambda: len(standin.webhook_posts(sent.session)) >= 2 and standin.webhook_posts(
-        sent.session))
-    assert "from-dotenv-file" in posts[1].text
+    posts = replies(standin, sent, 2)
+    assert "from-dotenv-file" in posts[1]

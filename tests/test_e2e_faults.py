@@ -5,28 +5,16 @@ All through the real SDK frames, real sockets and `python bot.py` as a subproces
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLIENT_SECRET, process_alive
+from tests.conftest import CLIENT_SECRET, cli_runs, process_alive, replies
 from tests.standin import BATCH_SEND_PATH, BOT_TOPIC, GROUP_SEND_PATH, OPEN_PATH
 
 pytestmark = pytest.mark.e2e
-
-
-def _runs(tmp_path: Path) -> list[dict]:
-    path = tmp_path / "cli-runs.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _replies(standin, sent, count: int, timeout: float = 15.0) -> list[str]:
-    posts = standin.wait_for(lambda: len(standin.webhook_posts(sent.session)) >= count
-                             and standin.webhook_posts(sent.session), timeout=timeout)
-    return [p.text or "" for p in posts]
 
 
 def _push_texts(standin) -> list[str]:
@@ -126,14 +114,14 @@ def test_long_answer_is_split_with_code_fences_kept_intact(standin, make_bot):
 def test_stream_reconnects_after_drops_and_tasks_keep_running(standin, make_bot):
     bot = make_bot()
     sent = standin.send_bot_message("跑着 [sleep=3]", sender_staff_id="u1")
-    _replies(standin, sent, 1)
+    replies(standin, sent, 1)
     standin.drop_stream()
     standin.wait_connected(timeout=15, connects_at_least=2)
     standin.send_disconnect()
     standin.wait_connected(timeout=15, connects_at_least=3)
     after = standin.send_bot_message("重连之后", sender_staff_id="u2")
-    assert "回答: 重连之后" in _replies(standin, after, 2)[1]
-    assert "回答: 跑着" in _replies(standin, sent, 2)[1]  # the task survived both reconnects
+    assert "回答: 重连之后" in replies(standin, after, 2)[1]
+    assert "回答: 跑着" in replies(standin, sent, 2)[1]  # the task survived both reconnects
     assert bot.proc.poll() is None
 
 
@@ -153,7 +141,7 @@ def test_watchdog_reconnects_a_silent_stream(standin, make_bot):
     standin.wait_connected(timeout=20, connects_at_least=2)
     bot.wait_log("秒没有任何消息，重新连接")
     sent = standin.send_bot_message("还在吗", sender_staff_id="u1")
-    assert "回答: 还在吗" in _replies(standin, sent, 2)[1]
+    assert "回答: 还在吗" in replies(standin, sent, 2)[1]
 
 
 def test_pings_are_acked_and_keep_the_watchdog_quiet(standin, make_bot):
@@ -171,23 +159,23 @@ def test_pings_are_acked_and_keep_the_watchdog_quiet(standin, make_bot):
 def test_sigterm_waits_for_a_task_that_finishes_within_the_grace(standin, make_bot):
     bot = make_bot(SHUTDOWN_GRACE="5")
     sent = standin.send_bot_message("快结束了 [sleep=1.5]", sender_staff_id="u1")
-    _replies(standin, sent, 1)
+    replies(standin, sent, 1)
     started = time.monotonic()
     assert bot.terminate(timeout=15) == 0
     assert time.monotonic() - started < 5 + 5
-    assert "回答: 快结束了" in _replies(standin, sent, 2, timeout=1)[1]
+    assert "回答: 快结束了" in replies(standin, sent, 2, timeout=1)[1]
 
 
 def test_sigterm_stops_a_long_task_and_the_next_start_reruns_it(standin, make_bot, tmp_path):
     bot = make_bot(SHUTDOWN_GRACE="1")
     sent = standin.send_bot_message("生成报告 停机 [sleep=4] [spawn]", sender_staff_id="u1")
-    task_id = re.search(r"任务ID: (\w+)", _replies(standin, sent, 1)[0]).group(1)
+    task_id = re.search(r"任务ID: (\w+)", replies(standin, sent, 1)[0]).group(1)
     standin.wait_for(lambda: (tmp_path / "cli-children.txt").exists())
     started = time.monotonic()
     assert bot.terminate(timeout=15) == 0
     assert time.monotonic() - started < 1 + 5
     child = int((tmp_path / "cli-children.txt").read_text().split()[0])
-    assert not process_alive(child) and not process_alive(_runs(tmp_path)[0]["pid"])
+    assert not process_alive(child) and not process_alive(cli_runs(tmp_path)[0]["pid"])
     assert not [t for t in _push_texts(standin) if task_id in t]  # nobody was told anything false
     make_bot()
     answer = standin.wait_for(lambda: [t for t in _push_texts(standin) if "回答: 生成报告 停机" in t], timeout=20)
@@ -215,7 +203,7 @@ def test_bad_frames_are_rejected_and_the_daemon_stays_up(standin, make_bot):
     bot.wait_log("忽略无法解析的 Stream 消息", count=2)
     bot.wait_log("忽略缺少发送者或会话信息的消息")
     sent = standin.send_bot_message("还活着吗", sender_staff_id="u1")
-    assert "回答: 还活着吗" in _replies(standin, sent, 2)[1]
+    assert "回答: 还活着吗" in replies(standin, sent, 2)[1]
     assert standin.stream_connects == 1
 
 
@@ -229,14 +217,14 @@ def test_bad_frames_are_rejected_and_the_daemon_stays_up(standin, make_bot):
 def test_unsupported_messages_get_a_clear_reply(standin, make_bot, msgtype, content, expected):
     make_bot()
     sent = standin.send_bot_message(msgtype=msgtype, content=content, sender_staff_id="u1")
-    assert expected in _replies(standin, sent, 1)[0]
+    assert expected in replies(standin, sent, 1)[0]
 
 
 def test_huge_text_gets_a_clear_reply(standin, make_bot, tmp_path):
     make_bot()
     sent = standin.send_bot_message("字" * 1_000_000, sender_staff_id="u1")
-    assert "消息过长" in _replies(standin, sent, 1, timeout=20)[0]
-    assert not _runs(tmp_path)
+    assert "消息过长" in replies(standin, sent, 1, timeout=20)[0]
+    assert not cli_runs(tmp_path)
 
 
 @pytest.mark.parametrize("prompt", ["--help", "-p --dangerously-skip-permissions",
@@ -244,8 +232,8 @@ def test_huge_text_gets_a_clear_reply(standin, make_bot, tmp_path):
 def test_hostile_prompts_reach_the_cli_as_text(standin, make_bot, tmp_path, prompt):
     make_bot()
     sent = standin.send_bot_message(prompt, sender_staff_id="u1")
-    _replies(standin, sent, 2)
-    run = _runs(tmp_path)[0]
+    replies(standin, sent, 2)
+    run = cli_runs(tmp_path)[0]
     assert run["prompt"] == prompt
     assert prompt not in run["argv"] and "--dangerously-skip-permissions" not in run["argv"]
     assert run["argv"][:5] == ["-p", "--output-format", "stream-json", "--permission-mode", "acceptEdits"]
@@ -258,22 +246,22 @@ def test_flood_from_one_user_is_rate_limited(standin, make_bot, tmp_path):
     limited = standin.wait_for(lambda: [t for s in sent for t in [p.text for p in standin.webhook_posts(s.session)]
                                         if t and "请求过于频繁" in t])
     assert len(limited) == 1
-    standin.wait_for(lambda: len(_runs(tmp_path)) >= 20, timeout=30)
+    standin.wait_for(lambda: len(cli_runs(tmp_path)) >= 20, timeout=30)
     time.sleep(0.5)
-    assert len(_runs(tmp_path)) == 20
+    assert len(cli_runs(tmp_path)) == 20
     other = standin.send_bot_message("我是别人", sender_staff_id="calm")
-    assert "回答: 我是别人" in _replies(standin, other, 2, timeout=30)[1]
+    assert "回答: 我是别人" in replies(standin, other, 2, timeout=30)[1]
 
 
 def test_only_allowed_users_may_use_it(standin, make_bot, tmp_path):
     make_bot(ALLOWED_USERS="alice,bob")
     first = standin.send_bot_message("让我用", sender_staff_id="eve")
     second = standin.send_bot_message("再试一次", sender_staff_id="eve")
-    assert "没有使用此机器人的权限" in _replies(standin, first, 1)[0]
+    assert "没有使用此机器人的权限" in replies(standin, first, 1)[0]
     allowed = standin.send_bot_message("你好", sender_staff_id="bob")
-    _replies(standin, allowed, 2)
+    replies(standin, allowed, 2)
     assert not standin.webhook_posts(second.session)  # one refusal, not one per message
-    assert [r["prompt"] for r in _runs(tmp_path)] == ["你好"]
+    assert [r["prompt"] for r in cli_runs(tmp_path)] == ["你好"]
 
 
 # ---------------------------------------------------------------- the mixed run
@@ -281,7 +269,7 @@ def test_only_allowed_users_may_use_it(standin, make_bot, tmp_path):
 
 def _runs_by_prompt(tmp_path: Path) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for run in _runs(tmp_path):
+    for run in cli_runs(tmp_path):
         key = re.search(r"T\d+-", run["prompt"]).group(0)
         counts[key] = counts.get(key, 0) + 1
     return counts
@@ -356,7 +344,7 @@ def test_mixed_faults_every_answer_delivered_exactly_once(standin, make_bot, tmp
     rerun = {k: v for k, v in runs.items() if v > 1}
     assert all(v == 2 for v in rerun.values()) and len(rerun) <= 4, rerun  # only tasks the SIGKILL interrupted
     assert bot.terminate() == 0
-    leftovers = [r["pid"] for r in _runs(tmp_path) if process_alive(r["pid"])]
+    leftovers = [r["pid"] for r in cli_runs(tmp_path) if process_alive(r["pid"])]
     assert not leftovers
     log = bot.log_text()
     tokens = {r.headers.get("x-acs-dingtalk-access-token") for r in standin.requests} - {None}
@@ -386,10 +374,10 @@ def test_sigterm_ends_the_bot_while_the_gateway_hangs(make_bot):
 def test_tasks_queued_at_shutdown_run_after_the_restart(standin, make_bot):
     bot = make_bot(MAX_WORKERS="1", SHUTDOWN_GRACE="0.5")
     running = standin.send_bot_message("生成报告 跑着 [sleep=5]", sender_staff_id="u1")
-    _replies(standin, running, 1)
+    replies(standin, running, 1)
     bot.wait_log("后台任务开始执行")
     waiting = standin.send_bot_message("排着队", sender_staff_id="u2")
-    assert "排队中" in _replies(standin, waiting, 1)[0]
+    assert "排队中" in replies(standin, waiting, 1)[0]
     assert bot.terminate(timeout=15) == 0
     make_bot(MAX_WORKERS="1")
     texts = standin.wait_for(lambda: (t := _push_texts(standin)) and any("回答: 排着队" in x for x in t) and t,

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
 import pytest
 
-from tests.conftest import process_alive
+from tests.conftest import cli_runs, process_alive, replies
 from tests.standin import BATCH_SEND_PATH
 
 pytestmark = pytest.mark.e2e
-
-
-def _runs(tmp_path) -> list[dict]:
-    path = tmp_path / "cli-runs.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def _replies(standin, sent, count: int, timeout: float = 15.0) -> list[str]:
-    """The first `count` webhook texts of one message's session."""
-    posts = standin.wait_for(lambda: len(standin.webhook_posts(sent.session)) >= count
-                             and standin.webhook_posts(sent.session), timeout=timeout)
-    return [p.text or "" for p in posts]
 
 
 def _task_id(text: str) -> str:
@@ -41,18 +28,18 @@ def _pushes_for(standin, task_id: str) -> list[str]:
 @pytest.mark.parametrize("conversation_type", ["1", "2"])
 def test_help_tasks_and_status_commands_in_1to1_and_group(standin, make_bot, conversation_type):
     make_bot()
-    help_reply = _replies(standin, standin.send_bot_message("/help", conversation_type=conversation_type), 1)[0]
+    help_reply = replies(standin, standin.send_bot_message("/help", conversation_type=conversation_type), 1)[0]
     assert "/cancel" in help_reply and "新会话" in help_reply
-    alias = _replies(standin, standin.send_bot_message("帮助", conversation_type=conversation_type), 1)[0]
+    alias = replies(standin, standin.send_bot_message("帮助", conversation_type=conversation_type), 1)[0]
     assert alias == help_reply
     first = standin.send_bot_message("第一个问题", conversation_type=conversation_type)
-    task_id = _task_id(_replies(standin, first, 2)[0])
-    tasks = _replies(standin, standin.send_bot_message("/tasks", conversation_type=conversation_type), 1)[0]
+    task_id = _task_id(replies(standin, first, 2)[0])
+    tasks = replies(standin, standin.send_bot_message("/tasks", conversation_type=conversation_type), 1)[0]
     assert task_id in tasks and "已完成" in tasks and "第一个问题" in tasks
-    status = _replies(standin, standin.send_bot_message(f"任务状态 {task_id}",
+    status = replies(standin, standin.send_bot_message(f"任务状态 {task_id}",
                                                         conversation_type=conversation_type), 1)[0]
     assert status.startswith(f"任务 {task_id}: 已完成") and "已用时" in status
-    latest = _replies(standin, standin.send_bot_message("/status", conversation_type=conversation_type), 1)[0]
+    latest = replies(standin, standin.send_bot_message("/status", conversation_type=conversation_type), 1)[0]
     assert latest == status or latest.startswith(f"任务 {task_id}")
 
 
@@ -62,7 +49,7 @@ def test_commands_answer_at_once_while_every_worker_is_busy(standin, make_bot):
     time.sleep(0.5)
     sent = standin.send_bot_message("/tasks", sender_staff_id="busy")
     start = time.monotonic()
-    reply = _replies(standin, sent, 1)[0]
+    reply = replies(standin, sent, 1)[0]
     assert "执行中" in reply and time.monotonic() - start < 3
 
 
@@ -70,10 +57,10 @@ def test_queue_positions_with_one_worker(standin, make_bot):
     make_bot(MAX_WORKERS="1")
     standin.send_bot_message("生成报告 [sleep=20]", sender_staff_id="u1")
     time.sleep(0.5)
-    second = _replies(standin, standin.send_bot_message("问题二", sender_staff_id="u2"), 1)[0]
-    third = _replies(standin, standin.send_bot_message("问题三", sender_staff_id="u3"), 1)[0]
+    second = replies(standin, standin.send_bot_message("问题二", sender_staff_id="u2"), 1)[0]
+    third = replies(standin, standin.send_bot_message("问题三", sender_staff_id="u3"), 1)[0]
     assert "第 1 位" in second and "第 2 位" in third
-    status = _replies(standin, standin.send_bot_message(f"/status {_task_id(third)}", sender_staff_id="u3"), 1)[0]
+    status = replies(standin, standin.send_bot_message(f"/status {_task_id(third)}", sender_staff_id="u3"), 1)[0]
     assert "排队中" in status and "排队位置: 第 2 位" in status
 
 
@@ -82,23 +69,23 @@ def test_cancel_a_queued_task_it_never_runs(standin, make_bot, tmp_path):
     standin.send_bot_message("生成报告 [sleep=20]", sender_staff_id="u1")
     time.sleep(0.5)
     queued = standin.send_bot_message("排队的问题", sender_staff_id="u2")
-    task_id = _task_id(_replies(standin, queued, 1)[0])
-    reply = _replies(standin, standin.send_bot_message("/cancel", sender_staff_id="u2"), 1)[0]
+    task_id = _task_id(replies(standin, queued, 1)[0])
+    reply = replies(standin, standin.send_bot_message("/cancel", sender_staff_id="u2"), 1)[0]
     assert reply.startswith(f"已取消任务 {task_id}")
-    status = _replies(standin, standin.send_bot_message(f"/status {task_id}", sender_staff_id="u2"), 1)[0]
+    status = replies(standin, standin.send_bot_message(f"/status {task_id}", sender_staff_id="u2"), 1)[0]
     assert "已取消" in status
-    assert not any("排队的问题" in run["prompt"] for run in _runs(tmp_path))
+    assert not any("排队的问题" in run["prompt"] for run in cli_runs(tmp_path))
 
 
 def test_cancel_a_running_task_leaves_no_process(standin, make_bot, tmp_path):
     bot = make_bot()
     sent = standin.send_bot_message("长任务 [sleep=60] [spawn]", sender_staff_id="u1")
-    task_id = _task_id(_replies(standin, sent, 1)[0])
+    task_id = _task_id(replies(standin, sent, 1)[0])
     standin.wait_for(lambda: (tmp_path / "cli-children.txt").exists())
-    reply = _replies(standin, standin.send_bot_message(f"取消任务 {task_id}", sender_staff_id="u1"), 1)[0]
+    reply = replies(standin, standin.send_bot_message(f"取消任务 {task_id}", sender_staff_id="u1"), 1)[0]
     assert reply == f"已取消任务 {task_id}"
     child = int((tmp_path / "cli-children.txt").read_text().split()[0])
-    assert not process_alive(child) and not process_alive(_runs(tmp_path)[0]["pid"])
+    assert not process_alive(child) and not process_alive(cli_runs(tmp_path)[0]["pid"])
     bot.wait_log(rf"任务 {task_id} 失败 \(cancelled\)")
     time.sleep(0.5)
     assert len(standin.webhook_posts(sent.session)) == 1  # no error message after the confirmation
@@ -107,27 +94,27 @@ def test_cancel_a_running_task_leaves_no_process(standin, make_bot, tmp_path):
 def test_another_user_cannot_see_or_cancel_but_an_admin_can(standin, make_bot):
     make_bot(ADMIN_USERS="boss")
     sent = standin.send_bot_message("我的秘密任务 [sleep=20]", sender_staff_id="alice")
-    task_id = _task_id(_replies(standin, sent, 1)[0])
+    task_id = _task_id(replies(standin, sent, 1)[0])
     for command in (f"/status {task_id}", f"/cancel {task_id}"):
-        reply = _replies(standin, standin.send_bot_message(command, sender_staff_id="mallory"), 1)[0]
+        reply = replies(standin, standin.send_bot_message(command, sender_staff_id="mallory"), 1)[0]
         assert reply == f"找不到任务 {task_id}"
-    assert "alice" not in _replies(standin, standin.send_bot_message("/tasks", sender_staff_id="mallory"), 1)[0]
-    status = _replies(standin, standin.send_bot_message(f"/status {task_id}", sender_staff_id="boss"), 1)[0]
+    assert "alice" not in replies(standin, standin.send_bot_message("/tasks", sender_staff_id="mallory"), 1)[0]
+    status = replies(standin, standin.send_bot_message(f"/status {task_id}", sender_staff_id="boss"), 1)[0]
     assert status.startswith(f"任务 {task_id}: 执行中")
-    cancel = _replies(standin, standin.send_bot_message(f"/cancel {task_id}", sender_staff_id="boss"), 1)[0]
+    cancel = replies(standin, standin.send_bot_message(f"/cancel {task_id}", sender_staff_id="boss"), 1)[0]
     assert cancel.startswith(f"已取消任务 {task_id}")
 
 
 def test_unknown_task_id_is_answered_plainly(standin, make_bot):
     make_bot()
-    assert _replies(standin, standin.send_bot_message("/status nope123"), 1)[0] == "找不到任务 nope123"
-    assert _replies(standin, standin.send_bot_message("/cancel"), 1)[0] == "你没有进行中的任务。"
+    assert replies(standin, standin.send_bot_message("/status nope123"), 1)[0] == "找不到任务 nope123"
+    assert replies(standin, standin.send_bot_message("/cancel"), 1)[0] == "你没有进行中的任务。"
 
 
 def test_sigkill_mid_task_then_restart_gives_exactly_one_answer(standin, make_bot, tmp_path):
     bot = make_bot()
     sent = standin.send_bot_message("生成报告 重要 [sleep=3] [spawn]", sender_staff_id="u1")
-    task_id = _task_id(_replies(standin, sent, 1)[0])
+    task_id = _task_id(replies(standin, sent, 1)[0])
     bot.wait_log("后台任务开始执行")
     standin.wait_for(lambda: (tmp_path / "cli-children.txt").exists())
     bot.kill()
@@ -142,13 +129,13 @@ def test_sigkill_mid_task_then_restart_gives_exactly_one_answer(standin, make_bo
     time.sleep(1)
     answers = [t for t in _pushes_for(standin, task_id) if "回答: 生成报告 重要" in t]
     assert len(answers) == 1
-    assert len([r for r in _runs(tmp_path) if "重要" in r["prompt"]]) == 2
+    assert len([r for r in cli_runs(tmp_path) if "重要" in r["prompt"]]) == 2
 
 
 def test_task_interrupted_twice_is_failed_and_the_user_told(standin, make_bot):
     bot = make_bot()
     sent = standin.send_bot_message("生成报告 [sleep=30]", sender_staff_id="u1")
-    task_id = _task_id(_replies(standin, sent, 1)[0])
+    task_id = _task_id(replies(standin, sent, 1)[0])
     bot.wait_log("后台任务开始执行")
     bot.kill()
     second = make_bot()
@@ -163,7 +150,7 @@ def test_undelivered_result_is_pushed_after_restart(standin, make_bot):
     bot = make_bot(DELIVERY_RETRY_WINDOW="1.5")
     standin.fail_next(BATCH_SEND_PATH, status=503, times=10_000)
     sent = standin.send_bot_message("生成报告 送达测试", sender_staff_id="u1")
-    task_id = _task_id(_replies(standin, sent, 1)[0])
+    task_id = _task_id(replies(standin, sent, 1)[0])
     bot.wait_log(rf"任务 {task_id} 结果发送失败", timeout=30)
     assert bot.terminate() == 0
     standin.clear_faults()
@@ -175,7 +162,7 @@ def test_undelivered_result_is_pushed_after_restart(standin, make_bot):
 def test_same_msgid_twice_creates_one_task_even_across_a_restart(standin, make_bot, tmp_path):
     bot = make_bot()
     sent = standin.send_bot_message("只回答一次", sender_staff_id="u1")
-    _replies(standin, sent, 2)
+    replies(standin, sent, 2)
     standin.redeliver(sent)
     bot.wait_log("重复消息已忽略")
     assert bot.terminate() == 0
@@ -183,14 +170,14 @@ def test_same_msgid_twice_creates_one_task_even_across_a_restart(standin, make_b
     standin.redeliver(sent)
     restarted.wait_log("重复消息已忽略")
     time.sleep(0.5)
-    assert len([r for r in _runs(tmp_path) if "只回答一次" in r["prompt"]]) == 1
+    assert len([r for r in cli_runs(tmp_path) if "只回答一次" in r["prompt"]]) == 1
     assert len(standin.webhook_posts(sent.session)) == 2
 
 
 def test_progress_note_for_a_long_background_task(standin, make_bot):
     make_bot(PROGRESS_INTERVAL="1")
     sent = standin.send_bot_message("市场调研 [sleep=3]", sender_staff_id="u1")
-    task_id = _task_id(_replies(standin, sent, 1)[0])
+    task_id = _task_id(replies(standin, sent, 1)[0])
     notes = standin.wait_for(lambda: [t for t in _pushes_for(standin, task_id) if "仍在处理中" in t])
     assert "已用时" in notes[0] and "工具 Bash" in notes[0]
     standin.wait_for(lambda: [t for t in _pushes_for(standin, task_id) if "已完成" in t])
@@ -198,14 +185,14 @@ def test_progress_note_for_a_long_background_task(standin, make_bot):
 
 def test_one_conversation_is_one_session_and_new_resets_it(standin, make_bot, tmp_path):
     make_bot()
-    first = _replies(standin, standin.send_bot_message("第一句", sender_staff_id="u1"), 2)[1]
-    second = _replies(standin, standin.send_bot_message("第二句", sender_staff_id="u1"), 2)[1]
-    other = _replies(standin, standin.send_bot_message("别人的", sender_staff_id="u2"), 2)[1]
+    first = replies(standin, standin.send_bot_message("第一句", sender_staff_id="u1"), 2)[1]
+    second = replies(standin, standin.send_bot_message("第二句", sender_staff_id="u1"), 2)[1]
+    other = replies(standin, standin.send_bot_message("别人的", sender_staff_id="u2"), 2)[1]
     assert "turn 1" in first and "turn 2, earlier: 第一句" in second and "turn 1" in other
-    _replies(standin, standin.send_bot_message("/new", sender_staff_id="u1"), 1)
-    fresh = _replies(standin, standin.send_bot_message("第三句", sender_staff_id="u1"), 2)[1]
+    replies(standin, standin.send_bot_message("/new", sender_staff_id="u1"), 1)
+    fresh = replies(standin, standin.send_bot_message("第三句", sender_staff_id="u1"), 2)[1]
     assert "turn 1" in fresh
-    sessions = [r["session"] for r in _runs(tmp_path)]
+    sessions = [r["session"] for r in cli_runs(tmp_path)]
     assert sessions[0] == sessions[1] != sessions[2] and sessions[3] not in sessions[:3]
     assert all(re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9\-_:]*", s) for s in sessions)
 
@@ -214,8 +201,8 @@ def test_prompts_in_one_conversation_run_one_at_a_time(standin, make_bot, tmp_pa
     make_bot(MAX_WORKERS="4")
     standin.send_bot_message("先 [sleep=1.5]", sender_staff_id="u1")
     second = standin.send_bot_message("后", sender_staff_id="u1")
-    _replies(standin, second, 2)
-    runs = _runs(tmp_path)
+    replies(standin, second, 2)
+    runs = cli_runs(tmp_path)
     assert runs[1]["start"] - runs[0]["start"] >= 1.4
 
 
@@ -223,11 +210,11 @@ def test_prediction_sends_a_keywordless_prompt_to_the_background_after_its_class
     make_bot(SYNC_TIMEOUT="1")
     for number in range(2):
         sent = standin.send_bot_message(f"慢问题 {number} [sleep=1.5]", sender_staff_id="u1")
-        task_id = _task_id(_replies(standin, sent, 1)[0])
+        task_id = _task_id(replies(standin, sent, 1)[0])
         standin.wait_for(lambda t=task_id: [x for x in _pushes_for(standin, t) if "已完成" in x])
-    ack = _replies(standin, standin.send_bot_message("又一个问题", sender_staff_id="u1"), 1)[0]
+    ack = replies(standin, standin.send_bot_message("又一个问题", sender_staff_id="u1"), 1)[0]
     assert "后台执行" in ack and "预计耗时" in ack
-    other_user = _replies(standin, standin.send_bot_message("又一个问题", sender_staff_id="u2"), 1)[0]
+    other_user = replies(standin, standin.send_bot_message("又一个问题", sender_staff_id="u2"), 1)[0]
     assert "后台" not in other_user
 
 
@@ -237,10 +224,10 @@ def test_a_user_runs_at_most_max_tasks_per_user_at_once(standin, make_bot, tmp_p
     group = standin.send_bot_message("群里的任务", sender_staff_id="u1", conversation_type="2")
     other = standin.send_bot_message("别人的任务", sender_staff_id="u2", conversation_type="2",
                                      conversation_id="cidOTHERgroup==")
-    assert "排队中" in _replies(standin, group, 1)[0]
-    _replies(standin, group, 2)
-    _replies(standin, other, 2)
-    starts = {run["prompt"]: run["start"] for run in _runs(tmp_path)}
+    assert "排队中" in replies(standin, group, 1)[0]
+    replies(standin, group, 2)
+    replies(standin, other, 2)
+    starts = {run["prompt"]: run["start"] for run in cli_runs(tmp_path)}
     assert starts["群里的任务"] - starts["私聊任务 [sleep=1.5]"] >= 1.4  # waited for u1's first task
     assert starts["别人的任务"] - starts["私聊任务 [sleep=1.5]"] < 1.0  # another user did not wait
 
@@ -248,8 +235,8 @@ def test_a_user_runs_at_most_max_tasks_per_user_at_once(standin, make_bot, tmp_p
 def test_status_of_a_running_task_names_its_last_step_and_expected_remaining_time(standin, make_bot):
     make_bot()
     sent = standin.send_bot_message("生成报告 [sleep=20]", sender_staff_id="u1")
-    task_id = _task_id(_replies(standin, sent, 1)[0])
+    task_id = _task_id(replies(standin, sent, 1)[0])
     time.sleep(0.8)
-    status = _replies(standin, standin.send_bot_message("/status", sender_staff_id="u1"), 1)[0]
+    status = replies(standin, standin.send_bot_message("/status", sender_staff_id="u1"), 1)[0]
     assert status.startswith(f"任务 {task_id}: 执行中")
     assert "最近步骤: 工具 Bash" in status and "预计剩余时间: 同类任务通常需要 2-5 分钟" in status

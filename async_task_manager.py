@@ -8,6 +8,7 @@ seams: a client with `run(...) -> RunResult` and a sender with `send(route, text
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from codebuddy_client import RunResult, redact_secrets, session_id_for
@@ -96,8 +97,8 @@ class TaskStore(Protocol):
 
 
 def _task_to_row(task: Task) -> dict:
-    row = asdict(task)
-    row["route"] = json.dumps(asdict(task.route), ensure_ascii=False)
+    row = dict(task.__dict__)  # not dataclasses.asdict: it deep-copies, and this runs on every transition
+    row["route"] = json.dumps(task.route.__dict__, ensure_ascii=False)
     row["background"] = int(task.background)
     row["delivered"] = int(task.delivered)
     return row
@@ -294,6 +295,8 @@ class Client(Protocol):
 
     def kill_leftovers(self, run_tag: str) -> int: ...
 
+    def cancel(self, run_tag: str) -> bool: ...
+
 
 class Sender(Protocol):
     def send(self, route: Route, text: str, *, markdown: bool = False, title: str = "CodeBuddy",
@@ -341,6 +344,7 @@ class AsyncTaskManager:
         self._acks: dict[str, Future] = {}
         self._pending_deliveries: set[Future] = set()
         self._finished_counts: dict[str, int] = {}  # since start, by final status (for metrics)
+        self._monitor_stop = threading.Event()
         self._accepting = True
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -554,9 +558,16 @@ class AsyncTaskManager:
             return any(t.conversation_key == task.conversation_key for t in running)
 
     def _next_runnable(self) -> Task | None:
+        """The first queued task that may start now (call with the lock held)."""
+        running = [self._tasks[t] for t in self._running if t in self._tasks]
+        if len(running) >= self.max_workers:
+            return None
+        per_user = collections.Counter(t.user_id for t in running)
+        busy_conversations = {t.conversation_key for t in running}
         for task_id in self._queue:
             task = self._tasks.get(task_id)
-            if task is not None and not self._blocked(task):
+            if (task is not None and per_user[task.user_id] < self.max_tasks_per_user
+                    and task.conversation_key not in busy_conversations):
                 return task
         return None
 
@@ -624,13 +635,12 @@ class AsyncTaskManager:
     # ------------------------------------------------------------ promotion, progress, cleanup
 
     def _monitor(self) -> None:
-        while not self._stopping:
+        # Its own event, not the workers' condition: a burst of submits must not wake it once per message.
+        while not self._monitor_stop.wait(self.tick):
             try:
                 self.check_running(self.clock())
             except Exception:
                 log.exception("monitor check failed")
-            with self._lock:
-                self._wakeup.wait(timeout=self.tick)
 
     def check_running(self, now: float) -> None:
         """Promote tasks past `sync_timeout`, send due progress notes, and clean up now and then."""
@@ -764,6 +774,7 @@ class AsyncTaskManager:
             running = self._running.get(task.id)
         if running is not None:
             running.cancel_event.set()
+            self.client.cancel(task.id)  # from this thread, at once, not at the run's next poll
         log.info("任务 %s 正在取消 (执行中) task=%s user=%s", task.id, task.id, task.user_id)
         return task
 
@@ -826,6 +837,7 @@ class AsyncTaskManager:
         with self._lock:
             self._stopping = True  # workers take no new task; queued ones stay queued in the store
             self._wakeup.notify_all()
+        self._monitor_stop.set()
         while time.monotonic() < grace_over:
             with self._lock:
                 if not self._running:

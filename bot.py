@@ -70,7 +70,14 @@ class RedactingFilter(logging.Filter):
         from codebuddy_client import redact_secrets
 
         message = record.getMessage()
-        cleaned = redact_secrets(message, self._secrets)
+        if record.levelno >= logging.WARNING or record.exc_info:
+            cleaned = redact_secrets(message, self._secrets)  # errors may quote text from outside
+        else:
+            # INFO lines are the bot's own phrases and ids: only the exact secrets are checked (cheap).
+            cleaned = message
+            for secret in self._secrets:
+                if secret in cleaned:
+                    cleaned = cleaned.replace(secret, "***")
         if cleaned != message:
             record.msg, record.args = cleaned, ()
         return True
@@ -454,20 +461,22 @@ class StreamConnection:
             await self._sleep_or_stop(delay)
 
     async def _receive(self, websocket) -> None:
-        stop_wait = asyncio.ensure_future(self._stop.wait())
-        try:
-            while True:
-                receive = asyncio.ensure_future(websocket.recv())
-                done, _ = await asyncio.wait({receive, stop_wait}, timeout=self.idle_timeout,
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if stop_wait in done:
-                    receive.cancel()
-                    return
-                if receive not in done:
-                    receive.cancel()
+        """Route frames until the socket closes, stop() is called, or no frame came for `idle_timeout` s."""
+        last_frame = time.monotonic()
+
+        async def close_when_stopped_or_idle() -> None:
+            while not self._stop.is_set():
+                idle = time.monotonic() - last_frame
+                if idle >= self.idle_timeout:
                     log.warning("钉钉 Stream %.0f 秒没有任何消息，重新连接", self.idle_timeout)
-                    return
-                raw = receive.result()
+                    break
+                await self._sleep_or_stop(self.idle_timeout - idle)
+            await websocket.close()
+
+        guard = asyncio.create_task(close_when_stopped_or_idle())
+        try:
+            async for raw in websocket:
+                last_frame = time.monotonic()
                 try:
                     frame = json.loads(raw)
                     if not isinstance(frame, dict):
@@ -477,7 +486,7 @@ class StreamConnection:
                     continue
                 asyncio.create_task(self._route(frame, websocket))
         finally:
-            stop_wait.cancel()
+            guard.cancel()
 
     async def _route(self, frame: dict, websocket) -> None:
         from dingtalk_stream import AckMessage

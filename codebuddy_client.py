@@ -170,7 +170,7 @@ class CodeBuddyClient:
         self.poll_interval = poll_interval
         self._env = dict(os.environ if env is None else env)
         self._env.update({k: v for k, v in _QUIET_ENV.items() if k not in self._env})
-        self._running: dict[int, subprocess.Popen] = {}
+        self._running: dict[str, subprocess.Popen] = {}  # by run tag
         self._running_lock = threading.Lock()
 
     @classmethod
@@ -221,14 +221,27 @@ class CodeBuddyClient:
             )
         except OSError as exc:
             return RunResult(ok=False, error=f"无法启动 CodeBuddy CLI ({self.binary}): {exc.strerror or exc}")
+        key = run_tag or f"pid:{proc.pid}"
         with self._running_lock:
-            self._running[proc.pid] = proc
+            self._running[key] = proc
         try:
             return self._supervise(proc, prompt, limit, started, cancel_event, on_step, clock)
         finally:
             self._kill_group(proc, signal.SIGKILL)  # nothing the run started outlives it
             with self._running_lock:
-                self._running.pop(proc.pid, None)
+                self._running.pop(key, None)
+
+    def cancel(self, run_tag: str) -> bool:
+        """SIGTERM the process group of the run tagged `run_tag` now; `run` escalates to KILL after the grace.
+
+        The caller also sets the run's `cancel_event`, which is how `run` reports it as cancelled.
+        """
+        with self._running_lock:
+            proc = self._running.get(run_tag)
+        if proc is None:
+            return False
+        self._kill_group(proc, signal.SIGTERM)
+        return True
 
     def _supervise(self, proc: subprocess.Popen, prompt: str, limit: float, started: float,
                    cancel_event: threading.Event | None, on_step: Callable[[str], None] | None,
@@ -271,6 +284,8 @@ class CodeBuddyClient:
             if cancelled or timed_out:
                 self._stop(proc)
                 break
+        # A cancel() from another thread may have ended the CLI before this loop saw the event.
+        cancelled = cancelled or (not timed_out and cancel_event is not None and cancel_event.is_set())
         # Children may keep the pipes open after the CLI exits: the finally in run() kills them.
         self._kill_group(proc, signal.SIGKILL)
         for reader in readers:

@@ -388,29 +388,17 @@ class StreamConnection:
         self._stop.set()
 
     def _open_connection(self) -> dict | None:
-        import requests
+        from dingtalk_sender import JsonHttp, open_stream_connection
 
-        from dingtalk_sender import make_session
-
-        body = {"clientId": self.config.client_id, "clientSecret": self.config.client_secret,
-                "subscriptions": [{"type": "CALLBACK", "topic": BOT_TOPIC}],
-                "ua": "dingtalk-codebuddy-bot/1.0", "localIp": "127.0.0.1"}
+        http = JsonHttp(pool_size=1, transport_retries=0)
         try:
-            with make_session(pool_size=1, transport_retries=0) as session:
-                response = session.post(self.config.openapi_endpoint + "/v1.0/gateway/connections/open",
-                                        json=body, timeout=HTTP_TIMEOUT)
-        except requests.RequestException as exc:
-            log.error("连接钉钉 Stream 失败: %s", type(exc).__name__)
-            return None
-        if response.status_code != 200:
-            log.error("连接钉钉 Stream 失败: HTTP %s %s", response.status_code, response.text[:200])
-            return None
-        try:
-            connection = response.json()
-            return {"endpoint": str(connection["endpoint"]), "ticket": str(connection["ticket"])}
-        except (ValueError, KeyError, TypeError):
-            log.error("连接钉钉 Stream 失败: unexpected answer %s", response.text[:200])
-            return None
+            connection, error = open_stream_connection(http, self.config.openapi_endpoint, self.config.client_id,
+                                                       self.config.client_secret)
+        finally:
+            http.close()
+        if connection is None:
+            log.error("连接钉钉 Stream 失败: %s", error)
+        return connection
 
     async def _unless_stopped(self, coroutine):
         """Await `coroutine`, or give up on it (None) as soon as stop() is called."""

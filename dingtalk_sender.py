@@ -16,8 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import requests
-from requests.adapters import HTTPAdapter
+import urllib3
 from urllib3.util.retry import Retry
 
 from config import HTTP_TIMEOUT, PUSH_MAX_BYTES, TOKEN_REFRESH_MARGIN, WEBHOOK_MAX_BYTES
@@ -27,6 +26,8 @@ log = logging.getLogger("dingtalk_sender")
 BATCH_SEND_PATH = "/v1.0/robot/oToMessages/batchSend"
 GROUP_SEND_PATH = "/v1.0/robot/groupMessages/send"
 TOKEN_PATH = "/v1.0/oauth2/accessToken"
+OPEN_CONNECTION_PATH = "/v1.0/gateway/connections/open"
+BOT_TOPIC = "/v1.0/im/bot/messages/get"
 
 _MARKER_RESERVE = 24  # room for the "(i/n)\n" prefix of a split part
 _FENCE = re.compile(r"^\s*(`{3,}|~{3,})(.*)$")
@@ -170,16 +171,14 @@ class AccessTokenProvider:
     One lock: when many threads need a token at once, one fetches and the others wait for its answer.
     """
 
-    def __init__(self, session: requests.Session, endpoint: str, app_key: str, app_secret: str, *,
-                 clock: Callable[[], float] = time.monotonic, refresh_margin: float = TOKEN_REFRESH_MARGIN,
-                 timeout: tuple[float, float] = HTTP_TIMEOUT) -> None:
-        self._session = session
+    def __init__(self, http: JsonHttp, endpoint: str, app_key: str, app_secret: str, *,
+                 clock: Callable[[], float] = time.monotonic, refresh_margin: float = TOKEN_REFRESH_MARGIN) -> None:
+        self._http = http
         self._url = endpoint.rstrip("/") + TOKEN_PATH
         self._app_key = app_key
         self._app_secret = app_secret
         self._clock = clock
         self._margin = refresh_margin
-        self._timeout = timeout
         self._lock = threading.Lock()
         self._token = ""
         self._expires_at = 0.0
@@ -202,72 +201,113 @@ class AccessTokenProvider:
     def _fetch(self) -> tuple[str, float]:
         self.fetches += 1
         try:
-            response = self._session.post(self._url, json={"appKey": self._app_key, "appSecret": self._app_secret},
-                                          timeout=self._timeout)
-        except requests.RequestException as exc:
-            raise DeliveryError(f"access token request failed: {type(exc).__name__}", retryable=True) from None
-        body = _json_body(response)
+            reply = self._http.post_json(self._url, {"appKey": self._app_key, "appSecret": self._app_secret})
+        except HttpError as exc:
+            raise DeliveryError(f"access token request failed: {exc}", retryable=True) from None
+        body = reply.body
         token = body.get("accessToken")
-        if response.status_code != 200 or not token:
-            code = body.get("code") or response.status_code
-            retryable = response.status_code == 429 or response.status_code >= 500
-            raise DeliveryError(f"access token refused: HTTP {response.status_code} {code}", retryable=retryable)
+        if reply.status != 200 or not token:
+            code = body.get("code") or reply.status
+            retryable = reply.status == 429 or reply.status >= 500
+            raise DeliveryError(f"access token refused: HTTP {reply.status} {code}", retryable=retryable)
         expire_in = float(body.get("expireIn") or 7200)
         log.info("access token fetched, expires in %.0f s", expire_in)
         return str(token), self._clock() + max(expire_in - self._margin, expire_in / 2)
 
 
-def _json_body(response: requests.Response) -> dict:
+# ---------------------------------------------------------------- HTTP
+
+
+class HttpError(Exception):
+    """The request got no HTTP answer (connection refused, timeout, …); the message names the error type."""
+
+
+@dataclass(frozen=True)
+class HttpReply:
+    """An HTTP answer: status, the JSON object it carried ({} if none), and its headers."""
+
+    status: int
+    body: dict
+    headers: dict[str, str]
+    text: str
+
+    @property
+    def retry_after(self) -> float | None:
+        value = self.headers.get("retry-after")
+        try:
+            return max(0.0, float(value)) if value else None
+        except ValueError:
+            return None
+
+
+class JsonHttp:
+    """POSTs JSON through one urllib3 pool: timeouts on every call, and urllib3's `Retry` for POSTs on connection
+    errors, 429 and 5xx (honouring Retry-After). No proxy from the environment: DingTalk is reached directly.
+
+    urllib3 directly rather than `requests`: the same pool and Retry for about a millisecond less CPU per post,
+    which is most of the bot's cost per acknowledgement (BENCHMARKS.md).
+    """
+
+    def __init__(self, pool_size: int = 48, transport_retries: int = 2,
+                 timeout: tuple[float, float] = HTTP_TIMEOUT) -> None:
+        retry = Retry(
+            total=transport_retries, connect=transport_retries, read=transport_retries, status=transport_retries,
+            backoff_factor=0.3, backoff_jitter=0.2, status_forcelist=(429, 500, 502, 503, 504),
+            allowed_methods=frozenset({"POST"}), respect_retry_after_header=True, raise_on_status=False,
+        )
+        self._pool = urllib3.PoolManager(num_pools=8, maxsize=pool_size, retries=retry,
+                                         timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))
+
+    def post_json(self, url: str, body: dict, headers: dict[str, str] | None = None) -> HttpReply:
+        """POST `body` as JSON; raises HttpError when no answer came (after the transport retries)."""
+        try:
+            response = self._pool.request(
+                "POST", url, body=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                headers={"Content-Type": "application/json", "Accept": "application/json", **(headers or {})})
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise HttpError(type(exc).__name__) from None
+        text = response.data.decode("utf-8", "replace")
+        try:
+            parsed = json.loads(text) if text else {}
+        except ValueError:
+            parsed = {}
+        return HttpReply(status=response.status, body=parsed if isinstance(parsed, dict) else {},
+                         headers={k.lower(): v for k, v in response.headers.items()}, text=text)
+
+    def close(self) -> None:
+        self._pool.clear()
+
+
+def open_stream_connection(http: JsonHttp, endpoint: str, client_id: str, client_secret: str,
+                           ua: str = "dingtalk-codebuddy-bot/1.0") -> tuple[dict | None, str]:
+    """Ask the Stream gateway for a websocket endpoint and ticket: ({endpoint, ticket}, "") or (None, why not)."""
+    body = {"clientId": client_id, "clientSecret": client_secret,
+            "subscriptions": [{"type": "CALLBACK", "topic": BOT_TOPIC}], "ua": ua, "localIp": "127.0.0.1"}
     try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
-
-
-def _retry_after(response: requests.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
-        return None
-
-
-# ---------------------------------------------------------------- sender
-
-
-def make_session(pool_size: int = 32, transport_retries: int = 2) -> requests.Session:
-    """A requests session whose adapter retries POSTs on connection errors, 429 and 5xx (with Retry-After)."""
-    retry = Retry(
-        total=transport_retries, connect=transport_retries, read=transport_retries, status=transport_retries,
-        backoff_factor=0.3, backoff_jitter=0.2, status_forcelist=(429, 500, 502, 503, 504),
-        allowed_methods=frozenset({"POST", "GET"}), respect_retry_after_header=True, raise_on_status=False,
-    )
-    session = requests.Session()
-    session.trust_env = False  # no proxy from the environment: DingTalk endpoints are reached directly
-    adapter = HTTPAdapter(max_retries=retry, pool_connections=4, pool_maxsize=pool_size)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    return session
+        reply = http.post_json(endpoint.rstrip("/") + OPEN_CONNECTION_PATH, body)
+    except HttpError as exc:
+        return None, f"unreachable ({exc})"
+    endpoint_url, ticket = reply.body.get("endpoint"), reply.body.get("ticket")
+    if reply.status != 200 or not endpoint_url or not ticket:
+        return None, f"HTTP {reply.status} {reply.body.get('code') or reply.text[:200]}"
+    return {"endpoint": str(endpoint_url), "ticket": str(ticket)}, ""
 
 
 class DingTalkSender:
     """Sends text to a `Route`. Thread-safe; every call has timeouts and a bounded retry window."""
 
     def __init__(self, endpoint: str, client_id: str, client_secret: str, robot_code: str, *,
-                 session: requests.Session | None = None, retry_window: float = 600.0,
+                 http: JsonHttp | None = None, retry_window: float = 600.0,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
                  timeout: tuple[float, float] = HTTP_TIMEOUT, stop_event: threading.Event | None = None) -> None:
         self.endpoint = endpoint.rstrip("/")
         self.robot_code = robot_code
         self.retry_window = retry_window
-        self._session = session or make_session()
+        self._http = http or JsonHttp(timeout=timeout)
         self._clock = clock
         self._wall_clock = wall_clock
-        self._timeout = timeout
         self._stop = stop_event or threading.Event()
-        self.tokens = AccessTokenProvider(self._session, self.endpoint, client_id, client_secret, clock=clock,
-                                          timeout=timeout)
+        self.tokens = AccessTokenProvider(self._http, self.endpoint, client_id, client_secret, clock=clock)
         self._stats_lock = threading.Lock()
         self.stats: dict[str, int] = {}
 
@@ -300,16 +340,15 @@ class DingTalkSender:
             else:
                 body = {"msgtype": "text", "text": {"content": part}}
             try:
-                response = self._session.post(route.session_webhook, json=body, timeout=self._timeout)
-            except requests.RequestException as exc:
+                reply = self._http.post_json(route.session_webhook, body)
+            except HttpError as exc:
                 self._count("webhook_failed")
-                return Delivery(ok=False, path="webhook", error=f"webhook request failed: {type(exc).__name__}")
-            reply = _json_body(response)
-            if response.status_code != 200 or reply.get("errcode", 0) != 0:
+                return Delivery(ok=False, path="webhook", error=f"webhook request failed: {exc}")
+            if reply.status != 200 or reply.body.get("errcode", 0) != 0:
                 self._count("webhook_failed")
                 return Delivery(ok=False, path="webhook",
-                                error=f"webhook HTTP {response.status_code} errcode={reply.get('errcode')} "
-                                      f"{reply.get('errmsg', '')}".strip())
+                                error=f"webhook HTTP {reply.status} errcode={reply.body.get('errcode')} "
+                                      f"{reply.body.get('errmsg', '')}".strip())
         self._count("webhook_ok")
         return Delivery(ok=True, path="webhook")
 
@@ -374,28 +413,26 @@ class DingTalkSender:
         """One POST; None when delivered, the throttled user ids when some must be retried."""
         token = self.tokens.get()
         try:
-            response = self._session.post(self.endpoint + path, json=body, timeout=self._timeout,
-                                          headers={"x-acs-dingtalk-access-token": token})
-        except requests.RequestException as exc:
-            raise DeliveryError(f"{path} request failed: {type(exc).__name__}", retryable=True) from None
-        reply = _json_body(response)
-        code = str(reply.get("code") or "")
-        status = response.status_code
+            reply = self._http.post_json(self.endpoint + path, body, {"x-acs-dingtalk-access-token": token})
+        except HttpError as exc:
+            raise DeliveryError(f"{path} request failed: {exc}", retryable=True) from None
+        code = str(reply.body.get("code") or "")
+        status = reply.status
         if status == 200 and not code:
-            flow_controlled = [str(u) for u in reply.get("flowControlledStaffIdList") or []]
-            invalid = [str(u) for u in reply.get("invalidStaffIdList") or []]
+            flow_controlled = [str(u) for u in reply.body.get("flowControlledStaffIdList") or []]
+            invalid = [str(u) for u in reply.body.get("invalidStaffIdList") or []]
             if invalid and len(invalid) == len(body.get("userIds", [])):
                 raise DeliveryError(f"invalid staff id(s): {','.join(invalid)}", retryable=False)
             return flow_controlled or None
         if status in (400, 401) and code == "InvalidAuthentication" or status == 401:
             self.tokens.invalidate(token)
             raise _InvalidToken()
-        detail = f"{path} HTTP {status} {code} {str(reply.get('message') or '')[:200]}".strip()
+        detail = f"{path} HTTP {status} {code} {str(reply.body.get('message') or '')[:200]}".strip()
         if "ApiCountLimitForOrg" in code:
             log.error("钉钉 API 月度调用额度已用完 (%s)，不再重试", code)
             raise DeliveryError(detail, retryable=False)
         if "QpsLimit" in code:
-            raise DeliveryError(detail, retryable=True, retry_after=max(1.0, _retry_after(response) or 1.0))
+            raise DeliveryError(detail, retryable=True, retry_after=max(1.0, reply.retry_after or 1.0))
         if status == 429 or status >= 500:
-            raise DeliveryError(detail, retryable=True, retry_after=_retry_after(response))
+            raise DeliveryError(detail, retryable=True, retry_after=reply.retry_after)
         raise DeliveryError(detail, retryable=False)

@@ -31,8 +31,8 @@ from urllib.parse import quote
 
 from async_task_manager import STATUS_LABELS, AsyncTaskManager, MemoryTaskStore, SQLiteTaskStore, Task
 from codebuddy_client import CodeBuddyClient, RunResult
-from config import HTTP_TIMEOUT, KILL_GRACE, SETTINGS, Config, ConfigError, load_config, parse_positive_int
-from dingtalk_sender import AccessTokenProvider, Delivery, DeliveryError, Route, make_session
+from config import KILL_GRACE, SETTINGS, Config, ConfigError, load_config, parse_positive_int
+from dingtalk_sender import AccessTokenProvider, Delivery, DeliveryError, JsonHttp, Route, open_stream_connection
 
 log = logging.getLogger("ops")
 
@@ -489,9 +489,9 @@ def check_log_file(path: str) -> CheckResult:
     return CheckResult("log file", True, f"{absolute} is writable")
 
 
-def check_access_token(config: Config, session: Any = None) -> CheckResult:
+def check_access_token(config: Config, http: JsonHttp | None = None) -> CheckResult:
     """Fetch an access token: proves DINGTALK_CLIENT_ID/SECRET and that the OpenAPI endpoint answers."""
-    provider = AccessTokenProvider(session or make_session(pool_size=1, transport_retries=0),
+    provider = AccessTokenProvider(http or JsonHttp(pool_size=1, transport_retries=0),
                                    config.openapi_endpoint, config.client_id, config.client_secret)
     url = config.openapi_endpoint + "/v1.0/oauth2/accessToken"
     try:
@@ -502,32 +502,17 @@ def check_access_token(config: Config, session: Any = None) -> CheckResult:
     return CheckResult("DingTalk access token", True, f"fetched from {url}")
 
 
-def check_stream_gateway(config: Config, session: Any = None) -> CheckResult:
+def check_stream_gateway(config: Config, http: JsonHttp | None = None) -> CheckResult:
     """Ask the Stream gateway for a connection ticket: proves the app may use Stream mode."""
-    import requests
-
     url = config.openapi_endpoint + "/v1.0/gateway/connections/open"
-    body = {"clientId": config.client_id, "clientSecret": config.client_secret,
-            "subscriptions": [{"type": "CALLBACK", "topic": "/v1.0/im/bot/messages/get"}],
-            "ua": "dingtalk-codebuddy-bot/check", "localIp": "127.0.0.1"}
-    own = session is None
-    session = session or make_session(pool_size=1, transport_retries=0)
-    try:
-        response = session.post(url, json=body, timeout=HTTP_TIMEOUT)
-    except requests.RequestException as exc:
-        return CheckResult("DingTalk Stream", False, f"{url} unreachable ({type(exc).__name__})")
-    finally:
-        if own:
-            session.close()
-    try:
-        answer = response.json()
-    except ValueError:
-        answer = {}
-    if response.status_code == 200 and isinstance(answer, dict) and answer.get("endpoint"):
+    connection, error = open_stream_connection(http or JsonHttp(pool_size=1, transport_retries=0),
+                                               config.openapi_endpoint, config.client_id, config.client_secret,
+                                               ua="dingtalk-codebuddy-bot/check")
+    if connection is not None:
         return CheckResult("DingTalk Stream", True, "the gateway accepted the app (Stream mode)")
-    code = answer.get("code") if isinstance(answer, dict) else None
-    return CheckResult("DingTalk Stream", False, f"connections/open refused: HTTP {response.status_code} "
-                                                 f"{code or response.text[:100]}")
+    if error.startswith("unreachable"):
+        return CheckResult("DingTalk Stream", False, f"{url} {error}")
+    return CheckResult("DingTalk Stream", False, f"connections/open refused: {error}")
 
 
 def check_cli(config: Config, timeout: float = 20.0) -> CheckResult:

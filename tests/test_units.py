@@ -166,32 +166,26 @@ def test_code_fence_cut_across_parts_is_closed_and_reopened():
 # ---------------------------------------------------------------- token cache
 
 
-class _FakeResponse:
-    status_code = 200
+class _CountingHttp:
+    """A JsonHttp stand-in that answers every token request with a new token."""
 
-    def __init__(self, token):
-        self._token = token
-
-    def json(self):
-        return {"accessToken": self._token, "expireIn": 7200}
-
-
-class _CountingSession:
     def __init__(self):
         self.calls = 0
         self.lock = threading.Lock()
 
-    def post(self, url, json=None, timeout=None):
+    def post_json(self, url, body, headers=None):
+        from dingtalk_sender import HttpReply
+
         with self.lock:
             self.calls += 1
             number = self.calls
         time.sleep(0.05)
-        return _FakeResponse(f"tok{number}")
+        return HttpReply(200, {"accessToken": f"tok{number}", "expireIn": 7200}, {}, "")
 
 
 def test_token_is_fetched_once_for_many_threads_and_refreshed_before_expiry():
     now = [0.0]
-    session = _CountingSession()
+    session = _CountingHttp()
     provider = AccessTokenProvider(session, "http://x", "k", "s", clock=lambda: now[0], refresh_margin=300)
     results = []
     threads = [threading.Thread(target=lambda: results.append(provider.get())) for _ in range(20)]

@@ -224,10 +224,17 @@ class CodeBuddyClient:
         key = run_tag or f"pid:{proc.pid}"
         with self._running_lock:
             self._running[key] = proc
+        stopped = True
         try:
-            return self._supervise(proc, prompt, limit, started, cancel_event, on_step, clock)
+            result = self._supervise(proc, prompt, limit, started, cancel_event, on_step, clock)
+            stopped = result.cancelled or result.timed_out
+            return result
         finally:
             self._kill_group(proc, signal.SIGKILL)  # nothing the run started outlives it
+            if stopped:
+                # The CLI's Bash tool runs commands in sessions of their own, out of reach of killpg: a CLI
+                # that had to be KILLed leaves them behind, so find them by the run's tag.
+                self.kill_leftovers(run_tag)
             with self._running_lock:
                 self._running.pop(key, None)
 

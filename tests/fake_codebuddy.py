@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A fake `codebuddy` CLI for tests: `-p --output-format stream-json`, driven by prompt directives.
 
-Directives anywhere in the prompt (combinable): [sleep=N] [spawn] [fail] [error] [crash] [noresult]
+Directives anywhere in the prompt (combinable): [sleep=N] [spawn] [spawn-session] [fail] [error] [crash] [noresult]
 [big=N] [echo-env] [ignore-term]. Environment: FAKE_CODEBUDDY_LOG (append one JSON line per run),
 FAKE_CODEBUDDY_PIDS (pids of [spawn] children), FAKE_CODEBUDDY_ECHO (names for [echo-env]),
 FAKE_CODEBUDDY_STARTUP_DELAY (seconds before the init line). Session state for --resume/--session-id
@@ -207,12 +207,13 @@ def main() -> int:
         "uuid": str(uuid.uuid4()),
     })
 
-    if "[spawn]" in prompt:
+    if "[spawn]" in prompt or "[spawn-session]" in prompt:
         import subprocess
 
-        # Same process group, deliberately; no inherited pipes, like the real CLI's tool children.
+        # [spawn]: same process group; [spawn-session]: a session of its own, as the real CLI's Bash tool does.
+        # No inherited pipes, like the real CLI's tool children.
         child = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL)
+                                 stderr=subprocess.DEVNULL, start_new_session="[spawn-session]" in prompt)
         pids_path = os.environ.get("FAKE_CODEBUDDY_PIDS")
         if pids_path:
             with open(pids_path, "a", encoding="utf-8") as fh:

@@ -258,3 +258,23 @@ def test_cli_variables_in_dotenv_are_handed_to_the_cli_and_never_shown(tmp_path)
     from codebuddy_client import CodeBuddyClient
 
     assert CodeBuddyClient.from_config(config)._env["CODEBUDDY_API_KEY"] == "ck-live-123456"
+
+
+def test_a_stopped_run_leaves_no_process_even_in_another_session(tmp_path):
+    """The real CLI's Bash tool starts commands in their own session; after a KILL they must still go."""
+    import os
+    from pathlib import Path
+
+    from codebuddy_client import CodeBuddyClient
+    from tests.conftest import FAKE_CLI, process_alive
+
+    pids = tmp_path / "pids.txt"
+    env = {**os.environ, "HOME": str(tmp_path), "FAKE_CODEBUDDY_PIDS": str(pids)}
+    client = CodeBuddyClient(str(FAKE_CLI), str(tmp_path / "ws"), timeout=1.0, kill_grace=0.3, env=env)
+    result = client.run("[sleep=30] [spawn-session] [ignore-term]", run_tag="t-leftover")
+    assert result.timed_out
+    child = int(Path(pids).read_text().split()[0])
+    deadline = time.monotonic() + 2
+    while process_alive(child) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not process_alive(child)

@@ -154,10 +154,11 @@ def test_cancel_during_a_bash_tool_call_leaves_no_process_behind(standin, real_b
 
 
 def test_task_timeout_during_a_bash_tool_call_leaves_no_process_behind(standin, real_bot, model_server, tmp_path):
-    bot = real_bot(TASK_TIMEOUT="12")
+    # Long enough for a real CLI to reach its Bash call on a loaded 2-core machine (12 s was not, in CI).
+    bot = real_bot(TASK_TIMEOUT="30")
     sent = standin.send_bot_message("另一个很慢的命令 [bash:sleep 300]", sender_staff_id="rc-timeout")
     sleeper = wait_for_sleeper(tmp_path, bot.proc.pid)
-    posts = _posts(standin, sent.session, 2, timeout=40)
+    posts = _posts(standin, sent.session, 2, timeout=60)
     assert "执行超时" in posts[1].text and "工具 Bash" in posts[1].text
     assert not process_alive(sleeper)
     assert wait_until_gone(tmp_path, bot.proc.pid) == {}

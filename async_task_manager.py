@@ -345,6 +345,8 @@ class AsyncTaskManager:
         self._pending_deliveries: set[Future] = set()
         self._finished_counts: dict[str, int] = {}  # since start, by final status (for metrics)
         self._monitor_stop = threading.Event()
+        # Each user's last ten no-keyword durations: should_use_async runs for every prompt.
+        self._recent_durations: dict[str, tuple[float, ...]] = {}
         self._accepting = True
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -378,7 +380,12 @@ class AsyncTaskManager:
             return True
         if user_id is None:
             return False
-        history = self.store.durations(NO_KEYWORD, user_id, limit=10)
+        with self._lock:
+            history = self._recent_durations.get(user_id)
+        if history is None:  # read once per user, then kept current by _record_duration
+            history = tuple(self.store.durations(NO_KEYWORD, user_id, limit=10))
+            with self._lock:
+                self._recent_durations[user_id] = history
         long_runs = sum(1 for seconds in history if seconds > self.sync_timeout)
         return len(history) >= 2 and long_runs * 2 > len(history)
 
@@ -450,7 +457,7 @@ class AsyncTaskManager:
     def complete_task(self, task_id: str, text: str, duration: float) -> Task:
         """Record a successful result (before it is delivered)."""
         task = self.update_status(task_id, SUCCEEDED, result=text, finished_at=self.clock(), error="")
-        self.store.record_duration(task.user_id, task.keyword, duration, self.clock())
+        self._record_duration(task, duration)
         log.info("任务 %s 完成，耗时: %.1f秒 task=%s user=%s", task_id, duration, task_id, task.user_id)
         return task
 
@@ -458,9 +465,17 @@ class AsyncTaskManager:
         """Record a failure (FAILED, TIMED_OUT or CANCELLED) with its reason."""
         task = self.update_status(task_id, status, error=error, finished_at=self.clock())
         if status == TIMED_OUT and duration is not None:
-            self.store.record_duration(task.user_id, task.keyword, duration, self.clock())
+            self._record_duration(task, duration)
         log.warning("任务 %s 失败 (%s): %s task=%s user=%s", task_id, status, error, task_id, task.user_id)
         return task
+
+    def _record_duration(self, task: Task, seconds: float) -> None:
+        self.store.record_duration(task.user_id, task.keyword, seconds, self.clock())
+        if task.keyword == NO_KEYWORD:
+            with self._lock:
+                history = self._recent_durations.get(task.user_id)
+                if history is not None:
+                    self._recent_durations[task.user_id] = (seconds, *history)[:10]
 
     def cleanup(self, now: float | None = None) -> int:
         """Drop finished tasks whose delivery gave up from memory after a while; purge old ones from the store.

@@ -87,9 +87,13 @@ def test_should_use_async_short_prompt_and_extra_keywords():
 def test_prediction_routes_a_keywordless_prompt_after_its_class_ran_long():
     manager = _manager(sync_timeout=10)
     assert not manager.should_use_async("写个脚本", "u1")
-    manager.store.record_duration("u1", "none", 30, time.time())
-    manager.store.record_duration("u1", "none", 40, time.time())
+    for seconds in (30, 40):  # two runs of this user's keyword-less prompts took longer than SYNC_TIMEOUT
+        task = manager.create_task("u1", "写个脚本", Route("1", "u1", "c"))
+        manager.complete_task(task.id, "ok", seconds)
     assert manager.should_use_async("写个脚本", "u1")
+    manager.store.record_duration("u3", "none", 30, time.time())  # history from before a restart counts too
+    manager.store.record_duration("u3", "none", 40, time.time())
+    assert manager.should_use_async("写个脚本", "u3")
     assert not manager.should_use_async("写个脚本", "u2")  # another user's history is theirs
 
 

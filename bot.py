@@ -19,6 +19,7 @@ import json
 import logging
 import logging.handlers
 import os
+import queue
 import random
 import signal
 import sys
@@ -335,6 +336,69 @@ class ChatApp:
 # ---------------------------------------------------------------- the stream transport
 
 
+def _settle(future: asyncio.Future, value: bool) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _settle_all(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        _settle(future, True)
+
+
+class Intake:
+    """One thread that handles bot messages in arrival order and tells the event loop when they are recorded.
+
+    It takes every message waiting at once and wakes the loop once per batch, not once per message: in a
+    burst that wake-up was a large part of the cost of an acknowledgement (BENCHMARKS.md).
+    """
+
+    def __init__(self, handle: Callable[[dict], None]) -> None:
+        self._handle = handle
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
+        self._thread.start()
+
+    def submit(self, data: dict, loop: asyncio.AbstractEventLoop | None = None,
+               recorded: asyncio.Future | None = None) -> None:
+        """Queue one message; `recorded` (a future of `loop`) is set to True once it has been handled."""
+        self._queue.put((data, loop, recorded))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Handle what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+            stopping = False
+            for item in batch:
+                if item is None:
+                    stopping = True
+                    continue
+                data, loop, recorded = item
+                try:
+                    self._handle(data)
+                except Exception:
+                    log.exception("处理消息失败")
+                if loop is not None and recorded is not None:
+                    waiting.setdefault(loop, []).append(recorded)
+            for loop, futures in waiting.items():
+                try:
+                    loop.call_soon_threadsafe(_settle_all, futures)
+                except RuntimeError:
+                    pass  # the loop has closed (shutdown): nothing is waiting for these ACKs any more
+            if stopping:
+                return
+
+
 def _stream_handler_class():
     """The SDK handler class, built lazily so the SDK is imported after the endpoint is set."""
     from dingtalk_stream import AckMessage, ChatbotHandler
@@ -342,19 +406,20 @@ def _stream_handler_class():
     class BotStreamHandler(ChatbotHandler):
         """Hands every bot message to the intake thread and ACKs it as soon as it is recorded."""
 
-        def __init__(self, on_data: Callable[[dict], None], intake: ThreadPoolExecutor) -> None:
+        def __init__(self, intake: Intake) -> None:
             super().__init__()
-            self.on_data = on_data
             self.intake = intake
 
         async def process(self, callback):
             # ACK once the message is recorded as a task (milliseconds), so a crash right after the ACK
             # loses nothing; a stuck intake must not hold the ACK back for long.
-            handled = asyncio.wrap_future(self.intake.submit(self.on_data, callback.data))
-            try:
-                await asyncio.wait_for(asyncio.shield(handled), timeout=INTAKE_ACK_WAIT)
-            except TimeoutError:
+            loop = asyncio.get_running_loop()
+            recorded = loop.create_future()
+            timer = loop.call_later(INTAKE_ACK_WAIT, _settle, recorded, False)
+            self.intake.submit(callback.data, loop, recorded)
+            if not await recorded:
                 log.warning("消息处理较慢，先行确认 (ACK) 收到")
+            timer.cancel()
             return AckMessage.STATUS_OK, "OK"
 
     return BotStreamHandler
@@ -367,7 +432,7 @@ class StreamConnection:
     timeout, reconnects back off with jitter, a watchdog reconnects a silent socket, and stop() works.
     """
 
-    def __init__(self, config: Config, on_data: Callable[[dict], None], intake: ThreadPoolExecutor, *,
+    def __init__(self, config: Config, intake: Intake, *,
                  idle_timeout: float, backoff_max: float = 60.0) -> None:
         import dingtalk_stream
         import websockets.exceptions  # noqa: F401  (the SDK's lazy-import defect)
@@ -377,7 +442,7 @@ class StreamConnection:
         self.backoff_max = backoff_max
         self.client = dingtalk_stream.DingTalkStreamClient(
             dingtalk_stream.Credential(config.client_id, config.client_secret), logger=logging.getLogger("stream"))
-        self.client.register_callback_handler(BOT_TOPIC, _stream_handler_class()(on_data, intake))
+        self.client.register_callback_handler(BOT_TOPIC, _stream_handler_class()(intake))
         self.client.pre_start()
         self.connected = False
         self.reconnects = 0
@@ -527,8 +592,6 @@ def run_daemon(config: Config) -> int:
              config.max_workers, config.sync_timeout, config.task_timeout, config.codebuddy_bin)
     manager.recover()
     manager.start()
-    intake = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")  # one thread keeps message order
-
     def on_data(data: dict) -> None:
         try:
             message = incoming_from_callback(data)
@@ -540,7 +603,8 @@ def run_daemon(config: Config) -> int:
         except Exception:
             log.exception("处理消息失败 msgId=%s user=%s", message.msg_id, message.user_id)
 
-    stream = StreamConnection(config, on_data, intake, idle_timeout=config.stream_idle_timeout)
+    intake = Intake(on_data)  # one thread keeps message order
+    stream = StreamConnection(config, intake, idle_timeout=config.stream_idle_timeout)
     notifier = ops.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
     status_server = ops.start_status_server(config.status_port, ops.StatusSources(
         manager=manager, sender=sender, client=client, stream=stream, task_db=config.task_db, durations=durations))
@@ -560,7 +624,7 @@ def run_daemon(config: Config) -> int:
 
     asyncio.run(main())
     log.info("收到停止信号，停止接收新消息，等待运行中的任务 (最多 %.0f 秒)", config.shutdown_grace)
-    intake.shutdown(wait=True)  # messages already ACKed become queued tasks, re-run after the restart
+    intake.shutdown()  # messages already ACKed become queued tasks, re-run after the restart
     manager.shutdown(config.shutdown_grace)
     sender.stop()
     if status_server is not None:

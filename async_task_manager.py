@@ -9,6 +9,7 @@ seams: a client with `run(...) -> RunResult` and a sender with `send(route, text
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -93,6 +94,7 @@ class TaskStore(Protocol):
     def session_for(self, conversation_key: str) -> str | None: ...
     def set_session(self, conversation_key: str, session_id: str) -> None: ...
     def purge(self, finished_before: float, seen_before: float) -> int: ...
+    def batch(self) -> contextlib.AbstractContextManager: ...
     def close(self) -> None: ...
 
 
@@ -175,6 +177,9 @@ class MemoryTaskStore:
                 del self._tasks[key]
             self._seen = {k: v for k, v in self._seen.items() if v >= seen_before}
             return len(old)
+
+    def batch(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def close(self) -> None:
         pass
@@ -279,6 +284,17 @@ class SQLiteTaskStore:
             self._db.execute("DELETE FROM seen_messages WHERE seen_at < ?", (seen_before,))
             self._db.execute("DELETE FROM durations WHERE finished_at < ?", (finished_before,))
             return cursor.rowcount
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Commit the writes made inside (by any thread) in one transaction: one WAL commit per batch."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:

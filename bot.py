@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -353,8 +354,10 @@ class Intake:
     burst that wake-up was a large part of the cost of an acknowledgement (BENCHMARKS.md).
     """
 
-    def __init__(self, handle: Callable[[dict], None]) -> None:
+    def __init__(self, handle: Callable[[dict], None],
+                 batch: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
         self._handle = handle
+        self._batch = batch  # the store's one-transaction context: a batch is committed before its ACKs
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
         self._thread.start()
@@ -379,17 +382,18 @@ class Intake:
                     break
             waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
             stopping = False
-            for item in batch:
-                if item is None:
-                    stopping = True
-                    continue
-                data, loop, recorded = item
-                try:
-                    self._handle(data)
-                except Exception:
-                    log.exception("处理消息失败")
-                if loop is not None and recorded is not None:
-                    waiting.setdefault(loop, []).append(recorded)
+            with self._batch():
+                for item in batch:
+                    if item is None:
+                        stopping = True
+                        continue
+                    data, loop, recorded = item
+                    try:
+                        self._handle(data)
+                    except Exception:
+                        log.exception("处理消息失败")
+                    if loop is not None and recorded is not None:
+                        waiting.setdefault(loop, []).append(recorded)
             for loop, futures in waiting.items():
                 try:
                     loop.call_soon_threadsafe(_settle_all, futures)
@@ -603,7 +607,7 @@ def run_daemon(config: Config) -> int:
         except Exception:
             log.exception("处理消息失败 msgId=%s user=%s", message.msg_id, message.user_id)
 
-    intake = Intake(on_data)  # one thread keeps message order
+    intake = Intake(on_data, manager.store.batch)  # one thread keeps message order
     stream = StreamConnection(config, intake, idle_timeout=config.stream_idle_timeout)
     notifier = ops.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
     status_server = ops.start_status_server(config.status_port, ops.StatusSources(

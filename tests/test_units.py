@@ -282,3 +282,14 @@ def test_a_stopped_run_leaves_no_process_even_in_another_session(tmp_path):
     while process_alive(child) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not process_alive(child)
+
+
+def test_sqlite_batch_commits_the_writes_made_inside_it(tmp_path):
+    path = str(tmp_path / "t.db")
+    store = SQLiteTaskStore(path)
+    with store.batch():
+        store.remember_message("m1", 1.0)
+        store.save(Task("b1", "u", "", "c", Route("1", "u", "c"), "p"))
+        assert SQLiteTaskStore(path).get("b1") is None  # not visible to another connection before COMMIT
+    assert SQLiteTaskStore(path).get("b1") is not None
+    assert not SQLiteTaskStore(path).remember_message("m1", 2.0)

@@ -195,7 +195,8 @@ CREATE INDEX IF NOT EXISTS tasks_user ON tasks (user_id, created_at);
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, delivered);
 CREATE TABLE IF NOT EXISTS seen_messages (msg_id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS durations (user_id TEXT, keyword TEXT, seconds REAL, finished_at REAL);
-CREATE INDEX IF NOT EXISTS durations_keyword ON durations (keyword, user_id);
+CREATE INDEX IF NOT EXISTS durations_keyword_user ON durations (keyword, user_id, finished_at);
+CREATE INDEX IF NOT EXISTS durations_keyword_recent ON durations (keyword, finished_at);
 CREATE TABLE IF NOT EXISTS sessions (conversation_key TEXT PRIMARY KEY, session_id TEXT NOT NULL);
 """
 _TASK_COLUMNS = [f.name for f in Task.__dataclass_fields__.values()]

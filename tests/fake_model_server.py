@@ -146,16 +146,13 @@ class FakeModelServer:
 
     def wait_for(self, predicate: Callable[[], T], timeout: float = 30.0, message: str = "") -> T:
         """Poll `predicate()` until truthy; AssertionError with the recent requests on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                recent = [f"{r.method} {r.path} queries={r.user_queries[-2:]}" for r in self.requests[-5:]]
-                raise AssertionError(f"timed out after {timeout}s waiting for {message or 'predicate'}; "
-                                     f"model requests: {recent}")
-            time.sleep(0.05)
+        from tests.standin import poll_until
+
+        def describe() -> str:
+            recent = [f"{r.method} {r.path} queries={r.user_queries[-2:]}" for r in self.requests[-5:]]
+            return f"timed out after {timeout}s waiting for {message or 'predicate'}; model requests: {recent}"
+
+        return poll_until(predicate, timeout, 0.05, describe)
 
     def _record(self, request: ModelRequest) -> None:
         with self._lock:

@@ -183,6 +183,18 @@ class _State:
     acks: list[tuple[str | None, dict[str, Any], float]] = field(default_factory=list)
 
 
+def poll_until(predicate: Callable[[], T], timeout: float, interval: float, describe: Callable[[], str]) -> T:
+    """Poll `predicate()` until truthy and return its value; AssertionError(describe()) on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(describe())
+        time.sleep(interval)
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -369,15 +381,9 @@ class DingTalkStandin:
         message: str = "",
     ) -> T:
         """Poll `predicate()` until truthy and return its value; AssertionError on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() >= deadline:
-                what = message or getattr(predicate, "__name__", "predicate")
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.describe_recent()}")
-            time.sleep(interval)
+        what = message or getattr(predicate, "__name__", "predicate")
+        return poll_until(predicate, timeout, interval,
+                          lambda: f"timed out after {timeout}s waiting for {what}\n{self.describe_recent()}")
 
     # ---------------------------------------------------------------- test controls
 

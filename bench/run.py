@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.conftest import process_alive  # noqa: E402
 from tests.standin import BATCH_SEND_PATH, CONNECT_PATH, WEBHOOK_PATH, DingTalkStandin  # noqa: E402
 
 CLIENT_ID = "bench-client-id"
@@ -73,15 +74,6 @@ class BenchStandin(DingTalkStandin):
 
 
 # ---------------------------------------------------------------- processes
-
-
-def proc_alive(pid: int) -> bool:
-    """True if `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
 
 
 class Subject:
@@ -154,7 +146,7 @@ class Subject:
                 self.proc.wait(timeout=10)
         for cli, sleeper in self.busy_cli_pids():
             for pid in (sleeper, cli):
-                if proc_alive(pid):
+                if process_alive(pid):
                     try:
                         os.killpg(pid, signal.SIGKILL) if pid == cli else os.kill(pid, signal.SIGKILL)
                     except (ProcessLookupError, PermissionError):
@@ -342,7 +334,7 @@ def cancel_latency(workdir: Path, rounds: int) -> tuple[list[float], list[float]
             cli, sleeper = subject.busy_cli_pids()[-1]
             time.sleep(0.2)
             sent = standin.send_bot_message("/cancel", sender_staff_id=user)
-            while proc_alive(cli) or proc_alive(sleeper):
+            while process_alive(cli) or process_alive(sleeper):
                 time.sleep(0.0005)
             bot_latencies.append(time.monotonic() - sent.sent_at)
             tracker.wait(lambda s=sent: tracker.posts.get(s.session), 20, "the cancel confirmation")
@@ -366,7 +358,7 @@ def cancel_latency(workdir: Path, rounds: int) -> tuple[list[float], list[float]
         os.killpg(cli, signal.SIGTERM)
         while True:
             proc.poll()  # reap the CLI as the bot would
-            if not (proc_alive(cli) or proc_alive(sleeper)):
+            if not (process_alive(cli) or process_alive(sleeper)):
                 break
             time.sleep(0.0005)
         floor.append(time.monotonic() - start)

@@ -24,7 +24,7 @@ from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from codebuddy_client import RunResult, redact_secrets, session_id_for
+from codebuddy_client import RunResult, new_session_id, redact_secrets
 from config import (
     DEDUP_TTL_SECONDS,
     DEFAULT_EXPECTED_DURATION,
@@ -208,6 +208,7 @@ class SQLiteTaskStore:
     def __init__(self, path: str) -> None:
         if path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))  # a new DB is the bot's alone (WAL files follow)
         self.path = path
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
@@ -306,7 +307,7 @@ class SQLiteTaskStore:
 
 
 class Client(Protocol):
-    def run(self, prompt: str, *, session_id: str | None = None, timeout: float | None = None,
+    def run(self, prompt: str, *, conversation: str = "", session_id: str | None = None, timeout: float | None = None,
             cancel_event: threading.Event | None = None, on_step: Callable[[str], None] | None = None,
             run_tag: str = "") -> RunResult: ...
 
@@ -379,7 +380,7 @@ class AsyncTaskManager:
                    max_tasks_per_user=config.max_tasks_per_user, sync_timeout=config.sync_timeout,
                    task_timeout=config.task_timeout, keywords=config.all_long_task_keywords,
                    progress_interval=config.progress_interval, retention_days=config.task_retention_days,
-                   secrets=(config.client_secret,))
+                   secrets=config.secrets)
 
     # ------------------------------------------------------------ routing
 
@@ -524,13 +525,13 @@ class AsyncTaskManager:
         """The CodeBuddy session id of a conversation (created on first use)."""
         session = self.store.session_for(conversation_key)
         if session is None:
-            session = session_id_for(conversation_key)
+            session = new_session_id()
             self.store.set_session(conversation_key, session)
         return session
 
     def new_session(self, conversation_key: str) -> str:
         """Start a fresh CodeBuddy session for a conversation (`/new`)."""
-        session = session_id_for(f"{conversation_key}:{uuid.uuid4().hex}")
+        session = new_session_id()
         self.store.set_session(conversation_key, session)
         return session
 
@@ -644,7 +645,8 @@ class AsyncTaskManager:
         if task.background:
             log.info("后台任务开始执行: %s task=%s user=%s", task.id, task.id, task.user_id)
         session = self.conversation_session(task.conversation_key)
-        result = self.client.run(task.prompt, session_id=session, timeout=self.task_timeout,
+        result = self.client.run(task.prompt, conversation=task.conversation_key, session_id=session,
+                                 timeout=self.task_timeout,
                                  cancel_event=running.cancel_event, run_tag=task.id,
                                  on_step=lambda step: self._transition(task, last_step=step))
         if result.cancelled and running.by_shutdown:

@@ -92,6 +92,7 @@ def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = ()) -> l
     try:
         directory = os.path.dirname(os.path.abspath(log_file))
         os.makedirs(directory, exist_ok=True)
+        os.close(os.open(log_file, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))  # a new log is the bot's alone
         handler: logging.Handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
     except OSError as exc:
         handler = logging.StreamHandler(sys.stderr)
@@ -432,7 +433,7 @@ def _stream_handler_class():
 class StreamConnection:
     """Our own connect/receive loop around the SDK's frame routing and ACKs.
 
-    Owning the loop fixes the SDK's defects (NOTES.md §1): connection-open runs off the event loop with a
+    Owning the loop fixes the SDK's defects (docs/wire-facts.md §1): connection-open runs off the event loop with a
     timeout, reconnects back off with jitter, a watchdog reconnects a silent socket, and stop() works.
     """
 
@@ -578,7 +579,7 @@ def build_app(config: Config):
     from dingtalk_sender import DingTalkSender
 
     sender = DingTalkSender(config.openapi_endpoint, config.client_id, config.client_secret, config.robot_code,
-                            retry_window=config.delivery_retry_window)
+                            retry_window=config.delivery_retry_window, secrets=config.secrets)
     client = CodeBuddyClient.from_config(config)
     manager = AsyncTaskManager.from_config(config, client, sender, SQLiteTaskStore(config.task_db))
     return sender, client, manager, ChatApp(manager, config)
@@ -638,6 +639,25 @@ def run_daemon(config: Config) -> int:
     return 0
 
 
+def sandbox_ready(config: Config) -> bool:
+    """Probe the sandbox every run starts in, once; False (after saying why on stderr and in the log) if it fails."""
+    from codebuddy_client import sandbox_from_config
+
+    sandbox = sandbox_from_config(config, config.codebuddy_bin)
+    problem = sandbox.probe()
+    if problem:
+        message = f"配置错误: CodeBuddy 沙箱不可用 (CODEBUDDY_SANDBOX={sandbox.name}): {problem}"
+        print(message, file=sys.stderr)
+        log.error(message)
+        return False
+    if sandbox.name == "none":
+        log.warning("CODEBUDDY_SANDBOX=none: CodeBuddy 运行未隔离 (runs are not isolated): every chat user can make "
+                    "the agent read and write whatever this Unix user can, .env included")
+    else:
+        log.info("CodeBuddy 沙箱: %s (每个会话独立的工作区，系统目录只读)", sandbox.name)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run one command (the daemon when none is given); returns the exit code."""
     import ops
@@ -679,7 +699,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command == "tasks":
         return ops.print_tasks(args.db or config.task_db, user=args.user, status=args.status, limit=args.limit)
-    handler = setup_logging(config.log_file, config.log_level, (config.client_secret,))
+    handler = setup_logging(config.log_file, config.log_level, config.secrets)
+    if not sandbox_ready(config):
+        return 2
     if command == "console":
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)  # log lines on the terminal would drown the chat

@@ -1,8 +1,9 @@
-"""Run one prompt through the `codebuddy` CLI and return a `RunResult`.
+"""Run one prompt through the `codebuddy` CLI, inside its conversation's sandbox, and return a `RunResult`.
 
 The CLI runs with `-p --output-format stream-json`, the prompt on stdin (so a prompt starting with `-` is
-never a flag and nothing goes through a shell), in its own process group so a timeout or a cancel can stop
-it and every child it started. Success is only a `result` line with `is_error: false` (NOTES.md §4).
+never a flag and nothing goes through a shell), in its conversation's workspace with an allowlisted environment,
+inside the sandbox (sandbox.py), in its own process group so a timeout or a cancel can stop it and every child
+it started. Success is only a `result` line with `is_error: false` (docs/wire-facts.md §4).
 """
 
 from __future__ import annotations
@@ -20,19 +21,12 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from config import KILL_GRACE, Config
+from config import KILL_GRACE, SETTINGS, Config, bot_files
+from sandbox import Bubblewrap, NoSandbox, Sandbox, Workspaces, run_environment
 
 log = logging.getLogger("codebuddy_client")
 
-# Namespace for deriving CLI session ids from DingTalk conversation ids (which contain "+/=").
-_SESSION_NAMESPACE = uuid.UUID("6f1c9a52-3c1e-4d8e-9a55-1c0de0b0d1e5")
-
-# Environment the official SDK sets for quiet, non-interactive runs.
-_QUIET_ENV = {
-    "DISABLE_AUTOUPDATER": "1",
-    "CODEBUDDY_CODE_DISABLE_BACKGROUND_TASKS": "1",
-    "CODEBUDDY_DISABLE_AUTO_MEMORY": "1",
-}
+_BOT_SETTINGS = frozenset(setting.env for setting in SETTINGS)
 
 _STDERR_TAIL_LINES = 20
 # Every CLI run carries this variable (value: the task id); it survives into the CLI's children, so the
@@ -59,9 +53,9 @@ def redact_secrets(text: str, extra_secrets: Iterable[str] = ()) -> str:
     return text
 
 
-def session_id_for(conversation_key: str) -> str:
-    """A CLI-safe session id (`^[a-zA-Z0-9][a-zA-Z0-9\\-_:]*$`) derived from a DingTalk conversation key."""
-    return str(uuid.uuid5(_SESSION_NAMESPACE, conversation_key))
+def new_session_id() -> str:
+    """A fresh, unguessable CLI session id (a uuid4 matches the CLI's `^[a-zA-Z0-9][a-zA-Z0-9\\-_:]*$`)."""
+    return str(uuid.uuid4())
 
 
 @dataclass(frozen=True)
@@ -86,7 +80,6 @@ class StreamState:
     error: str = ""
     session_id: str | None = None
     last_step: str = ""
-    partial_text: str = ""
 
 
 def parse_stream_line(line: str, state: StreamState) -> str | None:
@@ -118,7 +111,6 @@ def parse_stream_line(line: str, state: StreamState) -> str | None:
             if block.get("type") == "tool_use":
                 step = f"工具 {block.get('name', '?')}"
             elif block.get("type") == "text" and block.get("text"):
-                state.partial_text = str(block["text"])
                 step = step or "生成回答"
         if step:
             state.last_step = step
@@ -153,32 +145,51 @@ def result_from_stream(state: StreamState, returncode: int | None, stderr_tail: 
     return RunResult(ok=False, error="CLI ended without a result" + (f": {detail}" if detail else ""), **common)
 
 
+def sandbox_from_config(config: Config, binary: str) -> Sandbox:
+    """The sandbox CODEBUDDY_SANDBOX names, hiding the bot's own files from every run."""
+    if config.codebuddy_sandbox == "none":
+        return NoSandbox()
+    return Bubblewrap(binary, read_only=config.codebuddy_sandbox_paths,
+                      hidden=bot_files(config.task_db, config.log_file, config.codebuddy_workdir))
+
+
 class CodeBuddyClient:
     """Runs prompts through the CLI. Thread-safe: each `run` owns its own process."""
 
     def __init__(self, binary: str, workdir: str, *, model: str = "", extra_args: Iterable[str] = (),
                  permission_mode: str = "acceptEdits", timeout: float = 1800.0, kill_grace: float = 3.0,
-                 env: Mapping[str, str] | None = None, poll_interval: float = 0.1) -> None:
+                 env: Mapping[str, str] | None = None, poll_interval: float = 0.1,
+                 sandbox: Sandbox | None = None) -> None:
         # A relative path with a slash would be looked up from the run's cwd (the workspace): pin it now.
         self.binary = os.path.abspath(binary) if os.sep in binary and not os.path.isabs(binary) else binary
-        self.workdir = os.path.abspath(workdir)
+        self.workspaces = Workspaces(workdir)
         self.model = model
         self.extra_args = tuple(extra_args)
         self.permission_mode = permission_mode
         self.timeout = timeout
         self.kill_grace = kill_grace
         self.poll_interval = poll_interval
-        self._env = dict(os.environ if env is None else env)
-        self._env.update({k: v for k, v in _QUIET_ENV.items() if k not in self._env})
+        self.sandbox: Sandbox = sandbox if sandbox is not None else NoSandbox()
+        # Where each run's allowlisted environment is taken from (sandbox.run_environment picks).
+        self._env_source = dict(os.environ if env is None else env)
         self._running: dict[str, subprocess.Popen] = {}  # by run tag
         self._running_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: Config) -> CodeBuddyClient:
-        """The client the bot's settings describe (with the CLI variables from .env)."""
-        return cls(config.codebuddy_bin, config.codebuddy_workdir, model=config.codebuddy_model,
+        """The client the bot's settings describe (with the CLI variables from .env), in its sandbox."""
+        binary = config.codebuddy_bin
+        return cls(binary, config.codebuddy_workdir, model=config.codebuddy_model,
                    extra_args=config.codebuddy_extra_args, permission_mode=config.codebuddy_permission_mode,
-                   timeout=config.task_timeout, kill_grace=KILL_GRACE, env={**os.environ, **dict(config.cli_env)})
+                   timeout=config.task_timeout, kill_grace=KILL_GRACE, env={**os.environ, **dict(config.cli_env)},
+                   sandbox=sandbox_from_config(config, binary))
+
+    def run_env(self, home: str, run_tag: str = "") -> dict[str, str]:
+        """The environment of one run: allowlisted (never a bot setting or secret), HOME = the conversation's."""
+        env = run_environment(self._env_source, home, _BOT_SETTINGS)
+        if run_tag:
+            env[RUN_TAG_VARIABLE] = run_tag
+        return env
 
     def command(self, session_id: str | None = None) -> list[str]:
         """The argv of one run (the prompt goes on stdin, never on the command line)."""
@@ -201,23 +212,27 @@ class CodeBuddyClient:
     def version(self, timeout: float = 20.0) -> str:
         """`CODEBUDDY_BIN --version` output; raises OSError/subprocess errors on failure."""
         proc = subprocess.run([self.binary, "--version"], capture_output=True, text=True, timeout=timeout,
-                              env=self._env, stdin=subprocess.DEVNULL)
+                              env=self.run_env(os.environ.get("HOME", "/")), stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             raise RuntimeError(f"exit code {proc.returncode}: {(proc.stderr or proc.stdout).strip()[-300:]}")
         return proc.stdout.strip()
 
-    def run(self, prompt: str, *, session_id: str | None = None, timeout: float | None = None,
-            cancel_event: threading.Event | None = None, on_step: Callable[[str], None] | None = None,
-            run_tag: str = "", clock: Callable[[], float] = time.monotonic) -> RunResult:
-        """Run `prompt` to completion, timeout or cancellation. Never raises for CLI failures."""
+    def run(self, prompt: str, *, conversation: str = "", session_id: str | None = None,
+            timeout: float | None = None, cancel_event: threading.Event | None = None,
+            on_step: Callable[[str], None] | None = None, run_tag: str = "",
+            clock: Callable[[], float] = time.monotonic) -> RunResult:
+        """Run `prompt` in `conversation`'s workspace and sandbox to completion, timeout or cancellation.
+
+        Never raises for CLI failures.
+        """
         limit = self.timeout if timeout is None else timeout
         started = clock()
-        os.makedirs(self.workdir, exist_ok=True)
-        env = {**self._env, RUN_TAG_VARIABLE: run_tag} if run_tag else self._env
         try:
+            dirs = self.workspaces.dirs_for(conversation)
+            argv, cwd = self.sandbox.command(self.command(session_id), dirs)
             proc = subprocess.Popen(
-                self.command(session_id), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=self.workdir, env=env, start_new_session=True,
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=cwd, env=self.run_env(self.sandbox.home(dirs), run_tag), start_new_session=True,
             )
         except OSError as exc:
             return RunResult(ok=False, error=f"无法启动 CodeBuddy CLI ({self.binary}): {exc.strerror or exc}")

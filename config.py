@@ -14,6 +14,10 @@ from pathlib import Path
 
 DEFAULT_OPENAPI_ENDPOINT = "https://api.dingtalk.com"
 CLI_ENV_PREFIX = "CODEBUDDY_"
+# The CLI's credentials: handed to every run (the agent needs them) but never shown in a chat or a log.
+CLI_SECRET_VARIABLES = ("CODEBUDDY_API_KEY", "CODEBUDDY_AUTH_TOKEN")
+# The bot's checkout (code, .venv, usually .env): hidden from every run.
+PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # Built-in long-task keywords (case-insensitive substring match); LONG_TASK_KEYWORDS adds to these.
 SEED_LONG_TASK_KEYWORDS = (
@@ -26,7 +30,7 @@ SEED_LONG_TASK_KEYWORDS = (
     "竞品分析",
 )
 
-# Limits of one DingTalk message (NOTES.md §2, §3).
+# Limits of one DingTalk message (docs/wire-facts.md §2, §3).
 # The webhook limit is documented as ~20,000 characters; counting UTF-8 bytes keeps Chinese text safe too.
 WEBHOOK_MAX_BYTES = 20_000
 PUSH_MAX_BYTES = 15_000
@@ -126,6 +130,68 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+_SANDBOXES = ("bwrap", "none")
+
+
+def _sandbox(name: str, raw: str) -> str:
+    if raw not in _SANDBOXES:
+        raise ConfigError(f"{name} must be one of {', '.join(_SANDBOXES)}, got {raw!r}")
+    return raw
+
+
+def _absolute_paths(name: str, raw: str) -> tuple[str, ...]:
+    paths = _csv(name, raw)
+    for path in paths:
+        if not os.path.isabs(path):
+            raise ConfigError(f"{name} takes absolute paths, got {path!r}")
+    return tuple(os.path.normpath(path) for path in paths)
+
+
+# CLI flags that would undo the sandbox or take the run out of the bot's hands: (flag, what to use instead).
+_RESERVED_CLI_FLAGS = (
+    ("--permission-mode", "set CODEBUDDY_PERMISSION_MODE"),
+    ("--dangerously-skip-permissions", "set CODEBUDDY_PERMISSION_MODE=bypassPermissions"),
+    ("-y", "set CODEBUDDY_PERMISSION_MODE=bypassPermissions"),
+    ("--add-dir", "runs see only their conversation's workspace; CODEBUDDY_SANDBOX_PATHS adds read-only paths"),
+    ("--resume", "the bot keeps one session per conversation (/new starts a fresh one)"),
+    ("-r", "the bot keeps one session per conversation (/new starts a fresh one)"),
+    ("--resume-create-missing", "the bot keeps one session per conversation (/new starts a fresh one)"),
+    ("--continue", "the bot keeps one session per conversation (/new starts a fresh one)"),
+    ("-c", "the bot keeps one session per conversation (/new starts a fresh one)"),
+    ("--session-id", "the bot keeps one session per conversation (/new starts a fresh one)"),
+    ("--fork-session", "the bot keeps one session per conversation (/new starts a fresh one)"),
+    ("--sandbox", "set CODEBUDDY_SANDBOX"),
+    ("-p", "the bot runs the CLI with -p itself"),
+    ("--print", "the bot runs the CLI with -p itself"),
+    ("--output-format", "the bot reads the CLI's stream-json output itself"),
+    ("--input-format", "the bot writes the CLI's input itself"),
+)
+
+
+def _reserved_flag(arg: str) -> tuple[str, str] | None:
+    """The reserved flag `arg` is (also as `--flag=value`, `--sandbox…` or in a cluster like `-yp`), if any."""
+    for flag, instead in _RESERVED_CLI_FLAGS:
+        if arg == flag or arg.startswith(flag + "=") or (flag == "--sandbox" and arg.startswith(flag)):
+            return flag, instead
+    if len(arg) > 2 and arg[0] == "-" and arg[1] != "-":
+        for letter in arg[1:]:
+            found = _reserved_flag("-" + letter)
+            if found:
+                return found
+    return None
+
+
+def _cli_args(name: str, raw: str) -> tuple[str, ...]:
+    words = _shell_words(name, raw)
+    for word in words:
+        found = _reserved_flag(word)
+        if found:
+            flag, instead = found
+            raise ConfigError(f"{name} must not contain {flag} (it would undo the run's isolation or the bot's "
+                              f"control of the run): {instead}")
+    return words
+
+
 @dataclass(frozen=True)
 class Setting:
     """One environment variable: its default ('' = unset), parser and one-line meaning."""
@@ -148,12 +214,16 @@ SETTINGS: tuple[Setting, ...] = (
             "Base URL of every DingTalk OpenAPI call (the SDK reads it too)"),
     Setting("CODEBUDDY_BIN", "codebuddy_bin", "codebuddy", _text, "The CodeBuddy CLI to run"),
     Setting("CODEBUDDY_WORKDIR", "codebuddy_workdir", "./workspace", _text,
-            "Working directory of every CLI run (created if missing)"),
+            "Holds a workspace and a CLI home per conversation (created, mode 0700)"),
     Setting("CODEBUDDY_MODEL", "codebuddy_model", "", _text, "Passed as --model when set"),
-    Setting("CODEBUDDY_EXTRA_ARGS", "codebuddy_extra_args", "", _shell_words,
+    Setting("CODEBUDDY_EXTRA_ARGS", "codebuddy_extra_args", "", _cli_args,
             "Extra CLI arguments, split like a shell would (e.g. --allowedTools Read)"),
     Setting("CODEBUDDY_PERMISSION_MODE", "codebuddy_permission_mode", "acceptEdits", _permission_mode,
-            "Passed as --permission-mode (acceptEdits denies Bash in -p mode)"),
+            "Passed as --permission-mode (what the agent may do inside the sandbox)"),
+    Setting("CODEBUDDY_SANDBOX", "codebuddy_sandbox", "bwrap", _sandbox,
+            "bwrap: every run in a bubblewrap jail; none: no isolation (trusted users only)"),
+    Setting("CODEBUDDY_SANDBOX_PATHS", "codebuddy_sandbox_paths", "", _absolute_paths,
+            "Comma-separated host paths runs may also read (e.g. a toolchain in /opt)"),
     Setting("SYNC_TIMEOUT", "sync_timeout", "60", _positive_float,
             "Seconds a short task may run before it moves to the background"),
     Setting("TASK_TIMEOUT", "task_timeout", "1800", _positive_float,
@@ -198,6 +268,8 @@ class Config:
     codebuddy_model: str
     codebuddy_extra_args: tuple[str, ...]
     codebuddy_permission_mode: str
+    codebuddy_sandbox: str
+    codebuddy_sandbox_paths: tuple[str, ...]
     sync_timeout: float
     task_timeout: float
     long_task_keywords: tuple[str, ...]
@@ -217,6 +289,13 @@ class Config:
     status_port: int | None
     # CodeBuddy CLI variables (CODEBUDDY_API_KEY, CODEBUDDY_BASE_URL, …) found in .env, passed to every run.
     cli_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    # Values of CODEBUDDY_API_KEY / CODEBUDDY_AUTH_TOKEN (environment or .env): never shown to a chat.
+    cli_secrets: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value the bot holds: replaced by *** in anything it logs or sends."""
+        return tuple(s for s in (self.client_secret, *self.cli_secrets) if s)
 
     @property
     def all_long_task_keywords(self) -> tuple[str, ...]:
@@ -234,7 +313,7 @@ class Config:
             if setting.secret:
                 shown = mask_secret(str(value))
             elif isinstance(value, tuple):
-                shown = ",".join(value) if setting.parse is _csv else " ".join(value)
+                shown = " ".join(value) if setting.parse is _cli_args else ",".join(value)
             else:
                 shown = "" if value is None else str(value)
             rows.append((setting.env, shown))
@@ -275,4 +354,26 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | os.
     if not parsed["robot_code"]:
         parsed["robot_code"] = parsed["client_id"]
     parsed["openapi_endpoint"] = str(parsed["openapi_endpoint"]).rstrip("/")
-    return Config(**parsed, cli_env=cli_env)  # type: ignore[arg-type]
+    _check_sandbox_paths(parsed, dotenv_path)
+    cli_secrets = tuple(values[name].strip() for name in CLI_SECRET_VARIABLES if values.get(name, "").strip())
+    return Config(**parsed, cli_env=cli_env, cli_secrets=cli_secrets)  # type: ignore[arg-type]
+
+
+def bot_files(task_db: str, log_file: str, workdir: str,
+              dotenv_path: str | os.PathLike | None = ".env") -> tuple[str, ...]:
+    """The bot's own files and directories, which no CodeBuddy run may see: its code, .env, task DB, log,
+    the directory holding every conversation, and its working directory (absolute paths)."""
+    paths = [PROJECT_DIR, os.getcwd(), os.path.abspath(task_db), os.path.abspath(log_file), os.path.abspath(workdir)]
+    if dotenv_path is not None:
+        paths.append(os.path.abspath(dotenv_path))
+    return tuple(dict.fromkeys(paths))
+
+
+def _check_sandbox_paths(parsed: dict[str, object], dotenv_path: str | os.PathLike | None) -> None:
+    """CODEBUDDY_SANDBOX_PATHS may not show a run the bot's own files (a path equal to or above one of them)."""
+    protected = bot_files(str(parsed["task_db"]), str(parsed["log_file"]), str(parsed["codebuddy_workdir"]),
+                          dotenv_path)
+    for path in parsed["codebuddy_sandbox_paths"]:  # type: ignore[attr-defined]
+        for own in protected:
+            if own == path or own.startswith(path.rstrip("/") + "/"):
+                raise ConfigError(f"CODEBUDDY_SANDBOX_PATHS must not contain {path}: runs would see {own}")

@@ -299,8 +299,11 @@ class DingTalkSender:
     def __init__(self, endpoint: str, client_id: str, client_secret: str, robot_code: str, *,
                  http: JsonHttp | None = None, retry_window: float = 600.0,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
-                 timeout: tuple[float, float] = HTTP_TIMEOUT, stop_event: threading.Event | None = None) -> None:
+                 timeout: tuple[float, float] = HTTP_TIMEOUT, stop_event: threading.Event | None = None,
+                 secrets: tuple[str, ...] = ()) -> None:
         self.endpoint = endpoint.rstrip("/")
+        # Exact secret values (app secret, CLI key) replaced by *** in every text sent: an answer may quote them.
+        self._secrets = tuple(s for s in secrets if s)
         self.robot_code = robot_code
         self.retry_window = retry_window
         self._http = http or JsonHttp(timeout=timeout)
@@ -324,6 +327,8 @@ class DingTalkSender:
     def send(self, route: Route, text: str, *, markdown: bool = False, title: str = "CodeBuddy",
              allow_webhook: bool = True, retry_window: float | None = None) -> Delivery:
         """Deliver `text` to `route`: the session webhook while alive, else an OpenAPI push."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
         if allow_webhook and route.session_webhook_alive(self._wall_clock() * 1000):
             delivery = self.reply_webhook(route, text, markdown=markdown, title=title)
             if delivery.ok:

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 from urllib.parse import quote
 
 from async_task_manager import STATUS_LABELS, AsyncTaskManager, MemoryTaskStore, SQLiteTaskStore, Task
-from codebuddy_client import CodeBuddyClient, RunResult
+from codebuddy_client import CodeBuddyClient, RunResult, sandbox_from_config
 from config import KILL_GRACE, SETTINGS, Config, ConfigError, load_config, parse_positive_int
 from dingtalk_sender import AccessTokenProvider, Delivery, DeliveryError, JsonHttp, Route, open_stream_connection
 
@@ -536,6 +536,18 @@ def check_cli(config: Config, timeout: float = 20.0) -> CheckResult:
     return CheckResult("CodeBuddy CLI", True, f"{shown} {version.splitlines()[0] if version else '(no version)'}")
 
 
+def check_sandbox(config: Config) -> CheckResult:
+    """Every run can start in its sandbox (CODEBUDDY_SANDBOX=none fails: runs are not isolated)."""
+    sandbox = sandbox_from_config(config, config.codebuddy_bin)
+    if sandbox.name == "none":
+        return CheckResult("sandbox", False, "CODEBUDDY_SANDBOX=none: runs are not isolated (every chat user can make "
+                                             "the agent read .env and write the bot's files); set it to bwrap")
+    problem = sandbox.probe()
+    if problem:
+        return CheckResult("sandbox", False, problem)
+    return CheckResult("sandbox", True, f"{sandbox.version() or sandbox.name}: each conversation in its own jail")
+
+
 def describe_settings(config: Config, environ: Mapping[str, str], dotenv_path: str | None) -> list[str]:
     """One line per setting: name, value (secrets masked) and where it came from."""
     from dotenv import dotenv_values
@@ -575,7 +587,8 @@ def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", o
     results = [CheckResult("configuration", True, f"{len(SETTINGS)} settings valid")]
     print(results[0].line(), file=out, flush=True)
     for check in (lambda: check_access_token(config), lambda: check_stream_gateway(config),
-                  lambda: check_cli(config, cli_timeout), lambda: check_workspace(config.codebuddy_workdir),
+                  lambda: check_cli(config, cli_timeout), lambda: check_sandbox(config),
+                  lambda: check_workspace(config.codebuddy_workdir),
                   lambda: check_task_db(config.task_db), lambda: check_log_file(config.log_file)):
         result = check()
         results.append(result)

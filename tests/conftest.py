@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import platform
 import re
 import signal
 import subprocess
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_model_server import FakeModelServer
 from tests.standin import DingTalkStandin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,9 +36,78 @@ def process_alive(pid: int) -> bool:
 
 
 def cli_runs(tmp_path: Path) -> list[dict]:
-    """The fake CLI's runs so far (one JSON line each: argv, prompt, pid, session, start)."""
-    path = tmp_path / "cli-runs.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    """The fake CLI's runs so far, oldest first (argv, prompt, pid, session, start, run_tag, home, cwd).
+
+    Each run logs into its own home ($HOME/.fake-codebuddy/runs.jsonl), the one place a sandboxed run may write.
+    """
+    runs = [json.loads(line) for path in tmp_path.rglob(".fake-codebuddy/runs.jsonl")
+            for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return sorted(runs, key=lambda run: run["start"])
+
+
+def fake_cli_env(tmp_path: Path) -> dict[str, str]:
+    """Settings that run the fake CLI, sandboxed like the real one: a wrapper that starts it with this Python,
+    and CODEBUDDY_SANDBOX_PATHS showing the jail that Python and tests/ (read-only)."""
+    wrapper = tmp_path / "cli-bin" / "codebuddy"
+    if not wrapper.exists():
+        wrapper.parent.mkdir(parents=True, exist_ok=True)
+        wrapper.write_text(f'#!/bin/sh\nexec {os.path.realpath(sys.executable)} {FAKE_CLI} "$@"\n')
+        wrapper.chmod(0o755)
+    return {"CODEBUDDY_BIN": str(wrapper), "CODEBUDDY_TEST_SCOPE": str(tmp_path),
+            "CODEBUDDY_SANDBOX_PATHS": f"{os.path.realpath(sys.base_prefix)},{FAKE_CLI.parent}"}
+
+
+def _environ(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/environ", "rb") as handle:
+        return handle.read().split(b"\0")
+
+
+def processes_of_this_test(tmp_path: Path, exclude: set[int] = frozenset()) -> dict[int, list[str]]:
+    """Live processes (pid → argv) a CLI started for this test: they carry CODEBUDDY_TEST_SCOPE=<tmp_path>,
+    which the bot hands to every run (a CLI variable) and every run hands to its children."""
+    scope = f"CODEBUDDY_TEST_SCOPE={tmp_path}".encode()
+    found: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in exclude or int(entry) == os.getpid():
+            continue
+        pid = int(entry)
+        try:
+            if scope not in _environ(pid):
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                argv = [part.decode("utf-8", "replace") for part in handle.read().split(b"\0") if part]
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if process_alive(pid):
+            found[pid] = argv
+    return found
+
+
+def wait_for_process(tmp_path: Path, argv: list[str], timeout: float = 15.0, exclude: set[int] = frozenset()) -> int:
+    """The pid (as the host sees it) of a process with `argv` that a CLI of this test started."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid, found in processes_of_this_test(tmp_path, exclude).items():
+            if found == argv:
+                return pid
+        time.sleep(0.05)
+    raise AssertionError(f"no process {argv} started by the CLI: {processes_of_this_test(tmp_path, exclude)}")
+
+
+def run_alive(run: dict) -> bool:
+    """Whether any process of the fake CLI's `run` lives (found by its run tag: inside a sandbox the pid it
+    logged is the pid namespace's, not the host's)."""
+    if not run.get("run_tag"):
+        return process_alive(run["pid"])
+    tag = f"CODEBUDDY_BOT_RUN={run['run_tag']}".encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if tag in _environ(int(entry)) and process_alive(int(entry)):
+                    return True
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+    return False
 
 
 def replies(standin: DingTalkStandin, sent, count: int, timeout: float = 15.0) -> list[str]:
@@ -110,16 +182,13 @@ def make_bot(tmp_path, standin):
     home.mkdir()
 
     def factory(connect: bool = True, **overrides: str) -> BotProcess:
-        env = {key: value for key, value in os.environ.items()
-               if not key.startswith(("DINGTALK_", "CODEBUDDY_", "FAKE_CODEBUDDY_"))}
+        env = {key: value for key, value in os.environ.items() if not key.startswith(("DINGTALK_", "CODEBUDDY_"))}
         env.update({
             "NO_PROXY": "127.0.0.1,localhost", "HOME": str(home), "PYTHONUNBUFFERED": "1",
             "DINGTALK_CLIENT_ID": CLIENT_ID, "DINGTALK_CLIENT_SECRET": CLIENT_SECRET,
-            "DINGTALK_OPENAPI_ENDPOINT": standin.base_url,
-            "CODEBUDDY_BIN": str(FAKE_CLI), "CODEBUDDY_WORKDIR": str(tmp_path / "workspace"),
+            "DINGTALK_OPENAPI_ENDPOINT": standin.base_url, **fake_cli_env(tmp_path),
+            "CODEBUDDY_WORKDIR": str(tmp_path / "workspace"),
             "LOG_FILE": str(tmp_path / "logs" / "bot.log"), "TASK_DB": str(tmp_path / "data" / "tasks.db"),
-            "FAKE_CODEBUDDY_LOG": str(tmp_path / "cli-runs.jsonl"),
-            "FAKE_CODEBUDDY_PIDS": str(tmp_path / "cli-children.txt"),
             "SHUTDOWN_GRACE": "3",
         })
         env.update(overrides)
@@ -135,3 +204,47 @@ def make_bot(tmp_path, standin):
         if bot.proc is not None and bot.proc.poll() is None:
             bot.proc.kill()
             bot.proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- the real CLI
+
+CLI_START_TIMEOUT = 60  # one real CLI run takes 3-7 s of CPU on a small machine
+
+
+def real_cli_path() -> Path:
+    """The CLI shipped in the wheel; skips (with the reason) where the platform has no wheel."""
+    spec = importlib.util.find_spec("codebuddy_agent_sdk")
+    if spec is None or spec.origin is None:
+        pytest.skip(f"codebuddy-agent-sdk is not installed: PyPI has no wheel of it for "
+                    f"{platform.system()} {platform.machine()} (see requirements-dev.txt)")
+    binary = Path(spec.origin).parent / "bin" / "codebuddy-headless"
+    if not binary.is_file():
+        pytest.skip(f"codebuddy-agent-sdk has no CLI binary for {platform.system()} {platform.machine()}: "
+                    f"{binary} is missing")
+    return binary
+
+
+@pytest.fixture
+def model_server():
+    with FakeModelServer() as server:
+        yield server
+
+
+@pytest.fixture
+def real_bot(make_bot, model_server):
+    """Factory: the bot running the real CLI (in its sandbox) against the fake model server."""
+    binary = real_cli_path()
+
+    def factory(**overrides: str):
+        env = {
+            "CODEBUDDY_BIN": str(binary), "CODEBUDDY_BASE_URL": model_server.base_url,
+            "CODEBUDDY_API_KEY": "fake-key-for-tests", "CODEBUDDY_PERMISSION_MODE": "bypassPermissions",
+            # Quiet and offline: no updater, telemetry, plugin marketplace, background tasks or memory.
+            "DISABLE_AUTOUPDATER": "1", "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1",
+            "CODEBUDDY_SKIP_BUILTIN_MARKETPLACE": "1", "CODEBUDDY_CODE_DISABLE_BACKGROUND_TASKS": "1",
+            "CODEBUDDY_DISABLE_AUTO_MEMORY": "1",
+        }
+        env.update(overrides)
+        return make_bot(**env)
+
+    return factory

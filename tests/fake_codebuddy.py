@@ -2,11 +2,12 @@
 """A fake `codebuddy` CLI for tests: `-p --output-format stream-json`, driven by prompt directives.
 
 Directives anywhere in the prompt (combinable): [sleep=N] [spawn] [spawn-session] [fail] [error] [crash] [noresult]
-[big=N] [echo-env] [ignore-term]. Environment: FAKE_CODEBUDDY_LOG (append one JSON line per run),
-FAKE_CODEBUDDY_PIDS (pids of [spawn] children), FAKE_CODEBUDDY_ECHO (names for [echo-env]),
-FAKE_CODEBUDDY_STARTUP_DELAY (seconds before the init line). Session state for --resume/--session-id
-lives in $HOME/.fake-codebuddy/<id>.json as {cwd: [earlier prompts]} (sessions are per cwd, like the
-real CLI). Stdlib only, so it starts fast.
+[big=N] [echo-env] [ignore-term]. Environment (CODEBUDDY_* like the real CLI's own variables, so the bot's
+environment allowlist hands them on): CODEBUDDY_FAKE_LOG (append one JSON line per run; default
+$HOME/.fake-codebuddy/runs.jsonl, which is inside the run's sandbox), CODEBUDDY_FAKE_PIDS (pids of [spawn]
+children), CODEBUDDY_FAKE_ECHO (names for [echo-env]), CODEBUDDY_FAKE_STARTUP_DELAY (seconds before the init
+line). Session state for --resume/--session-id lives in $HOME/.fake-codebuddy/<id>.json as {cwd: [earlier
+prompts]} (sessions are per cwd, like the real CLI). Stdlib only, so it starts fast.
 """
 
 from __future__ import annotations
@@ -159,14 +160,16 @@ def main() -> int:
     if resume_id is True:
         resume_id = None
     cwd = os.getcwd()
-    log_path = os.environ.get("FAKE_CODEBUDDY_LOG")
-    if log_path:
-        entry = {
-            "argv": argv, "prompt": raw_prompt, "cwd": cwd, "pid": os.getpid(), "pgid": os.getpgid(0),
-            "session": resume_id, "start": time.time(),
-        }
-        with open(log_path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    log_path = os.environ.get("CODEBUDDY_FAKE_LOG") or os.path.join(
+        os.path.expanduser("~"), ".fake-codebuddy", "runs.jsonl")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    entry = {
+        "argv": argv, "prompt": raw_prompt, "cwd": cwd, "pid": os.getpid(), "pgid": os.getpgid(0),
+        "session": resume_id, "start": time.time(), "run_tag": os.environ.get("CODEBUDDY_BOT_RUN", ""),
+        "home": os.path.expanduser("~"),
+    }
+    with open(log_path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
     if resume_id is not None and not SESSION_ID_RE.match(resume_id):
         sys.stderr.write(f"error: invalid session id {resume_id!r}: must match {SESSION_ID_RE.pattern}\n")
@@ -196,7 +199,7 @@ def main() -> int:
         state[cwd] = earlier + [prompt]
         save_state(state_path, state)
 
-    delay = float(os.environ.get("FAKE_CODEBUDDY_STARTUP_DELAY") or 0)
+    delay = float(os.environ.get("CODEBUDDY_FAKE_STARTUP_DELAY") or 0)
     if delay > 0:
         time.sleep(delay)
     started = time.monotonic()
@@ -214,7 +217,7 @@ def main() -> int:
         # No inherited pipes, like the real CLI's tool children.
         child = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session="[spawn-session]" in prompt)
-        pids_path = os.environ.get("FAKE_CODEBUDDY_PIDS")
+        pids_path = os.environ.get("CODEBUDDY_FAKE_PIDS")
         if pids_path:
             with open(pids_path, "a", encoding="utf-8") as fh:
                 fh.write(f"{child.pid}\n")
@@ -254,7 +257,7 @@ def main() -> int:
         else:
             text = "回答: " + prompt
             if "[echo-env]" in prompt:
-                names = [n.strip() for n in os.environ.get("FAKE_CODEBUDDY_ECHO", "").split(",") if n.strip()]
+                names = [n.strip() for n in os.environ.get("CODEBUDDY_FAKE_ECHO", "").split(",") if n.strip()]
                 text += "".join(f"\n{n}={os.environ.get(n, '<unset>')}" for n in names)
             if resume_id is not None:
                 previous = earlier[-1] if earlier else "none"

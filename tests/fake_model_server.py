@@ -6,10 +6,12 @@ real CLI 2.163.0 asks (observed, see tests/test_real_cli.py): only `POST {base}/
 in `messages` (system prompt first; user text wrapped in `<user_query>…</user_query>`; tool results as
 `role: "tool"` messages). The answer is `chat.completion.chunk` SSE ending with `data: [DONE]`.
 
-How it answers, from the conversation's latest message:
-- a user message containing `[bash:COMMAND]` → a tool call to `Bash` with that command;
-- anything else → the text `回答: <latest user query> (turn N)`, N = user queries in the conversation
-  (after a tool result: `(turn N, tool done)`), streamed in several deltas.
+How it answers, from the conversation's latest user query and the tool results since:
+- tool directives in the query, in order, one tool call per model turn: `[bash:COMMAND]` → `Bash`,
+  `[read:PATH]` → `Read`, `[write:PATH:BASE64]` → `Write` (content base64-encoded, so it may hold `]`);
+- once every directive has had its turn (or with none) → the text `回答: <latest user query> (turn N)`,
+  N = user queries in the conversation (after tool results: `(turn N, tool done)`, then one line
+  `工具结果: <result>` per tool result, so a test sees what the tool gave the agent), streamed in deltas.
 
 Every request is recorded (`requests`, `chat_requests()`), so a test can check what the CLI sent. A
 `GET {base}/models` gets a one-model list; any other request is recorded in `unanswered` and gets a 404.
@@ -18,6 +20,7 @@ Stdlib only.
 
 from __future__ import annotations
 
+import base64
 import http.server
 import json
 import re
@@ -31,8 +34,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 MODEL = "fake-model"
-_BASH = re.compile(r"\[bash:(.+?)\]")
+_TOOL = re.compile(r"\[(bash|read|write):(.+?)\]")
 _USER_QUERY = re.compile(r"<user_query>(.*?)</user_query>", re.S)
+_REMINDER = re.compile(r"<system-reminder>.*?(</system-reminder>|$)", re.S)
 
 
 def message_text(message: dict[str, Any]) -> str:
@@ -46,10 +50,17 @@ def message_text(message: dict[str, Any]) -> str:
 
 
 def user_query(message: dict[str, Any]) -> str:
-    """What the user typed: the text inside `<user_query>` when the CLI wrapped it, else the whole text."""
+    """What the user typed: the text inside `<user_query>` when the CLI wrapped it, else the whole text less
+    the CLI's own `<system-reminder>` blocks (which it also sends as user messages, between tool turns)."""
     text = message_text(message)
     found = _USER_QUERY.findall(text)
-    return found[-1].strip() if found else text.strip()
+    return found[-1].strip() if found else _REMINDER.sub("", text).strip()
+
+
+def tool_results_since_query(messages: list[dict[str, Any]]) -> list[str]:
+    """Text of the tool results after the conversation's latest user query."""
+    user_at = max((i for i, m in enumerate(messages) if m.get("role") == "user" and user_query(m)), default=-1)
+    return [message_text(m) for m in messages[user_at + 1:] if m.get("role") == "tool"]
 
 
 @dataclass
@@ -72,7 +83,12 @@ class ModelRequest:
     @property
     def user_queries(self) -> list[str]:
         """Every user query in the conversation sent, oldest first (tool results are not queries)."""
-        return [user_query(m) for m in self.messages if m.get("role") == "user"]
+        return [query for m in self.messages if m.get("role") == "user" and (query := user_query(m))]
+
+    @property
+    def tool_results(self) -> list[str]:
+        """Text of every tool result since the latest user query (what the tools gave the agent this turn)."""
+        return tool_results_since_query(self.messages)
 
     @property
     def assistant_texts(self) -> list[str]:
@@ -163,15 +179,26 @@ class FakeModelServer:
     def reply_for(self, body: dict[str, Any]) -> dict[str, Any]:
         """The assistant turn for a chat request: {"text": …} or {"tool": name, "arguments": {…}}."""
         messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
-        last = messages[-1] if messages else {}
-        queries = [user_query(m) for m in messages if m.get("role") == "user"]
+        queries = [user_query(m) for m in messages if m.get("role") == "user" and user_query(m)]
         latest = queries[-1] if queries else ""
-        if last.get("role") == "user":
-            bash = _BASH.search(latest)
-            if bash:
-                return {"tool": "Bash", "arguments": {"command": bash.group(1), "description": "run a command"}}
+        results = tool_results_since_query(messages)
+        directives = _TOOL.findall(latest)
+        if len(results) < len(directives):
+            return _tool_call(*directives[len(results)])
+        if not directives:
             return {"text": f"回答: {latest} (turn {len(queries)})"}
-        return {"text": f"回答: {latest} (turn {len(queries)}, tool done)"}
+        shown = "".join(f"\n工具结果: {result}" for result in results)
+        return {"text": f"回答: {latest} (turn {len(queries)}, tool done){shown}"}
+
+
+def _tool_call(kind: str, argument: str) -> dict[str, Any]:
+    if kind == "bash":
+        return {"tool": "Bash", "arguments": {"command": argument, "description": "run a command"}}
+    if kind == "read":
+        return {"tool": "Read", "arguments": {"file_path": argument}}
+    path, _, encoded = argument.rpartition(":")
+    return {"tool": "Write", "arguments": {"file_path": path,
+                                           "content": base64.b64decode(encoded).decode("utf-8", "replace")}}
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None, completion_id: str = "") -> dict[str, Any]:

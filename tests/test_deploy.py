@@ -73,7 +73,7 @@ def test_logrotate_rotates_the_default_log_file_by_rename_and_create():
     directives = [line.split()[0] for line in block.group(2).splitlines() if line.strip()
                   and not line.strip().startswith("#")]
     assert "create" in directives and "copytruncate" not in directives and "delaycompress" in directives
-    assert re.search(r"^\s*create 0640 dingtalk-bot dingtalk-bot$", block.group(2), re.M)
+    assert re.search(r"^\s*create 0600 dingtalk-bot dingtalk-bot$", block.group(2), re.M)
 
 
 def test_log_file_is_reopened_after_logrotate_renames_it(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLIENT_SECRET, cli_runs, process_alive, replies
+from tests.conftest import CLIENT_SECRET, cli_runs, process_alive, replies, run_alive, wait_for_process
 from tests.standin import BATCH_SEND_PATH, BOT_TOPIC, GROUP_SEND_PATH, OPEN_PATH
 
 pytestmark = pytest.mark.e2e
@@ -170,12 +170,11 @@ def test_sigterm_stops_a_long_task_and_the_next_start_reruns_it(standin, make_bo
     bot = make_bot(SHUTDOWN_GRACE="1")
     sent = standin.send_bot_message("生成报告 停机 [sleep=4] [spawn]", sender_staff_id="u1")
     task_id = re.search(r"任务ID: (\w+)", replies(standin, sent, 1)[0]).group(1)
-    standin.wait_for(lambda: (tmp_path / "cli-children.txt").exists())
+    child = wait_for_process(tmp_path, ["sleep", "300"])
     started = time.monotonic()
     assert bot.terminate(timeout=15) == 0
     assert time.monotonic() - started < 1 + 5
-    child = int((tmp_path / "cli-children.txt").read_text().split()[0])
-    assert not process_alive(child) and not process_alive(cli_runs(tmp_path)[0]["pid"])
+    assert not process_alive(child) and not run_alive(cli_runs(tmp_path)[0])
     assert not [t for t in _push_texts(standin) if task_id in t]  # nobody was told anything false
     make_bot()
     answer = standin.wait_for(lambda: [t for t in _push_texts(standin) if "回答: 生成报告 停机" in t], timeout=20)
@@ -344,7 +343,7 @@ def test_mixed_faults_every_answer_delivered_exactly_once(standin, make_bot, tmp
     rerun = {k: v for k, v in runs.items() if v > 1}
     assert all(v == 2 for v in rerun.values()) and len(rerun) <= 4, rerun  # only tasks the SIGKILL interrupted
     assert bot.terminate() == 0
-    leftovers = [r["pid"] for r in cli_runs(tmp_path) if process_alive(r["pid"])]
+    leftovers = [r["run_tag"] for r in cli_runs(tmp_path) if run_alive(r)]
     assert not leftovers
     log = bot.log_text()
     tokens = {r.headers.get("x-acs-dingtalk-access-token") for r in standin.requests} - {None}

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import cli_runs, process_alive, replies
+from tests.conftest import cli_runs, process_alive, replies, run_alive, wait_for_process
 from tests.standin import BATCH_SEND_PATH
 
 pytestmark = pytest.mark.e2e
@@ -81,11 +81,10 @@ def test_cancel_a_running_task_leaves_no_process(standin, make_bot, tmp_path):
     bot = make_bot()
     sent = standin.send_bot_message("长任务 [sleep=60] [spawn]", sender_staff_id="u1")
     task_id = _task_id(replies(standin, sent, 1)[0])
-    standin.wait_for(lambda: (tmp_path / "cli-children.txt").exists())
+    child = wait_for_process(tmp_path, ["sleep", "300"])
     reply = replies(standin, standin.send_bot_message(f"取消任务 {task_id}", sender_staff_id="u1"), 1)[0]
     assert reply == f"已取消任务 {task_id}"
-    child = int((tmp_path / "cli-children.txt").read_text().split()[0])
-    assert not process_alive(child) and not process_alive(cli_runs(tmp_path)[0]["pid"])
+    assert not process_alive(child) and not run_alive(cli_runs(tmp_path)[0])
     bot.wait_log(rf"任务 {task_id} 失败 \(cancelled\)")
     time.sleep(0.5)
     assert len(standin.webhook_posts(sent.session)) == 1  # no error message after the confirmation
@@ -111,16 +110,19 @@ def test_unknown_task_id_is_answered_plainly(standin, make_bot):
     assert replies(standin, standin.send_bot_message("/cancel"), 1)[0] == "你没有进行中的任务。"
 
 
-def test_sigkill_mid_task_then_restart_gives_exactly_one_answer(standin, make_bot, tmp_path):
-    bot = make_bot()
+@pytest.mark.parametrize("sandbox", ["bwrap", "none"])
+def test_sigkill_mid_task_then_restart_gives_exactly_one_answer(standin, make_bot, tmp_path, sandbox):
+    bot = make_bot(CODEBUDDY_SANDBOX=sandbox)
     sent = standin.send_bot_message("生成报告 重要 [sleep=3] [spawn]", sender_staff_id="u1")
     task_id = _task_id(replies(standin, sent, 1)[0])
     bot.wait_log("后台任务开始执行")
-    standin.wait_for(lambda: (tmp_path / "cli-children.txt").exists())
+    orphan = wait_for_process(tmp_path, ["sleep", "300"])
     bot.kill()
-    orphan = int((tmp_path / "cli-children.txt").read_text().split()[0])
-    assert process_alive(orphan)  # a crash leaves the run's processes behind…
-    restarted = make_bot()
+    if sandbox == "bwrap":  # the jail dies with the bot (bwrap --die-with-parent): nothing is left behind
+        standin.wait_for(lambda: not process_alive(orphan), timeout=5)
+    else:
+        assert process_alive(orphan)  # without a sandbox a crash leaves the run's processes behind…
+    restarted = make_bot(CODEBUDDY_SANDBOX=sandbox)
     restarted.wait_log("上次运行被中断，重新执行")
     standin.wait_for(lambda: not process_alive(orphan), timeout=5)  # …and the next start stops them
     notice = standin.wait_for(lambda: [t for t in _pushes_for(standin, task_id) if "重新执行" in t])

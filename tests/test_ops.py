@@ -28,7 +28,7 @@ import ops
 from async_task_manager import SQLiteTaskStore, Task
 from codebuddy_client import RunResult
 from dingtalk_sender import Route
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, FAKE_CLI, ROOT, process_alive
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT, cli_runs, fake_cli_env, run_alive
 
 BOT = str(ROOT / "bot.py")
 
@@ -36,12 +36,11 @@ BOT = str(ROOT / "bot.py")
 def _env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     """A clean environment for `python bot.py …` with every path inside tmp_path."""
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("DINGTALK_", "CODEBUDDY_", "FAKE_CODEBUDDY_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+           if not k.startswith(("DINGTALK_", "CODEBUDDY_", "NOTIFY_SOCKET", "WATCHDOG_"))}
     env.update({
         "NO_PROXY": "127.0.0.1,localhost", "HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1",
-        "CODEBUDDY_BIN": str(FAKE_CLI), "CODEBUDDY_WORKDIR": str(tmp_path / "workspace"),
+        **fake_cli_env(tmp_path), "CODEBUDDY_WORKDIR": str(tmp_path / "workspace"),
         "LOG_FILE": str(tmp_path / "logs" / "bot.log"), "TASK_DB": str(tmp_path / "data" / "tasks.db"),
-        "FAKE_CODEBUDDY_LOG": str(tmp_path / "cli-runs.jsonl"),
     })
     env.update(overrides)
     return env
@@ -88,7 +87,8 @@ def test_check_passes_with_good_credentials_and_masks_the_secret(tmp_path, stand
     assert result.returncode == 0, result.stdout + result.stderr
     marks = [line for line in result.stdout.splitlines() if line.startswith(("✓", "✗"))]
     assert [m.split(":")[0] for m in marks] == ["✓ configuration", "✓ DingTalk access token", "✓ DingTalk Stream",
-                                                "✓ CodeBuddy CLI", "✓ workspace", "✓ task DB", "✓ log file"]
+                                                "✓ CodeBuddy CLI", "✓ sandbox", "✓ workspace", "✓ task DB",
+                                                "✓ log file"]
     assert "2.163.0 (fake)" in result.stdout
     assert re.search(r"DINGTALK_CLIENT_ID\s+test-client-id\s+\[environment\]", result.stdout)
     assert re.search(r"SYNC_TIMEOUT\s+60.0\s+\[default\]", result.stdout)
@@ -226,11 +226,6 @@ class _Console:
         return code
 
 
-def _cli_runs(tmp_path: Path) -> list[dict]:
-    path = tmp_path / "cli-runs.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def test_console_answers_short_and_long_prompts_status_and_cancel(tmp_path):
     console = _Console(tmp_path)
     try:
@@ -249,9 +244,9 @@ def test_console_answers_short_and_long_prompts_status_and_cancel(tmp_path):
         console.wait_for(r"收到任务，正在处理中… \(任务ID: \w+\)(?:.|\n)*收到任务，正在处理中… \(任务ID: \w+\)")
         slow_id = re.findall(r"收到任务，正在处理中… \(任务ID: (\w+)\)", console.text)[-1]
         deadline = time.monotonic() + 10
-        while len(_cli_runs(tmp_path)) < 3 and time.monotonic() < deadline:
+        while len(cli_runs(tmp_path)) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(_cli_runs(tmp_path)) == 3, "the slow prompt never started"
+        assert len(cli_runs(tmp_path)) == 3, "the slow prompt never started"
         console.say("/status")
         console.wait_for(r"^\[bot · webhook\] 任务 \w+: 执行中")
         console.say("/cancel")
@@ -263,7 +258,7 @@ def test_console_answers_short_and_long_prompts_status_and_cancel(tmp_path):
     finally:
         if console.proc.poll() is None:
             console.proc.kill()
-    assert not process_alive(_cli_runs(tmp_path)[2]["pid"])
+    assert not run_alive(cli_runs(tmp_path)[2])
     assert "> 你好" in console.text and "> /cancel" in console.text
     log = (tmp_path / "logs" / "bot.log").read_text(encoding="utf-8")
     assert "检测到长时间任务" in log and "任务结果已推送" in log
@@ -275,7 +270,7 @@ def test_console_end_of_input_waits_for_running_tasks(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"\[bot · push batchSend · markdown \"CodeBuddy 回复\"\] \*\*任务 \w+ 已完成\*\*", result.stdout)
     assert "最近的任务" in result.stdout
-    assert _cli_runs(tmp_path)[0]["prompt"] == "生成报告 [sleep=1]"
+    assert cli_runs(tmp_path)[0]["prompt"] == "生成报告 [sleep=1]"
 
 
 def test_console_sender_takes_the_path_the_real_sender_would():

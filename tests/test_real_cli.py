@@ -8,91 +8,18 @@ talks to `tests/fake_model_server.py` through `CODEBUDDY_BASE_URL`. Nothing leav
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import platform
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import process_alive
-from tests.fake_model_server import FakeModelServer
+from tests.conftest import CLI_START_TIMEOUT, process_alive, processes_of_this_test, wait_for_process
 
 pytestmark = [pytest.mark.real_cli, pytest.mark.e2e]
 
-CLI_START_TIMEOUT = 60  # one real CLI run takes 3-7 s of CPU on a small machine
-
-
-def real_cli_path() -> Path:
-    """The CLI shipped in the wheel; skips (with the reason) where the platform has no wheel."""
-    spec = importlib.util.find_spec("codebuddy_agent_sdk")
-    if spec is None or spec.origin is None:
-        pytest.skip(f"codebuddy-agent-sdk is not installed: PyPI has no wheel of it for "
-                    f"{platform.system()} {platform.machine()} (see requirements-dev.txt)")
-    binary = Path(spec.origin).parent / "bin" / "codebuddy-headless"
-    if not binary.is_file():
-        pytest.skip(f"codebuddy-agent-sdk has no CLI binary for {platform.system()} {platform.machine()}: "
-                    f"{binary} is missing")
-    return binary
-
-
-@pytest.fixture
-def model_server():
-    with FakeModelServer() as server:
-        yield server
-
-
-@pytest.fixture
-def real_bot(make_bot, model_server):
-    """Factory: the bot running the real CLI against the fake model server (make_bot strips CODEBUDDY_*)."""
-    binary = real_cli_path()
-
-    def factory(**overrides: str):
-        env = {
-            "CODEBUDDY_BIN": str(binary), "CODEBUDDY_BASE_URL": model_server.base_url,
-            "CODEBUDDY_API_KEY": "fake-key-for-tests", "CODEBUDDY_PERMISSION_MODE": "bypassPermissions",
-            # Quiet and offline: no updater, telemetry, plugin marketplace, background tasks or memory.
-            "DISABLE_AUTOUPDATER": "1", "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1",
-            "CODEBUDDY_SKIP_BUILTIN_MARKETPLACE": "1", "CODEBUDDY_CODE_DISABLE_BACKGROUND_TASKS": "1",
-            "CODEBUDDY_DISABLE_AUTO_MEMORY": "1",
-        }
-        env.update(overrides)
-        return make_bot(**env)
-
-    return factory
-
-
-def processes_of_this_test(tmp_path: Path, exclude: set[int]) -> dict[int, list[str]]:
-    """Live processes (pid → argv) started for this test: cwd inside tmp_path or HOME = the test's home."""
-    home = f"HOME={tmp_path / 'home'}".encode()
-    found: dict[int, list[str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in exclude or int(entry) == os.getpid():
-            continue
-        pid = int(entry)
-        try:
-            cwd = os.readlink(f"/proc/{pid}/cwd")
-            with open(f"/proc/{pid}/environ", "rb") as handle:
-                environ = handle.read().split(b"\0")
-            with open(f"/proc/{pid}/cmdline", "rb") as handle:
-                argv = [part.decode("utf-8", "replace") for part in handle.read().split(b"\0") if part]
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-        if (cwd.startswith(str(tmp_path)) or home in environ) and process_alive(pid):
-            found[pid] = argv
-    return found
-
-
 def wait_for_sleeper(tmp_path: Path, bot_pid: int) -> int:
-    """The pid of the `sleep 300` the CLI's Bash tool started for this test."""
-    deadline = time.monotonic() + CLI_START_TIMEOUT
-    while time.monotonic() < deadline:
-        for pid, argv in processes_of_this_test(tmp_path, {bot_pid}).items():
-            if argv == ["sleep", "300"]:
-                return pid
-        time.sleep(0.1)
-    raise AssertionError(f"no `sleep 300` started by the CLI: {processes_of_this_test(tmp_path, {bot_pid})}")
+    """The pid (as the host sees it) of the `sleep 300` the CLI's Bash tool started for this test."""
+    return wait_for_process(tmp_path, ["sleep", "300"], timeout=CLI_START_TIMEOUT, exclude={bot_pid})
 
 
 def wait_until_gone(tmp_path: Path, bot_pid: int, timeout: float = 10.0) -> dict[int, list[str]]:

@@ -307,7 +307,7 @@ def lines(result: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
 
 def test_fake_cli_default_answer_and_log(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
-    result = run_cli("你好", "--model", "m1", "--unknown-flag", home=tmp_path, FAKE_CODEBUDDY_LOG=str(log))
+    result = run_cli("你好", "--model", "m1", "--unknown-flag", home=tmp_path, CODEBUDDY_FAKE_LOG=str(log))
     events = lines(result)
     assert result.returncode == 0
     assert events[0]["type"] == "system" and events[0]["subtype"] == "init"
@@ -382,7 +382,7 @@ def test_fake_cli_ignore_term_and_spawn_need_group_kill(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [str(FAKE_CLI), "-p", "--output-format", "stream-json"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        env=local_env(HOME=str(tmp_path), FAKE_CODEBUDDY_PIDS=str(pids)), start_new_session=True,
+        env=local_env(HOME=str(tmp_path), CODEBUDDY_FAKE_PIDS=str(pids)), start_new_session=True,
     )
     assert proc.stdin and proc.stdout
     proc.stdin.write("[spawn] [ignore-term] [sleep=30]")

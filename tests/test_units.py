@@ -9,7 +9,7 @@ import time
 import pytest
 
 from async_task_manager import AsyncTaskManager, MemoryTaskStore, SQLiteTaskStore, Task
-from codebuddy_client import StreamState, parse_stream_line, redact_secrets, result_from_stream, session_id_for
+from codebuddy_client import StreamState, new_session_id, parse_stream_line, redact_secrets, result_from_stream
 from config import SEED_LONG_TASK_KEYWORDS, ConfigError, load_config
 from dingtalk_sender import AccessTokenProvider, Route, split_message, utf8_json_cost
 
@@ -234,12 +234,16 @@ def test_stream_json_failures():
     assert not crashed.ok and "3" in crashed.error
 
 
-def test_session_ids_fit_the_cli_format_and_differ_per_conversation():
+def test_session_ids_are_random_fit_the_cli_format_and_are_kept_per_conversation():
     import re
 
-    first, second = session_id_for("cidAB+/==1"), session_id_for("cidAB+/==2")
+    first, second = new_session_id(), new_session_id()
     assert re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9\-_:]*", first) and first != second
-    assert session_id_for("cidAB+/==1") == first
+    manager = _manager()
+    session = manager.conversation_session("cidAB+/==1")
+    assert manager.conversation_session("cidAB+/==1") == session != manager.conversation_session("cidAB+/==2")
+    fresh = manager.new_session("cidAB+/==1")
+    assert fresh != session and manager.conversation_session("cidAB+/==1") == fresh
 
 
 def test_redact_secrets_removes_token_like_text():
@@ -261,7 +265,7 @@ def test_cli_variables_in_dotenv_are_handed_to_the_cli_and_never_shown(tmp_path)
     assert "ck-live" not in repr(config)
     from codebuddy_client import CodeBuddyClient
 
-    assert CodeBuddyClient.from_config(config)._env["CODEBUDDY_API_KEY"] == "ck-live-123456"
+    assert CodeBuddyClient.from_config(config).run_env("/h")["CODEBUDDY_API_KEY"] == "ck-live-123456"
 
 
 def test_a_stopped_run_leaves_no_process_even_in_another_session(tmp_path):
@@ -273,7 +277,7 @@ def test_a_stopped_run_leaves_no_process_even_in_another_session(tmp_path):
     from tests.conftest import FAKE_CLI, process_alive
 
     pids = tmp_path / "pids.txt"
-    env = {**os.environ, "HOME": str(tmp_path), "FAKE_CODEBUDDY_PIDS": str(pids)}
+    env = {**os.environ, "HOME": str(tmp_path), "CODEBUDDY_FAKE_PIDS": str(pids)}
     client = CodeBuddyClient(str(FAKE_CLI), str(tmp_path / "ws"), timeout=1.0, kill_grace=0.3, env=env)
     result = client.run("[sleep=30] [spawn-session] [ignore-term]", run_tag="t-leftover")
     assert result.timed_out

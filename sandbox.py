@@ -1,0 +1,204 @@
+"""The wall around every CodeBuddy run: a workspace and home per conversation, an allowlisted environment and a
+bubblewrap jail in which the run sees nothing else of the host (docs/sandbox.md).
+
+The CLI's permission mode is not a wall: its Write tool reaches any path the bot's Unix user can write, and a
+settings file it writes can grant the next run a shell (docs/wire-facts.md §4). So every run, whatever the mode,
+starts inside `bwrap` with its own mount, pid, IPC and UTS namespaces: the system's programs read-only, its own
+conversation's workspace and home read-write, a private /tmp, and neither the bot's files, nor the bot's process,
+nor its environment, nor any other conversation.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+# Where a sandboxed run finds its conversation's directories (the same for every conversation, so the CLI's
+# per-cwd session files stay where the next run of that conversation looks for them).
+SANDBOX_WORKSPACE = "/workspace"
+SANDBOX_HOME = "/home/codebuddy"
+
+# Read-only from the host: programs, libraries and /etc (resolver, certificates, users). Merged-/usr
+# symlinks (/bin -> usr/bin) are recreated as symlinks.
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+# Host secrets that /etc would otherwise show (readable by a bot running as root).
+ETC_SECRETS = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers", "/etc/sudoers.d",
+               "/etc/ssl/private", "/etc/ssh/ssh_host_*key")
+
+# The environment a run gets: only these variables (plus LC_*, the CLI's own CODEBUDDY_* and HOME).
+PASSED_VARIABLES = (
+    "PATH", "LANG", "LANGUAGE", "TZ",
+    "http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "NODE_EXTRA_CA_CERTS",
+    "DISABLE_AUTOUPDATER", "DISABLE_TELEMETRY", "DISABLE_ERROR_REPORTING",
+)
+CLI_VARIABLE_PREFIX = "CODEBUDDY_"
+# What the official SDK sets for quiet, non-interactive runs (kept when the operator sets otherwise).
+QUIET_ENV = {
+    "DISABLE_AUTOUPDATER": "1",
+    "CODEBUDDY_CODE_DISABLE_BACKGROUND_TASKS": "1",
+    "CODEBUDDY_DISABLE_AUTO_MEMORY": "1",
+}
+
+INSTALL_HINT = (
+    "install bubblewrap (Debian/Ubuntu: apt install bubblewrap) and allow unprivileged user namespaces "
+    "(sysctl kernel.unprivileged_userns_clone=1 on older Debian; on Ubuntu 24.04+ the bwrap AppArmor profile, "
+    "or sysctl kernel.apparmor_restrict_unprivileged_userns=0); under systemd do not set ProtectKernelTunables=, "
+    "ProtectKernelLogs=, ProtectProc= or RestrictNamespaces= (deploy/dingtalk-bot.service leaves them out); "
+    "or set CODEBUDDY_SANDBOX=none to run without isolation (never where untrusted people chat with the bot)"
+)
+
+
+def conversation_dir_name(conversation_key: str) -> str:
+    """A directory name for a conversation: safe whatever the key holds, and distinct for distinct keys."""
+    return "c-" + hashlib.sha256(conversation_key.encode("utf-8")).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class ConversationDirs:
+    """One conversation's directories on the host: its workspace (the run's cwd) and the CLI's home."""
+
+    workspace: str
+    home: str
+
+
+class Workspaces:
+    """Creates and finds each conversation's directories under CODEBUDDY_WORKDIR, all mode 0700."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    def dirs_for(self, conversation_key: str) -> ConversationDirs:
+        """The conversation's directories, created (0700) on first use."""
+        base = os.path.join(self.root, "conversations", conversation_dir_name(conversation_key or "-"))
+        dirs = ConversationDirs(os.path.join(base, "workspace"), os.path.join(base, "home"))
+        for path in (self.root, os.path.dirname(base), base, dirs.workspace, dirs.home):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        for path in (base, dirs.workspace, dirs.home):
+            os.chmod(path, 0o700)
+        return dirs
+
+
+def run_environment(source: Mapping[str, str], home: str, bot_settings: Collection[str]) -> dict[str, str]:
+    """The environment of one run: the allowlisted variables of `source`, the CLI's own, and HOME.
+
+    Never the bot's settings (DINGTALK_* and the rest of `bot_settings`), systemd's NOTIFY_SOCKET or
+    WATCHDOG_*, or anything else the bot's process holds.
+    """
+    env = {name: source[name] for name in PASSED_VARIABLES if name in source}
+    env.update({name: value for name, value in source.items()
+                if name.startswith("LC_")
+                or (name.startswith(CLI_VARIABLE_PREFIX) and name not in bot_settings)})
+    for name, value in QUIET_ENV.items():
+        env.setdefault(name, value)
+    env.setdefault("PATH", os.defpath)
+    env["HOME"] = home
+    return env
+
+
+class Sandbox(Protocol):
+    """How a run is started: the argv and cwd for `Popen`, and the HOME the run sees."""
+
+    name: str
+
+    def home(self, dirs: ConversationDirs) -> str: ...
+    def command(self, argv: list[str], dirs: ConversationDirs) -> tuple[list[str], str]: ...
+    def probe(self, timeout: float = 15.0) -> str: ...
+
+
+class NoSandbox:
+    """CODEBUDDY_SANDBOX=none: the run sees everything the bot's Unix user can (only for trusted users)."""
+
+    name = "none"
+
+    def home(self, dirs: ConversationDirs) -> str:
+        return dirs.home
+
+    def command(self, argv: list[str], dirs: ConversationDirs) -> tuple[list[str], str]:
+        return list(argv), dirs.workspace
+
+    def probe(self, timeout: float = 15.0) -> str:
+        return ""
+
+
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+class Bubblewrap:
+    """CODEBUDDY_SANDBOX=bwrap: each run in its own bubblewrap jail (mount, pid, IPC and UTS namespaces)."""
+
+    name = "bwrap"
+
+    def __init__(self, cli_binary: str, *, hidden: Iterable[str] = (), read_only: Iterable[str] = (),
+                 bwrap: str = "bwrap") -> None:
+        self.bwrap = bwrap
+        self.cli_binary = cli_binary
+        self.hidden = tuple(dict.fromkeys(os.path.abspath(p) for p in hidden if p))
+        self.read_only = tuple(dict.fromkeys(os.path.abspath(p) for p in read_only if p))
+
+    def home(self, dirs: ConversationDirs) -> str:
+        return SANDBOX_HOME
+
+    def _mounts(self) -> list[str]:
+        """The bwrap arguments that build the jail's file system, before the conversation's own directories."""
+        args: list[str] = []
+        mounted: list[str] = []
+        for path in SYSTEM_PATHS:
+            if os.path.islink(path):
+                args += ["--symlink", os.readlink(path), path]
+            elif os.path.isdir(path):
+                args += ["--ro-bind", path, path]
+                mounted.append(path)
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        secrets = [match for pattern in ETC_SECRETS for match in sorted(glob.glob(pattern))]
+        # The bot's own files may sit under a system path (a checkout in /usr/local, say): cover them.
+        secrets += [path for path in self.hidden if os.path.exists(path) and any(_under(path, m) for m in mounted)]
+        for path in secrets:
+            args += ["--tmpfs", path] if os.path.isdir(path) else ["--ro-bind", "/dev/null", path]
+        for path in self.read_only:
+            args += ["--ro-bind-try", path, path]
+        binary = shutil.which(self.cli_binary) or self.cli_binary
+        for directory in dict.fromkeys((os.path.dirname(os.path.abspath(binary)),
+                                        os.path.dirname(os.path.realpath(binary)))):
+            args += ["--ro-bind-try", directory, directory]
+        return args
+
+    def command(self, argv: list[str], dirs: ConversationDirs) -> tuple[list[str], str]:
+        """`bwrap … -- argv`, run from the conversation's workspace mounted at /workspace."""
+        return [self.bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+                "--unshare-cgroup-try", "--hostname", "codebuddy", *self._mounts(),
+                "--bind", dirs.workspace, SANDBOX_WORKSPACE, "--bind", dirs.home, SANDBOX_HOME,
+                "--chdir", SANDBOX_WORKSPACE, "--", *argv], dirs.workspace
+
+    def probe(self, timeout: float = 15.0) -> str:
+        """Start one empty jail; "" when it works, else what went wrong and how to fix it."""
+        with tempfile.TemporaryDirectory(prefix="bot-sandbox-probe-") as scratch:
+            dirs = ConversationDirs(scratch, scratch)
+            argv, cwd = self.command(["true"], dirs)
+            try:
+                result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                                        stdin=subprocess.DEVNULL, env={"PATH": os.defpath})
+            except FileNotFoundError:
+                return f"{self.bwrap} not found: {INSTALL_HINT}"
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return f"{self.bwrap} did not start: {exc}: {INSTALL_HINT}"
+        if result.returncode != 0:
+            detail = " ".join((result.stderr or "").split())[-300:] or f"exit code {result.returncode}"
+            return f"{self.bwrap} failed ({detail}): {INSTALL_HINT}"
+        return ""
+
+    def version(self) -> str:
+        """`bwrap --version`, or "" when it does not run."""
+        try:
+            return subprocess.run([self.bwrap, "--version"], capture_output=True, text=True, timeout=10,
+                                  stdin=subprocess.DEVNULL).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""

@@ -1,146 +1,78 @@
-"""DingTalk ⇄ CodeBuddy bot: the entry point.
+"""DingTalk ⇄ CodeBuddy bot: the entry point — the DingTalk Stream transport, the wiring and the command line.
 
 Where a message goes:
-  DingTalk Stream frame → `StreamConnection` (own connect/receive loop)
-  → `BotStreamHandler.process` hands the frame to the intake thread, ACKs once it is recorded (ms)
-  → `ChatApp.handle(IncomingMessage)`: access checks, rate limit, dedup, chat commands
+  DingTalk Stream frame → `StreamConnection` (own connect/receive loop, here)
+  → `BotStreamHandler.process` hands the frame to the intake thread (intake.py), ACKs once it is recorded (ms)
+  → `incoming_from_callback` turns it into the neutral `IncomingMessage`
+  → `ChatApp.handle` (chat.py): access checks, rate limit, dedup, chat commands
   → `AsyncTaskManager.submit` (async_task_manager.py): acknowledgement, queue, CLI run, delivery
   → `CodeBuddyClient.run` (codebuddy_client.py) and `DingTalkSender.send` (dingtalk_sender.py).
 
-Run `python bot.py --help` for the commands.
+Run `python bot.py --help` for the commands; README.md's "How a message flows" has the whole house.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
-import contextlib
 import json
 import logging
-import logging.handlers
 import os
-import queue
 import random
 import signal
 import sys
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from types import ModuleType
 from urllib.parse import quote_plus
 
-from config import HTTP_TIMEOUT, MAX_PROMPT_CHARS, Config, ConfigError, load_config
+import websockets
+import websockets.exceptions  # the SDK uses websockets.exceptions without importing it (docs/wire-facts.md §1)
+
+import console
+import doctor
+import systemd_notify
+import task_table
+from async_task_manager import AsyncTaskManager
+from chat import ChatApp, IncomingMessage
+from codebuddy_client import CodeBuddyClient, sandbox_from_config
+from config import HTTP_TIMEOUT, SETTINGS, Config, ConfigError, load_config, parse_positive_int
+from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, open_stream_connection
+from intake import Intake, settle
+from logs import setup_logging
+from metrics import DurationHistogram, TimedClient
+from status_server import StatusSources, start_status_server
+from task import STATUS_LABELS
+from task_store import SQLiteTaskStore
+
+__all__ = ["main", "run_daemon", "setup_logging"]
 
 log = logging.getLogger("bot")
 
-LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
-LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
-BOT_TOPIC = "/v1.0/im/bot/messages/get"
 INTAKE_ACK_WAIT = 2.0  # seconds a frame's ACK waits for the message to be recorded
 
-HELP_TEXT = """可用命令:
-/help (帮助) — 显示本帮助
-/tasks (我的任务) — 我最近的任务
-/status [任务ID] (任务状态, 查询任务) — 任务状态，默认最近一个
-/cancel [任务ID] (取消任务) — 取消排队中或执行中的任务，默认最近一个
-/new (新会话) — 开始新的 CodeBuddy 会话 (忘记之前的对话)
-其他任何文字都会发给 CodeBuddy 处理。"""
 
-COMMANDS = {
-    "/help": "help", "帮助": "help",
-    "/tasks": "tasks", "我的任务": "tasks",
-    "/status": "status", "任务状态": "status", "查询任务": "status",
-    "/cancel": "cancel", "取消任务": "cancel",
-    "/new": "new", "新会话": "new",
-}
-UNSUPPORTED_TYPES = {"picture": "图片", "file": "文件", "video": "视频", "audio": "语音"}
+def _sdk() -> ModuleType:
+    """The DingTalk Stream SDK, imported on first use.
+
+    The one import inside a function: the SDK reads DINGTALK_OPENAPI_ENDPOINT once, at import
+    (docs/wire-facts.md §1), and `run_daemon` sets it from the settings first.
+    """
+    import dingtalk_stream
+
+    return dingtalk_stream
 
 
-# ---------------------------------------------------------------- logging
-
-
-class RedactingFilter(logging.Filter):
-    """Removes the client secret and anything token-like from every log line."""
-
-    def __init__(self, secrets: tuple[str, ...]) -> None:
-        super().__init__()
-        self._secrets = tuple(s for s in secrets if s)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from codebuddy_client import redact_secrets
-
-        message = record.getMessage()
-        if record.levelno >= logging.WARNING or record.exc_info:
-            cleaned = redact_secrets(message, self._secrets)  # errors may quote text from outside
-        else:
-            # INFO lines are the bot's own phrases and ids: only the exact secrets are checked (cheap).
-            cleaned = message
-            for secret in self._secrets:
-                if secret in cleaned:
-                    cleaned = cleaned.replace(secret, "***")
-        if cleaned != message:
-            record.msg, record.args = cleaned, ()
-        return True
-
-
-def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = ()) -> logging.Handler:
-    """Log to `log_file` (WatchedFileHandler, so logrotate works); fall back to stderr and say so once."""
-    formatter = logging.Formatter(LOG_FORMAT, LOG_DATEFMT)
-    fallback_reason = ""
-    try:
-        directory = os.path.dirname(os.path.abspath(log_file))
-        os.makedirs(directory, exist_ok=True)
-        os.close(os.open(log_file, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))  # a new log is the bot's alone
-        handler: logging.Handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
-    except OSError as exc:
-        handler = logging.StreamHandler(sys.stderr)
-        fallback_reason = f"cannot open LOG_FILE {log_file} ({exc.strerror or exc}); logging to stderr"
-    handler.setFormatter(formatter)
-    handler.addFilter(RedactingFilter(secrets))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
-    logging.getLogger("websockets").setLevel(logging.WARNING)
-    if fallback_reason:
-        log.warning(fallback_reason)
-    return handler
-
-
-# ---------------------------------------------------------------- the neutral request
-
-
-@dataclass(frozen=True)
-class IncomingMessage:
-    """A chat message as the app sees it, whatever transport it came from."""
-
-    msg_id: str
-    user_id: str
-    user_name: str
-    conversation_type: str
-    conversation_id: str
-    text: str  # the prompt; "" when the message had none
-    msgtype: str = "text"
-    session_webhook: str = ""
-    webhook_expires_ms: int = 0
-
-    @property
-    def conversation_key(self) -> str:
-        return self.conversation_id or self.user_id
+# ---------------------------------------------------------------- the transport: frames in
 
 
 def incoming_from_callback(data: dict) -> IncomingMessage:
     """Turn a bot-message callback's `data` into an `IncomingMessage` (raises ValueError if malformed)."""
-    from dingtalk_stream import ChatbotMessage
-
     if not isinstance(data, dict):
         raise ValueError("callback data is not an object")
     try:
-        message = ChatbotMessage.from_dict(data)
+        message = _sdk().ChatbotMessage.from_dict(data)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"cannot parse bot message: {type(exc).__name__}: {exc}") from None
     msgtype = message.message_type or ""
@@ -167,248 +99,14 @@ def incoming_from_callback(data: dict) -> IncomingMessage:
     )
 
 
-# ---------------------------------------------------------------- the chat app
-
-
-class ChatApp:
-    """Decides what to do with one message: refuse, answer a command, or submit a task."""
-
-    def __init__(self, manager, config: Config, *, clock: Callable[[], float] = time.time) -> None:
-        self.manager = manager
-        self.config = config
-        self.clock = clock
-        self._recent_prompts: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
-        self._last_refusal: dict[tuple[str, str], float] = {}
-        self._lock = threading.Lock()
-
-    def route_for(self, message: IncomingMessage):
-        from dingtalk_sender import Route
-
-        return Route(conversation_type=message.conversation_type, user_id=message.user_id,
-                     conversation_id=message.conversation_id, session_webhook=message.session_webhook,
-                     webhook_expires_ms=message.webhook_expires_ms)
-
-    def reply(self, message: IncomingMessage, text: str) -> None:
-        """Answer in the message's chat, off this thread."""
-        self.manager.notify(self.route_for(message), text)
-
-    def _once_per(self, user_id: str, kind: str, seconds: float) -> bool:
-        now = self.clock()
-        with self._lock:
-            last = self._last_refusal.get((user_id, kind))
-            if last is not None and now - last < seconds:
-                return False
-            self._last_refusal[(user_id, kind)] = now
-            return True
-
-    def _rate_limited(self, user_id: str) -> bool:
-        now = self.clock()
-        with self._lock:
-            window = self._recent_prompts[user_id]
-            while window and now - window[0] >= 60:
-                window.popleft()
-            if len(window) >= self.config.user_rate_limit:
-                return True
-            window.append(now)
-            return False
-
-    def is_admin(self, user_id: str) -> bool:
-        return user_id in self.config.admin_users
-
-    def handle(self, message: IncomingMessage) -> None:
-        """Handle one message; never raises for bad input."""
-        if not message.user_id or not (message.session_webhook or message.conversation_id):
-            log.warning("忽略缺少发送者或会话信息的消息 msgId=%s", message.msg_id or "-")
-            return
-        if not self.manager.accept_message(message.msg_id):
-            log.info("重复消息已忽略: msgId=%s user=%s", message.msg_id, message.user_id)
-            return
-        if self.config.allowed_users and message.user_id not in self.config.allowed_users:
-            log.warning("拒绝未授权用户 user=%s", message.user_id)
-            if self._once_per(message.user_id, "refusal", 3600):
-                self.reply(message, "抱歉，你没有使用此机器人的权限。如需开通，请联系管理员。")
-            return
-        if message.msgtype in UNSUPPORTED_TYPES and not message.text:
-            kind = UNSUPPORTED_TYPES[message.msgtype]
-            self.reply(message, f"暂不支持{kind}消息 (语音需开启钉钉的语音转文字)。请发送文字，或发送 /help 查看命令。")
-            return
-        if not message.text:
-            if message.msgtype not in ("text", "richText", "audio", ""):
-                self.reply(message, f"暂不支持 {message.msgtype} 类型的消息，请发送文字。")
-            else:
-                self.reply(message, "消息为空。请直接输入想让 CodeBuddy 处理的问题，或发送 /help 查看命令。")
-            return
-        words = message.text.split(maxsplit=1)
-        command = COMMANDS.get(words[0].lower())
-        if command is not None:
-            self.run_command(command, words[1].strip() if len(words) > 1 else "", message)
-            return
-        if len(message.text) > MAX_PROMPT_CHARS:
-            self.reply(message, f"消息过长 ({len(message.text)} 字)，请控制在 {MAX_PROMPT_CHARS} 字以内。")
-            return
-        if self._rate_limited(message.user_id):
-            log.warning("请求过于频繁 user=%s", message.user_id)
-            if self._once_per(message.user_id, "rate", 60):
-                self.reply(message, f"请求过于频繁，请稍后再试 (每分钟最多 {self.config.user_rate_limit} 个任务)。")
-            return
-        task = self.manager.submit(message.text, self.route_for(message), user_id=message.user_id,
-                                   user_name=message.user_name, conversation_key=message.conversation_key,
-                                   msg_id=message.msg_id)
-        if task is None:
-            self.reply(message, "机器人正在重启，请稍后重新发送。")
-
-    # ------------------------------------------------------------ commands
-
-    def run_command(self, command: str, argument: str, message: IncomingMessage) -> None:
-        """Answer one chat command at once (commands never wait behind tasks)."""
-        if command == "help":
-            self.reply(message, HELP_TEXT)
-        elif command == "tasks":
-            self.reply(message, self.describe_tasks(message.user_id))
-        elif command == "status":
-            self.reply(message, self.describe_status(argument, message.user_id))
-        elif command == "cancel":
-            threading.Thread(target=self.cancel, args=(argument, message), daemon=True).start()
-        elif command == "new":
-            self.manager.new_session(message.conversation_key)
-            self.reply(message, "已开始新的 CodeBuddy 会话，之前的对话不再作为上下文。")
-
-    def _find_task(self, task_id: str, user_id: str, active_only: bool = False):
-        """The task `task_id` if the user may see it, or their latest (active) task; (task, error text)."""
-        from async_task_manager import ACTIVE_STATUSES
-
-        if task_id:
-            task = self.manager.get_task(task_id)
-            if task is None or (task.user_id != user_id and not self.is_admin(user_id)):
-                return None, f"找不到任务 {task_id}"
-            return task, ""
-        for task in self.manager.tasks_for(user_id, limit=20):
-            if not active_only or task.status in ACTIVE_STATUSES:
-                return task, ""
-        return None, "你没有进行中的任务。" if active_only else "你还没有任务。"
-
-    def describe_tasks(self, user_id: str) -> str:
-        from async_task_manager import STATUS_LABELS
-
-        tasks = self.manager.tasks_for(user_id, limit=10)
-        if not tasks:
-            return "你还没有任务。"
-        now = self.clock()
-        lines = ["最近的任务:"]
-        for task in tasks:
-            words = task.prompt[:20] + ("…" if len(task.prompt) > 20 else "")
-            lines.append(f"- {task.id} {STATUS_LABELS.get(task.status, task.status)} "
-                         f"{task.elapsed(now):.0f}秒 「{words}」")
-        return "\n".join(lines)
-
-    def describe_status(self, task_id: str, user_id: str) -> str:
-        from async_task_manager import QUEUED, RUNNING, STATUS_LABELS
-
-        task, error = self._find_task(task_id, user_id)
-        if task is None:
-            return error
-        now = self.clock()
-        lines = [f"任务 {task.id}: {STATUS_LABELS.get(task.status, task.status)}",
-                 f"已用时: {task.elapsed(now):.0f} 秒",
-                 f"内容: {task.prompt[:40]}{'…' if len(task.prompt) > 40 else ''}"]
-        if task.status == QUEUED:
-            lines.append(f"排队位置: 第 {self.manager.queue_position(task.id)} 位")
-        if task.status == RUNNING:
-            lines.append(f"最近步骤: {task.last_step or '等待 CodeBuddy 输出'}")
-            lines.append(f"预计剩余时间: {self.manager.expected_remaining(task, now)}")
-        if task.error and task.status != QUEUED:
-            lines.append(f"原因: {task.error}")
-        return "\n".join(lines)
-
-    def cancel(self, task_id: str, message: IncomingMessage) -> None:
-        """Cancel the sender's task (or any, for admins) and confirm once its process is gone."""
-        task, error = self._find_task(task_id, message.user_id, active_only=not task_id)
-        if task is None:
-            self.reply(message, error)
-            return
-        cancelled = self.manager.cancel(task.id)
-        if cancelled is None:
-            self.reply(message, f"任务 {task.id} 已结束，无需取消。")
-            return
-        stopped = self.manager.wait_finished(task.id, timeout=15)
-        suffix = "" if stopped else " (进程仍在退出中)"
-        self.reply(message, f"已取消任务 {task.id}{suffix}")
-
-
 # ---------------------------------------------------------------- the stream transport
-
-
-def _settle(future: asyncio.Future, value: bool) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _settle_all(futures: list[asyncio.Future]) -> None:
-    for future in futures:
-        _settle(future, True)
-
-
-class Intake:
-    """One thread that handles bot messages in arrival order and tells the event loop when they are recorded.
-
-    It takes every message waiting at once and wakes the loop once per batch, not once per message: in a
-    burst that wake-up was a large part of the cost of an acknowledgement (BENCHMARKS.md).
-    """
-
-    def __init__(self, handle: Callable[[dict], None],
-                 batch: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
-        self._handle = handle
-        self._batch = batch  # the store's one-transaction context: a batch is committed before its ACKs
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
-        self._thread.start()
-
-    def submit(self, data: dict, loop: asyncio.AbstractEventLoop | None = None,
-               recorded: asyncio.Future | None = None) -> None:
-        """Queue one message; `recorded` (a future of `loop`) is set to True once it has been handled."""
-        self._queue.put((data, loop, recorded))
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Handle what is queued, then stop the thread."""
-        self._queue.put(None)
-        self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while True:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
-            stopping = False
-            with self._batch():
-                for item in batch:
-                    if item is None:
-                        stopping = True
-                        continue
-                    data, loop, recorded = item
-                    try:
-                        self._handle(data)
-                    except Exception:
-                        log.exception("处理消息失败")
-                    if loop is not None and recorded is not None:
-                        waiting.setdefault(loop, []).append(recorded)
-            for loop, futures in waiting.items():
-                try:
-                    loop.call_soon_threadsafe(_settle_all, futures)
-                except RuntimeError:
-                    pass  # the loop has closed (shutdown): nothing is waiting for these ACKs any more
-            if stopping:
-                return
 
 
 def _stream_handler_class():
     """The SDK handler class, built lazily so the SDK is imported after the endpoint is set."""
-    from dingtalk_stream import AckMessage, ChatbotHandler
+    sdk = _sdk()
 
-    class BotStreamHandler(ChatbotHandler):
+    class BotStreamHandler(sdk.ChatbotHandler):
         """Hands every bot message to the intake thread and ACKs it as soon as it is recorded."""
 
         def __init__(self, intake: Intake) -> None:
@@ -420,12 +118,12 @@ def _stream_handler_class():
             # loses nothing; a stuck intake must not hold the ACK back for long.
             loop = asyncio.get_running_loop()
             recorded = loop.create_future()
-            timer = loop.call_later(INTAKE_ACK_WAIT, _settle, recorded, False)
+            timer = loop.call_later(INTAKE_ACK_WAIT, settle, recorded, False)
             self.intake.submit(callback.data, loop, recorded)
             if not await recorded:
                 log.warning("消息处理较慢，先行确认 (ACK) 收到")
             timer.cancel()
-            return AckMessage.STATUS_OK, "OK"
+            return sdk.AckMessage.STATUS_OK, "OK"
 
     return BotStreamHandler
 
@@ -439,9 +137,7 @@ class StreamConnection:
 
     def __init__(self, config: Config, intake: Intake, *,
                  idle_timeout: float, backoff_max: float = 60.0) -> None:
-        import dingtalk_stream
-        import websockets.exceptions  # noqa: F401  (the SDK's lazy-import defect)
-
+        dingtalk_stream = _sdk()
         self.config = config
         self.idle_timeout = idle_timeout
         self.backoff_max = backoff_max
@@ -458,8 +154,6 @@ class StreamConnection:
         self._stop.set()
 
     def _open_connection(self) -> dict | None:
-        from dingtalk_sender import JsonHttp, open_stream_connection
-
         http = JsonHttp(pool_size=1, transport_retries=0)
         try:
             connection, error = open_stream_connection(http, self.config.openapi_endpoint, self.config.client_id,
@@ -486,8 +180,6 @@ class StreamConnection:
 
     async def run(self) -> None:
         """Connect, receive and route frames until stop(); reconnect with backoff on any failure."""
-        import websockets
-
         attempt = 0
         while not self._stop.is_set():
             # Not asyncio.to_thread: asyncio.run() joins the default executor, so a hung request would
@@ -547,8 +239,7 @@ class StreamConnection:
             guard.cancel()
 
     async def _route(self, frame: dict, websocket) -> None:
-        from dingtalk_stream import AckMessage
-
+        AckMessage = _sdk().AckMessage  # noqa: N806 (the SDK's class)
         try:
             result = await self.client.route_message(frame)
             if result == self.client.TAG_DISCONNECT:
@@ -572,27 +263,21 @@ class StreamConnection:
 # ---------------------------------------------------------------- wiring
 
 
-def build_app(config: Config):
-    """Create the sender, client, store, manager and chat app from `config`."""
-    from async_task_manager import AsyncTaskManager, SQLiteTaskStore
-    from codebuddy_client import CodeBuddyClient
-    from dingtalk_sender import DingTalkSender
-
+def build_app(config: Config, durations: DurationHistogram | None = None
+              ) -> tuple[DingTalkSender, TimedClient, AsyncTaskManager, ChatApp]:
+    """Create the sender, client (its runs timed into `durations`), store, manager and chat app from `config`."""
     sender = DingTalkSender(config.openapi_endpoint, config.client_id, config.client_secret, config.robot_code,
                             retry_window=config.delivery_retry_window, secrets=config.secrets)
-    client = CodeBuddyClient.from_config(config)
+    client = TimedClient(CodeBuddyClient.from_config(config), durations or DurationHistogram())
     manager = AsyncTaskManager.from_config(config, client, sender, SQLiteTaskStore(config.task_db))
     return sender, client, manager, ChatApp(manager, config)
 
 
 def run_daemon(config: Config) -> int:
     """Run the bot until SIGTERM/SIGINT."""
-    import ops
-
     os.environ["DINGTALK_OPENAPI_ENDPOINT"] = config.openapi_endpoint  # the SDK reads it at import
-    sender, client, manager, app = build_app(config)
-    durations = ops.DurationHistogram()
-    manager.client = ops.TimedClient(client, durations)  # every run's duration feeds /metrics
+    durations = DurationHistogram()  # every run's duration feeds /metrics
+    sender, client, manager, app = build_app(config, durations)
     log.info("启动 DingTalk CodeBuddy 机器人: workers=%d, sync_timeout=%.0fs, task_timeout=%.0fs, cli=%s",
              config.max_workers, config.sync_timeout, config.task_timeout, config.codebuddy_bin)
     manager.recover()
@@ -610,8 +295,8 @@ def run_daemon(config: Config) -> int:
 
     intake = Intake(on_data, manager.store.batch)  # one thread keeps message order
     stream = StreamConnection(config, intake, idle_timeout=config.stream_idle_timeout)
-    notifier = ops.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
-    status_server = ops.start_status_server(config.status_port, ops.StatusSources(
+    notifier = systemd_notify.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
+    status_server = start_status_server(config.status_port, StatusSources(
         manager=manager, sender=sender, client=client, stream=stream, task_db=config.task_db, durations=durations))
 
     async def main() -> None:
@@ -623,7 +308,7 @@ def run_daemon(config: Config) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
-        supervisor = asyncio.create_task(ops.notify_systemd(notifier, lambda: stream.connected))
+        supervisor = asyncio.create_task(systemd_notify.notify_systemd(notifier, lambda: stream.connected))
         await stream.run()
         supervisor.cancel()
 
@@ -639,10 +324,25 @@ def run_daemon(config: Config) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- the command line
+
+
+def load_local_config(environ: Mapping[str, str], dotenv_path: str | None = ".env") -> Config:
+    """Settings for commands that never call DingTalk (tasks, console): the app credentials may be missing."""
+    try:
+        return load_config(environ, dotenv_path)
+    except ConfigError:
+        placeholders = {setting.env: "not-used-offline" for setting in SETTINGS if setting.required}
+        return load_config({**placeholders, **environ}, dotenv_path)
+
+
+def positive_int(raw: str) -> int:
+    """argparse type: a whole number greater than 0."""
+    return parse_positive_int("the value", raw)
+
+
 def sandbox_ready(config: Config) -> bool:
     """Probe the sandbox every run starts in, once; False (after saying why on stderr and in the log) if it fails."""
-    from codebuddy_client import sandbox_from_config
-
     sandbox = sandbox_from_config(config, config.codebuddy_bin)
     problem = sandbox.probe()
     if problem:
@@ -660,9 +360,6 @@ def sandbox_ready(config: Config) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run one command (the daemon when none is given); returns the exit code."""
-    import ops
-    from async_task_manager import STATUS_LABELS
-
     parser = argparse.ArgumentParser(
         prog="bot.py", description="DingTalk ⇄ CodeBuddy bot. Settings come from .env and the environment "
         "(the environment wins); README.md lists them all.")
@@ -679,33 +376,33 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Print the newest tasks from the SQLite task DB, newest first.")
     tasks.add_argument("--user", metavar="ID", help="only this user's tasks (staff id)")
     tasks.add_argument("--status", choices=list(STATUS_LABELS), help="only tasks with this status")
-    tasks.add_argument("--limit", metavar="N", type=ops.positive_int, default=20, help="at most N rows (20)")
+    tasks.add_argument("--limit", metavar="N", type=positive_int, default=20, help="at most N rows (20)")
     tasks.add_argument("--db", metavar="PATH", help="task DB file (default: TASK_DB)")
-    console = commands.add_parser("console", help="chat with the bot in this terminal, no DingTalk needed",
-                                  description="Each line of stdin goes through the same commands, routing, task "
-                                  "manager and CodeBuddy CLI (CODEBUDDY_BIN) as a DingTalk 1:1 message; what the "
-                                  "chat would show is printed. Tasks are kept in memory only. End of input "
-                                  "waits for running tasks, then exits.")
-    console.add_argument("--user", metavar="ID", default="console",
-                         help="the staff id you chat as (default: console; must be in ALLOWED_USERS if set)")
+    console_command = commands.add_parser(
+        "console", help="chat with the bot in this terminal, no DingTalk needed",
+        description="Each line of stdin goes through the same commands, routing, task manager and CodeBuddy CLI "
+        "(CODEBUDDY_BIN) as a DingTalk 1:1 message; what the chat would show is printed. Tasks are kept in memory "
+        "only. End of input waits for running tasks, then exits.")
+    console_command.add_argument("--user", metavar="ID", default="console",
+                                 help="the staff id you chat as (default: console; must be in ALLOWED_USERS if set)")
     args = parser.parse_args(argv)
     command = args.command or "run"
     if command == "check":
-        return ops.run_check(os.environ)
+        return doctor.run_check(os.environ)
     try:
-        config = load_config() if command == "run" else ops.load_local_config(os.environ)
+        config = load_config() if command == "run" else load_local_config(os.environ)
     except ConfigError as exc:
         print(f"配置错误: {exc}", file=sys.stderr)
         return 2
     if command == "tasks":
-        return ops.print_tasks(args.db or config.task_db, user=args.user, status=args.status, limit=args.limit)
+        return task_table.print_tasks(args.db or config.task_db, user=args.user, status=args.status, limit=args.limit)
     handler = setup_logging(config.log_file, config.log_level, config.secrets)
     if not sandbox_ready(config):
         return 2
     if command == "console":
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)  # log lines on the terminal would drown the chat
-        return ops.run_console(config, ChatApp, IncomingMessage, user_id=args.user)
+        return console.run_console(config, user_id=args.user)
     return run_daemon(config)
 
 

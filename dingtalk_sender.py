@@ -3,6 +3,7 @@
 This is the only module that sends HTTP to DingTalk. `DingTalkSender.send(route, text)` is its one seam:
 it picks the path (webhook while alive, else batchSend for 1:1 or groupMessages/send for groups), splits
 long answers, retries what is worth retrying within a deadline and returns a `Delivery` value.
+The wire format it relies on is in docs/wire-facts.md §2 (session webhook) and §3 (OpenAPI).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from config import HTTP_TIMEOUT, PUSH_MAX_BYTES, TOKEN_REFRESH_MARGIN, WEBHOOK_M
 
 log = logging.getLogger("dingtalk_sender")
 
+# Every DingTalk API path and topic the bot uses, written once (docs/wire-facts.md §1, §3).
 BATCH_SEND_PATH = "/v1.0/robot/oToMessages/batchSend"
 GROUP_SEND_PATH = "/v1.0/robot/groupMessages/send"
 TOKEN_PATH = "/v1.0/oauth2/accessToken"
@@ -134,9 +136,18 @@ class Route:
     def is_group(self) -> bool:
         return self.conversation_type == "2"
 
+    @property
+    def push_path(self) -> str:
+        """The OpenAPI push for this chat: "group" (groupMessages/send) or "batchSend" (1:1)."""
+        return "group" if self.is_group else "batchSend"
+
     def session_webhook_alive(self, now_ms: float, margin_ms: float = 5000) -> bool:
         """True while the session webhook exists and is not about to expire."""
         return bool(self.session_webhook) and now_ms + margin_ms < self.webhook_expires_ms
+
+    def path_for(self, allow_webhook: bool, now_ms: float) -> str:
+        """The path a message takes: "webhook" while allowed and alive, else the push path."""
+        return "webhook" if allow_webhook and self.session_webhook_alive(now_ms) else self.push_path
 
 
 @dataclass(frozen=True)
@@ -338,7 +349,7 @@ class DingTalkSender:
 
     def reply_webhook(self, route: Route, text: str, *, markdown: bool = False,
                       title: str = "CodeBuddy") -> Delivery:
-        """POST `text` to the route's session webhook; a non-zero errcode is a failure."""
+        """POST `text` to the route's session webhook; a non-zero errcode is a failure (docs/wire-facts.md §2)."""
         for part in split_message(text, WEBHOOK_MAX_BYTES - 64, utf8_json_cost):
             if markdown:
                 body = {"msgtype": "markdown", "markdown": {"title": title, "text": part}}
@@ -360,7 +371,7 @@ class DingTalkSender:
     def push(self, route: Route, text: str, *, markdown: bool = False, title: str = "CodeBuddy",
              retry_window: float | None = None) -> Delivery:
         """Push `text` through the OpenAPI (batchSend for 1:1, groupMessages/send for groups)."""
-        path_name = "group" if route.is_group else "batchSend"
+        path_name = route.push_path
         if route.is_group and not route.conversation_id:
             return Delivery(ok=False, path=path_name, error="group route without conversation id", permanent=True)
         if not route.is_group and not route.user_id:
@@ -415,7 +426,7 @@ class DingTalkSender:
                 raise DeliveryError(f"stopping: {error}", retryable=True)
 
     def _post_openapi(self, path: str, body: dict) -> list[str] | None:
-        """One POST; None when delivered, the throttled user ids when some must be retried."""
+        """One POST; None when delivered, the throttled user ids when some must be retried (docs/wire-facts.md §3)."""
         token = self.tokens.get()
         try:
             reply = self._http.post_json(self.endpoint + path, body, {"x-acs-dingtalk-access-token": token})

@@ -368,8 +368,9 @@ def cancel_latency(workdir: Path, rounds: int) -> tuple[list[float], list[float]
 
 def recovery(workdir: Path, undelivered: int) -> tuple[float, float, float]:
     """Start → first (and last) re-pushed result with `undelivered` finished, undelivered tasks in the DB."""
-    from async_task_manager import SUCCEEDED, SQLiteTaskStore, Task
     from dingtalk_sender import Route
+    from task import SUCCEEDED, Task
+    from task_store import SQLiteTaskStore
 
     workdir.mkdir(parents=True, exist_ok=True)
     store = SQLiteTaskStore(str(workdir / "tasks.db"))

@@ -3,7 +3,7 @@
 One `DingTalkStandin` runs an aiohttp server (HTTP and websocket on one random port) in a
 background thread with its own event loop. Tests drive it from their own threads: they push bot
 messages down the stream, inject faults, and assert on every HTTP request the bot made.
-Wire shapes follow /work/shared/NOTES.md; values marked "unverified" there are best guesses.
+Wire shapes follow docs/wire-facts.md; values marked "unverified" there are best guesses.
 """
 
 from __future__ import annotations

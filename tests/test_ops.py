@@ -24,10 +24,16 @@ from types import SimpleNamespace
 
 import pytest
 
-import ops
-from async_task_manager import SQLiteTaskStore, Task
+import console
+import doctor
+import metrics
+import status_server
+import systemd_notify
+import task_table
 from codebuddy_client import RunResult
 from dingtalk_sender import Route
+from task import Task
+from task_store import SQLiteTaskStore
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT, cli_runs, fake_cli_env, run_alive
 
 BOT = str(ROOT / "bot.py")
@@ -119,17 +125,17 @@ def test_check_with_a_missing_cli_fails(tmp_path, standin):
 
 def test_check_without_credentials_fails_on_configuration():
     out = io.StringIO()
-    assert ops.run_check({}, dotenv_path=None, out=out) == 1
+    assert doctor.run_check({}, dotenv_path=None, out=out) == 1
     assert out.getvalue().startswith("✗ configuration: DINGTALK_CLIENT_ID is not set")
 
 
 def test_check_reports_paths_that_cannot_be_written(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    assert not ops.check_workspace(str(blocker)).ok
-    assert not ops.check_task_db(str(blocker / "tasks.db")).ok
-    assert not ops.check_log_file(str(blocker / "bot.log")).ok
-    assert ops.check_log_file(str(tmp_path / "new" / "bot.log")).ok
+    assert not doctor.check_workspace(str(blocker)).ok
+    assert not doctor.check_task_db(str(blocker / "tasks.db")).ok
+    assert not doctor.check_log_file(str(blocker / "bot.log")).ok
+    assert doctor.check_log_file(str(tmp_path / "new" / "bot.log")).ok
 
 
 # ---------------------------------------------------------------- the task table
@@ -171,14 +177,14 @@ def test_tasks_without_a_db_says_so(tmp_path):
 
 def test_task_table_aligns_chinese_prompts():
     now = time.time()
-    table = ops.format_task_table([_task("b1", "u1", "running", now, "分析公司" * 20),
+    table = task_table.format_task_table([_task("b1", "u1", "running", now, "分析公司" * 20),
                                    _task("b2", "user-two", "queued", now, "short")], now)
     header, first, second = table.splitlines()
-    prompt_column = ops._display_width(header[:header.index("PROMPT")])
+    prompt_column = task_table._display_width(header[:header.index("PROMPT")])
     for row in (first, second):
-        cut = next(i for i in range(len(row)) if ops._display_width(row[:i]) >= prompt_column)
+        cut = next(i for i in range(len(row)) if task_table._display_width(row[:i]) >= prompt_column)
         assert row[cut - 2:cut] == "  "
-    assert first.endswith("…") and ops._display_width(first) - prompt_column <= 40
+    assert first.endswith("…") and task_table._display_width(first) - prompt_column <= 40
 
 
 # ---------------------------------------------------------------- the console
@@ -275,7 +281,7 @@ def test_console_end_of_input_waits_for_running_tasks(tmp_path):
 
 def test_console_sender_takes_the_path_the_real_sender_would():
     out = io.StringIO()
-    sender = ops.ConsoleSender(out, wall_clock=lambda: 1000.0)
+    sender = console.ConsoleSender(out, wall_clock=lambda: 1000.0)
     alive = Route(conversation_type="1", user_id="u1", conversation_id="c", session_webhook="x",
                   webhook_expires_ms=2_000_000)
     expired = Route(conversation_type="2", user_id="u1", conversation_id="c", session_webhook="x",
@@ -332,7 +338,8 @@ def test_notifier_writes_to_path_and_abstract_sockets(tmp_path):
     for address in (str(tmp_path / "notify.sock"), f"@dingtalk-bot-test-{uuid.uuid4().hex}"):
         receiver = _NotifySocket(address)
         try:
-            notifier = ops.SystemdNotifier.from_environ({"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "4000000"})
+            notifier = systemd_notify.SystemdNotifier.from_environ({"NOTIFY_SOCKET": address,
+                                                                    "WATCHDOG_USEC": "4000000"})
             assert notifier.watchdog_interval == 2.0
             assert notifier.ready("up") and notifier.watchdog() and notifier.stopping()
             receiver.wait_for("STOPPING=1")
@@ -342,19 +349,19 @@ def test_notifier_writes_to_path_and_abstract_sockets(tmp_path):
 
 
 def test_notifier_is_a_no_op_outside_systemd_and_ignores_another_pids_watchdog():
-    assert not ops.SystemdNotifier.from_environ({}).ready()
-    assert ops.SystemdNotifier.from_environ({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000000",
+    assert not systemd_notify.SystemdNotifier.from_environ({}).ready()
+    assert systemd_notify.SystemdNotifier.from_environ({"NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "1000000",
                                              "WATCHDOG_PID": "1"}, pid=2).watchdog_interval == 0
-    assert not ops.SystemdNotifier("/nonexistent/notify.sock").ready()  # a failed send never raises
+    assert not systemd_notify.SystemdNotifier("/nonexistent/notify.sock").ready()  # a failed send never raises
 
 
 def test_ready_is_sent_after_the_timeout_when_the_stream_never_connects():
     sent: list[tuple[str, ...]] = []
-    notifier = ops.SystemdNotifier("@unused", watchdog_usec=20_000)
+    notifier = systemd_notify.SystemdNotifier("@unused", watchdog_usec=20_000)
     notifier.notify = lambda *fields: sent.append(fields) or True  # type: ignore[method-assign]
 
     async def scenario() -> None:
-        task = asyncio.create_task(ops.notify_systemd(notifier, lambda: False, ready_timeout=0.1, poll=0.01))
+        task = asyncio.create_task(systemd_notify.notify_systemd(notifier, lambda: False, ready_timeout=0.1, poll=0.01))
         await asyncio.sleep(0.3)
         task.cancel()
 
@@ -428,18 +435,18 @@ def test_status_port_serves_healthz_and_metrics(standin, make_bot):
     assert _get(base + "/nothing")[0] == 404
 
 
-def _sources(tmp_path: Path, connected: bool, task_db: str) -> ops.StatusSources:
-    return ops.StatusSources(
+def _sources(tmp_path: Path, connected: bool, task_db: str) -> metrics.StatusSources:
+    return metrics.StatusSources(
         manager=SimpleNamespace(stats={"tasks_running": 1, "queue_length": 2, "running": 1}),
         sender=SimpleNamespace(stats={"webhook_failed": 4}, tokens=SimpleNamespace(fetches=0)),
         client=SimpleNamespace(running_processes=1), stream=SimpleNamespace(connected=connected, reconnects=3),
-        task_db=task_db, durations=ops.DurationHistogram())
+        task_db=task_db, durations=metrics.DurationHistogram())
 
 
 def test_healthz_is_503_and_says_why(tmp_path):
     db = tmp_path / "tasks.db"
     SQLiteTaskStore(str(db)).close()
-    server = ops.StatusServer(_sources(tmp_path, connected=False, task_db=str(db)), 0).start()
+    server = status_server.StatusServer(_sources(tmp_path, connected=False, task_db=str(db)), 0).start()
     try:
         assert server._server.server_address[0] == "127.0.0.1"
         status, body = _get(f"http://127.0.0.1:{server.port}/healthz")
@@ -447,7 +454,8 @@ def test_healthz_is_503_and_says_why(tmp_path):
         assert json.loads(body)["store_writable"] is True
     finally:
         server.stop()
-    missing = ops.StatusServer(_sources(tmp_path, connected=True, task_db=str(tmp_path / "gone.db")), 0).start()
+    missing = status_server.StatusServer(_sources(tmp_path, connected=True, task_db=str(tmp_path / "gone.db")),
+                                         0).start()
     try:
         status, body = _get(f"http://127.0.0.1:{missing.port}/healthz")
         assert status == 503 and json.loads(body)["store_writable"] is False
@@ -458,13 +466,13 @@ def test_healthz_is_503_and_says_why(tmp_path):
 
 def test_metrics_histogram_and_counters_render_in_prometheus_format(tmp_path):
     sources = _sources(tmp_path, connected=True, task_db=":memory:")
-    timed = ops.TimedClient(SimpleNamespace(run=lambda prompt, **kw: RunResult(ok=False, timed_out=True,
+    timed = metrics.TimedClient(SimpleNamespace(run=lambda prompt, **kw: RunResult(ok=False, timed_out=True,
                                                                                duration=float(prompt)),
                                             running_processes=1), sources.durations)
     for seconds in ("0.5", "45", "5000"):
         timed.run(seconds)
     assert timed.running_processes == 1  # everything else passes through
-    samples = _parse_metrics(ops.render_metrics(sources))
+    samples = _parse_metrics(metrics.render_metrics(sources))
     buckets = {le: _value(samples, "dingtalk_bot_task_duration_seconds_bucket", outcome="timed_out", le=le)
                for le in ("1", "30", "60", "3600", "+Inf")}
     assert buckets == {"1": 1, "30": 1, "60": 2, "3600": 2, "+Inf": 3}
@@ -480,6 +488,6 @@ def test_status_port_already_taken_is_logged_not_fatal(tmp_path, caplog):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert ops.start_status_server(port, _sources(tmp_path, True, ":memory:")) is None
+        assert status_server.start_status_server(port, _sources(tmp_path, True, ":memory:")) is None
     assert "状态服务无法监听" in caplog.text
-    assert ops.start_status_server(None, _sources(tmp_path, True, ":memory:")) is None
+    assert status_server.start_status_server(None, _sources(tmp_path, True, ":memory:")) is None

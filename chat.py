@@ -1,0 +1,217 @@
+"""The chat app: the neutral incoming message, and what to do with it — refuse, answer a command, or submit a task.
+
+Transports (the DingTalk Stream in bot.py, the terminal console) turn what they receive into an
+`IncomingMessage`; `ChatApp.handle` never sees a frame, a websocket or HTTP. The command texts live here.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from async_task_manager import AsyncTaskManager
+from config import MAX_PROMPT_CHARS, Config
+from dingtalk_sender import Route
+from task import ACTIVE_STATUSES, QUEUED, RUNNING, STATUS_LABELS, Task
+
+log = logging.getLogger("bot")
+
+HELP_TEXT = """可用命令:
+/help (帮助) — 显示本帮助
+/tasks (我的任务) — 我最近的任务
+/status [任务ID] (任务状态, 查询任务) — 任务状态，默认最近一个
+/cancel [任务ID] (取消任务) — 取消排队中或执行中的任务，默认最近一个
+/new (新会话) — 开始新的 CodeBuddy 会话 (忘记之前的对话)
+其他任何文字都会发给 CodeBuddy 处理。"""
+
+COMMANDS = {
+    "/help": "help", "帮助": "help",
+    "/tasks": "tasks", "我的任务": "tasks",
+    "/status": "status", "任务状态": "status", "查询任务": "status",
+    "/cancel": "cancel", "取消任务": "cancel",
+    "/new": "new", "新会话": "new",
+}
+UNSUPPORTED_TYPES = {"picture": "图片", "file": "文件", "video": "视频", "audio": "语音"}
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """A chat message as the app sees it, whatever transport it came from."""
+
+    msg_id: str
+    user_id: str
+    user_name: str
+    conversation_type: str
+    conversation_id: str
+    text: str  # the prompt; "" when the message had none
+    msgtype: str = "text"
+    session_webhook: str = ""
+    webhook_expires_ms: int = 0
+
+    @property
+    def conversation_key(self) -> str:
+        return self.conversation_id or self.user_id
+
+
+class ChatApp:
+    """Decides what to do with one message: refuse, answer a command, or submit a task."""
+
+    def __init__(self, manager: AsyncTaskManager, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+        self.manager = manager
+        self.config = config
+        self.clock = clock
+        self._recent_prompts: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._last_refusal: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def route_for(self, message: IncomingMessage) -> Route:
+        """Where answers to `message` go: its chat, and its session webhook while alive."""
+        return Route(conversation_type=message.conversation_type, user_id=message.user_id,
+                     conversation_id=message.conversation_id, session_webhook=message.session_webhook,
+                     webhook_expires_ms=message.webhook_expires_ms)
+
+    def reply(self, message: IncomingMessage, text: str) -> None:
+        """Answer in the message's chat, off this thread."""
+        self.manager.outbox.notice(self.route_for(message), text)
+
+    def _once_per(self, user_id: str, kind: str, seconds: float) -> bool:
+        now = self.clock()
+        with self._lock:
+            last = self._last_refusal.get((user_id, kind))
+            if last is not None and now - last < seconds:
+                return False
+            self._last_refusal[(user_id, kind)] = now
+            return True
+
+    def _rate_limited(self, user_id: str) -> bool:
+        now = self.clock()
+        with self._lock:
+            window = self._recent_prompts[user_id]
+            while window and now - window[0] >= 60:
+                window.popleft()
+            if len(window) >= self.config.user_rate_limit:
+                return True
+            window.append(now)
+            return False
+
+    def is_admin(self, user_id: str) -> bool:
+        return user_id in self.config.admin_users
+
+    def handle(self, message: IncomingMessage) -> None:
+        """Handle one message; never raises for bad input."""
+        if not message.user_id or not (message.session_webhook or message.conversation_id):
+            log.warning("忽略缺少发送者或会话信息的消息 msgId=%s", message.msg_id or "-")
+            return
+        if not self.manager.remember_message(message.msg_id):
+            log.info("重复消息已忽略: msgId=%s user=%s", message.msg_id, message.user_id)
+            return
+        if self.config.allowed_users and message.user_id not in self.config.allowed_users:
+            log.warning("拒绝未授权用户 user=%s", message.user_id)
+            if self._once_per(message.user_id, "refusal", 3600):
+                self.reply(message, "抱歉，你没有使用此机器人的权限。如需开通，请联系管理员。")
+            return
+        if message.msgtype in UNSUPPORTED_TYPES and not message.text:
+            kind = UNSUPPORTED_TYPES[message.msgtype]
+            self.reply(message, f"暂不支持{kind}消息 (语音需开启钉钉的语音转文字)。请发送文字，或发送 /help 查看命令。")
+            return
+        if not message.text:
+            if message.msgtype not in ("text", "richText", "audio", ""):
+                self.reply(message, f"暂不支持 {message.msgtype} 类型的消息，请发送文字。")
+            else:
+                self.reply(message, "消息为空。请直接输入想让 CodeBuddy 处理的问题，或发送 /help 查看命令。")
+            return
+        words = message.text.split(maxsplit=1)
+        command = COMMANDS.get(words[0].lower())
+        if command is not None:
+            self.run_command(command, words[1].strip() if len(words) > 1 else "", message)
+            return
+        if len(message.text) > MAX_PROMPT_CHARS:
+            self.reply(message, f"消息过长 ({len(message.text)} 字)，请控制在 {MAX_PROMPT_CHARS} 字以内。")
+            return
+        if self._rate_limited(message.user_id):
+            log.warning("请求过于频繁 user=%s", message.user_id)
+            if self._once_per(message.user_id, "rate", 60):
+                self.reply(message, f"请求过于频繁，请稍后再试 (每分钟最多 {self.config.user_rate_limit} 个任务)。")
+            return
+        task = self.manager.submit(message.text, self.route_for(message), user_id=message.user_id,
+                                   user_name=message.user_name, conversation_key=message.conversation_key,
+                                   msg_id=message.msg_id)
+        if task is None:
+            self.reply(message, "机器人正在重启，请稍后重新发送。")
+
+    # ------------------------------------------------------------ commands
+
+    def run_command(self, command: str, argument: str, message: IncomingMessage) -> None:
+        """Answer one chat command at once (commands never wait behind tasks)."""
+        if command == "help":
+            self.reply(message, HELP_TEXT)
+        elif command == "tasks":
+            self.reply(message, self.describe_tasks(message.user_id))
+        elif command == "status":
+            self.reply(message, self.describe_status(argument, message.user_id))
+        elif command == "cancel":
+            threading.Thread(target=self.cancel, args=(argument, message), daemon=True).start()
+        elif command == "new":
+            self.manager.new_session(message.conversation_key)
+            self.reply(message, "已开始新的 CodeBuddy 会话，之前的对话不再作为上下文。")
+
+    def _find_task(self, task_id: str, user_id: str, active_only: bool = False) -> tuple[Task | None, str]:
+        """The task `task_id` if the user may see it, or their latest (active) task; (task, error text)."""
+        if task_id:
+            task = self.manager.get_task(task_id)
+            if task is None or (task.user_id != user_id and not self.is_admin(user_id)):
+                return None, f"找不到任务 {task_id}"
+            return task, ""
+        for task in self.manager.tasks_for(user_id, limit=20):
+            if not active_only or task.status in ACTIVE_STATUSES:
+                return task, ""
+        return None, "你没有进行中的任务。" if active_only else "你还没有任务。"
+
+    def describe_tasks(self, user_id: str) -> str:
+        """The user's recent tasks, one line each (`/tasks`)."""
+        tasks = self.manager.tasks_for(user_id, limit=10)
+        if not tasks:
+            return "你还没有任务。"
+        now = self.clock()
+        lines = ["最近的任务:"]
+        for task in tasks:
+            words = task.prompt[:20] + ("…" if len(task.prompt) > 20 else "")
+            lines.append(f"- {task.id} {STATUS_LABELS.get(task.status, task.status)} "
+                         f"{task.elapsed(now):.0f}秒 「{words}」")
+        return "\n".join(lines)
+
+    def describe_status(self, task_id: str, user_id: str) -> str:
+        """One task's status, elapsed time, queue position and last step (`/status`)."""
+        task, error = self._find_task(task_id, user_id)
+        if task is None:
+            return error
+        now = self.clock()
+        lines = [f"任务 {task.id}: {STATUS_LABELS.get(task.status, task.status)}",
+                 f"已用时: {task.elapsed(now):.0f} 秒",
+                 f"内容: {task.prompt[:40]}{'…' if len(task.prompt) > 40 else ''}"]
+        if task.status == QUEUED:
+            lines.append(f"排队位置: 第 {self.manager.queue_position(task.id)} 位")
+        if task.status == RUNNING:
+            lines.append(f"最近步骤: {task.last_step or '等待 CodeBuddy 输出'}")
+            lines.append(f"预计剩余时间: {self.manager.expected_remaining(task, now)}")
+        if task.error and task.status != QUEUED:
+            lines.append(f"原因: {task.error}")
+        return "\n".join(lines)
+
+    def cancel(self, task_id: str, message: IncomingMessage) -> None:
+        """Cancel the sender's task (or any, for admins) and confirm once its process is gone."""
+        task, error = self._find_task(task_id, message.user_id, active_only=not task_id)
+        if task is None:
+            self.reply(message, error)
+            return
+        cancelled = self.manager.cancel(task.id)
+        if cancelled is None:
+            self.reply(message, f"任务 {task.id} 已结束，无需取消。")
+            return
+        stopped = self.manager.wait_finished(task.id, timeout=15)
+        suffix = "" if stopped else " (进程仍在退出中)"
+        self.reply(message, f"已取消任务 {task.id}{suffix}")

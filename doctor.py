@@ -1,0 +1,215 @@
+"""The doctor (`python bot.py check`): every setting and where it came from, then one ✓/✗ line per check."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TextIO
+
+from dotenv import dotenv_values
+
+from codebuddy_client import CodeBuddyClient, sandbox_from_config
+from config import SETTINGS, Config, ConfigError, load_config
+from dingtalk_sender import (
+    OPEN_CONNECTION_PATH,
+    TOKEN_PATH,
+    AccessTokenProvider,
+    DeliveryError,
+    JsonHttp,
+    open_stream_connection,
+)
+from task_store import store_writable
+
+OK_MARK, FAIL_MARK = "✓", "✗"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One line of `python bot.py check`."""
+
+    name: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{OK_MARK if self.ok else FAIL_MARK} {self.name}: {self.detail}"
+
+
+def _nearest_existing(path: str) -> str:
+    current = os.path.abspath(path)
+    while not os.path.exists(current):
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return current
+
+
+def _creatable(path: str, what: str) -> tuple[bool, str]:
+    """Whether `path` (missing) could be created by this user; never creates anything."""
+    parent = _nearest_existing(os.path.dirname(os.path.abspath(path)))
+    if os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK):
+        return True, f"{os.path.abspath(path)} does not exist yet; {what} will create it"
+    return False, f"{os.path.abspath(path)} does not exist and {parent} is not writable"
+
+
+def check_workspace(path: str) -> CheckResult:
+    """The CLI's working directory exists (or can be created) and takes a new file."""
+    absolute = os.path.abspath(path)
+    if not os.path.exists(absolute):
+        ok, detail = _creatable(absolute, "the first run")
+        return CheckResult("workspace", ok, detail)
+    if not os.path.isdir(absolute):
+        return CheckResult("workspace", False, f"{absolute} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=absolute, prefix=".bot-check-"):
+            pass
+    except OSError as exc:
+        return CheckResult("workspace", False, f"{absolute} is not writable ({exc.strerror or exc})")
+    return CheckResult("workspace", True, f"{absolute} is writable")
+
+
+def check_task_db(path: str) -> CheckResult:
+    """The task DB takes a write lock (or its directory lets the daemon create it)."""
+    absolute = os.path.abspath(path)
+    if path == ":memory:":
+        return CheckResult("task DB", True, "in memory (tasks are lost on restart)")
+    if not os.path.exists(absolute):
+        ok, detail = _creatable(absolute, "the daemon")
+        return CheckResult("task DB", ok, detail)
+    ok, reason = store_writable(absolute)
+    return CheckResult("task DB", ok, f"{absolute} is writable" if ok else f"not writable: {reason}")
+
+
+def check_log_file(path: str) -> CheckResult:
+    """The log file can be appended to (or created); otherwise the daemon logs to stderr."""
+    absolute = os.path.abspath(path)
+    if not os.path.exists(absolute):
+        ok, detail = _creatable(absolute, "the daemon")
+        if not ok:
+            detail += " (the bot would log to stderr, i.e. the journal)"
+        return CheckResult("log file", ok, detail)
+    try:
+        with open(absolute, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        return CheckResult("log file", False, f"{absolute} is not writable ({exc.strerror or exc}); "
+                                              "the bot would log to stderr")
+    return CheckResult("log file", True, f"{absolute} is writable")
+
+
+def check_access_token(config: Config, http: JsonHttp | None = None) -> CheckResult:
+    """Fetch an access token: proves DINGTALK_CLIENT_ID/SECRET and that the OpenAPI endpoint answers."""
+    provider = AccessTokenProvider(http or JsonHttp(pool_size=1, transport_retries=0),
+                                   config.openapi_endpoint, config.client_id, config.client_secret)
+    url = config.openapi_endpoint + TOKEN_PATH
+    try:
+        provider.get()
+    except DeliveryError as exc:
+        hint = "" if exc.retryable else " (check DINGTALK_CLIENT_ID and DINGTALK_CLIENT_SECRET)"
+        return CheckResult("DingTalk access token", False, f"{exc} from {url}{hint}")
+    return CheckResult("DingTalk access token", True, f"fetched from {url}")
+
+
+def check_stream_gateway(config: Config, http: JsonHttp | None = None) -> CheckResult:
+    """Ask the Stream gateway for a connection ticket: proves the app may use Stream mode."""
+    url = config.openapi_endpoint + OPEN_CONNECTION_PATH
+    connection, error = open_stream_connection(http or JsonHttp(pool_size=1, transport_retries=0),
+                                               config.openapi_endpoint, config.client_id, config.client_secret,
+                                               ua="dingtalk-codebuddy-bot/check")
+    if connection is not None:
+        return CheckResult("DingTalk Stream", True, "the gateway accepted the app (Stream mode)")
+    if error.startswith("unreachable"):
+        return CheckResult("DingTalk Stream", False, f"{url} {error}")
+    return CheckResult("DingTalk Stream", False, f"connections/open refused: {error}")
+
+
+def check_cli(config: Config, timeout: float = 20.0) -> CheckResult:
+    """`CODEBUDDY_BIN --version` runs."""
+
+    client = CodeBuddyClient.from_config(config)
+    shown = shutil.which(client.binary) or client.binary
+    try:
+        version = client.version(timeout=timeout)
+    except FileNotFoundError:
+        return CheckResult("CodeBuddy CLI", False, f"{config.codebuddy_bin} not found (install the CLI, or set "
+                                                   "CODEBUDDY_BIN to its path)")
+    except PermissionError:
+        return CheckResult("CodeBuddy CLI", False, f"{shown} is not executable")
+    except subprocess.TimeoutExpired:
+        return CheckResult("CodeBuddy CLI", False, f"{shown} --version did not answer in {timeout:.0f} s")
+    except (OSError, RuntimeError) as exc:
+        return CheckResult("CodeBuddy CLI", False, f"{shown} --version failed: {exc}")
+    return CheckResult("CodeBuddy CLI", True, f"{shown} {version.splitlines()[0] if version else '(no version)'}")
+
+
+def check_sandbox(config: Config) -> CheckResult:
+    """Every run can start in its sandbox (CODEBUDDY_SANDBOX=none fails: runs are not isolated)."""
+    sandbox = sandbox_from_config(config, config.codebuddy_bin)
+    if sandbox.name == "none":
+        return CheckResult("sandbox", False, "CODEBUDDY_SANDBOX=none: runs are not isolated (every chat user can make "
+                                             "the agent read .env and write the bot's files); set it to bwrap")
+    problem = sandbox.probe()
+    if problem:
+        return CheckResult("sandbox", False, problem)
+    return CheckResult("sandbox", True, f"{sandbox.version() or sandbox.name}: each conversation in its own jail")
+
+
+def describe_settings(config: Config, environ: Mapping[str, str], dotenv_path: str | None) -> list[str]:
+    """One line per setting: name, value (secrets masked) and where it came from."""
+
+    in_file = dotenv_values(dotenv_path) if dotenv_path and os.path.isfile(dotenv_path) else {}
+    rows = config.describe()
+    width = max(len(name) for name, _ in rows)
+    lines = []
+    for name, shown in rows:
+        if (environ.get(name) or "").strip():
+            source = "environment"
+        elif (in_file.get(name) or "").strip():
+            source = dotenv_path or ".env"
+        else:
+            source = "default"
+        lines.append(f"  {name.ljust(width)}  {shown or '(unset)'}  [{source}]")
+    return lines
+
+
+def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", out: TextIO | None = None,
+              cli_timeout: float = 20.0) -> int:
+    """`python bot.py check`: print the settings and one ✓/✗ line per check; 0 only if every check passed."""
+    out = out or sys.stdout
+    try:
+        config = load_config(environ, dotenv_path)
+    except ConfigError as exc:
+        print(CheckResult("configuration", False, str(exc)).line(), file=out)
+        return 1
+    except OSError as exc:  # e.g. a .env the user may not read
+        print(CheckResult("configuration", False, f"cannot read {exc.filename or dotenv_path}: "
+                                                  f"{exc.strerror or exc}").line(), file=out)
+        return 1
+    print("Settings (.env and the environment; the environment wins):", file=out)
+    for line in describe_settings(config, environ, dotenv_path):
+        print(line, file=out)
+    print(file=out, flush=True)
+    results = [CheckResult("configuration", True, f"{len(SETTINGS)} settings valid")]
+    print(results[0].line(), file=out, flush=True)
+    for check in (lambda: check_access_token(config), lambda: check_stream_gateway(config),
+                  lambda: check_cli(config, cli_timeout), lambda: check_sandbox(config),
+                  lambda: check_workspace(config.codebuddy_workdir),
+                  lambda: check_task_db(config.task_db), lambda: check_log_file(config.log_file)):
+        result = check()
+        results.append(result)
+        print(result.line(), file=out, flush=True)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        print("  note: running as root, so file checks pass for root; run it as the service user "
+              "(sudo -u dingtalk-bot …) to check what the daemon may write", file=out)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        print(f"{len(failed)} of {len(results)} checks failed.", file=out)
+        return 1
+    print(f"All {len(results)} checks passed.", file=out)
+    return 0

@@ -1,0 +1,79 @@
+"""The intake thread: bot messages handled one at a time in arrival order, each batch committed before its ACKs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger("bot")
+
+
+def settle(future: asyncio.Future, value: bool) -> None:
+    """Resolve a frame's "recorded" future (True: recorded; False: the ACK stopped waiting), once."""
+    if not future.done():
+        future.set_result(value)
+
+
+def settle_all(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        settle(future, True)
+
+
+class Intake:
+    """One thread that handles bot messages in arrival order and tells the event loop when they are recorded.
+
+    It takes every message waiting at once and wakes the loop once per batch, not once per message: in a
+    burst that wake-up was a large part of the cost of an acknowledgement (BENCHMARKS.md).
+    """
+
+    def __init__(self, handle: Callable[[dict], None],
+                 batch: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+        self._handle = handle
+        self._batch = batch  # the store's one-transaction context: a batch is committed before its ACKs
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
+        self._thread.start()
+
+    def submit(self, data: dict, loop: asyncio.AbstractEventLoop | None = None,
+               recorded: asyncio.Future | None = None) -> None:
+        """Queue one message; `recorded` (a future of `loop`) is set to True once it has been handled."""
+        self._queue.put((data, loop, recorded))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Handle what is queued, then stop the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+            stopping = False
+            with self._batch():
+                for item in batch:
+                    if item is None:
+                        stopping = True
+                        continue
+                    data, loop, recorded = item
+                    try:
+                        self._handle(data)
+                    except Exception:
+                        log.exception("处理消息失败")
+                    if loop is not None and recorded is not None:
+                        waiting.setdefault(loop, []).append(recorded)
+            for loop, futures in waiting.items():
+                try:
+                    loop.call_soon_threadsafe(settle_all, futures)
+                except RuntimeError:
+                    pass  # the loop has closed (shutdown): nothing is waiting for these ACKs any more
+            if stopping:
+                return

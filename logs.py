@@ -1,0 +1,91 @@
+"""How the bot logs: the line format, the log file, secret redaction, and the ` task=… user=…` context.
+
+Operators grep these lines (README "Logs"): one event per line, ending with ` task=<id> user=<uid>` when it
+is about a task. `TaskLogger` writes that ending, so no call site formats it by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from collections.abc import MutableMapping
+from typing import Any, Protocol
+
+from codebuddy_client import redact_secrets
+
+log = logging.getLogger("bot")
+
+LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
+LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
+
+
+class _HasIds(Protocol):
+    id: str
+    user_id: str
+
+
+class TaskLogger(logging.LoggerAdapter):
+    """A logger whose every line ends with ` task=<id> user=<uid>` (the id and user as log arguments)."""
+
+    def __init__(self, logger: logging.Logger, task_id: str, user_id: str) -> None:
+        super().__init__(logger, {"task": task_id, "user": user_id})
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        # Arguments, not text: an id with a "%" in it must not break the line's formatting.
+        extra: MutableMapping[str, Any] = self.extra or {}
+        super().log(level, f"{msg} task=%s user=%s", *args, extra["task"], extra["user"], **kwargs)
+
+
+def task_log(logger: logging.Logger, task: _HasIds) -> TaskLogger:
+    """`logger`, with `task`'s id and user at the end of every line."""
+    return TaskLogger(logger, task.id, task.user_id)
+
+
+class RedactingFilter(logging.Filter):
+    """Removes the client secret and anything token-like from every log line."""
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        super().__init__()
+        self._secrets = tuple(s for s in secrets if s)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING or record.exc_info:
+            cleaned = redact_secrets(message, self._secrets)  # errors may quote text from outside
+        else:
+            # INFO lines are the bot's own phrases and ids: only the exact secrets are checked (cheap).
+            cleaned = message
+            for secret in self._secrets:
+                if secret in cleaned:
+                    cleaned = cleaned.replace(secret, "***")
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        return True
+
+
+def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = ()) -> logging.Handler:
+    """Log to `log_file` (WatchedFileHandler, so logrotate works); fall back to stderr and say so once."""
+    formatter = logging.Formatter(LOG_FORMAT, LOG_DATEFMT)
+    fallback_reason = ""
+    try:
+        directory = os.path.dirname(os.path.abspath(log_file))
+        os.makedirs(directory, exist_ok=True)
+        os.close(os.open(log_file, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))  # a new log is the bot's alone
+        handler: logging.Handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+    except OSError as exc:
+        handler = logging.StreamHandler(sys.stderr)
+        fallback_reason = f"cannot open LOG_FILE {log_file} ({exc.strerror or exc}); logging to stderr"
+    handler.setFormatter(formatter)
+    handler.addFilter(RedactingFilter(secrets))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    if fallback_reason:
+        log.warning(fallback_reason)
+    return handler

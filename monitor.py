@@ -1,0 +1,83 @@
+"""A thread that watches running tasks: it moves overdue short ones to the background, sends progress notes
+on long ones, and cleans up now and then.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import task_texts
+from delivery import Outbox
+from logs import task_log
+from task import RUNNING, Task
+from task_board import TaskBoard
+
+log = logging.getLogger("async_task_manager")
+
+CLEANUP_INTERVAL = 60.0  # seconds between clean-ups of memory and the store
+
+
+class Monitor:
+    """Every `tick` seconds: promote tasks past `sync_timeout`, send due progress notes, clean up."""
+
+    def __init__(self, board: TaskBoard, outbox: Outbox, *, sync_timeout: float, progress_interval: float,
+                 tick: float) -> None:
+        self.board = board
+        self.outbox = outbox
+        self.sync_timeout = sync_timeout
+        self.progress_interval = progress_interval
+        self.tick = tick
+        # Its own event, not the workers' condition: a burst of submits must not wake it once per message.
+        self._stop = threading.Event()
+        self._last_cleanup = 0.0
+        self._thread = threading.Thread(target=self._watch, name="monitor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.tick):
+            try:
+                self.promote_notify_and_clean(self.board.clock())
+            except Exception:
+                log.exception("monitor check failed")
+
+    def promote_notify_and_clean(self, now: float) -> None:
+        """Promote tasks past `sync_timeout`, send due progress notes, and clean up once a minute."""
+        promote, progress = [], []
+        with self.board.lock:
+            for task in self.board.tasks.values():
+                if task.finished:
+                    continue
+                if not task.background and now - task.created_at >= self.sync_timeout:
+                    promote.append(task)
+                elif (task.background and task.status == RUNNING and self.progress_interval > 0
+                      and now - (task.last_progress_at or now) >= self.progress_interval):
+                    progress.append(task)
+            for task in promote:
+                self.promote_to_background(task)
+            for task in progress:
+                self.board.transition(task, last_progress_at=now)
+        for task in progress:
+            self.outbox.notice(task.route, task_texts.progress_note(task, now), task_id=task.id,
+                               allow_webhook=False)
+        if now - self._last_cleanup >= CLEANUP_INTERVAL:
+            self._last_cleanup = now
+            self.board.cleanup(now)
+
+    def promote_to_background(self, task: Task) -> None:
+        """Move a short task that runs past `sync_timeout` to the background and tell the user."""
+        with self.board.lock:
+            if task.finished or task.background:
+                return
+            self.board.transition(task, background=True)
+        task_log(log, task).info("任务 %s 超过 %.0f 秒，转入后台执行", task.id, self.sync_timeout)
+        self.outbox.notice(task.route, task_texts.moved_to_background(task, self.sync_timeout), task_id=task.id)

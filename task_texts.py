@@ -1,0 +1,49 @@
+"""What the bot tells a user about their task, in their words: acknowledgements, notices and results."""
+
+from __future__ import annotations
+
+from task import RUNNING, SUCCEEDED, TIMED_OUT, Task
+
+
+def acknowledgement(task: Task, position: int, queued: bool, expected_duration: str) -> str:
+    """The first answer to a prompt: received, its id, and for a background task how long it should take."""
+    queue_note = f"\n当前排队中 (第 {position} 位)，有空闲时自动开始。" if queued else ""
+    if task.background:
+        return (f"收到任务，正在处理中…\n这是一个长时间任务，已转入后台执行 (任务ID: {task.id})，"
+                f"预计耗时: {expected_duration}。完成后会主动推送结果，"
+                f"可发送 /status {task.id} 查看进度。{queue_note}")
+    return f"收到任务，正在处理中… (任务ID: {task.id}){queue_note}"
+
+
+def moved_to_background(task: Task, sync_timeout: float) -> str:
+    """A short task ran (or waited) past SYNC_TIMEOUT: its result will be pushed."""
+    doing = "执行" if task.status == RUNNING else "排队"
+    return (f"任务{doing}已超过 {sync_timeout:.0f} 秒，已转入后台继续{doing} "
+            f"(任务ID: {task.id})。完成后会主动推送结果，可发送 /status {task.id} 查看进度。")
+
+
+def progress_note(task: Task, now: float) -> str:
+    """A background task is still running: for how long, and its last step."""
+    step = task.last_step or "等待 CodeBuddy 输出"
+    return f"任务 {task.id} 仍在处理中 (已用时 {task.elapsed(now) / 60:.0f} 分钟, 最近步骤: {step})"
+
+
+def restarted(task: Task, interrupted: bool) -> str:
+    """After a restart: the task runs again (it had started) or keeps its place in the queue."""
+    if interrupted:
+        return f"上次运行被中断，正在重新执行… (任务ID: {task.id})"
+    return f"机器人已重启，你的任务继续排队执行 (任务ID: {task.id})，完成后会主动推送结果。"
+
+
+def result(task: Task, now: float) -> str:
+    """What the user reads for a finished task."""
+    if task.status == SUCCEEDED:
+        text = task.result.strip() or "(CodeBuddy 没有返回内容)"
+        if task.background:
+            return f"**任务 {task.id} 已完成** (耗时 {task.elapsed(now):.0f} 秒)\n\n{text}"
+        return text
+    if task.status == TIMED_OUT:
+        step = task.last_step or "无"
+        return (f"任务 {task.id} 执行超时 (已用时 {task.elapsed(now) / 60:.1f} 分钟, "
+                f"最近步骤: {step})，已终止。")
+    return f"CodeBuddy 执行失败: {task.error or '未知错误'} (任务ID: {task.id})"

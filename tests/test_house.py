@@ -1,0 +1,82 @@
+"""The house rules of issue 10: small modules, one sentence each, imports at the top, one way, no cycles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+MODULES = sorted(ROOT.glob("*.py"))
+NAMES = {path.stem for path in MODULES}
+MAX_MODULE_LINES = 450
+MAX_CLASS_LINES = 250
+# The one import inside a function: the DingTalk SDK reads DINGTALK_OPENAPI_ENDPOINT at import, so bot.py
+# imports it only after run_daemon has set it (docs/wire-facts.md §1).
+LATE_IMPORTS = {("bot.py", "_sdk")}
+# Being rewritten on main (the sandbox change) and made to comply there: config.load_config imports dotenv late.
+LATE_IMPORTS_EXEMPT = {"config.py"}
+
+
+def _tree(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+
+
+def _project_imports(tree: ast.Module) -> set[str]:
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & NAMES
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_module_is_small_and_opens_with_its_one_sentence(path):
+    tree = _tree(path)
+    docstring = ast.get_docstring(tree)
+    assert docstring, f"{path.name} has no opening docstring"
+    assert len(path.read_text(encoding="utf-8").splitlines()) <= MAX_MODULE_LINES
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            assert node.end_lineno - node.lineno + 1 <= MAX_CLASS_LINES, f"{path.name}: class {node.name}"
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_imports_are_at_the_top(path):
+    if path.name in LATE_IMPORTS_EXEMPT:
+        pytest.skip(f"{path.name} is exempt for now (being rewritten on main)")
+    late = []
+    for function in ast.walk(_tree(path)):
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, (ast.Import, ast.ImportFrom)) and (path.name, function.name) not in LATE_IMPORTS:
+                    late.append(f"{path.name}:{node.lineno} in {function.name}()")
+    assert not late, late
+
+
+def test_module_imports_have_no_cycles():
+    graph = {path.stem: _project_imports(_tree(path)) for path in MODULES}
+    done: set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        assert name not in trail, "import cycle: " + " → ".join((*trail, name))
+        if name in done:
+            return
+        for imported in graph[name]:
+            visit(imported, (*trail, name))
+        done.add(name)
+
+    for name in graph:
+        visit(name, ())
+
+
+def test_the_spine_imports_one_way():
+    graph = {path.stem: _project_imports(_tree(path)) for path in MODULES}
+    assert not graph["config"]
+    assert graph["codebuddy_client"] <= {"config"} and graph["dingtalk_sender"] <= {"config"}
+    assert "bot" not in set().union(*graph.values())  # nothing imports the entry point
+    assert "chat" not in graph["async_task_manager"]  # the task logic never sees the chat app

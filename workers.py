@@ -1,0 +1,85 @@
+"""The worker threads: each takes the next task the queue allows, runs it through the CLI and records how it ended."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from codebuddy_client import redact_secrets
+from delivery import Outbox
+from logs import task_log
+from seams import Client
+from task import CANCELLED, QUEUED, TIMED_OUT, Task
+from task_board import Running, TaskBoard
+
+log = logging.getLogger("async_task_manager")
+
+
+class Workers:
+    """`max_workers` threads running tasks one at a time each; results go to the outbox."""
+
+    def __init__(self, board: TaskBoard, client: Client, outbox: Outbox, *, task_timeout: float,
+                 session_for: Callable[[str], str], secrets: Iterable[str] = ()) -> None:
+        self.board = board
+        self.client = client
+        self.outbox = outbox
+        self.task_timeout = task_timeout
+        self.session_for = session_for  # the CodeBuddy session id of a conversation
+        self._secrets = tuple(secrets)
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Start one thread per worker slot."""
+        for number in range(self.board.limits.max_workers):
+            thread = threading.Thread(target=self._work, name=f"worker-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def join(self, deadline: float) -> None:
+        """Wait for the threads to end, until `deadline` (time.monotonic)."""
+        for thread in self._threads:
+            thread.join(timeout=max(0.1, deadline - time.monotonic()))
+
+    def _work(self) -> None:
+        while True:
+            taken = self.board.take_next()
+            if taken is None:
+                return
+            task, running = taken
+            try:
+                self._run(task, running)
+            except Exception:
+                task_log(log, task).exception("任务 %s 失败: unexpected error", task.id)
+                if not task.finished:
+                    self.board.fail(task.id, "内部错误")
+                    self.outbox.deliver_later(task)
+            finally:
+                self.board.release(task)
+
+    def _run(self, task: Task, running: Running) -> None:
+        tlog = task_log(log, task)
+        if task.background:
+            tlog.info("后台任务开始执行: %s", task.id)
+        session = self.session_for(task.conversation_key)
+        result = self.client.run(task.prompt, conversation=task.conversation_key, session_id=session,
+                                 timeout=self.task_timeout,
+                                 cancel_event=running.cancel_event, run_tag=task.id,
+                                 on_step=lambda step: self.board.transition(task, last_step=step))
+        if result.cancelled and running.by_shutdown:
+            # Stopped by a shutdown, not by the user: leave it to be re-run on the next start.
+            self.board.transition(task, status=QUEUED, attempts=max(0, task.attempts - 1))
+            tlog.info("任务 %s 因停止服务而中断，下次启动时重新执行", task.id)
+            return
+        if result.ok:
+            self.board.complete(task.id, result.text, result.duration)
+        elif result.cancelled:
+            self.board.fail(task.id, "已被用户取消", status=CANCELLED)
+            self.board.mark_delivered(task)  # the cancel command already told the user
+            return
+        elif result.timed_out:
+            self.board.fail(task.id, result.error, status=TIMED_OUT, duration=result.duration)
+        else:
+            self.board.fail(task.id, redact_secrets(result.error, self._secrets))
+        self.outbox.deliver_later(task)

@@ -11,7 +11,8 @@ import pytest
 from async_task_manager import AsyncTaskManager
 from codebuddy_client import StreamState, new_session_id, parse_stream_line, redact_secrets, result_from_stream
 from config import SEED_LONG_TASK_KEYWORDS, ConfigError, load_config
-from dingtalk_sender import AccessTokenProvider, Route, split_message, utf8_json_cost
+from dingtalk_sender import AccessTokenProvider, Route
+from message_parts import split_message, utf8_json_cost
 from task import Task
 from task_store import MemoryTaskStore, SQLiteTaskStore
 

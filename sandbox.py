@@ -173,8 +173,11 @@ class Bubblewrap:
 
     def command(self, argv: list[str], dirs: ConversationDirs) -> tuple[list[str], str]:
         """`bwrap … -- argv`, run from the conversation's workspace mounted at /workspace."""
-        return [self.bwrap, "--die-with-parent", "--new-session", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
-                "--unshare-cgroup-try", "--hostname", "codebuddy", *self._mounts(),
+        # --unshare-user and --cap-drop ALL: a bot running as root must not hand the run root's capabilities
+        # (with CAP_SYS_ADMIN and CAP_MKNOD it could mount the host's disk inside the jail).
+        return [self.bwrap, "--die-with-parent", "--new-session", "--unshare-user", "--cap-drop", "ALL",
+                "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "codebuddy",
+                *self._mounts(),
                 "--bind", dirs.workspace, SANDBOX_WORKSPACE, "--bind", dirs.home, SANDBOX_HOME,
                 "--chdir", SANDBOX_WORKSPACE, "--", *argv], dirs.workspace
 

@@ -139,12 +139,15 @@ def test_settings_written_by_one_message_grant_bash_only_inside_the_jail(jailed,
     first = ask(standin, f"攻击-授权 [write:/home/codebuddy/.codebuddy/settings.json:{b64(SETTINGS_GRANTING_BASH)}]",
                 "mallory")
     assert "tool done" in first
-    ask(standin, "攻击-提权 [bash:env; cat ../.env; cat /proc/1/environ | tr '\\0' ' '; ls /]", "mallory")
+    ask(standin, "攻击-提权 [bash:env; cat ../.env; cat /proc/1/environ | tr '\\0' ' '; ls /; "
+        "grep CapEff /proc/self/status; mknod /tmp/disk b 8 0 || echo no-mknod]", "mallory")
     [escalated] = tool_results_for(model_server, "攻击-提权")
     # The escalation works, as in the CLI without a sandbox: the second message got a shell…
     assert "HOME=/home/codebuddy" in escalated, escalated
     # …but only inside its own jail: no bot secret, no bot setting, nothing of another conversation.
     assert leaked([escalated]) == [], escalated
+    # …and without any capability, even when the bot runs as root (CI does): no device nodes, no mounts.
+    assert "CapEff:\t0000000000000000" in escalated and "no-mknod" in escalated, escalated
 
 
 def test_the_agent_still_reads_writes_runs_programs_and_commits_in_its_workspace(real_bot, standin, model_server,

@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dotenv import dotenv_values
+
 DEFAULT_OPENAPI_ENDPOINT = "https://api.dingtalk.com"
 CLI_ENV_PREFIX = "CODEBUDDY_"
 # The CLI's credentials: handed to every run (the agent needs them) but never shown in a chat or a log.
@@ -331,8 +333,6 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | os.
     """Read settings from `environ` (default: os.environ) over a `.env` file; raise ConfigError if invalid."""
     values: dict[str, str] = {}
     if dotenv_path is not None and Path(dotenv_path).is_file():
-        from dotenv import dotenv_values
-
         values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
     from_file = dict(values)
     values.update(os.environ if environ is None else environ)  # the real environment wins over .env

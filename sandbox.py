@@ -139,7 +139,7 @@ class Bubblewrap:
 
     def __init__(self, cli_binary: str, *, hidden: Iterable[str] = (), read_only: Iterable[str] = (),
                  bwrap: str = "bwrap") -> None:
-        self.bwrap = bwrap
+        self.bwrap = shutil.which(bwrap) or bwrap  # looked up once, on the bot's PATH
         self.cli_binary = cli_binary
         self.hidden = tuple(dict.fromkeys(os.path.abspath(p) for p in hidden if p))
         self.read_only = tuple(dict.fromkeys(os.path.abspath(p) for p in read_only if p))

@@ -343,7 +343,7 @@ def positive_int(raw: str) -> int:
 
 def sandbox_ready(config: Config) -> bool:
     """Probe the sandbox every run starts in, once; False (after saying why on stderr and in the log) if it fails."""
-    sandbox = sandbox_from_config(config, config.codebuddy_bin)
+    sandbox = sandbox_from_config(config)
     problem = sandbox.probe()
     if problem:
         message = f"配置错误: CodeBuddy 沙箱不可用 (CODEBUDDY_SANDBOX={sandbox.name}): {problem}"

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from config import KILL_GRACE, SETTINGS, Config, bot_files
+from config import KILL_GRACE, SETTINGS, Config, bot_files, replace_secrets
 from sandbox import Bubblewrap, NoSandbox, Sandbox, Workspaces, run_environment
 
 log = logging.getLogger("codebuddy_client")
@@ -45,9 +45,7 @@ _TOKEN_PATTERNS = (
 
 def redact_secrets(text: str, extra_secrets: Iterable[str] = ()) -> str:
     """Replace anything that looks like a token, and each of `extra_secrets`, with `***`."""
-    for secret in extra_secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
+    text = replace_secrets(text, (secret for secret in extra_secrets if len(secret) >= 4))
     for pattern, replacement in _TOKEN_PATTERNS:
         text = pattern.sub(replacement, text)
     return text
@@ -145,11 +143,11 @@ def result_from_stream(state: StreamState, returncode: int | None, stderr_tail: 
     return RunResult(ok=False, error="CLI ended without a result" + (f": {detail}" if detail else ""), **common)
 
 
-def sandbox_from_config(config: Config, binary: str) -> Sandbox:
+def sandbox_from_config(config: Config) -> Sandbox:
     """The sandbox CODEBUDDY_SANDBOX names, hiding the bot's own files from every run."""
     if config.codebuddy_sandbox == "none":
         return NoSandbox()
-    return Bubblewrap(binary, read_only=config.codebuddy_sandbox_paths,
+    return Bubblewrap(config.codebuddy_bin, read_only=config.codebuddy_sandbox_paths,
                       hidden=bot_files(config.task_db, config.log_file, config.codebuddy_workdir))
 
 
@@ -178,11 +176,10 @@ class CodeBuddyClient:
     @classmethod
     def from_config(cls, config: Config) -> CodeBuddyClient:
         """The client the bot's settings describe (with the CLI variables from .env), in its sandbox."""
-        binary = config.codebuddy_bin
-        return cls(binary, config.codebuddy_workdir, model=config.codebuddy_model,
+        return cls(config.codebuddy_bin, config.codebuddy_workdir, model=config.codebuddy_model,
                    extra_args=config.codebuddy_extra_args, permission_mode=config.codebuddy_permission_mode,
                    timeout=config.task_timeout, kill_grace=KILL_GRACE, env={**os.environ, **dict(config.cli_env)},
-                   sandbox=sandbox_from_config(config, binary))
+                   sandbox=sandbox_from_config(config))
 
     def run_env(self, home: str, run_tag: str = "") -> dict[str, str]:
         """The environment of one run: allowlisted (never a bot setting or secret), HOME = the conversation's."""

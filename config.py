@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,6 +320,14 @@ class Config:
                 shown = "" if value is None else str(value)
             rows.append((setting.env, shown))
         return rows
+
+
+def replace_secrets(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every exact occurrence of each non-empty secret replaced by `***`."""
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 def mask_secret(value: str) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import urllib3
 from urllib3.util.retry import Retry
 
-from config import HTTP_TIMEOUT, PUSH_MAX_BYTES, TOKEN_REFRESH_MARGIN, WEBHOOK_MAX_BYTES
+from config import HTTP_TIMEOUT, PUSH_MAX_BYTES, TOKEN_REFRESH_MARGIN, WEBHOOK_MAX_BYTES, replace_secrets
 from message_parts import split_message, utf8_json_cost
 
 log = logging.getLogger("dingtalk_sender")
@@ -250,9 +250,8 @@ class DingTalkSender:
     def send(self, route: Route, text: str, *, markdown: bool = False, title: str = "CodeBuddy",
              allow_webhook: bool = True, retry_window: float | None = None) -> Delivery:
         """Deliver `text` to `route`: the session webhook while alive, else an OpenAPI push."""
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        if allow_webhook and route.session_webhook_alive(self._wall_clock() * 1000):
+        text = replace_secrets(text, self._secrets)
+        if route.path_for(allow_webhook, self._wall_clock() * 1000) == "webhook":
             delivery = self.reply_webhook(route, text, markdown=markdown, title=title)
             if delivery.ok:
                 return delivery

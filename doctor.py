@@ -150,7 +150,7 @@ def check_cli(config: Config, timeout: float = 20.0) -> CheckResult:
 
 def check_sandbox(config: Config) -> CheckResult:
     """Every run can start in its sandbox (CODEBUDDY_SANDBOX=none fails: runs are not isolated)."""
-    sandbox = sandbox_from_config(config, config.codebuddy_bin)
+    sandbox = sandbox_from_config(config)
     if sandbox.name == "none":
         return CheckResult("sandbox", False, "CODEBUDDY_SANDBOX=none: runs are not isolated (every chat user can make "
                                              "the agent read .env and write the bot's files); set it to bwrap")

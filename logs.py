@@ -14,6 +14,7 @@ from collections.abc import MutableMapping
 from typing import Any, Protocol
 
 from codebuddy_client import redact_secrets
+from config import replace_secrets
 
 log = logging.getLogger("bot")
 
@@ -56,10 +57,7 @@ class RedactingFilter(logging.Filter):
             cleaned = redact_secrets(message, self._secrets)  # errors may quote text from outside
         else:
             # INFO lines are the bot's own phrases and ids: only the exact secrets are checked (cheap).
-            cleaned = message
-            for secret in self._secrets:
-                if secret in cleaned:
-                    cleaned = cleaned.replace(secret, "***")
+            cleaned = replace_secrets(message, self._secrets)
         if cleaned != message:
             record.msg, record.args = cleaned, ()
         return True

@@ -389,7 +389,7 @@ def cancel_latency(workdir: Path, rounds: int) -> tuple[list[float], list[float]
     from sandbox import Workspaces
 
     config = bench_config(workdir / "floor", sandbox=BOT_SETTINGS.get("CODEBUDDY_SANDBOX", "bwrap"))
-    sandbox = sandbox_from_config(config, config.codebuddy_bin)
+    sandbox = sandbox_from_config(config)
     workspaces = Workspaces(config.codebuddy_workdir)
     floor: list[float] = []
     for number in range(rounds):

@@ -238,6 +238,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_WORKERS", "max_workers", "4", parse_positive_int,
             "CodeBuddy runs at once; more tasks wait in a queue"),
     Setting("MAX_TASKS_PER_USER", "max_tasks_per_user", "2", parse_positive_int, "CodeBuddy runs at once for one user"),
+    Setting("MAX_QUEUED_PER_USER", "max_queued_per_user", "10", parse_positive_int,
+            "Tasks one user may have waiting in the queue; more are refused with a reply"),
     Setting("TASK_DB", "task_db", "./data/tasks.db", _text, "SQLite file holding tasks (directory created)"),
     Setting("TASK_RETENTION_DAYS", "task_retention_days", "30", _positive_float,
             "Finished tasks older than this are purged from the task DB"),
@@ -246,7 +248,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PROGRESS_INTERVAL", "progress_interval", "300", _non_negative_float,
             "Seconds between progress notes of a background task (0 = off)"),
     Setting("DELIVERY_RETRY_WINDOW", "delivery_retry_window", "600", _positive_float,
-            "Seconds a failing delivery is retried before it is left for the next start"),
+            "Seconds one delivery of a result keeps retrying; then it is tried again later, with backoff"),
+    Setting("DELIVERY_GIVE_UP_HOURS", "delivery_give_up_hours", "24", _positive_float,
+            "Hours after which an undeliverable result is given up (marked, logged, then purged)"),
     Setting("STREAM_IDLE_TIMEOUT", "stream_idle_timeout", "180", _positive_float,
             "Reconnect the stream after this many seconds without any frame"),
     Setting("SHUTDOWN_GRACE", "shutdown_grace", "20", _non_negative_float,
@@ -279,12 +283,14 @@ class Config:
     log_level: str
     max_workers: int
     max_tasks_per_user: int
+    max_queued_per_user: int
     task_db: str
     task_retention_days: float
     admin_users: tuple[str, ...]
     allowed_users: tuple[str, ...]
     progress_interval: float
     delivery_retry_window: float
+    delivery_give_up_hours: float
     stream_idle_timeout: float
     shutdown_grace: float
     user_rate_limit: int

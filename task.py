@@ -42,6 +42,8 @@ class Task:
     last_step: str = ""
     msg_id: str = ""
     last_progress_at: float | None = None
+    cancel_requested: bool = False  # the user asked to stop it: final, even across a restart
+    undeliverable: bool = False  # delivery was given up (DELIVERY_GIVE_UP_HOURS, or a permanent refusal)
 
     @property
     def finished(self) -> bool:

@@ -36,19 +36,22 @@ class TaskStore(Protocol):
     def close(self) -> None: ...
 
 
+_FLAGS = ("background", "delivered", "cancel_requested", "undeliverable")  # booleans stored as 0/1
+
+
 def _task_to_row(task: Task) -> dict:
     row = dict(task.__dict__)  # not dataclasses.asdict: it deep-copies, and this runs on every transition
     row["route"] = json.dumps(task.route.__dict__, ensure_ascii=False)
-    row["background"] = int(task.background)
-    row["delivered"] = int(task.delivered)
+    for name in _FLAGS:
+        row[name] = int(row[name])
     return row
 
 
 def _task_from_row(row: dict) -> Task:
     values = dict(row)
     values["route"] = Route(**json.loads(values["route"]))
-    values["background"] = bool(values["background"])
-    values["delivered"] = bool(values["delivered"])
+    for name in _FLAGS:
+        values[name] = bool(values[name])
     return Task(**values)
 
 
@@ -128,7 +131,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     id TEXT PRIMARY KEY, user_id TEXT NOT NULL, user_name TEXT, conversation_key TEXT, route TEXT NOT NULL,
     prompt TEXT NOT NULL, keyword TEXT, status TEXT NOT NULL, background INTEGER, created_at REAL,
     started_at REAL, finished_at REAL, result TEXT, error TEXT, delivered INTEGER, attempts INTEGER,
-    last_step TEXT, msg_id TEXT, last_progress_at REAL);
+    last_step TEXT, msg_id TEXT, last_progress_at REAL, cancel_requested INTEGER DEFAULT 0,
+    undeliverable INTEGER DEFAULT 0);
 CREATE INDEX IF NOT EXISTS tasks_user ON tasks (user_id, created_at);
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, delivered);
 CREATE TABLE IF NOT EXISTS seen_messages (msg_id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
@@ -154,6 +158,15 @@ class SQLiteTaskStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A DB made by an older version gains the columns of newer Task fields (NULL-safe defaults)."""
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
+        for name in _TASK_COLUMNS:
+            if name not in present:
+                default = " DEFAULT 0" if name in _FLAGS else ""
+                self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name}{' INTEGER' if default else ''}{default}")
 
     def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:

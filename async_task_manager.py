@@ -24,8 +24,9 @@ from monitor import Monitor
 from routing import Router
 from scheduling import Limits
 from seams import Client, Sender
+from supervision import Supervisor
 from task import ACTIVE_STATUSES, CANCELLED, FAILED, FINISHED_STATUSES, NO_KEYWORD, QUEUED, Task
-from task_board import TaskBoard
+from task_board import CancelWatcher, TaskBoard
 from task_store import MemoryTaskStore, TaskStore
 from workers import Workers
 
@@ -40,19 +41,24 @@ class AsyncTaskManager:
                  task_timeout: float = 1800.0, keywords: Iterable[str] = SEED_LONG_TASK_KEYWORDS,
                  progress_interval: float = 300.0, retention_days: float = 30.0,
                  memory_retention: float = MEMORY_RETENTION_SECONDS, tick: float = 0.5,
-                 clock: Callable[[], float] = time.time, secrets: Iterable[str] = ()) -> None:
+                 retry_backoff: float = 60.0, give_up_after: float = 86400.0,
+                 clock: Callable[[], float] = time.time, secrets: Iterable[str] = (),
+                 supervisor: Supervisor | None = None) -> None:
         self.client = client
+        self.supervisor = supervisor if supervisor is not None else Supervisor()
         self.store: TaskStore = store if store is not None else MemoryTaskStore()
         self.clock = clock
         self.router = Router(self.store, sync_timeout=sync_timeout, keywords=keywords)
         self.board = TaskBoard(self.store, self.router, limits=Limits(max_workers, max_tasks_per_user), clock=clock,
                                memory_retention=memory_retention, retention_days=retention_days)
         self._tasks = self.board.tasks  # the live tasks, by id
-        self.outbox = Outbox(sender, clock=clock, mark_delivered=self.board.mark_delivered)
+        self.outbox = Outbox(sender, clock=clock, mark_delivered=self.board.mark_delivered,
+                             mark_undeliverable=self.board.mark_undeliverable, retry_backoff=retry_backoff,
+                             give_up_after=give_up_after)
         self.workers = Workers(self.board, client, self.outbox, task_timeout=task_timeout,
-                               session_for=self.conversation_session, secrets=secrets)
+                               session_for=self.conversation_session, supervisor=self.supervisor, secrets=secrets)
         self.monitor = Monitor(self.board, self.outbox, sync_timeout=sync_timeout,
-                               progress_interval=progress_interval, tick=tick)
+                               progress_interval=progress_interval, tick=tick, supervisor=self.supervisor)
         self._accepting = True
 
     @classmethod
@@ -62,7 +68,8 @@ class AsyncTaskManager:
                    max_tasks_per_user=config.max_tasks_per_user, sync_timeout=config.sync_timeout,
                    task_timeout=config.task_timeout, keywords=config.all_long_task_keywords,
                    progress_interval=config.progress_interval, retention_days=config.task_retention_days,
-                   secrets=config.secrets)
+                   retry_backoff=min(60.0, config.delivery_retry_window),
+                   give_up_after=config.delivery_give_up_hours * 3600, secrets=config.secrets)
 
     # ------------------------------------------------------------ routing and the board, for callers
 
@@ -160,36 +167,41 @@ class AsyncTaskManager:
 
     # ------------------------------------------------------------ user controls
 
-    def cancel(self, task_id: str) -> Task | None:
-        """Cancel a queued task, or stop a running one's CLI process group. None if it is not active."""
+    def cancel(self, task_id: str, on_ended: CancelWatcher | None = None) -> Task | None:
+        """Cancel a queued task, or stop a running one's CLI process group. None if it is not active.
+
+        `on_ended(task, stopped)` is called once the task has ended (at once for a queued task; for a running
+        one when its worker lets go of it — its status then says whether the cancel or the answer won), or
+        with stopped=False when the CLI has not exited within the monitor's wait. The cancel is recorded in
+        the task, so it stays final across a restart.
+        """
         board = self.board
         with board.lock:
             task = board.tasks.get(task_id)
             if task is None or task.finished:
                 return None
             if task.status == QUEUED:
-                board.queue.remove(task.id)
+                if task.id in board.queue:
+                    board.queue.remove(task.id)
                 board.transition(task, status=CANCELLED, finished_at=self.clock(), error="已被用户取消",
-                                 delivered=True)
+                                 cancel_requested=True, delivered=True)
                 board.wakeup.notify_all()
                 task_log(log, task).info("任务 %s 已取消 (排队中)", task.id)
-                return task
-            running = board.running.get(task.id)
-        if running is not None:
-            running.cancel_event.set()
-            self.client.cancel(task.id)  # from this thread, at once, not at the run's next poll
+            else:
+                board.transition(task, cancel_requested=True)
+                running = board.running.get(task.id)
+                if running is not None:
+                    running.cancel_requested_at = self.clock()
+                    if on_ended is not None:
+                        running.cancel_watchers.append(on_ended)
+                    running.cancel_event.set()
+        if task.finished:
+            if on_ended is not None:
+                on_ended(task, True)
+            return task
+        self.client.cancel(task.id)  # from this thread, at once, not at the run's next poll
         task_log(log, task).info("任务 %s 正在取消 (执行中)", task.id)
         return task
-
-    def wait_finished(self, task_id: str, timeout: float) -> bool:
-        """Block until the task has finished (used by cancel to confirm the process is gone)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.board.lock:
-                if task_id not in self.board.running:
-                    return True
-            time.sleep(0.02)
-        return False
 
     # ------------------------------------------------------------ start, restart and shutdown
 
@@ -201,6 +213,8 @@ class AsyncTaskManager:
     def recover(self) -> None:
         """On start: deliver results never delivered, re-run interrupted tasks once (or fail them)."""
         for task in self.store.load(FINISHED_STATUSES, undelivered_only=True):
+            if task.undeliverable:
+                continue  # given up; purged with the other old tasks
             with self.board.lock:
                 self.board.adopt(task)
                 task.background = True
@@ -212,6 +226,11 @@ class AsyncTaskManager:
             leftovers = self.client.kill_leftovers(task.id)
             if leftovers:
                 tlog.warning("已结束上次运行遗留的 %d 个 CLI 进程", leftovers)
+            if task.cancel_requested:  # the user's cancel is final: never re-run
+                self.board.fail(task.id, "已被用户取消", status=CANCELLED)
+                self.board.mark_delivered(task)
+                self.outbox.notice(task.route, task_texts.cancelled(task), task_id=task.id, allow_webhook=False)
+                continue
             if task.attempts >= 2:
                 self.board.fail(task.id, "任务在重新执行时再次中断")
                 self.board.transition(task, background=True)

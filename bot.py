@@ -32,19 +32,21 @@ import websockets.exceptions  # the SDK uses websockets.exceptions without impor
 
 import console
 import doctor
+import health
 import systemd_notify
 import task_table
 from async_task_manager import AsyncTaskManager
 from chat import ChatApp, IncomingMessage
 from codebuddy_client import CodeBuddyClient, sandbox_from_config
-from config import HTTP_TIMEOUT, SETTINGS, Config, ConfigError, load_config, parse_positive_int
+from config import HTTP_TIMEOUT, SETTINGS, Config, ConfigError, load_config, parse_positive_int, setting_default
 from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, open_stream_connection
 from intake import Intake, settle
 from logs import setup_logging
 from metrics import DurationHistogram, TimedClient
 from status_server import StatusSources, start_status_server
 from task import STATUS_LABELS
-from task_store import SQLiteTaskStore
+from supervision import install_exception_hooks
+from task_store import SQLiteTaskStore, StoreError
 
 __all__ = ["main", "run_daemon", "setup_logging"]
 
@@ -293,11 +295,15 @@ def run_daemon(config: Config) -> int:
         except Exception:
             log.exception("处理消息失败 msgId=%s user=%s", message.msg_id, message.user_id)
 
-    intake = Intake(on_data, manager.store.batch)  # one thread keeps message order
+    intake = Intake(on_data, manager.store.batch, supervisor=manager.supervisor)  # one thread keeps message order
     stream = StreamConnection(config, intake, idle_timeout=config.stream_idle_timeout)
     notifier = systemd_notify.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
     status_server = start_status_server(config.status_port, StatusSources(
-        manager=manager, sender=sender, client=client, stream=stream, task_db=config.task_db, durations=durations))
+        manager=manager, sender=sender, client=client, stream=stream, store=manager.store,
+        supervisor=manager.supervisor, intake=intake, durations=durations))
+
+    def core_alive() -> bool:  # a dead core thread stops the watchdog pings, and systemd restarts the bot
+        return not health.core_problems(manager.supervisor, intake)
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -308,12 +314,14 @@ def run_daemon(config: Config) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
-        supervisor = asyncio.create_task(systemd_notify.notify_systemd(notifier, lambda: stream.connected))
+        watchdog = asyncio.create_task(systemd_notify.notify_systemd(notifier, lambda: stream.connected,
+                                                                     alive=core_alive))
         await stream.run()
-        supervisor.cancel()
+        watchdog.cancel()
 
     asyncio.run(main())
     log.info("收到停止信号，停止接收新消息，等待运行中的任务 (最多 %.0f 秒)", config.shutdown_grace)
+    manager.supervisor.stop()
     intake.shutdown()  # messages already ACKed become queued tasks, re-run after the restart
     manager.shutdown(config.shutdown_grace)
     sender.stop()
@@ -392,18 +400,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config() if command == "run" else load_local_config(os.environ)
     except ConfigError as exc:
-        print(f"配置错误: {exc}", file=sys.stderr)
-        return 2
+        if command == "run":  # the operator greps the log: the reason goes there too
+            setup_logging(os.environ.get("LOG_FILE") or setting_default("LOG_FILE"), "INFO")
+        return startup_failure(f"配置错误: {exc}")
     if command == "tasks":
         return task_table.print_tasks(args.db or config.task_db, user=args.user, status=args.status, limit=args.limit)
     handler = setup_logging(config.log_file, config.log_level, config.secrets)
+    install_exception_hooks()
     if not sandbox_ready(config):
         return 2
     if command == "console":
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)  # log lines on the terminal would drown the chat
         return console.run_console(config, user_id=args.user)
-    return run_daemon(config)
+    try:
+        return run_daemon(config)
+    except StoreError as exc:
+        return startup_failure(f"任务数据库无法打开: {exc}")
+
+
+def startup_failure(message: str) -> int:
+    """A start-up error: one line on stderr and in the log; exit code 2 (systemd does not restart on it)."""
+    print(message, file=sys.stderr)
+    if logging.getLogger().handlers and not _logs_to_stderr():
+        log.error(message)
+    return 2
+
+
+def _logs_to_stderr() -> bool:
+    return any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               and getattr(h, "stream", None) is sys.stderr for h in logging.getLogger().handlers)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import task_texts
 from async_task_manager import AsyncTaskManager
 from config import MAX_PROMPT_CHARS, Config
 from dingtalk_sender import Route
@@ -154,7 +155,7 @@ class ChatApp:
         elif command == "status":
             self.reply(message, self.describe_status(argument, message.user_id))
         elif command == "cancel":
-            threading.Thread(target=self.cancel, args=(argument, message), daemon=True).start()
+            self.cancel(argument, message)
         elif command == "new":
             self.manager.new_session(message.conversation_key)
             self.reply(message, "已开始新的 CodeBuddy 会话，之前的对话不再作为上下文。")
@@ -203,15 +204,14 @@ class ChatApp:
         return "\n".join(lines)
 
     def cancel(self, task_id: str, message: IncomingMessage) -> None:
-        """Cancel the sender's task (or any, for admins) and confirm once its process is gone."""
+        """Cancel the sender's task (or any, for admins); confirm once nothing of it runs (no thread waits)."""
         task, error = self._find_task(task_id, message.user_id, active_only=not task_id)
         if task is None:
             self.reply(message, error)
             return
-        cancelled = self.manager.cancel(task.id)
-        if cancelled is None:
+
+        def confirm(ended: Task, stopped: bool) -> None:
+            self.reply(message, task_texts.cancel_outcome(ended, stopped))
+
+        if self.manager.cancel(task.id, on_ended=confirm) is None:
             self.reply(message, f"任务 {task.id} 已结束，无需取消。")
-            return
-        stopped = self.manager.wait_finished(task.id, timeout=15)
-        suffix = "" if stopped else " (进程仍在退出中)"
-        self.reply(message, f"已取消任务 {task.id}{suffix}")

@@ -303,8 +303,10 @@ class CodeBuddyClient:
             if cancelled or timed_out:
                 self._stop(proc)
                 break
-        # A cancel() from another thread may have ended the CLI before this loop saw the event.
-        cancelled = cancelled or (not timed_out and cancel_event is not None and cancel_event.is_set())
+        # A cancel() from another thread may have ended the CLI before this loop saw the event; but a CLI that
+        # had exited on its own with its answer was not cancelled, however soon after the event came.
+        if not (cancelled or timed_out) and cancel_event is not None and cancel_event.is_set():
+            cancelled = proc.returncode != 0 or state.result is None
         # Children may keep the pipes open after the CLI exits: the finally in run() kills them.
         self._kill_group(proc, signal.SIGKILL)
         for reader in readers:

@@ -261,6 +261,11 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+def setting_default(env: str) -> str:
+    """The default value of the setting named `env`."""
+    return next(setting.default for setting in SETTINGS if setting.env == env)
+
+
 @dataclass(frozen=True)
 class Config:
     """The bot's validated settings. Build it with `load_config`."""
@@ -347,7 +352,12 @@ def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | os.
     """Read settings from `environ` (default: os.environ) over a `.env` file; raise ConfigError if invalid."""
     values: dict[str, str] = {}
     if dotenv_path is not None and Path(dotenv_path).is_file():
-        values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        try:
+            values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise ConfigError(f"cannot read {os.path.abspath(dotenv_path)} ({reason}): make it readable by "
+                              "the bot's user (and UTF-8)") from None
     from_file = dict(values)
     values.update(os.environ if environ is None else environ)  # the real environment wins over .env
     own = {setting.env for setting in SETTINGS}

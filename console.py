@@ -40,7 +40,7 @@ class ConsoleSender:
             print(text, file=self.out, flush=True)
 
     def send(self, route: Route, text: str, *, markdown: bool = False, title: str = "CodeBuddy",
-             allow_webhook: bool = True) -> Delivery:
+             allow_webhook: bool = True, retry_window: float | None = None) -> Delivery:
         """Print `text` under a header naming the path it would take; always delivered."""
         path = route.path_for(allow_webhook, self._wall_clock() * 1000)
         how = path if path == "webhook" else f"push {path}"

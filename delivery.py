@@ -1,7 +1,9 @@
 """Getting words to the user off the caller's thread: acknowledgements, notices and task results.
 
-Notices and results go out on thread pools of their own, never on a CLI worker or the stream's event loop;
-a task's result waits for its acknowledgement, and every failure is logged once, with the task id.
+Notices and results go out on thread pools of their own, never on a CLI worker or the stream's event loop.
+A task's result waits for the notices about it sent before it (acknowledgement, "moved to the background").
+Notices get a short retry budget; a result that cannot be delivered is tried again while the bot runs, with
+backoff, and given up after `give_up_after` seconds (or at once when DingTalk refuses it for good).
 """
 
 from __future__ import annotations
@@ -20,19 +22,28 @@ from task import SUCCEEDED, Task
 
 log = logging.getLogger("async_task_manager")
 
-ACK_WAIT = 30.0  # seconds a result waits for its task's acknowledgement to go out first
+ACK_WAIT = 30.0  # seconds a result waits for the notices about its task to go out first
+NOTICE_RETRY_WINDOW = 30.0  # seconds a notice keeps retrying: an acknowledgement is worthless much later
+RETRY_BACKOFF_MAX = 1800.0  # longest pause between two deliveries of an undelivered result
 
 
 class Outbox:
     """Sends notices and results through the sender on its own threads; results are recorded as delivered."""
 
     def __init__(self, sender: Sender, *, clock: Callable[[], float],
-                 mark_delivered: Callable[[Task], object]) -> None:
+                 mark_delivered: Callable[[Task], object], mark_undeliverable: Callable[[Task], object],
+                 retry_backoff: float = 60.0, give_up_after: float = 86400.0,
+                 notice_retry_window: float = NOTICE_RETRY_WINDOW) -> None:
         self.sender = sender
         self.clock = clock
         self._mark_delivered = mark_delivered
+        self._mark_undeliverable = mark_undeliverable
+        self.retry_backoff = retry_backoff  # first pause before an undelivered result is tried again
+        self.give_up_after = give_up_after  # seconds after the task finished
+        self.notice_retry_window = notice_retry_window
         self._lock = threading.Lock()
-        self._acks: dict[str, Future] = {}  # acknowledgements still on their way, by task id
+        self._before_result: dict[str, list[Future]] = {}  # notices about a task still on their way
+        self._retries: dict[str, tuple[Task, float, int]] = {}  # undelivered results: (task, due at, attempts)
         self._pending_deliveries: set[Future] = set()
         self._notices = ThreadPoolExecutor(max_workers=32, thread_name_prefix="notice")
         self._deliveries = ThreadPoolExecutor(max_workers=8, thread_name_prefix="deliver")
@@ -40,13 +51,30 @@ class Outbox:
     # -- notices
 
     def notice(self, route: Route, text: str, *, task_id: str = "", allow_webhook: bool = True) -> Future:
-        """Send a notice (command answer, refusal, progress note) to a chat, off the calling thread."""
-        return self._notices.submit(self._send_notice, route, text, allow_webhook, task_id)
+        """Send a notice (command answer, refusal, progress note) to a chat, off the calling thread.
+
+        With a `task_id`, that task's result will not overtake it.
+        """
+        future = self._notices.submit(self._send_notice, route, text, allow_webhook, task_id)
+        if task_id:
+            with self._lock:
+                self._before_result.setdefault(task_id, []).append(future)
+            future.add_done_callback(lambda done: self._forget_notice(task_id, done))
+        return future
+
+    def _forget_notice(self, task_id: str, done: Future) -> None:
+        with self._lock:
+            waiting = self._before_result.get(task_id)
+            if waiting is not None and done in waiting:
+                waiting.remove(done)
+                if not waiting:
+                    del self._before_result[task_id]
 
     def _send_notice(self, route: Route, text: str, allow_webhook: bool, task_id: str) -> Delivery:
         notice_log = TaskLogger(log, task_id or "-", route.user_id)
         try:
-            delivery = self.sender.send(route, text, allow_webhook=allow_webhook)
+            delivery = self.sender.send(route, text, allow_webhook=allow_webhook,
+                                        retry_window=self.notice_retry_window)
         except Exception as exc:  # runs in a pool: an escaping exception would vanish unlogged
             notice_log.exception("通知发送出错")
             return Delivery(ok=False, error=type(exc).__name__)
@@ -56,15 +84,7 @@ class Outbox:
 
     def acknowledge(self, task: Task, text: str, *, allow_webhook: bool = True) -> None:
         """Send a task's acknowledgement; the task's result will not overtake it."""
-        ack = self.notice(task.route, text, task_id=task.id, allow_webhook=allow_webhook)
-        with self._lock:
-            self._acks[task.id] = ack
-        ack.add_done_callback(lambda _: self._forget_ack(task.id, ack))
-
-    def _forget_ack(self, task_id: str, ack: Future) -> None:
-        with self._lock:
-            if self._acks.get(task_id) is ack:
-                del self._acks[task_id]
+        self.notice(task.route, text, task_id=task.id, allow_webhook=allow_webhook)
 
     # -- results
 
@@ -83,12 +103,8 @@ class Outbox:
     def deliver_result(self, task: Task) -> bool:
         """Send a finished task's result (webhook for short tasks, push for background ones); record it."""
         with self._lock:
-            ack = self._acks.get(task.id)
-        if ack is not None:
-            try:
-                ack.result(timeout=ACK_WAIT)  # the acknowledgement goes first
-            except Exception:
-                pass  # a failed acknowledgement was logged by _send_notice; the result still goes out
+            earlier = list(self._before_result.get(task.id, ()))
+        futures_wait(earlier, timeout=ACK_WAIT)  # the acknowledgement and notices go first (failures were logged)
         tlog = task_log(log, task)
         try:
             delivery = self.sender.send(task.route, task_texts.result(task, self.clock()),
@@ -98,15 +114,52 @@ class Outbox:
             tlog.exception("任务 %s 结果发送出错", task.id)
             delivery = Delivery(ok=False, error=type(exc).__name__)
         if delivery.ok:
+            with self._lock:
+                self._retries.pop(task.id, None)
             self._mark_delivered(task)
             if delivery.path == "webhook":
                 tlog.info("任务结果已回复: %s", task.id)
             else:
                 tlog.info("任务结果已推送: %s (%s)", task.id, delivery.path)
             return True
-        tlog.error("任务 %s 结果发送失败 (%s): %s", task.id, "不再重试" if delivery.permanent else "下次启动时重试",
-                   delivery.error)
+        self._after_failure(task, delivery)
         return False
+
+    def _after_failure(self, task: Task, delivery: Delivery) -> None:
+        """Schedule the next delivery of a result, or give it up (permanent refusal, or too old)."""
+        tlog = task_log(log, task)
+        now = self.clock()
+        give_up_at = (task.finished_at or now) + self.give_up_after
+        if delivery.permanent or now >= give_up_at:
+            reason = "钉钉拒绝且无法重试" if delivery.permanent else f"{self.give_up_after / 3600:g} 小时内未能送达"
+            tlog.error("任务 %s 结果发送失败 (不再重试，已放弃: %s): %s", task.id, reason, delivery.error)
+            with self._lock:
+                self._retries.pop(task.id, None)
+            self._mark_undeliverable(task)
+            return
+        with self._lock:
+            _, _, attempts = self._retries.get(task.id, (task, 0.0, 0))
+            due = min(give_up_at, now + min(RETRY_BACKOFF_MAX, self.retry_backoff * 2 ** attempts))
+            self._retries[task.id] = (task, due, attempts + 1)
+        tlog.error("任务 %s 结果发送失败 (%.0f 秒后重试): %s", task.id, due - now, delivery.error)
+
+    def retry_due(self, now: float) -> int:
+        """Send again the undelivered results whose pause is over; how many were sent."""
+        with self._lock:
+            due = [task for task, at, _ in self._retries.values() if at <= now]
+            for task in due:
+                attempts = self._retries[task.id][2]
+                self._retries[task.id] = (task, float("inf"), attempts)  # not again until this attempt ends
+        for task in due:
+            task_log(log, task).info("重新发送任务结果: %s", task.id)
+            self.deliver_later(task)
+        return len(due)
+
+    @property
+    def waiting_retries(self) -> int:
+        """Results waiting for their next delivery attempt."""
+        with self._lock:
+            return len(self._retries)
 
     # -- shutdown
 

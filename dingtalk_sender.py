@@ -289,7 +289,8 @@ class DingTalkSender:
             return Delivery(ok=False, path=path_name, error="1:1 route without staff id", permanent=True)
         msg_key = "sampleMarkdown" if markdown else "sampleText"
         overhead = utf8_json_cost(json.dumps({"title": title, "text": "", "content": ""}, ensure_ascii=False))
-        deadline = self._clock() + (self.retry_window if retry_window is None else retry_window)
+        # A caller's window (a notice's short one) never exceeds DELIVERY_RETRY_WINDOW.
+        deadline = self._clock() + min(self.retry_window, self.retry_window if retry_window is None else retry_window)
         for part in split_message(text, PUSH_MAX_BYTES - overhead - 64, utf8_json_cost):
             param = {"title": title, "text": part} if markdown else {"content": part}
             body: dict = {"robotCode": self.robot_code, "msgKey": msg_key,

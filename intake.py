@@ -7,7 +7,10 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
+
+from supervision import Supervisor
 
 log = logging.getLogger("bot")
 
@@ -31,17 +34,25 @@ class Intake:
     """
 
     def __init__(self, handle: Callable[[dict], None],
-                 batch: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+                 batch: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, *,
+                 supervisor: Supervisor | None = None) -> None:
         self._handle = handle
         self._batch = batch  # the store's one-transaction context: a batch is committed before its ACKs
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
-        self._thread.start()
+        self._waiting_since: float | None = None  # when the oldest message not yet handled arrived
+        self._thread = (supervisor or Supervisor()).start("intake", self._run)
 
     def submit(self, data: dict, loop: asyncio.AbstractEventLoop | None = None,
                recorded: asyncio.Future | None = None) -> None:
         """Queue one message; `recorded` (a future of `loop`) is set to True once it has been handled."""
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
         self._queue.put((data, loop, recorded))
+
+    def backlog_age(self, now: float) -> float:
+        """Seconds the oldest message not yet handled has waited (0 when none waits): health's stuck check."""
+        since = self._waiting_since
+        return max(0.0, now - since) if since is not None else 0.0
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Handle what is queued, then stop the thread."""
@@ -58,18 +69,22 @@ class Intake:
                     break
             waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
             stopping = False
-            with self._batch():
-                for item in batch:
-                    if item is None:
-                        stopping = True
-                        continue
-                    data, loop, recorded = item
-                    try:
-                        self._handle(data)
-                    except Exception:
-                        log.exception("处理消息失败")
-                    if loop is not None and recorded is not None:
-                        waiting.setdefault(loop, []).append(recorded)
+            try:
+                with self._batch():
+                    for item in batch:
+                        if item is None:
+                            stopping = True
+                            continue
+                        data, loop, recorded = item
+                        try:
+                            self._handle(data)
+                        except Exception:
+                            log.exception("处理消息失败")
+                        if loop is not None and recorded is not None:
+                            waiting.setdefault(loop, []).append(recorded)
+            except Exception:  # the store's batch itself failed: the messages were handled; ACK them anyway
+                log.exception("消息批次提交失败")
+            self._waiting_since = None if self._queue.empty() else time.monotonic()
             for loop, futures in waiting.items():
                 try:
                     loop.call_soon_threadsafe(settle_all, futures)

@@ -86,11 +86,13 @@ class TimedClient:
 class StatusSources:
     """The daemon's live objects that /healthz and /metrics read."""
 
-    manager: Any  # .stats
+    manager: Any  # .stats, .outbox.waiting_retries
     sender: Any  # .stats (webhook_ok, batchSend_failed, …), .tokens.fetches
     client: Any  # .running_processes
     stream: Any  # .connected, .reconnects
-    task_db: str
+    store: Any  # .health(): never touches the DB
+    supervisor: Any  # .dead(): critical threads that died
+    intake: Any  # .backlog_age(now)
     durations: DurationHistogram
 
 

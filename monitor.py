@@ -1,5 +1,5 @@
 """A thread that watches running tasks: it moves overdue short ones to the background, sends progress notes
-on long ones, and cleans up now and then.
+on long ones, sends undelivered results again when their pause is over, and cleans up now and then.
 """
 
 from __future__ import annotations
@@ -10,37 +10,41 @@ import threading
 import task_texts
 from delivery import Outbox
 from logs import task_log
+from supervision import Supervisor
 from task import RUNNING, Task
 from task_board import TaskBoard
 
 log = logging.getLogger("async_task_manager")
 
 CLEANUP_INTERVAL = 60.0  # seconds between clean-ups of memory and the store
+CANCEL_CONFIRM_WAIT = 15.0  # seconds a cancel waits for the CLI to exit before it says "still exiting"
 
 
 class Monitor:
     """Every `tick` seconds: promote tasks past `sync_timeout`, send due progress notes, clean up."""
 
     def __init__(self, board: TaskBoard, outbox: Outbox, *, sync_timeout: float, progress_interval: float,
-                 tick: float) -> None:
+                 tick: float, supervisor: Supervisor, cancel_confirm_wait: float = CANCEL_CONFIRM_WAIT) -> None:
         self.board = board
         self.outbox = outbox
         self.sync_timeout = sync_timeout
         self.progress_interval = progress_interval
         self.tick = tick
+        self.supervisor = supervisor
+        self.cancel_confirm_wait = cancel_confirm_wait
         # Its own event, not the workers' condition: a burst of submits must not wake it once per message.
         self._stop = threading.Event()
         self._last_cleanup = 0.0
-        self._thread = threading.Thread(target=self._watch, name="monitor", daemon=True)
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._thread = self.supervisor.start("monitor", self._watch)
 
     def stop(self) -> None:
         self._stop.set()
 
     def join(self, timeout: float) -> None:
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._thread.join(timeout)
 
     def _watch(self) -> None:
@@ -69,6 +73,10 @@ class Monitor:
         for task in progress:
             self.outbox.notice(task.route, task_texts.progress_note(task, now), task_id=task.id,
                                allow_webhook=False)
+        for task, watchers in self.board.overdue_cancels(now, self.cancel_confirm_wait):
+            for watcher in watchers:
+                watcher(task, False)
+        self.outbox.retry_due(now)
         if now - self._last_cleanup >= CLEANUP_INTERVAL:
             self._last_cleanup = now
             self.board.cleanup(now)

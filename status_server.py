@@ -1,4 +1,4 @@
-"""The optional 127.0.0.1 HTTP server: /healthz (stream connected, task DB writable) and /metrics (Prometheus)."""
+"""The optional 127.0.0.1 HTTP server: /healthz (see health.py) and /metrics (Prometheus)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,11 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import health
 from metrics import StatusSources, render_metrics
-from task_store import store_writable
 
 log = logging.getLogger("ops")
 
-
-
-def health(sources: StatusSources) -> tuple[bool, dict]:
-    """(healthy, JSON body): healthy when the stream is connected and the task DB is writable."""
-    connected = bool(sources.stream.connected)
-    writable, reason = store_writable(sources.task_db)
-    body = {"status": "ok" if connected and writable else "unhealthy", "stream_connected": connected,
-            "store_writable": writable}
-    if reason:
-        body["store_error"] = reason
-    return connected and writable, body
 
 
 class _StatusHandler(BaseHTTPRequestHandler):
@@ -33,8 +22,8 @@ class _StatusHandler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         try:
             if path == "/healthz":
-                healthy, body = health(self.server.sources)
-                self._answer(200 if healthy else 503, "application/json",
+                code, body = health.assess(self.server.sources)
+                self._answer(code, "application/json",
                              json.dumps(body, ensure_ascii=False) + "\n")
             elif path == "/metrics":
                 self._answer(200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(self.server.sources))

@@ -80,12 +80,12 @@ class SystemdNotifier:
 
 
 async def notify_systemd(notifier: SystemdNotifier, is_connected: Callable[[], bool], *,
-                         ready_timeout: float = READY_TIMEOUT, poll: float = 0.2,
-                         clock: Callable[[], float] = time.monotonic) -> None:
+                         alive: Callable[[], bool] = lambda: True, ready_timeout: float = READY_TIMEOUT,
+                         poll: float = 0.2, clock: Callable[[], float] = time.monotonic) -> None:
     """READY=1 once the stream first connects (or after `ready_timeout`), then STATUS= changes and WATCHDOG=1.
 
-    Runs on the daemon's event loop until cancelled: if that loop hangs, the pings stop and systemd restarts
-    the bot (WatchdogSec=).
+    Runs on the daemon's event loop until cancelled: if that loop hangs, or `alive()` says a core thread is
+    dead, the pings stop and systemd restarts the bot (WatchdogSec=).
     """
     if not notifier.enabled:
         return
@@ -93,6 +93,7 @@ async def notify_systemd(notifier: SystemdNotifier, is_connected: Callable[[], b
     ready = False
     last_ping = float("-inf")
     was_connected: bool | None = None
+    stalled = False
     while True:
         now = clock()
         connected = bool(is_connected())
@@ -104,6 +105,10 @@ async def notify_systemd(notifier: SystemdNotifier, is_connected: Callable[[], b
             notifier.notify(f"STATUS={status}")
         was_connected = connected
         if notifier.watchdog_interval and now - last_ping >= notifier.watchdog_interval:
-            notifier.watchdog()
-            last_ping = now
+            if alive():
+                notifier.watchdog()
+                last_ping = now
+            elif not stalled:
+                log.error("核心线程异常，停止 systemd watchdog 心跳 (systemd 将重启机器人)")
+                stalled = True
         await asyncio.sleep(poll)

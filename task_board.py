@@ -20,6 +20,8 @@ from task_store import TaskStore
 
 log = logging.getLogger("async_task_manager")
 
+CancelWatcher = Callable[[Task, bool], None]  # (task, stopped): stopped False = still exiting after the wait
+
 
 @dataclass
 class Running:
@@ -27,6 +29,8 @@ class Running:
 
     cancel_event: threading.Event = field(default_factory=threading.Event)
     by_shutdown: bool = False
+    cancel_watchers: list[CancelWatcher] = field(default_factory=list)  # told once the run has ended
+    cancel_requested_at: float | None = None
 
 
 class TaskBoard:
@@ -67,13 +71,17 @@ class TaskBoard:
             self.store.save(task)
             if task.finished and not was_finished:
                 self._finished_counts[task.status] = self._finished_counts.get(task.status, 0) + 1
-            if task.finished and task.delivered:
+            if task.finished and (task.delivered or task.undeliverable):
                 self.tasks.pop(task.id, None)
             return task
 
     def mark_delivered(self, task: Task) -> None:
         """Record that the task's result reached the user."""
         self.transition(task, delivered=True)
+
+    def mark_undeliverable(self, task: Task) -> None:
+        """Record that the task's result was given up: never re-sent, purged like a delivered one."""
+        self.transition(task, undeliverable=True)
 
     def create(self, user_id: str, prompt: str, route: Route, *, user_name: str = "", conversation_key: str = "",
                msg_id: str = "", background: bool = False, keyword: str = NO_KEYWORD) -> Task:
@@ -162,10 +170,26 @@ class TaskBoard:
             return None
 
     def release(self, task: Task) -> None:
-        """The task's worker is done with it: free its slot and wake the others."""
+        """The task's worker is done with it: free its slot, wake the others, tell whoever cancelled it."""
         with self.lock:
-            self.running.pop(task.id, None)
+            running = self.running.pop(task.id, None)
             self.wakeup.notify_all()
+        for watcher in running.cancel_watchers if running is not None else ():
+            try:
+                watcher(task, True)
+            except Exception:
+                task_log(log, task).exception("取消确认发送出错")
+
+    def overdue_cancels(self, now: float, wait: float) -> list[tuple[Task, list[CancelWatcher]]]:
+        """Running tasks cancelled more than `wait` s ago and still running; their watchers are handed over once."""
+        overdue = []
+        with self.lock:
+            for task_id, running in self.running.items():
+                if (running.cancel_watchers and running.cancel_requested_at is not None
+                        and now - running.cancel_requested_at >= wait and task_id in self.tasks):
+                    overdue.append((self.tasks[task_id], running.cancel_watchers))
+                    running.cancel_watchers = []
+        return overdue
 
     # -- memory, store and metrics
 

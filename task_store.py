@@ -19,6 +19,10 @@ from dingtalk_sender import Route
 from task import FINISHED_STATUSES, Task
 
 
+class StoreError(Exception):
+    """The task store cannot be opened; the message is one line naming the path, the cause and the fix."""
+
+
 class TaskStore(Protocol):
     """Where tasks, dedup keys, durations and conversation sessions live across restarts."""
 
@@ -113,7 +117,7 @@ class MemoryTaskStore:
     def purge(self, finished_before: float, seen_before: float) -> int:
         with self._lock:
             old = [k for k, t in self._tasks.items()
-                   if t.finished and t.delivered and (t.finished_at or 0) < finished_before]
+                   if t.finished and (t.delivered or t.undeliverable) and (t.finished_at or 0) < finished_before]
             for key in old:
                 del self._tasks[key]
             self._seen = {k: v for k, v in self._seen.items() if v >= seen_before}
@@ -232,7 +236,8 @@ class SQLiteTaskStore:
         finished = tuple(FINISHED_STATUSES)
         with self._lock:
             cursor = self._db.execute(
-                f"DELETE FROM tasks WHERE delivered = 1 AND finished_at < ? AND status IN ({','.join('?' * 4)})",
+                f"DELETE FROM tasks WHERE (delivered = 1 OR undeliverable = 1) AND finished_at < ? "
+                f"AND status IN ({','.join('?' * 4)})",
                 (finished_before, *finished))
             self._db.execute("DELETE FROM seen_messages WHERE seen_at < ?", (seen_before,))
             self._db.execute("DELETE FROM durations WHERE finished_at < ?", (finished_before,))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from task import RUNNING, SUCCEEDED, TIMED_OUT, Task
+from task import CANCELLED, RUNNING, STATUS_LABELS, SUCCEEDED, TIMED_OUT, Task
 
 
 def acknowledgement(task: Task, position: int, queued: bool, expected_duration: str) -> str:
@@ -47,3 +47,17 @@ def result(task: Task, now: float) -> str:
         return (f"任务 {task.id} 执行超时 (已用时 {task.elapsed(now) / 60:.1f} 分钟, "
                 f"最近步骤: {step})，已终止。")
     return f"CodeBuddy 执行失败: {task.error or '未知错误'} (任务ID: {task.id})"
+
+
+def cancelled(task: Task) -> str:
+    """The confirmation of a cancel: nothing of the task runs any more."""
+    return f"已取消任务 {task.id}"
+
+
+def cancel_outcome(task: Task, stopped: bool) -> str:
+    """The answer to a /cancel of a running task once it ended: cancelled, or it had finished first."""
+    if not stopped:
+        return f"正在取消任务 {task.id} (进程仍在退出中)"
+    if task.status == CANCELLED:
+        return cancelled(task)
+    return f"任务 {task.id} 在取消前已结束 ({STATUS_LABELS.get(task.status, task.status)})，结果照常发送。"

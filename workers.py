@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable, Iterable
 
 from codebuddy_client import redact_secrets
 from delivery import Outbox
 from logs import task_log
 from seams import Client
+from supervision import Supervisor
 from task import CANCELLED, QUEUED, TIMED_OUT, Task
 from task_board import Running, TaskBoard
 
@@ -21,26 +20,24 @@ class Workers:
     """`max_workers` threads running tasks one at a time each; results go to the outbox."""
 
     def __init__(self, board: TaskBoard, client: Client, outbox: Outbox, *, task_timeout: float,
-                 session_for: Callable[[str], str], secrets: Iterable[str] = ()) -> None:
+                 session_for: Callable[[str], str], supervisor: Supervisor,
+                 secrets: Iterable[str] = ()) -> None:
         self.board = board
         self.client = client
         self.outbox = outbox
         self.task_timeout = task_timeout
         self.session_for = session_for  # the CodeBuddy session id of a conversation
         self._secrets = tuple(secrets)
-        self._threads: list[threading.Thread] = []
+        self.supervisor = supervisor
 
     def start(self) -> None:
-        """Start one thread per worker slot."""
+        """Start one supervised thread per worker slot (a crash is logged and the worker restarted)."""
         for number in range(self.board.limits.max_workers):
-            thread = threading.Thread(target=self._work, name=f"worker-{number}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self.supervisor.start(f"worker-{number}", self._work)
 
     def join(self, deadline: float) -> None:
         """Wait for the threads to end, until `deadline` (time.monotonic)."""
-        for thread in self._threads:
-            thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        self.supervisor.join(deadline, prefix="worker-")
 
     def _work(self) -> None:
         while True:
@@ -67,19 +64,20 @@ class Workers:
                                  timeout=self.task_timeout,
                                  cancel_event=running.cancel_event, run_tag=task.id,
                                  on_step=lambda step: self.board.transition(task, last_step=step))
-        if result.cancelled and running.by_shutdown:
-            # Stopped by a shutdown, not by the user: leave it to be re-run on the next start.
-            self.board.transition(task, status=QUEUED, attempts=max(0, task.attempts - 1))
-            tlog.info("任务 %s 因停止服务而中断，下次启动时重新执行", task.id)
-            return
-        if result.ok:
-            self.board.complete(task.id, result.text, result.duration)
-        elif result.cancelled:
-            self.board.fail(task.id, "已被用户取消", status=CANCELLED)
-            self.board.mark_delivered(task)  # the cancel command already told the user
-            return
-        elif result.timed_out:
-            self.board.fail(task.id, result.error, status=TIMED_OUT, duration=result.duration)
-        else:
-            self.board.fail(task.id, redact_secrets(result.error, self._secrets))
+        with self.board.lock:  # the outcome is decided once, against a cancel arriving at the same moment
+            if result.cancelled and running.by_shutdown and not task.cancel_requested:
+                # Stopped by a shutdown, not by the user: leave it to be re-run on the next start.
+                self.board.transition(task, status=QUEUED, attempts=max(0, task.attempts - 1))
+                tlog.info("任务 %s 因停止服务而中断，下次启动时重新执行", task.id)
+                return
+            if result.ok:  # an answer that was complete before a cancel reached the CLI is still the answer
+                self.board.complete(task.id, result.text, result.duration)
+            elif result.cancelled:
+                self.board.fail(task.id, "已被用户取消", status=CANCELLED)
+                self.board.mark_delivered(task)  # the cancel's confirmation tells the user, not a result
+                return
+            elif result.timed_out:
+                self.board.fail(task.id, result.error, status=TIMED_OUT, duration=result.duration)
+            else:
+                self.board.fail(task.id, redact_secrets(result.error, self._secrets))
         self.outbox.deliver_later(task)

@@ -44,8 +44,8 @@ from intake import Intake, settle
 from logs import setup_logging
 from metrics import DurationHistogram, TimedClient
 from status_server import StatusSources, start_status_server
-from task import STATUS_LABELS
 from supervision import install_exception_hooks
+from task import STATUS_LABELS
 from task_store import SQLiteTaskStore, StoreError
 
 __all__ = ["main", "run_daemon", "setup_logging"]

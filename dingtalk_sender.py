@@ -73,12 +73,14 @@ class Delivery:
 
 
 class DeliveryError(Exception):
-    """A send failed; `retryable` says whether trying again later may succeed."""
+    """A send failed; `retryable`: retry within this send; `permanent`: it will never succeed (default: not retryable)."""
 
-    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None,
+                 permanent: bool | None = None) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.retry_after = retry_after
+        self.permanent = (not retryable) if permanent is None else permanent
 
 
 class _InvalidToken(Exception):
@@ -303,7 +305,7 @@ class DingTalkSender:
                 self._push_with_retry(GROUP_SEND_PATH if route.is_group else BATCH_SEND_PATH, body, deadline)
             except DeliveryError as exc:
                 self._count(f"{path_name}_failed")
-                return Delivery(ok=False, path=path_name, error=str(exc), permanent=not exc.retryable)
+                return Delivery(ok=False, path=path_name, error=str(exc), permanent=exc.permanent)
         self._count(f"{path_name}_ok")
         return Delivery(ok=True, path=path_name)
 
@@ -357,8 +359,9 @@ class DingTalkSender:
             raise _InvalidToken()
         detail = f"{path} HTTP {status} {code} {str(reply.body.get('message') or '')[:200]}".strip()
         if "ApiCountLimitForOrg" in code:
-            log.error("钉钉 API 月度调用额度已用完 (%s)，不再重试", code)
-            raise DeliveryError(detail, retryable=False)
+            # Not now, but not never: the quota resets monthly, so the outbox tries again later (with backoff).
+            log.error("钉钉 API 月度调用额度已用完 (%s)，本次不再重试", code)
+            raise DeliveryError(detail, retryable=False, permanent=False)
         if "QpsLimit" in code:
             raise DeliveryError(detail, retryable=True, retry_after=max(1.0, reply.retry_after or 1.0))
         if status == 429 or status >= 500:

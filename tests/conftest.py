@@ -129,8 +129,11 @@ class BotProcess:
 
     def start(self) -> BotProcess:
         with open(self.output, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / "bot.py"), *self.env.get("_ARGS", "").split()],
-                                         cwd=self.workdir, env={k: v for k, v in self.env.items() if k != "_ARGS"},
+            # _WRAP (a JSON list) prefixes the command, e.g. to start the bot in a mount namespace of its own.
+            wrap = json.loads(self.env.get("_WRAP", "[]"))
+            self.proc = subprocess.Popen([*wrap, sys.executable, str(ROOT / "bot.py"),
+                                          *self.env.get("_ARGS", "").split()],
+                                         cwd=self.workdir, env={k: v for k, v in self.env.items() if not k.startswith("_")},
                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return self
 

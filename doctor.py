@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TextIO
@@ -84,6 +87,25 @@ def check_task_db(path: str) -> CheckResult:
         return CheckResult("task DB", ok, detail)
     ok, reason = store_writable(absolute)
     return CheckResult("task DB", ok, f"{absolute} is writable" if ok else f"not writable: {reason}")
+
+
+def check_running_bot(port: int, timeout: float = 3.0) -> CheckResult | None:
+    """What a bot running here says about itself on /healthz (intake, workers, store, stream); None if none answers."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=timeout) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.loads(exc.read())
+        except ValueError:
+            return CheckResult("running bot", False, f"/healthz answered HTTP {exc.code}")
+    except (OSError, ValueError):
+        return None
+    status = str(body.get("status", "?"))
+    reasons = "; ".join(str(r) for r in body.get("reasons") or [])
+    return CheckResult("running bot", status == "ok", f"{status} (127.0.0.1:{port}/healthz)"
+                       + (f": {reasons}" if reasons else ""))
 
 
 def check_log_file(path: str) -> CheckResult:
@@ -204,6 +226,14 @@ def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", o
         result = check()
         results.append(result)
         print(result.line(), file=out, flush=True)
+    if config.status_port is not None:
+        running = check_running_bot(config.status_port)
+        if running is None:
+            print(f"· running bot: none answers on 127.0.0.1:{config.status_port} (not started; not counted)",
+                  file=out)
+        else:
+            results.append(running)
+            print(running.line(), file=out, flush=True)
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         print("  note: running as root, so file checks pass for root; run it as the service user "
               "(sudo -u dingtalk-bot …) to check what the daemon may write", file=out)

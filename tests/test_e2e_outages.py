@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+import doctor
 from tests.standin import BATCH_SEND_PATH
 
 pytestmark = pytest.mark.e2e
@@ -106,6 +107,8 @@ def test_store_locked_by_another_process_for_15_s_loses_no_message(standin, make
         code, body = _healthz(port)
         assert code == 200 and body["status"] == "degraded" and "locked" in body["store_error"], body
         assert body["store_pending"] > 0
+        running = doctor.check_running_bot(port)  # what `bot.py check` prints about the running bot
+        assert not running.ok and "degraded" in running.detail and "locked" in running.detail, running
         assert time.monotonic() - started < 15, "answers must not wait for the lock"
     finally:
         locker.wait(timeout=30)

@@ -6,7 +6,6 @@ Transports (the DingTalk Stream in bot.py, the terminal console) turn what they 
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from async_task_manager import AsyncTaskManager
 from config import MAX_PROMPT_CHARS, Config
 from dingtalk_sender import Route
+from rate_limits import RateLimits
 from task import ACTIVE_STATUSES, QUEUED, RUNNING, STATUS_LABELS, Task
 
 log = logging.getLogger("bot")
@@ -36,6 +36,9 @@ COMMANDS = {
     "/new": "new", "新会话": "new",
 }
 UNSUPPORTED_TYPES = {"picture": "图片", "file": "文件", "video": "视频", "audio": "语音"}
+# Commands (and the fixed replies to empty messages) have a window of their own, this many times USER_RATE_LIMIT:
+# looking at a task never costs a prompt, yet a flood of /status is not answered without end.
+COMMANDS_PER_PROMPT = 2
 
 
 @dataclass(frozen=True)
@@ -64,9 +67,7 @@ class ChatApp:
         self.manager = manager
         self.config = config
         self.clock = clock
-        self._recent_prompts: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
-        self._last_refusal: dict[tuple[str, str], float] = {}
-        self._lock = threading.Lock()
+        self.limits = RateLimits(clock)  # per user: prompts and commands per minute, one refusal per while
 
     def route_for(self, message: IncomingMessage) -> Route:
         """Where answers to `message` go: its chat, and its session webhook while alive."""
@@ -79,24 +80,20 @@ class ChatApp:
         self.manager.outbox.notice(self.route_for(message), text)
 
     def _once_per(self, user_id: str, kind: str, seconds: float) -> bool:
-        now = self.clock()
-        with self._lock:
-            last = self._last_refusal.get((user_id, kind))
-            if last is not None and now - last < seconds:
-                return False
-            self._last_refusal[(user_id, kind)] = now
-            return True
+        return self.limits.once_per((user_id, kind), seconds)
 
-    def _rate_limited(self, user_id: str) -> bool:
-        now = self.clock()
-        with self._lock:
-            window = self._recent_prompts[user_id]
-            while window and now - window[0] >= 60:
-                window.popleft()
-            if len(window) >= self.config.user_rate_limit:
-                return True
-            window.append(now)
+    def _over_limit(self, message: IncomingMessage, kind: str) -> bool:
+        """True (and the user told once a minute) when the sender has sent too many of `kind` this minute."""
+        if kind == "prompt":
+            limit, unit = self.config.user_rate_limit, "个任务"
+        else:
+            limit, unit = self.config.user_rate_limit * COMMANDS_PER_PROMPT, "条命令"
+        if self.limits.allow((message.user_id, kind), limit):
             return False
+        log.warning("请求过于频繁%s user=%s", "" if kind == "prompt" else " (命令)", message.user_id)
+        if self._once_per(message.user_id, f"{kind}-rate", 60):
+            self.reply(message, f"请求过于频繁，请稍后再试 (每分钟最多 {limit} {unit})。")
+        return True
 
     def is_admin(self, user_id: str) -> bool:
         return user_id in self.config.admin_users
@@ -114,34 +111,41 @@ class ChatApp:
             if self._once_per(message.user_id, "refusal", 3600):
                 self.reply(message, "抱歉，你没有使用此机器人的权限。如需开通，请联系管理员。")
             return
-        if message.msgtype in UNSUPPORTED_TYPES and not message.text:
-            kind = UNSUPPORTED_TYPES[message.msgtype]
-            self.reply(message, f"暂不支持{kind}消息 (语音需开启钉钉的语音转文字)。请发送文字，或发送 /help 查看命令。")
-            return
         if not message.text:
-            if message.msgtype not in ("text", "richText", "audio", ""):
-                self.reply(message, f"暂不支持 {message.msgtype} 类型的消息，请发送文字。")
-            else:
-                self.reply(message, "消息为空。请直接输入想让 CodeBuddy 处理的问题，或发送 /help 查看命令。")
+            if not self._over_limit(message, "command"):
+                self.reply(message, self.without_text(message.msgtype))
             return
         words = message.text.split(maxsplit=1)
         command = COMMANDS.get(words[0].lower())
         if command is not None:
-            self.run_command(command, words[1].strip() if len(words) > 1 else "", message)
+            if not self._over_limit(message, "command"):
+                self.run_command(command, words[1].strip() if len(words) > 1 else "", message)
+            return
+        if self._over_limit(message, "prompt"):
             return
         if len(message.text) > MAX_PROMPT_CHARS:
             self.reply(message, f"消息过长 ({len(message.text)} 字)，请控制在 {MAX_PROMPT_CHARS} 字以内。")
             return
-        if self._rate_limited(message.user_id):
-            log.warning("请求过于频繁 user=%s", message.user_id)
-            if self._once_per(message.user_id, "rate", 60):
-                self.reply(message, f"请求过于频繁，请稍后再试 (每分钟最多 {self.config.user_rate_limit} 个任务)。")
+        waiting = self.manager.queued_count(message.user_id)
+        if waiting >= self.config.max_queued_per_user:
+            log.warning("排队任务已达上限 (%d 个) user=%s", waiting, message.user_id)
+            self.reply(message, f"你已有 {waiting} 个任务在排队，请等待完成或 /cancel 后再发送。")
             return
         task = self.manager.submit(message.text, self.route_for(message), user_id=message.user_id,
                                    user_name=message.user_name, conversation_key=message.conversation_key,
                                    msg_id=message.msg_id)
         if task is None:
             self.reply(message, "机器人正在重启，请稍后重新发送。")
+
+    @staticmethod
+    def without_text(msgtype: str) -> str:
+        """The reply to a message with no text: what is not supported, or that it was empty."""
+        if msgtype in UNSUPPORTED_TYPES:
+            return (f"暂不支持{UNSUPPORTED_TYPES[msgtype]}消息 (语音需开启钉钉的语音转文字)。"
+                    "请发送文字，或发送 /help 查看命令。")
+        if msgtype not in ("text", "richText", "audio", ""):
+            return f"暂不支持 {msgtype} 类型的消息，请发送文字。"
+        return "消息为空。请直接输入想让 CodeBuddy 处理的问题，或发送 /help 查看命令。"
 
     # ------------------------------------------------------------ commands
 

@@ -137,6 +137,11 @@ class TaskBoard:
             except ValueError:
                 return 0
 
+    def queued_count(self, user_id: str) -> int:
+        """How many of the user's tasks wait in the queue."""
+        with self.lock:
+            return sum(1 for t in self.queue if t in self.tasks and self.tasks[t].user_id == user_id)
+
     def _running_tasks(self) -> list[Task]:
         return [self.tasks[t] for t in self.running if t in self.tasks]
 

@@ -1,0 +1,49 @@
+"""End to end: the chat's limits, its privacy between chats, and the log lines operators grep for.
+
+The real SDK over a real websocket to the local DingTalk stand-in, `python bot.py` as a subprocess, the fake CLI.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import cli_runs, replies
+
+pytestmark = pytest.mark.e2e
+
+
+def _all_texts(standin, sent) -> list[str]:
+    return [post.text or "" for message in sent for post in standin.webhook_posts(message.session)]
+
+
+# ---------------------------------------------------------------- limits
+
+
+def test_a_prompt_over_the_queue_cap_is_refused_in_plain_words(standin, make_bot, tmp_path):
+    bot = make_bot(MAX_WORKERS="1", MAX_QUEUED_PER_USER="2")
+    standin.send_bot_message("生成报告 [sleep=20]", sender_staff_id="busy")
+    bot.wait_log("后台任务开始执行")  # the one worker is taken: what follows waits in the queue
+    for number in range(2):
+        assert "排队中" in replies(standin, standin.send_bot_message(f"排队 {number}", sender_staff_id="u1"), 1)[0]
+    refused = standin.send_bot_message("第三个", sender_staff_id="u1")
+    assert replies(standin, refused, 1)[0] == "你已有 2 个任务在排队，请等待完成或 /cancel 后再发送。"
+    assert "排队中" in replies(standin, standin.send_bot_message("别人的", sender_staff_id="u2"), 1)[0]
+    bot.wait_log(r"排队任务已达上限 \(2 个\) user=u1")
+    time.sleep(0.3)
+    assert len(standin.webhook_posts(refused.session)) == 1
+    assert not any("第三个" in run["prompt"] for run in cli_runs(tmp_path))
+
+
+def test_a_flood_of_commands_is_answered_only_up_to_the_limit(standin, make_bot):
+    bot = make_bot(USER_RATE_LIMIT="2")  # commands: twice that a minute
+    sent = [standin.send_bot_message("/status", sender_staff_id="u1") for _ in range(30)]
+    bot.wait_log(r"请求过于频繁 \(命令\) user=u1", count=26)
+    standin.wait_for(lambda: len(_all_texts(standin, sent)) >= 5)
+    time.sleep(0.3)
+    texts = _all_texts(standin, sent)
+    assert texts.count("你还没有任务。") == 4
+    assert texts.count("请求过于频繁，请稍后再试 (每分钟最多 4 条命令)。") == 1 and len(texts) == 5
+    answer = standin.send_bot_message("还能提问", sender_staff_id="u1")
+    assert "回答: 还能提问" in replies(standin, answer, 2)[1]  # prompts have their own window

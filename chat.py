@@ -2,6 +2,8 @@
 
 Transports (the DingTalk Stream in bot.py, the terminal console) turn what they receive into an
 `IncomingMessage`; `ChatApp.handle` never sees a frame, a websocket or HTTP. The command texts live here.
+
+What a chat may see: a group only its own tasks; a 1:1 chat the sender's tasks (an admin's: any task by id).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ UNSUPPORTED_TYPES = {"picture": "图片", "file": "文件", "video": "视频", "
 # Commands (and the fixed replies to empty messages) have a window of their own, this many times USER_RATE_LIMIT:
 # looking at a task never costs a prompt, yet a flood of /status is not answered without end.
 COMMANDS_PER_PROMPT = 2
+# A group's tasks are picked from the sender's newest this many (the store selects by user, not by chat).
+SCAN_FOR_CHAT = 200
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,10 @@ class IncomingMessage:
     @property
     def conversation_key(self) -> str:
         return self.conversation_id or self.user_id
+
+    @property
+    def in_group(self) -> bool:
+        return self.conversation_type == "2"
 
 
 class ChatApp:
@@ -154,30 +162,46 @@ class ChatApp:
         if command == "help":
             self.reply(message, HELP_TEXT)
         elif command == "tasks":
-            self.reply(message, self.describe_tasks(message.user_id))
+            self.reply(message, self.describe_tasks(message))
         elif command == "status":
-            self.reply(message, self.describe_status(argument, message.user_id))
+            self.reply(message, self.describe_status(argument, message))
         elif command == "cancel":
             threading.Thread(target=self.cancel, args=(argument, message), daemon=True).start()
         elif command == "new":
             self.manager.new_session(message.conversation_key)
             self.reply(message, "已开始新的 CodeBuddy 会话，之前的对话不再作为上下文。")
 
-    def _find_task(self, task_id: str, user_id: str, active_only: bool = False) -> tuple[Task | None, str]:
-        """The task `task_id` if the user may see it, or their latest (active) task; (task, error text)."""
+    def tasks_here(self, message: IncomingMessage, limit: int) -> list[Task]:
+        """The sender's newest tasks this chat may list: in a group only that group's."""
+        if not message.in_group:
+            return self.manager.tasks_for(message.user_id, limit=limit)
+        tasks = self.manager.tasks_for(message.user_id, limit=SCAN_FOR_CHAT)
+        return [task for task in tasks if task.conversation_key == message.conversation_key][:limit]
+
+    def shown_here(self, task: Task, message: IncomingMessage) -> bool:
+        """Whether `task` may be shown in the message's chat: a group sees only its own tasks (an admin there
+        too); a 1:1 chat sees the sender's tasks, or any task when the sender is an admin."""
+        if message.in_group and task.conversation_key != message.conversation_key:
+            return False
+        return task.user_id == message.user_id or self.is_admin(message.user_id)
+
+    def _find_task(self, task_id: str, message: IncomingMessage,
+                   active_only: bool = False) -> tuple[Task | None, str]:
+        """The task `task_id` if the sender owns it or is an admin, or their latest (active) task of this chat
+        (of any chat, in a 1:1 chat); (task, error text)."""
         if task_id:
             task = self.manager.get_task(task_id)
-            if task is None or (task.user_id != user_id and not self.is_admin(user_id)):
+            if task is None or (task.user_id != message.user_id and not self.is_admin(message.user_id)):
                 return None, f"找不到任务 {task_id}"
             return task, ""
-        for task in self.manager.tasks_for(user_id, limit=20):
+        for task in self.tasks_here(message, limit=20):
             if not active_only or task.status in ACTIVE_STATUSES:
                 return task, ""
         return None, "你没有进行中的任务。" if active_only else "你还没有任务。"
 
-    def describe_tasks(self, user_id: str) -> str:
-        """The user's recent tasks, one line each (`/tasks`)."""
-        tasks = self.manager.tasks_for(user_id, limit=10)
+    def describe_tasks(self, message: IncomingMessage) -> str:
+        """The sender's recent tasks of this chat, one line each (`/tasks`)."""
+        tasks = self.tasks_here(message, limit=10)
         if not tasks:
             return "你还没有任务。"
         now = self.clock()
@@ -188,11 +212,13 @@ class ChatApp:
                          f"{task.elapsed(now):.0f}秒 「{words}」")
         return "\n".join(lines)
 
-    def describe_status(self, task_id: str, user_id: str) -> str:
-        """One task's status, elapsed time, queue position and last step (`/status`)."""
-        task, error = self._find_task(task_id, user_id)
+    def describe_status(self, task_id: str, message: IncomingMessage) -> str:
+        """One task's status, elapsed time, queue position and last step (`/status`), if this chat may see it."""
+        task, error = self._find_task(task_id, message)
         if task is None:
             return error
+        if not self.shown_here(task, message):
+            return f"找不到任务 {task_id}"
         now = self.clock()
         lines = [f"任务 {task.id}: {STATUS_LABELS.get(task.status, task.status)}",
                  f"已用时: {task.elapsed(now):.0f} 秒",
@@ -208,7 +234,7 @@ class ChatApp:
 
     def cancel(self, task_id: str, message: IncomingMessage) -> None:
         """Cancel the sender's task (or any, for admins) and confirm once its process is gone."""
-        task, error = self._find_task(task_id, message.user_id, active_only=not task_id)
+        task, error = self._find_task(task_id, message, active_only=not task_id)
         if task is None:
             self.reply(message, error)
             return

@@ -69,6 +69,64 @@ def chat():
     return _App(ADMIN_USERS="boss")
 
 
+# ---------------------------------------------------------------- privacy
+
+
+def test_group_tasks_lists_only_that_groups_tasks(chat):
+    chat.task("私聊的秘密")
+    chat.task("A 群的问题", group=GROUP_A)
+    chat.task("B 群的问题", group=GROUP_B)
+    listed = chat.say("/tasks", group=GROUP_A)
+    assert "A 群的问题" in listed and "私聊的秘密" not in listed and "B 群的问题" not in listed
+
+
+def test_private_chat_lists_the_users_tasks_and_no_group_shows_them(chat):
+    chat.task("私聊的秘密")
+    chat.task("A 群的问题", group=GROUP_A)
+    assert "私聊的秘密" in chat.say("/tasks") and "A 群的问题" in chat.say("/tasks")
+    assert chat.say("/tasks", group=GROUP_B) == "你还没有任务。"
+
+
+def test_status_by_id_of_a_private_task_is_not_found_in_a_group(chat):
+    private = chat.task("私聊的秘密")
+    assert chat.say(f"/status {private}", group=GROUP_A) == f"找不到任务 {private}"
+    assert chat.say(f"/status {private}").startswith(f"任务 {private}: 排队中")
+
+
+def test_status_without_id_in_a_group_is_the_latest_task_of_that_group(chat):
+    in_group = chat.task("A 群的问题", group=GROUP_A)
+    chat.task("之后的私聊")
+    status = chat.say("/status", group=GROUP_A)
+    assert status.startswith(f"任务 {in_group}:") and "之后的私聊" not in status
+    assert chat.say("/status", group=GROUP_B) == "你还没有任务。"
+
+
+def test_admin_sees_another_chats_task_only_in_the_admins_private_chat(chat):
+    private = chat.task("alice 的私聊秘密")
+    group_a = chat.task("alice 在 A 群", group=GROUP_A)
+    assert chat.say(f"/status {private}", user="boss", group=GROUP_A) == f"找不到任务 {private}"
+    assert chat.say(f"/status {group_a}", user="boss", group=GROUP_B) == f"找不到任务 {group_a}"
+    assert "alice 在 A 群" in chat.say(f"/status {group_a}", user="boss", group=GROUP_A)
+    assert "alice 的私聊秘密" in chat.say(f"/status {private}", user="boss")
+    assert chat.say(f"/status {private}", user="mallory") == f"找不到任务 {private}"
+
+
+def test_cancel_without_id_in_a_group_picks_the_latest_active_task_of_that_group(chat):
+    in_group = chat.task("A 群的问题", group=GROUP_A)
+    private = chat.task("之后的私聊")
+    assert chat.cancel("/cancel", group=GROUP_A) == f"已取消任务 {in_group}"
+    assert chat.manager.get_task(private).status == "queued"
+    assert chat.cancel("/cancel", group=GROUP_A) == "你没有进行中的任务。"
+
+
+def test_cancel_by_id_keeps_the_owner_or_admin_rule_in_any_chat(chat):
+    private = chat.task("私聊的问题")
+    other = chat.task("别人的问题", user="bob")
+    assert chat.cancel(f"/cancel {private}", group=GROUP_A) == f"已取消任务 {private}"
+    assert chat.cancel(f"/cancel {other}", group=GROUP_A) == f"找不到任务 {other}"
+    assert chat.cancel(f"/cancel {other}", user="boss", group=GROUP_A) == f"已取消任务 {other}"
+
+
 # ---------------------------------------------------------------- limits
 
 

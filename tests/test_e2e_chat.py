@@ -5,6 +5,7 @@ The real SDK over a real websocket to the local DingTalk stand-in, `python bot.p
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -16,6 +17,42 @@ pytestmark = pytest.mark.e2e
 
 def _all_texts(standin, sent) -> list[str]:
     return [post.text or "" for message in sent for post in standin.webhook_posts(message.session)]
+
+
+def _task_id(text: str) -> str:
+    match = re.search(r"任务ID: (\w+)", text)
+    assert match, text
+    return match.group(1)
+
+
+def _ask(standin, text: str, user: str = "alice", group: bool = False) -> str:
+    """Send `text` from `user` in the group (or their 1:1 chat) and return the first reply."""
+    sent = standin.send_bot_message(text, sender_staff_id=user, conversation_type="2" if group else "1")
+    return replies(standin, sent, 1)[0]
+
+
+# ---------------------------------------------------------------- privacy
+
+
+def test_a_group_sees_only_its_own_tasks_and_the_private_chat_the_users(standin, make_bot):
+    make_bot(ADMIN_USERS="boss")
+    private = standin.send_bot_message("私聊里的秘密问题", sender_staff_id="alice")
+    private_id = _task_id(replies(standin, private, 2)[0])
+    in_group = standin.send_bot_message("群里的问题", sender_staff_id="alice", conversation_type="2")
+    group_id = _task_id(replies(standin, in_group, 2)[0])
+
+    group_tasks = _ask(standin, "/tasks", group=True)
+    assert group_id in group_tasks and "群里的问题" in group_tasks
+    assert private_id not in group_tasks and "秘密" not in group_tasks
+    assert _ask(standin, "/status", group=True).startswith(f"任务 {group_id}: 已完成")
+    assert _ask(standin, f"/status {private_id}", group=True) == f"找不到任务 {private_id}"
+    private_tasks = _ask(standin, "/tasks")
+    assert private_id in private_tasks and "私聊里的秘密问题" in private_tasks
+
+    # An admin, in the group: that group's tasks only; in the admin's own 1:1 chat: any task.
+    assert _ask(standin, f"/status {private_id}", user="boss", group=True) == f"找不到任务 {private_id}"
+    assert "群里的问题" in _ask(standin, f"/status {group_id}", user="boss", group=True)
+    assert "私聊里的秘密问题" in _ask(standin, f"/status {private_id}", user="boss")
 
 
 # ---------------------------------------------------------------- limits

@@ -114,6 +114,7 @@ class ChatApp:
         if not self.manager.remember_message(message.msg_id):
             log.info("重复消息已忽略: msgId=%s user=%s", message.msg_id, message.user_id)
             return
+        log.info("收到消息类型: %s user=%s", message.msgtype or "-", message.user_id)
         if self.config.allowed_users and message.user_id not in self.config.allowed_users:
             log.warning("拒绝未授权用户 user=%s", message.user_id)
             if self._once_per(message.user_id, "refusal", 3600):

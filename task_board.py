@@ -20,6 +20,9 @@ from task_store import TaskStore
 
 log = logging.getLogger("async_task_manager")
 
+# The seed's name for a running task in the 状态更新 line, which operators grep for.
+LOGGED_STATUS = {RUNNING: "processing"}
+
 
 @dataclass
 class Running:
@@ -61,10 +64,12 @@ class TaskBoard:
         holds only live tasks however many have run.
         """
         with self.lock:
-            was_finished = task.finished
+            was_finished, was_status = task.finished, task.status
             for name, value in changes.items():
                 setattr(task, name, value)
             self.store.save(task)
+            if task.status != was_status:
+                task_log(log, task).info("任务 %s 状态更新: %s", task.id, LOGGED_STATUS.get(task.status, task.status))
             if task.finished and not was_finished:
                 self._finished_counts[task.status] = self._finished_counts.get(task.status, 0) + 1
             if task.finished and task.delivered:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -186,3 +187,26 @@ def test_rate_limits_sweep_drops_empty_windows_and_ended_quiet_periods():
     assert limits.allow("a", 1)  # a's window moved on
     now[0] = 130
     assert limits.allow("c", 1) and len(limits) == 1  # the sweep ran on this call: only c is left
+
+
+# ---------------------------------------------------------------- log lines
+
+
+def test_each_message_type_is_logged_after_dedup(chat, caplog):
+    with caplog.at_level(logging.INFO):
+        chat.say("/help", user="u9")
+        chat.app.handle(IncomingMessage("m1", "u9", "", "1", "c", "", msgtype="picture",
+                                        session_webhook="http://hook"))  # m1 was seen: a redelivery
+    lines = [r.getMessage() for r in caplog.records if "收到消息类型" in r.getMessage()]
+    assert lines == ["收到消息类型: text user=u9"]
+
+
+def test_status_changes_are_logged_with_running_as_processing(chat, caplog):
+    task_id = chat.task("问题")
+    with caplog.at_level(logging.INFO):
+        chat.manager.update_status(task_id, "running")
+        chat.manager.update_status(task_id, "running", last_step="工具 Read")  # no change of status: no line
+        chat.manager.complete_task(task_id, "ok", 1.0)
+    lines = [r.getMessage() for r in caplog.records if "状态更新" in r.getMessage()]
+    assert lines == [f"任务 {task_id} 状态更新: processing task={task_id} user=alice",
+                     f"任务 {task_id} 状态更新: succeeded task={task_id} user=alice"]

@@ -84,3 +84,40 @@ def test_a_flood_of_commands_is_answered_only_up_to_the_limit(standin, make_bot)
     assert texts.count("请求过于频繁，请稍后再试 (每分钟最多 4 条命令)。") == 1 and len(texts) == 5
     answer = standin.send_bot_message("还能提问", sender_staff_id="u1")
     assert "回答: 还能提问" in replies(standin, answer, 2)[1]  # prompts have their own window
+
+
+# ---------------------------------------------------------------- log lines
+
+
+def test_the_log_has_every_seed_phrase_with_task_and_user(standin, make_bot):
+    bot = make_bot()
+    short = standin.send_bot_message("你好", sender_staff_id="u1")
+    short_id = _task_id(replies(standin, short, 2)[0])
+    standin.send_bot_message("生成报告: 私聊", sender_staff_id="u2")
+    standin.send_bot_message("生成报告: 群里", sender_staff_id="u3", conversation_type="2")
+    standin.wait_for(lambda: standin.batch_sends() and standin.group_sends())
+    bot.wait_log(r"任务结果已推送", count=2)
+    assert bot.terminate() == 0
+    log = bot.log_text()
+    for pattern in (
+        r"收到消息类型: text user=u1",
+        rf"任务 {short_id} 状态更新: processing task={short_id} user=u1",
+        rf"任务 {short_id} 状态更新: succeeded task={short_id} user=u1",
+        r"准备发送消息，长度: \d+ 字符 user=u1",
+        r'回复消息发送成功，钉钉响应: \{"errcode":0,"errmsg":"ok"\} user=u1',
+        r"发送消息到用户 u2, 内容长度: \d+ user=u2",
+        r'消息发送响应: \{"processQueryKey":"[\w-]+",.*\} user=u2',
+        r"发送消息到群 cid\S+, 内容长度: \d+ user=u3",
+        r'消息发送响应: \{"processQueryKey":"[\w-]+"\} user=u3',
+    ):
+        assert re.search(rf"^\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d - INFO - {pattern}$", log, re.M), pattern
+
+
+def test_text_from_outside_cannot_forge_a_log_line(standin, make_bot):
+    bot = make_bot()
+    forged = "x\n2026-01-01 00:00:00 - ERROR - forged\x1b[2J"
+    sent = standin.send_bot_message(msgtype=forged, content={}, sender_staff_id="u4")
+    assert "类型的消息" in replies(standin, sent, 1)[0]
+    line = bot.wait_log(r"收到消息类型: x")[0]
+    assert line.endswith(r"收到消息类型: x\n2026-01-01 00:00:00 - ERROR - forged\x1b[2J user=u4")
+    assert not any(row.startswith("2026-01-01") for row in bot.log_text().splitlines())

@@ -117,6 +117,10 @@ class AsyncTaskManager:
         """1-based position of a queued task in the wait queue, 0 when it is not waiting."""
         return self.board.position(task_id)
 
+    def queued_count(self, user_id: str) -> int:
+        """How many of the user's tasks wait in the queue (see `TaskBoard.queued_count`)."""
+        return self.board.queued_count(user_id)
+
     @property
     def stats(self) -> dict[str, int]:
         """Counts for metrics: live tasks by status, finished ones since start, queue length, running tasks."""

@@ -2,13 +2,13 @@
 
 Transports (the DingTalk Stream in bot.py, the terminal console) turn what they receive into an
 `IncomingMessage`; `ChatApp.handle` never sees a frame, a websocket or HTTP. The command texts live here.
+
+What a chat may see: a group only its own tasks; a 1:1 chat the sender's tasks (an admin's: any task by id).
 """
 
 from __future__ import annotations
 
-import collections
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +17,7 @@ import task_texts
 from async_task_manager import AsyncTaskManager
 from config import MAX_PROMPT_CHARS, Config
 from dingtalk_sender import Route
+from rate_limits import RateLimits
 from task import ACTIVE_STATUSES, QUEUED, RUNNING, STATUS_LABELS, Task
 
 log = logging.getLogger("bot")
@@ -37,6 +38,11 @@ COMMANDS = {
     "/new": "new", "新会话": "new",
 }
 UNSUPPORTED_TYPES = {"picture": "图片", "file": "文件", "video": "视频", "audio": "语音"}
+# Commands (and the fixed replies to empty messages) have a window of their own, this many times USER_RATE_LIMIT:
+# looking at a task never costs a prompt, yet a flood of /status is not answered without end.
+COMMANDS_PER_PROMPT = 2
+# A group's tasks are picked from the sender's newest this many (the store selects by user, not by chat).
+SCAN_FOR_CHAT = 200
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,10 @@ class IncomingMessage:
     def conversation_key(self) -> str:
         return self.conversation_id or self.user_id
 
+    @property
+    def in_group(self) -> bool:
+        return self.conversation_type == "2"
+
 
 class ChatApp:
     """Decides what to do with one message: refuse, answer a command, or submit a task."""
@@ -65,9 +75,7 @@ class ChatApp:
         self.manager = manager
         self.config = config
         self.clock = clock
-        self._recent_prompts: dict[str, collections.deque[float]] = collections.defaultdict(collections.deque)
-        self._last_refusal: dict[tuple[str, str], float] = {}
-        self._lock = threading.Lock()
+        self.limits = RateLimits(clock)  # per user: prompts and commands per minute, one refusal per while
 
     def route_for(self, message: IncomingMessage) -> Route:
         """Where answers to `message` go: its chat, and its session webhook while alive."""
@@ -80,24 +88,20 @@ class ChatApp:
         self.manager.outbox.notice(self.route_for(message), text)
 
     def _once_per(self, user_id: str, kind: str, seconds: float) -> bool:
-        now = self.clock()
-        with self._lock:
-            last = self._last_refusal.get((user_id, kind))
-            if last is not None and now - last < seconds:
-                return False
-            self._last_refusal[(user_id, kind)] = now
-            return True
+        return self.limits.once_per((user_id, kind), seconds)
 
-    def _rate_limited(self, user_id: str) -> bool:
-        now = self.clock()
-        with self._lock:
-            window = self._recent_prompts[user_id]
-            while window and now - window[0] >= 60:
-                window.popleft()
-            if len(window) >= self.config.user_rate_limit:
-                return True
-            window.append(now)
+    def _over_limit(self, message: IncomingMessage, kind: str) -> bool:
+        """True (and the user told once a minute) when the sender has sent too many of `kind` this minute."""
+        if kind == "prompt":
+            limit, unit = self.config.user_rate_limit, "个任务"
+        else:
+            limit, unit = self.config.user_rate_limit * COMMANDS_PER_PROMPT, "条命令"
+        if self.limits.allow((message.user_id, kind), limit):
             return False
+        log.warning("请求过于频繁%s user=%s", "" if kind == "prompt" else " (命令)", message.user_id)
+        if self._once_per(message.user_id, f"{kind}-rate", 60):
+            self.reply(message, f"请求过于频繁，请稍后再试 (每分钟最多 {limit} {unit})。")
+        return True
 
     def is_admin(self, user_id: str) -> bool:
         return user_id in self.config.admin_users
@@ -110,39 +114,47 @@ class ChatApp:
         if not self.manager.remember_message(message.msg_id):
             log.info("重复消息已忽略: msgId=%s user=%s", message.msg_id, message.user_id)
             return
+        log.info("收到消息类型: %s user=%s", message.msgtype or "-", message.user_id)
         if self.config.allowed_users and message.user_id not in self.config.allowed_users:
             log.warning("拒绝未授权用户 user=%s", message.user_id)
             if self._once_per(message.user_id, "refusal", 3600):
                 self.reply(message, "抱歉，你没有使用此机器人的权限。如需开通，请联系管理员。")
             return
-        if message.msgtype in UNSUPPORTED_TYPES and not message.text:
-            kind = UNSUPPORTED_TYPES[message.msgtype]
-            self.reply(message, f"暂不支持{kind}消息 (语音需开启钉钉的语音转文字)。请发送文字，或发送 /help 查看命令。")
-            return
         if not message.text:
-            if message.msgtype not in ("text", "richText", "audio", ""):
-                self.reply(message, f"暂不支持 {message.msgtype} 类型的消息，请发送文字。")
-            else:
-                self.reply(message, "消息为空。请直接输入想让 CodeBuddy 处理的问题，或发送 /help 查看命令。")
+            if not self._over_limit(message, "command"):
+                self.reply(message, self.without_text(message.msgtype))
             return
         words = message.text.split(maxsplit=1)
         command = COMMANDS.get(words[0].lower())
         if command is not None:
-            self.run_command(command, words[1].strip() if len(words) > 1 else "", message)
+            if not self._over_limit(message, "command"):
+                self.run_command(command, words[1].strip() if len(words) > 1 else "", message)
+            return
+        if self._over_limit(message, "prompt"):
             return
         if len(message.text) > MAX_PROMPT_CHARS:
             self.reply(message, f"消息过长 ({len(message.text)} 字)，请控制在 {MAX_PROMPT_CHARS} 字以内。")
             return
-        if self._rate_limited(message.user_id):
-            log.warning("请求过于频繁 user=%s", message.user_id)
-            if self._once_per(message.user_id, "rate", 60):
-                self.reply(message, f"请求过于频繁，请稍后再试 (每分钟最多 {self.config.user_rate_limit} 个任务)。")
+        waiting = self.manager.queued_count(message.user_id)
+        if waiting >= self.config.max_queued_per_user:
+            log.warning("排队任务已达上限 (%d 个) user=%s", waiting, message.user_id)
+            self.reply(message, f"你已有 {waiting} 个任务在排队，请等待完成或 /cancel 后再发送。")
             return
         task = self.manager.submit(message.text, self.route_for(message), user_id=message.user_id,
                                    user_name=message.user_name, conversation_key=message.conversation_key,
                                    msg_id=message.msg_id)
         if task is None:
             self.reply(message, "机器人正在重启，请稍后重新发送。")
+
+    @staticmethod
+    def without_text(msgtype: str) -> str:
+        """The reply to a message with no text: what is not supported, or that it was empty."""
+        if msgtype in UNSUPPORTED_TYPES:
+            return (f"暂不支持{UNSUPPORTED_TYPES[msgtype]}消息 (语音需开启钉钉的语音转文字)。"
+                    "请发送文字，或发送 /help 查看命令。")
+        if msgtype not in ("text", "richText", "audio", ""):
+            return f"暂不支持 {msgtype} 类型的消息，请发送文字。"
+        return "消息为空。请直接输入想让 CodeBuddy 处理的问题，或发送 /help 查看命令。"
 
     # ------------------------------------------------------------ commands
 
@@ -151,30 +163,46 @@ class ChatApp:
         if command == "help":
             self.reply(message, HELP_TEXT)
         elif command == "tasks":
-            self.reply(message, self.describe_tasks(message.user_id))
+            self.reply(message, self.describe_tasks(message))
         elif command == "status":
-            self.reply(message, self.describe_status(argument, message.user_id))
+            self.reply(message, self.describe_status(argument, message))
         elif command == "cancel":
             self.cancel(argument, message)
         elif command == "new":
             self.manager.new_session(message.conversation_key)
             self.reply(message, "已开始新的 CodeBuddy 会话，之前的对话不再作为上下文。")
 
-    def _find_task(self, task_id: str, user_id: str, active_only: bool = False) -> tuple[Task | None, str]:
-        """The task `task_id` if the user may see it, or their latest (active) task; (task, error text)."""
+    def tasks_here(self, message: IncomingMessage, limit: int) -> list[Task]:
+        """The sender's newest tasks this chat may list: in a group only that group's."""
+        if not message.in_group:
+            return self.manager.tasks_for(message.user_id, limit=limit)
+        tasks = self.manager.tasks_for(message.user_id, limit=SCAN_FOR_CHAT)
+        return [task for task in tasks if task.conversation_key == message.conversation_key][:limit]
+
+    def shown_here(self, task: Task, message: IncomingMessage) -> bool:
+        """Whether `task` may be shown in the message's chat: a group sees only its own tasks (an admin there
+        too); a 1:1 chat sees the sender's tasks, or any task when the sender is an admin."""
+        if message.in_group and task.conversation_key != message.conversation_key:
+            return False
+        return task.user_id == message.user_id or self.is_admin(message.user_id)
+
+    def _find_task(self, task_id: str, message: IncomingMessage,
+                   active_only: bool = False) -> tuple[Task | None, str]:
+        """The task `task_id` if the sender owns it or is an admin, or their latest (active) task of this chat
+        (of any chat, in a 1:1 chat); (task, error text)."""
         if task_id:
             task = self.manager.get_task(task_id)
-            if task is None or (task.user_id != user_id and not self.is_admin(user_id)):
+            if task is None or (task.user_id != message.user_id and not self.is_admin(message.user_id)):
                 return None, f"找不到任务 {task_id}"
             return task, ""
-        for task in self.manager.tasks_for(user_id, limit=20):
+        for task in self.tasks_here(message, limit=20):
             if not active_only or task.status in ACTIVE_STATUSES:
                 return task, ""
         return None, "你没有进行中的任务。" if active_only else "你还没有任务。"
 
-    def describe_tasks(self, user_id: str) -> str:
-        """The user's recent tasks, one line each (`/tasks`)."""
-        tasks = self.manager.tasks_for(user_id, limit=10)
+    def describe_tasks(self, message: IncomingMessage) -> str:
+        """The sender's recent tasks of this chat, one line each (`/tasks`)."""
+        tasks = self.tasks_here(message, limit=10)
         if not tasks:
             return "你还没有任务。"
         now = self.clock()
@@ -185,11 +213,13 @@ class ChatApp:
                          f"{task.elapsed(now):.0f}秒 「{words}」")
         return "\n".join(lines)
 
-    def describe_status(self, task_id: str, user_id: str) -> str:
-        """One task's status, elapsed time, queue position and last step (`/status`)."""
-        task, error = self._find_task(task_id, user_id)
+    def describe_status(self, task_id: str, message: IncomingMessage) -> str:
+        """One task's status, elapsed time, queue position and last step (`/status`), if this chat may see it."""
+        task, error = self._find_task(task_id, message)
         if task is None:
             return error
+        if not self.shown_here(task, message):
+            return f"找不到任务 {task_id}"
         now = self.clock()
         lines = [f"任务 {task.id}: {STATUS_LABELS.get(task.status, task.status)}",
                  f"已用时: {task.elapsed(now):.0f} 秒",
@@ -201,11 +231,15 @@ class ChatApp:
             lines.append(f"预计剩余时间: {self.manager.expected_remaining(task, now)}")
         if task.error and task.status != QUEUED:
             lines.append(f"原因: {task.error}")
+        if task.undeliverable:
+            lines.append("结果无法送达 (多次推送失败，已放弃)")
+        elif task.finished and not task.delivered:
+            lines.append("结果尚未送达，稍后重试推送")
         return "\n".join(lines)
 
     def cancel(self, task_id: str, message: IncomingMessage) -> None:
         """Cancel the sender's task (or any, for admins); confirm once nothing of it runs (no thread waits)."""
-        task, error = self._find_task(task_id, message.user_id, active_only=not task_id)
+        task, error = self._find_task(task_id, message, active_only=not task_id)
         if task is None:
             self.reply(message, error)
             return

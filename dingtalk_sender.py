@@ -73,7 +73,7 @@ class Delivery:
 
 
 class DeliveryError(Exception):
-    """A send failed; `retryable`: retry within this send; `permanent`: it will never succeed (default: not retryable)."""
+    """A send failed. `retryable`: worth retrying within this send; `permanent`: it can never succeed."""
 
     def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None,
                  permanent: bool | None = None) -> None:
@@ -263,6 +263,7 @@ class DingTalkSender:
     def reply_webhook(self, route: Route, text: str, *, markdown: bool = False,
                       title: str = "CodeBuddy") -> Delivery:
         """POST `text` to the route's session webhook; a non-zero errcode is a failure (docs/wire-facts.md §2)."""
+        log.info("准备发送消息，长度: %d 字符 user=%s", len(text), route.user_id)
         for part in split_message(text, WEBHOOK_MAX_BYTES - 64, utf8_json_cost):
             if markdown:
                 body = {"msgtype": "markdown", "markdown": {"title": title, "text": part}}
@@ -278,6 +279,7 @@ class DingTalkSender:
                 return Delivery(ok=False, path="webhook",
                                 error=f"webhook HTTP {reply.status} errcode={reply.body.get('errcode')} "
                                       f"{reply.body.get('errmsg', '')}".strip())
+            log.info("回复消息发送成功，钉钉响应: %s user=%s", self._one_line_json(reply.body), route.user_id)
         self._count("webhook_ok")
         return Delivery(ok=True, path="webhook")
 
@@ -293,6 +295,10 @@ class DingTalkSender:
         overhead = utf8_json_cost(json.dumps({"title": title, "text": "", "content": ""}, ensure_ascii=False))
         # A caller's window (a notice's short one) never exceeds DELIVERY_RETRY_WINDOW.
         deadline = self._clock() + min(self.retry_window, self.retry_window if retry_window is None else retry_window)
+        if route.is_group:
+            log.info("发送消息到群 %s, 内容长度: %d user=%s", route.conversation_id, len(text), route.user_id)
+        else:
+            log.info("发送消息到用户 %s, 内容长度: %d user=%s", route.user_id, len(text), route.user_id)
         for part in split_message(text, PUSH_MAX_BYTES - overhead - 64, utf8_json_cost):
             param = {"title": title, "text": part} if markdown else {"content": part}
             body: dict = {"robotCode": self.robot_code, "msgKey": msg_key,
@@ -302,24 +308,31 @@ class DingTalkSender:
             else:
                 body["userIds"] = [route.user_id]
             try:
-                self._push_with_retry(GROUP_SEND_PATH if route.is_group else BATCH_SEND_PATH, body, deadline)
+                response = self._push_with_retry(GROUP_SEND_PATH if route.is_group else BATCH_SEND_PATH, body,
+                                                 deadline)
             except DeliveryError as exc:
                 self._count(f"{path_name}_failed")
                 return Delivery(ok=False, path=path_name, error=str(exc), permanent=exc.permanent)
+            log.info("消息发送响应: %s user=%s", self._one_line_json(response), route.user_id)
         self._count(f"{path_name}_ok")
         return Delivery(ok=True, path=path_name)
 
+    def _one_line_json(self, body: dict) -> str:
+        """A DingTalk response body for the log: compact JSON on one line, exact secrets replaced."""
+        return replace_secrets(json.dumps(body, ensure_ascii=False, separators=(",", ":")), self._secrets)
+
     # -- OpenAPI with retries
 
-    def _push_with_retry(self, path: str, body: dict, deadline: float) -> None:
+    def _push_with_retry(self, path: str, body: dict, deadline: float) -> dict:
+        """POST until delivered (the response body) or DeliveryError once retrying is over."""
         attempt = 0
         refreshed = False
         while True:
             attempt += 1
             try:
-                pending = self._post_openapi(path, body)
+                pending, response = self._post_openapi(path, body)
                 if pending is None:
-                    return
+                    return response
                 body = {**body, "userIds": pending}  # only the throttled users are retried
                 error = DeliveryError(f"flow-controlled: {len(pending)} user(s)", retryable=True, retry_after=1.0)
             except _InvalidToken:
@@ -339,8 +352,9 @@ class DingTalkSender:
             if self._stop.wait(delay):
                 raise DeliveryError(f"stopping: {error}", retryable=True)
 
-    def _post_openapi(self, path: str, body: dict) -> list[str] | None:
-        """One POST; None when delivered, the throttled user ids when some must be retried (docs/wire-facts.md §3)."""
+    def _post_openapi(self, path: str, body: dict) -> tuple[list[str] | None, dict]:
+        """One POST: (None, the response body) when delivered, (the throttled user ids, …) when some must be
+        retried (docs/wire-facts.md §3)."""
         token = self.tokens.get()
         try:
             reply = self._http.post_json(self.endpoint + path, body, {"x-acs-dingtalk-access-token": token})
@@ -353,7 +367,7 @@ class DingTalkSender:
             invalid = [str(u) for u in reply.body.get("invalidStaffIdList") or []]
             if invalid and len(invalid) == len(body.get("userIds", [])):
                 raise DeliveryError(f"invalid staff id(s): {','.join(invalid)}", retryable=False)
-            return flow_controlled or None
+            return flow_controlled or None, reply.body
         if status in (400, 401) and code == "InvalidAuthentication" or status == 401:
             self.tokens.invalidate(token)
             raise _InvalidToken()

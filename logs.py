@@ -1,7 +1,8 @@
 """How the bot logs: the line format, the log file, secret redaction, and the ` task=… user=…` context.
 
 Operators grep these lines (README "Logs"): one event per line, ending with ` task=<id> user=<uid>` when it
-is about a task. `TaskLogger` writes that ending, so no call site formats it by hand.
+is about a task. `TaskLogger` writes that ending, so no call site formats it by hand. `OneLineFormatter` escapes
+control characters, so text from outside (CLI stderr, DingTalk errors) can neither split nor forge a line.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, Protocol
@@ -20,6 +22,22 @@ log = logging.getLogger("bot")
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
 LOG_DATEFMT = "%Y-%m-%d %H:%M:%S"
+
+# C0 and C1 controls (newlines, ESC, …) and the Unicode line and paragraph separators.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match) -> str:
+    char = match.group()
+    return _ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with control characters written as escapes (`\\n`, `\\x1b`, `\\u2028`): one line, no terminal codes."""
+    if not _CONTROL_CHARACTERS.search(text):  # the common case: nothing to do, no new string
+        return text
+    return _CONTROL_CHARACTERS.sub(_escape, text)
 
 
 class _HasIds(Protocol):
@@ -63,9 +81,17 @@ class RedactingFilter(logging.Filter):
         return True
 
 
+class OneLineFormatter(logging.Formatter):
+    """The log format, with the message on one line: control characters escaped, the traceback left as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = ()) -> logging.Handler:
     """Log to `log_file` (WatchedFileHandler, so logrotate works); fall back to stderr and say so once."""
-    formatter = logging.Formatter(LOG_FORMAT, LOG_DATEFMT)
+    formatter = OneLineFormatter(LOG_FORMAT, LOG_DATEFMT)
     fallback_reason = ""
     try:
         directory = os.path.dirname(os.path.abspath(log_file))

@@ -22,6 +22,9 @@ log = logging.getLogger("async_task_manager")
 
 CancelWatcher = Callable[[Task, bool], None]  # (task, stopped): stopped False = still exiting after the wait
 
+# The seed's name for a running task in the 状态更新 line, which operators grep for.
+LOGGED_STATUS = {RUNNING: "processing"}
+
 
 @dataclass
 class Running:
@@ -65,10 +68,12 @@ class TaskBoard:
         holds only live tasks however many have run.
         """
         with self.lock:
-            was_finished = task.finished
+            was_finished, was_status = task.finished, task.status
             for name, value in changes.items():
                 setattr(task, name, value)
             self.store.save(task)
+            if task.status != was_status:
+                task_log(log, task).info("任务 %s 状态更新: %s", task.id, LOGGED_STATUS.get(task.status, task.status))
             if task.finished and not was_finished:
                 self._finished_counts[task.status] = self._finished_counts.get(task.status, 0) + 1
             if task.finished and (task.delivered or task.undeliverable):
@@ -144,6 +149,11 @@ class TaskBoard:
                 return self.queue.index(task_id) + 1
             except ValueError:
                 return 0
+
+    def queued_count(self, user_id: str) -> int:
+        """How many of the user's tasks wait in the queue."""
+        with self.lock:
+            return sum(1 for t in self.queue if t in self.tasks and self.tasks[t].user_id == user_id)
 
     def _running_tasks(self) -> list[Task]:
         return [self.tasks[t] for t in self.running if t in self.tasks]

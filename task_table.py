@@ -1,4 +1,8 @@
-"""The task table (`python bot.py tasks`): tasks from the SQLite task DB, newest first, as aligned text."""
+"""The task table (`python bot.py tasks`): tasks from the SQLite task DB, newest first, as aligned text.
+
+Every cell comes from a chat or the DB: control characters are escaped, so no prompt can move the operator's
+cursor, recolour the terminal or forge a row.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import unicodedata
 from datetime import datetime
 from typing import TextIO
 
+from logs import escape_controls
 from task import Task
 from task_store import SQLiteTaskStore
 
@@ -22,7 +27,7 @@ def _pad(text: str, width: int) -> str:
 
 
 def _clip(text: str, width: int) -> str:
-    text = " ".join(text.split())
+    text = escape_controls(" ".join(text.split()))  # newlines read as spaces; ESC and the rest as escapes
     if _display_width(text) <= width:
         return text
     clipped = ""
@@ -38,7 +43,7 @@ def format_task_table(tasks: list[Task], now: float) -> str:
     header = ("ID", "STATUS", "USER", "CREATED", "ELAPSED", "MODE", "DELIVERED", "PROMPT")
     rows = [header]
     for task in tasks:
-        rows.append((task.id, task.status, task.user_id,
+        rows.append((escape_controls(task.id), escape_controls(task.status), escape_controls(task.user_id),
                      datetime.fromtimestamp(task.created_at).strftime("%Y-%m-%d %H:%M:%S"),
                      f"{task.elapsed(now):.0f}s", "background" if task.background else "sync",
                      "yes" if task.delivered else "no", _clip(task.prompt, 40)))

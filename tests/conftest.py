@@ -133,7 +133,8 @@ class BotProcess:
             wrap = json.loads(self.env.get("_WRAP", "[]"))
             self.proc = subprocess.Popen([*wrap, sys.executable, str(ROOT / "bot.py"),
                                           *self.env.get("_ARGS", "").split()],
-                                         cwd=self.workdir, env={k: v for k, v in self.env.items() if not k.startswith("_")},
+                                         cwd=self.workdir,
+                                         env={k: v for k, v in self.env.items() if not k.startswith("_")},
                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         return self
 

@@ -239,7 +239,7 @@ def test_hostile_prompts_reach_the_cli_as_text(standin, make_bot, tmp_path, prom
 
 
 def test_flood_from_one_user_is_rate_limited(standin, make_bot, tmp_path):
-    bot = make_bot(USER_RATE_LIMIT="20", MAX_WORKERS="4")
+    bot = make_bot(USER_RATE_LIMIT="20", MAX_WORKERS="4", MAX_QUEUED_PER_USER="20")  # the rate limit alone
     sent = [standin.send_bot_message(f"刷屏 {n}", sender_staff_id="flooder") for n in range(200)]
     bot.wait_log("请求过于频繁", count=180, timeout=20)
     limited = standin.wait_for(lambda: [t for s in sent for t in [p.text for p in standin.webhook_posts(s.session)]

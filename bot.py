@@ -43,8 +43,8 @@ from intake import Intake, settle
 from logs import setup_logging
 from metrics import DurationHistogram, TimedClient
 from status_server import StatusSources, start_status_server
+from store_journal import open_store
 from task import STATUS_LABELS
-from task_store import SQLiteTaskStore
 
 __all__ = ["main", "run_daemon", "setup_logging"]
 
@@ -269,7 +269,7 @@ def build_app(config: Config, durations: DurationHistogram | None = None
     sender = DingTalkSender(config.openapi_endpoint, config.client_id, config.client_secret, config.robot_code,
                             retry_window=config.delivery_retry_window, secrets=config.secrets)
     client = TimedClient(CodeBuddyClient.from_config(config), durations or DurationHistogram())
-    manager = AsyncTaskManager.from_config(config, client, sender, SQLiteTaskStore(config.task_db))
+    manager = AsyncTaskManager.from_config(config, client, sender, open_store(config.task_db))
     return sender, client, manager, ChatApp(manager, config)
 
 
@@ -293,7 +293,8 @@ def run_daemon(config: Config) -> int:
         except Exception:
             log.exception("处理消息失败 msgId=%s user=%s", message.msg_id, message.user_id)
 
-    intake = Intake(on_data, manager.store.batch)  # one thread keeps message order
+    # One thread keeps message order; a batch's ACKs wait for its records to be written.
+    intake = Intake(on_data, lambda: manager.store.wait_written(INTAKE_ACK_WAIT))
     stream = StreamConnection(config, intake, idle_timeout=config.stream_idle_timeout)
     notifier = systemd_notify.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
     status_server = start_status_server(config.status_port, StatusSources(

@@ -1,9 +1,8 @@
-"""The intake thread: bot messages handled one at a time in arrival order, each batch committed before its ACKs."""
+"""The intake thread: bot messages handled one at a time in arrival order, each batch written before its ACKs."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import threading
@@ -30,10 +29,11 @@ class Intake:
     burst that wake-up was a large part of the cost of an acknowledgement (BENCHMARKS.md).
     """
 
-    def __init__(self, handle: Callable[[dict], None],
-                 batch: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
+    def __init__(self, handle: Callable[[dict], None], written: Callable[[], bool] = lambda: True) -> None:
         self._handle = handle
-        self._batch = batch  # the store's one-transaction context: a batch is committed before its ACKs
+        # Blocks until what the batch recorded is written to the store; False when the store is down (the
+        # records stay in memory) or slow: the ACKs go out then too, as waiting longer would not help.
+        self._written = written
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="intake", daemon=True)
         self._thread.start()
@@ -58,18 +58,21 @@ class Intake:
                     break
             waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
             stopping = False
-            with self._batch():
-                for item in batch:
-                    if item is None:
-                        stopping = True
-                        continue
-                    data, loop, recorded = item
-                    try:
-                        self._handle(data)
-                    except Exception:
-                        log.exception("处理消息失败")
-                    if loop is not None and recorded is not None:
-                        waiting.setdefault(loop, []).append(recorded)
+            for item in batch:
+                if item is None:
+                    stopping = True
+                    continue
+                data, loop, recorded = item
+                try:
+                    self._handle(data)
+                except Exception:
+                    log.exception("处理消息失败")
+                if loop is not None and recorded is not None:
+                    waiting.setdefault(loop, []).append(recorded)
+            try:
+                self._written()
+            except Exception:
+                log.exception("等待消息记录写入失败")
             for loop, futures in waiting.items():
                 try:
                     loop.call_soon_threadsafe(settle_all, futures)

@@ -88,10 +88,14 @@ class TaskBoard:
         return task
 
     def _unused_id(self) -> str:
-        """64 random bits, never the id of a task in memory or in the store (a collision is all but impossible)."""
+        """64 random bits, never the id of a live task.
+
+        Not looked up in the store, a read on every message for a collision that all but never happens: the store
+        refuses to overwrite another task's row and logs it (`任务ID冲突`).
+        """
         while True:
             task_id = uuid.uuid4().hex[:16]
-            if task_id not in self.tasks and self.store.get(task_id) is None:
+            if task_id not in self.tasks:
                 return task_id
 
     def adopt(self, task: Task) -> None:

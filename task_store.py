@@ -187,11 +187,11 @@ CREATE TABLE IF NOT EXISTS sessions (conversation_key TEXT PRIMARY KEY, session_
 _TASK_COLUMNS = [f.name for f in Task.__dataclass_fields__.values()]
 
 
-_COLUMNS = ", ".join(_TASK_COLUMNS)
-_INSERT_TASK = f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join(':' + c for c in _TASK_COLUMNS)})"
-# created_at is in the key: a task with a colliding id (another task's) matches no row, so it never overwrites one.
-_UPDATE_TASK = (f"UPDATE tasks SET {', '.join(f'{c} = :{c}' for c in _TASK_COLUMNS if c != 'id')} "
-                "WHERE id = :id AND created_at IS :created_at")
+# A task's first save inserts its row, later ones update it. Not INSERT OR REPLACE: a task whose id collides with
+# another's (another created_at) changes no row, so it never overwrites one.
+_SAVE_TASK = (f"INSERT INTO tasks ({', '.join(_TASK_COLUMNS)}) VALUES ({', '.join(':' + c for c in _TASK_COLUMNS)}) "
+              f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _TASK_COLUMNS if c != 'id')} "
+              "WHERE tasks.created_at IS excluded.created_at")
 _OPEN_TIMEOUT = 10.0  # at start-up another process (a backup, an old bot stopping) may hold the DB a while
 
 
@@ -315,15 +315,9 @@ class SQLiteTaskStore:
                 raise
 
     def save(self, task: Task) -> None:
-        """Update the task's row; its first save inserts it. Never overwrites another task's row."""
-        row = _task_to_row(task)
-        with self._write_lock:
-            if self._write(_UPDATE_TASK, row).rowcount:
-                return
-            try:
-                self._write(_INSERT_TASK, row)
-            except sqlite3.IntegrityError:
-                task_log(log, task).error("任务ID冲突，数据库中已有另一任务 %s，未覆盖", task.id)
+        """Insert the task's row, or update it if it exists. Never overwrites another task's row."""
+        if not self._write(_SAVE_TASK, _task_to_row(task)).rowcount:
+            task_log(log, task).error("任务ID冲突，数据库中已有另一任务 %s，未覆盖", task.id)
 
     def get(self, task_id: str) -> Task | None:
         rows = self._query("SELECT * FROM tasks WHERE id = ?", (task_id,))

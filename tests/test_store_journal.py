@@ -6,6 +6,7 @@ Real SQLite files in tmp_path; a DB held by another process is a real `sqlite3` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -83,6 +84,23 @@ class _Wrapped:
         return getattr(self.backend, name)
 
 
+class _Gate:
+    """Holds each of a wrapped backend's transactions at its start until `opened` is set."""
+
+    def __init__(self, backend: _Wrapped) -> None:
+        self.entered, self.opened = threading.Event(), threading.Event()
+        real = backend.backend.transaction
+
+        @contextlib.contextmanager
+        def transaction():
+            self.entered.set()
+            self.opened.wait()
+            with real():
+                yield
+
+        backend.transaction = transaction
+
+
 class _FailingSaves(_Wrapped):
     """Each save raises the next of `errors` (one per flush attempt) until there are none left."""
 
@@ -150,15 +168,14 @@ def test_a_full_disk_keeps_records_in_memory_until_it_has_room(tmp_path, caplog)
     full = [sqlite3.OperationalError("database or disk is full"), OSError(errno.ENOSPC, "No space left on device"),
             sqlite3.OperationalError("database or disk is full")]
     backend = _FailingSaves(SQLiteTaskStore(str(path)), full)
-    gate = threading.Event()
-    backend.transaction = lambda: _gated(backend.backend, gate)
+    gate = _Gate(backend)
     store = JournaledStore(backend, backoff=0.05, max_backoff=0.1)
     store.set_session("c", "s")  # the writer takes this one alone and waits at the gate
-    time.sleep(0.05)
+    assert gate.entered.wait(5)
     store.record_duration("u1", "报告", 5.0, 1.0)  # written in the same transaction as the failing save
     assert store.remember_message("m1", 1.0)
     store.save(_task("c" * 16))
-    gate.set()
+    gate.opened.set()
     poll_until(lambda: store.health().ok and not store.health().pending, 5, 0.02, lambda: str(store.health()))
     assert _lines(caplog, WRITE_FAILED) == ["任务数据库写入失败，记录暂存内存 (database or disk is full)"]
     assert len(_lines(caplog, RECOVERED)) == 1
@@ -185,8 +202,7 @@ def test_the_writer_survives_an_unexpected_error_and_logs_its_traceback(tmp_path
 def test_reads_that_fail_answer_from_memory_and_mark_the_store_degraded(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="task_store")
     backend = _Wrapped(SQLiteTaskStore(str(tmp_path / "tasks.db")))
-    gate = threading.Event()
-    backend.transaction = lambda: _gated(backend.backend, gate)  # nothing is committed until the gate opens
+    gate = _Gate(backend)  # nothing is committed until the gate opens
     store = JournaledStore(backend, backoff=0.05)
 
     def failing(*args):
@@ -201,20 +217,8 @@ def test_reads_that_fail_answer_from_memory_and_mark_the_store_degraded(tmp_path
     assert store.durations("x") == [] and store.session_for("c") is None
     assert store.health().reason == "disk I/O error"
     assert _lines(caplog, READ_FAILED) == ["任务数据库读取失败，使用内存中的记录 (disk I/O error)"]
-    gate.set()
+    gate.opened.set()
     store.close()
-
-
-class _gated:  # noqa: N801 (used like a function: a transaction that first waits for `gate`)
-    def __init__(self, backend: SQLiteTaskStore, gate: threading.Event) -> None:
-        self.inner, self.gate = backend.transaction(), gate
-
-    def __enter__(self):
-        self.gate.wait()
-        return self.inner.__enter__()
-
-    def __exit__(self, *exc):
-        return self.inner.__exit__(*exc)
 
 
 # ---------------------------------------------------------------- order, coalescing, waiting, closing
@@ -222,18 +226,17 @@ class _gated:  # noqa: N801 (used like a function: a transaction that first wait
 
 def test_several_saves_of_a_task_in_one_flush_write_its_last_state_in_order(tmp_path):
     backend = _FailingSaves(SQLiteTaskStore(str(tmp_path / "tasks.db")), [])
-    gate = threading.Event()
-    backend.transaction = lambda: _gated(backend.backend, gate)
+    gate = _Gate(backend)
     store = JournaledStore(backend)
     store.save(_task("0" * 16))  # the writer takes this one alone and waits at the gate
-    time.sleep(0.05)
+    assert gate.entered.wait(5)
     first, second = _task("1" * 16), _task("2" * 16, created_at=1001.0)
     for status in (RUNNING, SUCCEEDED):
         store.save(first)
         first.status = status
     store.save(second)
     store.save(first)
-    gate.set()
+    gate.opened.set()
     assert store.wait_written(5)
     assert backend.saved == ["0" * 16, "2" * 16, "1" * 16]
     assert store.get("1" * 16).status == SUCCEEDED
@@ -243,18 +246,72 @@ def test_several_saves_of_a_task_in_one_flush_write_its_last_state_in_order(tmp_
 def test_wait_written_returns_true_once_committed_and_false_on_timeout(tmp_path):
     path = tmp_path / "tasks.db"
     backend = _Wrapped(SQLiteTaskStore(str(path)))
-    gate = threading.Event()
-    backend.transaction = lambda: _gated(backend.backend, gate)
+    gate = _Gate(backend)
     store = JournaledStore(backend)
     store.save(_task("3" * 16))
+    assert gate.entered.wait(5)  # the writer thread is writing it, slowly
     started = time.monotonic()
     assert store.wait_written(0.2) is False and 0.15 < time.monotonic() - started < 1
     assert store.health().ok and store.health().pending == 1  # slow is not down
-    gate.set()
+    gate.opened.set()
     assert store.wait_written(5)
     assert _rows(path, "SELECT id FROM tasks") == [("3" * 16,)]  # visible to another connection
     assert store.wait_written(0)  # nothing pending: True at once
     store.close()
+
+
+def test_wait_written_writes_at_once_without_waiting_for_the_writer(tmp_path):
+    path = tmp_path / "tasks.db"
+    store = JournaledStore(SQLiteTaskStore(str(path)), flush_delay=30.0)  # the writer would wait 30 s
+    store.save(_task("e1" * 8))
+    started = time.monotonic()
+    assert store.wait_written(5) and time.monotonic() - started < 1
+    assert _rows(path, "SELECT id FROM tasks") == [("e1" * 8,)]
+    store.close()
+
+
+def test_wait_written_that_meets_a_locked_db_says_false_and_leaves_the_retries_to_the_writer(tmp_path):
+    path = tmp_path / "tasks.db"
+    store = open_store(str(path), **FAST, flush_delay=30.0)
+    held = _HeldLock(path)
+    try:
+        store.save(_task("f1" * 8))
+        started = time.monotonic()
+        assert store.wait_written(5) is False and time.monotonic() - started < 1.5  # the busy timeout, not 5 s
+        assert store.health().reason == "database is locked"
+    finally:
+        held.release()
+    poll_until(lambda: store.health().ok, 5, 0.02, lambda: str(store.health()))
+    assert _rows(path, "SELECT id FROM tasks") == [("f1" * 8,)]
+    store.close()
+
+
+def test_saves_from_many_threads_end_in_each_tasks_last_state(tmp_path):
+    path = tmp_path / "tasks.db"
+    store = open_store(str(path), **FAST, flush_delay=0.001)
+
+    def work(worker: int) -> None:
+        tasks = [_task(f"{worker:02d}{number:014d}", created_at=float(number)) for number in range(20)]
+        for step in range(10):
+            for task in tasks:
+                task.attempts = step
+                store.save(task)
+            store.record_duration(f"w{worker}", "k", float(step), float(step))
+            if worker == 0:
+                store.wait_written(5)  # as the intake does, while the others and the writer write too
+
+    threads = [threading.Thread(target=work, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert store.wait_written(5)
+    store.close()
+    assert _rows(path, "SELECT DISTINCT attempts FROM tasks") == [(9,)]
+    assert len(_rows(path, "SELECT id FROM tasks")) == 80
+    for worker in range(4):  # each thread's durations in the order it recorded them
+        seconds = _rows(path, f"SELECT seconds FROM durations WHERE user_id = 'w{worker}' ORDER BY rowid")
+        assert seconds == [(float(step),) for step in range(10)]
 
 
 def test_close_writes_what_is_pending(tmp_path):
@@ -322,12 +379,12 @@ def test_a_second_task_with_a_used_id_never_overwrites_the_first(tmp_path, caplo
     assert any("任务ID冲突" in message for message in caplog.messages)
 
 
-def test_the_board_never_hands_out_an_id_the_store_has(tmp_path, monkeypatch):
+def test_the_board_never_hands_out_the_id_of_a_live_task(tmp_path, monkeypatch):
     store = open_store(str(tmp_path / "tasks.db"), **FAST)
-    store.save(_task("8" * 16))
+    board = task_board.TaskBoard(store, Router(store), limits=Limits(1, 1), clock=time.time)
+    board.adopt(_task("8" * 16))
     ids = iter([uuid.UUID("8" * 32), uuid.UUID("9" * 32)])
     monkeypatch.setattr(task_board.uuid, "uuid4", lambda: next(ids))
-    board = task_board.TaskBoard(store, Router(store), limits=Limits(1, 1), clock=time.time)
     task = board.create("u1", "hi", Route("1", "u1", "c"))
     assert task.id == "9" * 16 and len(task.id) == 16
     store.close()

@@ -207,6 +207,9 @@ def _open_error(absolute: str, exc: sqlite3.Error) -> StoreError:
     if "not a database" in why:
         return StoreError(f"TASK_DB {absolute} is not a SQLite database (corrupt?): move it away or point TASK_DB "
                           "elsewhere")
+    if "full" in why:
+        return StoreError(f"TASK_DB {absolute} cannot be written ({why}): free some space on its disk or point TASK_DB "
+                          "elsewhere")
     if "locked" in why or "busy" in why:
         return StoreError(f"TASK_DB {absolute} is held by another process ({why}): stop that process (another bot?) "
                           "or point TASK_DB elsewhere")

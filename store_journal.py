@@ -3,6 +3,7 @@
 `JournaledStore` wraps a `StoreBackend` (the SQLite store; PostgreSQL later). Its writes never wait for the DB and
 never raise; its reads see the backend with the journal laid over it. While the DB cannot be written (locked,
 disk full, I/O errors) records wait in memory, `health()` says so, and the writer retries with backoff, in order.
+docs/task-store.md has the whole story and the log lines.
 """
 
 from __future__ import annotations

@@ -56,8 +56,8 @@ class TaskRecords(Protocol):
 class TaskStore(TaskRecords, Protocol):
     """What the task logic sees: tasks, dedup keys, durations and conversation sessions across restarts."""
 
-    def wait_written(self, timeout: float) -> bool: ...
-    def health(self) -> StoreHealth: ...
+    def wait_written(self, timeout: float) -> bool: ...  # True once what was written before is committed
+    def health(self) -> StoreHealth: ...  # never touches the DB: for /healthz
     def close(self) -> None: ...
 
 

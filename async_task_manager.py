@@ -258,7 +258,8 @@ class AsyncTaskManager:
     def shutdown(self, grace: float, after_grace: float = 4.0) -> None:
         """Stop: running tasks get `grace` s to finish and deliver, then their CLIs are stopped for a re-run.
 
-        Returns within about `grace + after_grace` seconds; queued and interrupted tasks stay in the store.
+        Returns within about `grace + after_grace` seconds (and the store's close, which writes what it still
+        holds: a few seconds at most); queued and interrupted tasks stay in the store.
         """
         self.stop_accepting()
         grace_over = time.monotonic() + grace
@@ -280,3 +281,4 @@ class AsyncTaskManager:
         self.monitor.join(max(0.1, hard_stop - time.monotonic()))
         self.outbox.wait_for_deliveries(max(0.1, hard_stop - time.monotonic()))
         self.outbox.shutdown()
+        self.store.close()  # a journaled store writes what it still holds

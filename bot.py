@@ -44,9 +44,10 @@ from intake import Intake, settle
 from logs import setup_logging
 from metrics import DurationHistogram, TimedClient
 from status_server import StatusSources, start_status_server
+from store_journal import open_store
 from supervision import install_exception_hooks
 from task import STATUS_LABELS
-from task_store import SQLiteTaskStore, StoreError
+from task_store import StoreError
 
 __all__ = ["main", "run_daemon", "setup_logging"]
 
@@ -271,7 +272,7 @@ def build_app(config: Config, durations: DurationHistogram | None = None
     sender = DingTalkSender(config.openapi_endpoint, config.client_id, config.client_secret, config.robot_code,
                             retry_window=config.delivery_retry_window, secrets=config.secrets)
     client = TimedClient(CodeBuddyClient.from_config(config), durations or DurationHistogram())
-    manager = AsyncTaskManager.from_config(config, client, sender, SQLiteTaskStore(config.task_db))
+    manager = AsyncTaskManager.from_config(config, client, sender, open_store(config.task_db))
     return sender, client, manager, ChatApp(manager, config)
 
 
@@ -295,7 +296,8 @@ def run_daemon(config: Config) -> int:
         except Exception:
             log.exception("处理消息失败 msgId=%s user=%s", message.msg_id, message.user_id)
 
-    intake = Intake(on_data, manager.store.batch, supervisor=manager.supervisor)  # one thread keeps message order
+    # One thread keeps message order; a batch's ACKs wait for its records to be written (or the store to be down).
+    intake = Intake(on_data, lambda: manager.store.wait_written(INTAKE_ACK_WAIT), supervisor=manager.supervisor)
     stream = StreamConnection(config, intake, idle_timeout=config.stream_idle_timeout)
     notifier = systemd_notify.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
     status_server = start_status_server(config.status_port, StatusSources(

@@ -1,9 +1,8 @@
-"""The intake thread: bot messages handled one at a time in arrival order, each batch committed before its ACKs."""
+"""The intake thread: bot messages handled one at a time in arrival order, each batch written before its ACKs."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import queue
 import time
@@ -32,11 +31,12 @@ class Intake:
     burst that wake-up was a large part of the cost of an acknowledgement (BENCHMARKS.md).
     """
 
-    def __init__(self, handle: Callable[[dict], None],
-                 batch: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, *,
+    def __init__(self, handle: Callable[[dict], None], written: Callable[[], bool] = lambda: True, *,
                  supervisor: Supervisor | None = None) -> None:
         self._handle = handle
-        self._batch = batch  # the store's one-transaction context: a batch is committed before its ACKs
+        # Blocks until what the batch recorded is written to the store; False when the store is down (the
+        # records stay in memory) or slow: the ACKs go out then too, as waiting longer would not help.
+        self._written = written
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting_since: float | None = None  # when the oldest message not yet handled arrived
         self._thread = (supervisor or Supervisor()).start("intake", self._run)
@@ -68,21 +68,21 @@ class Intake:
                     break
             waiting: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
             stopping = False
+            for item in batch:
+                if item is None:
+                    stopping = True
+                    continue
+                data, loop, recorded = item
+                try:
+                    self._handle(data)
+                except Exception:
+                    log.exception("处理消息失败")
+                if loop is not None and recorded is not None:
+                    waiting.setdefault(loop, []).append(recorded)
             try:
-                with self._batch():
-                    for item in batch:
-                        if item is None:
-                            stopping = True
-                            continue
-                        data, loop, recorded = item
-                        try:
-                            self._handle(data)
-                        except Exception:
-                            log.exception("处理消息失败")
-                        if loop is not None and recorded is not None:
-                            waiting.setdefault(loop, []).append(recorded)
-            except Exception:  # the store's batch itself failed: the messages were handled; ACK them anyway
-                log.exception("消息批次提交失败")
+                self._written()
+            except Exception:
+                log.exception("等待消息记录写入失败")
             self._waiting_since = None if self._queue.empty() else time.monotonic()
             for loop, futures in waiting.items():
                 try:

@@ -91,7 +91,7 @@ class TaskBoard:
     def create(self, user_id: str, prompt: str, route: Route, *, user_name: str = "", conversation_key: str = "",
                msg_id: str = "", background: bool = False, keyword: str = NO_KEYWORD) -> Task:
         """Create a queued task, remember it and persist it."""
-        task = Task(id=uuid.uuid4().hex[:8], user_id=user_id, user_name=user_name,
+        task = Task(id=self._unused_id(), user_id=user_id, user_name=user_name,
                     conversation_key=conversation_key or route.conversation_id or user_id, route=route,
                     prompt=prompt, keyword=keyword, background=background, created_at=self.clock(), msg_id=msg_id)
         with self.lock:
@@ -99,6 +99,17 @@ class TaskBoard:
             self.store.save(task)
         task_log(log, task).info("创建任务: %s, 用户: %s", task.id, user_id)
         return task
+
+    def _unused_id(self) -> str:
+        """64 random bits, never the id of a live task.
+
+        Not looked up in the store, a read on every message for a collision that all but never happens: the store
+        refuses to overwrite another task's row and logs it (`任务ID冲突`).
+        """
+        while True:
+            task_id = uuid.uuid4().hex[:16]
+            if task_id not in self.tasks:
+                return task_id
 
     def adopt(self, task: Task) -> None:
         """Hold a task loaded from the store (after a restart) as live."""

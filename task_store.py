@@ -1,30 +1,45 @@
-"""Where tasks live across restarts: the store protocol, an in-memory store and the SQLite store with its schema.
+"""Where tasks live across restarts: the store protocols, an in-memory store and the SQLite backend with its schema.
 
-The task logic sees only `TaskStore`; a new backend (e.g. PostgreSQL) is one more class with these methods.
+The task logic sees only `TaskStore`; the daemon's is a `store_journal.JournaledStore` around `SQLiteTaskStore`.
+A new backend (e.g. PostgreSQL) is one more class with the `StoreBackend` methods.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Protocol
 from urllib.parse import quote
 
 from dingtalk_sender import Route
+from logs import task_log
 from task import FINISHED_STATUSES, Task
+
+log = logging.getLogger("task_store")
 
 
 class StoreError(Exception):
-    """The task store cannot be opened; the message is one line naming the path, the cause and the fix."""
+    """The task DB cannot be opened; the message is one line naming the path, the cause and the fix."""
 
 
-class TaskStore(Protocol):
-    """Where tasks, dedup keys, durations and conversation sessions live across restarts."""
+@dataclass(frozen=True)
+class StoreHealth:
+    """Whether the store is writing: `ok`, else why not, how many records wait in memory, and since when."""
+
+    ok: bool
+    reason: str = ""
+    pending: int = 0
+    since: float | None = None  # wall-clock time the outage began
+
+
+class TaskRecords(Protocol):
+    """The reads and writes every store has."""
 
     def save(self, task: Task) -> None: ...
     def get(self, task_id: str) -> Task | None: ...
@@ -36,7 +51,21 @@ class TaskStore(Protocol):
     def session_for(self, conversation_key: str) -> str | None: ...
     def set_session(self, conversation_key: str, session_id: str) -> None: ...
     def purge(self, finished_before: float, seen_before: float) -> int: ...
-    def batch(self) -> contextlib.AbstractContextManager: ...
+
+
+class TaskStore(TaskRecords, Protocol):
+    """What the task logic sees: tasks, dedup keys, durations and conversation sessions across restarts."""
+
+    def wait_written(self, timeout: float) -> bool: ...  # True once what was written before is committed
+    def health(self) -> StoreHealth: ...  # never touches the DB: for /healthz
+    def close(self) -> None: ...
+
+
+class StoreBackend(TaskRecords, Protocol):
+    """Where a `JournaledStore` writes: the same calls, synchronous, plus a dedup lookup and a transaction."""
+
+    def message_seen(self, msg_id: str) -> bool: ...
+    def transaction(self) -> contextlib.AbstractContextManager: ...
     def close(self) -> None: ...
 
 
@@ -60,7 +89,7 @@ def _task_from_row(row: dict) -> Task:
 
 
 class MemoryTaskStore:
-    """A store that forgets everything on exit: for unit tests and the console."""
+    """A store that forgets everything on exit: for unit tests and the console (every write is done at once)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -89,6 +118,10 @@ class MemoryTaskStore:
         with self._lock:
             tasks = [replace(t) for t in self._tasks.values() if user_id is None or t.user_id == user_id]
         return sorted(tasks, key=lambda t: t.created_at, reverse=True)[:limit]
+
+    def message_seen(self, msg_id: str) -> bool:
+        with self._lock:
+            return msg_id in self._seen
 
     def remember_message(self, msg_id: str, now: float) -> bool:
         with self._lock:
@@ -123,8 +156,14 @@ class MemoryTaskStore:
             self._seen = {k: v for k, v in self._seen.items() if v >= seen_before}
             return len(old)
 
-    def batch(self) -> contextlib.AbstractContextManager:
+    def transaction(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
+
+    def wait_written(self, timeout: float) -> bool:
+        return True
+
+    def health(self) -> StoreHealth:
+        return StoreHealth(ok=True)
 
     def close(self) -> None:
         pass
@@ -148,40 +187,140 @@ CREATE TABLE IF NOT EXISTS sessions (conversation_key TEXT PRIMARY KEY, session_
 _TASK_COLUMNS = [f.name for f in Task.__dataclass_fields__.values()]
 
 
+# A task's first save inserts its row, later ones update it. Not INSERT OR REPLACE: a task whose id collides with
+# another's (another created_at) changes no row, so it never overwrites one.
+_SAVE_TASK = (f"INSERT INTO tasks ({', '.join(_TASK_COLUMNS)}) VALUES ({', '.join(':' + c for c in _TASK_COLUMNS)}) "
+              f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _TASK_COLUMNS if c != 'id')} "
+              "WHERE tasks.created_at IS excluded.created_at")
+_OPEN_TIMEOUT = 10.0  # at start-up another process (a backup, an old bot stopping) may hold the DB a while
+
+
+def _why(exc: BaseException) -> str:
+    """An exception as a few words on one line."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _open_error(absolute: str, exc: sqlite3.Error) -> StoreError:
+    """The one-line StoreError for a SQLite error met while opening `absolute`."""
+    why = _why(exc)
+    if "not a database" in why:
+        return StoreError(f"TASK_DB {absolute} is not a SQLite database (corrupt?): move it away or point TASK_DB "
+                          "elsewhere")
+    if "full" in why:
+        return StoreError(f"TASK_DB {absolute} cannot be written ({why}): free some space on its disk or point TASK_DB "
+                          "elsewhere")
+    if "locked" in why or "busy" in why:
+        return StoreError(f"TASK_DB {absolute} is held by another process ({why}): stop that process (another bot?) "
+                          "or point TASK_DB elsewhere")
+    return StoreError(f"TASK_DB {absolute} cannot be opened ({why}): make the file and its directory readable and "
+                      "writable for this user, or point TASK_DB elsewhere")
+
+
+def _create_file(absolute: str) -> None:
+    """Create the DB file (and its directory), the bot's alone: 0600 (the WAL files follow its mode)."""
+    directory = os.path.dirname(absolute)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        why = "a file is in the way" if isinstance(exc, FileExistsError) else _why(exc)
+        raise StoreError(f"TASK_DB {absolute}: cannot create its directory {directory} ({why}): create it, writable "
+                         "for this user, or point TASK_DB elsewhere") from exc
+    try:
+        os.close(os.open(absolute, os.O_CREAT | os.O_RDWR, 0o600))
+    except OSError as exc:
+        raise StoreError(f"TASK_DB {absolute} cannot be opened for reading and writing ({_why(exc)}): fix its "
+                         "permissions or point TASK_DB elsewhere") from exc
+
+
+def _read_only_uri(absolute: str) -> str:
+    # A read-only connection to a WAL database creates -wal and -shm files if they are missing (owned by whoever
+    # ran it, possibly root); without them every row is in the main file, which `immutable` reads as it is.
+    if os.path.exists(absolute + "-wal") and os.path.exists(absolute + "-shm"):
+        return f"file:{quote(absolute)}?mode=ro"
+    return f"file:{quote(absolute)}?mode=ro&immutable=1"
+
+
 class SQLiteTaskStore:
-    """The daemon's store: one SQLite file in WAL mode, shared by all threads behind a lock."""
+    """The daemon's store backend: one SQLite file in WAL mode, one connection for writes and one for reads.
 
-    def __init__(self, path: str) -> None:
-        if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))  # a new DB is the bot's alone (WAL files follow)
+    In WAL mode readers never wait for the writer, so a read is not held up by a write waiting for a lock.
+    `read_only=True` opens an existing file without creating or writing anything (`bot.py tasks`).
+    Raises StoreError when the file cannot be opened.
+    """
+
+    def __init__(self, path: str, *, read_only: bool = False, busy_timeout: float = 10.0) -> None:
         self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._add_missing_columns()
+        self.read_only = read_only
+        absolute = path if path == ":memory:" else os.path.abspath(path)
+        self._write_lock = threading.RLock()  # re-entered by the writes inside transaction()
+        self._read_lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
+        try:
+            if read_only:
+                self._reader = sqlite3.connect(_read_only_uri(absolute), uri=True, check_same_thread=False,
+                                               isolation_level=None, timeout=busy_timeout)
+                if not self._reader.execute("SELECT 1 FROM sqlite_master WHERE name = 'tasks'").fetchall():
+                    raise StoreError(f"TASK_DB {absolute} has no tasks table: it is not the bot's task DB")
+            else:
+                if path != ":memory:":
+                    _create_file(absolute)
+                self._writer = self._open_writer(path, busy_timeout)
+                if path == ":memory:":  # one connection is the whole DB
+                    self._reader, self._read_lock = self._writer, self._write_lock
+                else:
+                    self._reader = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                                                   timeout=busy_timeout)
+                    self._reader.execute("PRAGMA query_only = ON")
+        except sqlite3.Error as exc:
+            raise _open_error(absolute, exc) from exc
+        self._reader.row_factory = sqlite3.Row
 
-    def _add_missing_columns(self) -> None:
-        """A DB made by an older version gains the columns of newer Task fields (NULL-safe defaults)."""
-        present = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
-        for name in _TASK_COLUMNS:
+    def _open_writer(self, path: str, busy_timeout: float) -> sqlite3.Connection:
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=_OPEN_TIMEOUT)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        present = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+        for name in _TASK_COLUMNS:  # a DB made by an older version gains the columns of newer Task fields
             if name not in present:
                 default = " DEFAULT 0" if name in _FLAGS else ""
-                self._db.execute(f"ALTER TABLE tasks ADD COLUMN {name}{' INTEGER' if default else ''}{default}")
+                db.execute(f"ALTER TABLE tasks ADD COLUMN {name}{' INTEGER' if default else ''}{default}")
+        db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")  # from now on a held lock fails fast
+        return db
+
+    def _writable(self) -> sqlite3.Connection:
+        if self._writer is None:
+            raise StoreError(f"TASK_DB {self.path} is open read-only")
+        return self._writer
 
     def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
+
+    def _write(self, sql: str, args: tuple | dict = ()) -> sqlite3.Cursor:
+        with self._write_lock:
+            return self._writable().execute(sql, args)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """The writes made inside (by this thread) are committed together, or not at all if one raises."""
+        with self._write_lock:
+            db = self._writable()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):  # the error that got us here is the one to report
+                        db.execute("ROLLBACK")
+                raise
 
     def save(self, task: Task) -> None:
-        row = _task_to_row(task)
-        placeholders = ",".join("?" for _ in _TASK_COLUMNS)
-        with self._lock:
-            self._db.execute(f"INSERT OR REPLACE INTO tasks ({','.join(_TASK_COLUMNS)}) VALUES ({placeholders})",
-                             tuple(row[c] for c in _TASK_COLUMNS))
+        """Insert the task's row, or update it if it exists. Never overwrites another task's row."""
+        if not self._write(_SAVE_TASK, _task_to_row(task)).rowcount:
+            task_log(log, task).error("任务ID冲突，数据库中已有另一任务 %s，未覆盖", task.id)
 
     def get(self, task_id: str) -> Task | None:
         rows = self._query("SELECT * FROM tasks WHERE id = ?", (task_id,))
@@ -205,15 +344,15 @@ class SQLiteTaskStore:
                                (user_id, limit))
         return [_task_from_row(dict(r)) for r in rows]
 
+    def message_seen(self, msg_id: str) -> bool:
+        return bool(self._query("SELECT 1 FROM seen_messages WHERE msg_id = ?", (msg_id,)))
+
     def remember_message(self, msg_id: str, now: float) -> bool:
-        with self._lock:
-            cursor = self._db.execute("INSERT OR IGNORE INTO seen_messages (msg_id, seen_at) VALUES (?, ?)",
-                                      (msg_id, now))
-            return cursor.rowcount == 1
+        cursor = self._write("INSERT OR IGNORE INTO seen_messages (msg_id, seen_at) VALUES (?, ?)", (msg_id, now))
+        return cursor.rowcount == 1
 
     def record_duration(self, user_id: str, keyword: str, seconds: float, now: float) -> None:
-        with self._lock:
-            self._db.execute("INSERT INTO durations VALUES (?, ?, ?, ?)", (user_id, keyword, seconds, now))
+        self._write("INSERT INTO durations VALUES (?, ?, ?, ?)", (user_id, keyword, seconds, now))
 
     def durations(self, keyword: str, user_id: str | None = None, limit: int = 50) -> list[float]:
         if user_id is None:
@@ -229,35 +368,25 @@ class SQLiteTaskStore:
         return rows[0][0] if rows else None
 
     def set_session(self, conversation_key: str, session_id: str) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?)", (conversation_key, session_id))
+        self._write("INSERT OR REPLACE INTO sessions VALUES (?, ?)", (conversation_key, session_id))
 
     def purge(self, finished_before: float, seen_before: float) -> int:
         finished = tuple(FINISHED_STATUSES)
-        with self._lock:
-            cursor = self._db.execute(
+        with self._write_lock:
+            cursor = self._write(
                 f"DELETE FROM tasks WHERE (delivered = 1 OR undeliverable = 1) AND finished_at < ? "
                 f"AND status IN ({','.join('?' * 4)})",
                 (finished_before, *finished))
-            self._db.execute("DELETE FROM seen_messages WHERE seen_at < ?", (seen_before,))
-            self._db.execute("DELETE FROM durations WHERE finished_at < ?", (finished_before,))
+            self._write("DELETE FROM seen_messages WHERE seen_at < ?", (seen_before,))
+            self._write("DELETE FROM durations WHERE finished_at < ?", (finished_before,))
             return cursor.rowcount
 
-    @contextlib.contextmanager
-    def batch(self):
-        """Commit the writes made inside (by any thread) in one transaction: one WAL commit per batch."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._db.execute("COMMIT")
-
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
+        with self._read_lock:
+            self._reader.close()
+        if self._writer is not None and self._writer is not self._reader:
+            with self._write_lock:
+                self._writer.close()
 
 def store_writable(path: str, timeout: float = 2.0) -> tuple[bool, str]:
     """Whether the SQLite task DB at `path` exists and takes a write lock; (ok, reason when not)."""

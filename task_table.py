@@ -68,7 +68,7 @@ def print_tasks(db_path: str, *, user: str | None = None, status: str | None = N
     if not os.path.isfile(absolute):
         print(f"no task DB at {absolute} (set TASK_DB, or run the bot once)", file=sys.stderr)
         return 1
-    store = SQLiteTaskStore(absolute)
+    store = SQLiteTaskStore(absolute, read_only=True)
     try:
         tasks = select_tasks(store, user=user, status=status, limit=limit)
     finally:

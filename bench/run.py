@@ -432,7 +432,7 @@ def recovery(workdir: Path, undelivered: int) -> tuple[float, float, float]:
     now = time.time()
     for number in range(undelivered):
         user = f"rec{number % 10}"
-        store.save(Task(id=uuid.uuid4().hex[:8], user_id=user, user_name="Bench", conversation_key=user,
+        store.save(Task(id=uuid.uuid4().hex[:16], user_id=user, user_name="Bench", conversation_key=user,
                         route=Route("1", user, f"cid-{user}"), prompt=f"生成报告 bench-{number}", keyword="生成报告",
                         status=SUCCEEDED, background=True, created_at=now - 120, started_at=now - 100,
                         finished_at=now - 60, result=f"done: bench-{number}", delivered=False, attempts=1))

@@ -13,6 +13,7 @@ from codebuddy_client import StreamState, new_session_id, parse_stream_line, red
 from config import SEED_LONG_TASK_KEYWORDS, ConfigError, load_config
 from dingtalk_sender import AccessTokenProvider, Route
 from message_parts import split_message, utf8_json_cost
+from store_journal import open_store
 from task import Task
 from task_store import MemoryTaskStore, SQLiteTaskStore
 
@@ -109,16 +110,18 @@ def test_expected_duration_uses_history_or_the_fixed_text():
 
 
 def test_task_lifecycle_is_persisted_in_sqlite(tmp_path):
-    store = SQLiteTaskStore(str(tmp_path / "t.db"))
+    store = open_store(str(tmp_path / "t.db"))
     manager = AsyncTaskManager(_NoClient(), _NoSender(), store)
     route = Route("2", "u1", "cidABC+/=", "http://x/hook", 123)
     task = manager.create_task("u1", "hello", route, user_name="A", msg_id="m1")
     manager.update_status(task.id, "running")
     manager.complete_task(task.id, "answer", 1.5)
-    again = SQLiteTaskStore(str(tmp_path / "t.db")).get(task.id)
+    assert store.wait_written(5)
+    again = SQLiteTaskStore(str(tmp_path / "t.db"), read_only=True).get(task.id)
     assert again is not None and again.status == "succeeded" and again.result == "answer"
     assert again.route == route and not again.delivered
     assert store.remember_message("m1", 1.0) and not store.remember_message("m1", 2.0)
+    store.close()
 
 
 def test_cleanup_drops_old_undelivered_tasks_from_memory_not_from_the_store():
@@ -289,14 +292,3 @@ def test_a_stopped_run_leaves_no_process_even_in_another_session(tmp_path):
     while process_alive(child) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not process_alive(child)
-
-
-def test_sqlite_batch_commits_the_writes_made_inside_it(tmp_path):
-    path = str(tmp_path / "t.db")
-    store = SQLiteTaskStore(path)
-    with store.batch():
-        store.remember_message("m1", 1.0)
-        store.save(Task("b1", "u", "", "c", Route("1", "u", "c"), "p"))
-        assert SQLiteTaskStore(path).get("b1") is None  # not visible to another connection before COMMIT
-    assert SQLiteTaskStore(path).get("b1") is not None
-    assert not SQLiteTaskStore(path).remember_message("m1", 2.0)

@@ -32,6 +32,8 @@ from workers import Workers
 
 log = logging.getLogger("async_task_manager")
 
+DELIVERED_WRITE_WAIT = 2.0  # seconds a delivery thread waits for "delivered" to reach the store
+
 
 class AsyncTaskManager:
     """Tracks every task, runs them on `max_workers` threads, and delivers their results."""
@@ -53,7 +55,8 @@ class AsyncTaskManager:
                                memory_retention=memory_retention, retention_days=retention_days)
         self._tasks = self.board.tasks  # the live tasks, by id
         self.outbox = Outbox(sender, clock=clock, mark_delivered=self.board.mark_delivered,
-                             mark_undeliverable=self.board.mark_undeliverable, retry_backoff=retry_backoff,
+                             mark_undeliverable=self.board.mark_undeliverable,
+                             written=lambda: self.store.wait_written(DELIVERED_WRITE_WAIT), retry_backoff=retry_backoff,
                              give_up_after=give_up_after)
         self.workers = Workers(self.board, client, self.outbox, task_timeout=task_timeout,
                                session_for=self.conversation_session, supervisor=self.supervisor, secrets=secrets)

@@ -32,12 +32,14 @@ class Outbox:
 
     def __init__(self, sender: Sender, *, clock: Callable[[], float],
                  mark_delivered: Callable[[Task], object], mark_undeliverable: Callable[[Task], object],
+                 written: Callable[[], object] = lambda: True,
                  retry_backoff: float = 60.0, give_up_after: float = 86400.0,
                  notice_retry_window: float = NOTICE_RETRY_WINDOW) -> None:
         self.sender = sender
         self.clock = clock
         self._mark_delivered = mark_delivered
         self._mark_undeliverable = mark_undeliverable
+        self._written = written  # writes the store's journal now: "delivered" is on disk before the next send
         self.retry_backoff = retry_backoff  # first pause before an undelivered result is tried again
         self.give_up_after = give_up_after  # seconds after the task finished
         self.notice_retry_window = notice_retry_window
@@ -117,6 +119,7 @@ class Outbox:
             with self._lock:
                 self._retries.pop(task.id, None)
             self._mark_delivered(task)
+            self._written()  # a crash right after a delivery must not find the result undelivered and send it again
             if delivery.path == "webhook":
                 tlog.info("任务结果已回复: %s", task.id)
             else:

@@ -406,7 +406,11 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(os.environ.get("LOG_FILE") or setting_default("LOG_FILE"), "INFO")
         return startup_failure(f"配置错误: {exc}")
     if command == "tasks":
-        return task_table.print_tasks(args.db or config.task_db, user=args.user, status=args.status, limit=args.limit)
+        try:
+            return task_table.print_tasks(args.db or config.task_db, user=args.user, status=args.status,
+                                          limit=args.limit)
+        except StoreError as exc:
+            return startup_failure(f"任务数据库无法打开: {exc}")
     handler = setup_logging(config.log_file, config.log_level, config.secrets)
     install_exception_hooks()
     if not sandbox_ready(config):

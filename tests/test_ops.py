@@ -33,7 +33,7 @@ import task_table
 from codebuddy_client import RunResult
 from dingtalk_sender import Route
 from task import Task
-from task_store import SQLiteTaskStore
+from task_store import MemoryTaskStore, SQLiteTaskStore, StoreHealth
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT, cli_runs, fake_cli_env, run_alive
 
 BOT = str(ROOT / "bot.py")
@@ -407,7 +407,8 @@ def test_status_port_serves_healthz_and_metrics(standin, make_bot):
     base = f"http://127.0.0.1:{port}"
     status, body = _get(base + "/healthz")
     assert status == 200, body
-    assert json.loads(body) == {"status": "ok", "stream_connected": True, "store_writable": True}
+    assert json.loads(body) == {"status": "ok", "stream_connected": True, "store_writable": True,
+                                "store_pending": 0, "dead_threads": []}
 
     short = standin.send_bot_message("你好", sender_staff_id="u1")
     standin.wait_for(lambda: len(standin.webhook_posts(short.session)) >= 2)
@@ -435,37 +436,40 @@ def test_status_port_serves_healthz_and_metrics(standin, make_bot):
     assert _get(base + "/nothing")[0] == 404
 
 
-def _sources(tmp_path: Path, connected: bool, task_db: str) -> metrics.StatusSources:
+def _sources(tmp_path: Path, connected: bool, store=None, dead=()) -> metrics.StatusSources:
     return metrics.StatusSources(
-        manager=SimpleNamespace(stats={"tasks_running": 1, "queue_length": 2, "running": 1}),
+        manager=SimpleNamespace(stats={"tasks_running": 1, "queue_length": 2, "running": 1},
+                                outbox=SimpleNamespace(waiting_retries=0)),
         sender=SimpleNamespace(stats={"webhook_failed": 4}, tokens=SimpleNamespace(fetches=0)),
         client=SimpleNamespace(running_processes=1), stream=SimpleNamespace(connected=connected, reconnects=3),
-        task_db=task_db, durations=metrics.DurationHistogram())
+        store=store if store is not None else MemoryTaskStore(), supervisor=SimpleNamespace(dead=lambda: list(dead)),
+        intake=SimpleNamespace(backlog_age=lambda now: 0.0), durations=metrics.DurationHistogram())
 
 
-def test_healthz_is_503_and_says_why(tmp_path):
-    db = tmp_path / "tasks.db"
-    SQLiteTaskStore(str(db)).close()
-    server = status_server.StatusServer(_sources(tmp_path, connected=False, task_db=str(db)), 0).start()
+def test_healthz_is_503_or_degraded_and_says_why(tmp_path):
+    server = status_server.StatusServer(_sources(tmp_path, connected=False, dead=["worker-2"]), 0).start()
     try:
         assert server._server.server_address[0] == "127.0.0.1"
         status, body = _get(f"http://127.0.0.1:{server.port}/healthz")
-        assert status == 503 and json.loads(body)["stream_connected"] is False
-        assert json.loads(body)["store_writable"] is True
+        body = json.loads(body)
+        assert status == 503 and body["status"] == "unhealthy" and body["stream_connected"] is False
+        assert body["dead_threads"] == ["worker-2"]
+        assert body["reasons"] == ["thread worker-2 is dead", "DingTalk Stream not connected"]
     finally:
         server.stop()
-    missing = status_server.StatusServer(_sources(tmp_path, connected=True, task_db=str(tmp_path / "gone.db")),
-                                         0).start()
+    down = SimpleNamespace(health=lambda: StoreHealth(ok=False, reason="database is locked", pending=7))
+    degraded = status_server.StatusServer(_sources(tmp_path, connected=True, store=down), 0).start()
     try:
-        status, body = _get(f"http://127.0.0.1:{missing.port}/healthz")
-        assert status == 503 and json.loads(body)["store_writable"] is False
-        assert "gone.db does not exist" in json.loads(body)["store_error"]
+        status, body = _get(f"http://127.0.0.1:{degraded.port}/healthz")
+        body = json.loads(body)
+        assert status == 200 and body["status"] == "degraded" and body["store_writable"] is False
+        assert body["store_error"] == "database is locked" and body["store_pending"] == 7
     finally:
-        missing.stop()
+        degraded.stop()
 
 
 def test_metrics_histogram_and_counters_render_in_prometheus_format(tmp_path):
-    sources = _sources(tmp_path, connected=True, task_db=":memory:")
+    sources = _sources(tmp_path, connected=True)
     timed = metrics.TimedClient(SimpleNamespace(run=lambda prompt, **kw: RunResult(ok=False, timed_out=True,
                                                                                duration=float(prompt)),
                                             running_processes=1), sources.durations)
@@ -488,6 +492,6 @@ def test_status_port_already_taken_is_logged_not_fatal(tmp_path, caplog):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert status_server.start_status_server(port, _sources(tmp_path, True, ":memory:")) is None
+        assert status_server.start_status_server(port, _sources(tmp_path, True)) is None
     assert "状态服务无法监听" in caplog.text
-    assert status_server.start_status_server(None, _sources(tmp_path, True, ":memory:")) is None
+    assert status_server.start_status_server(None, _sources(tmp_path, True)) is None

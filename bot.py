@@ -38,7 +38,16 @@ import task_table
 from async_task_manager import AsyncTaskManager
 from chat import ChatApp, IncomingMessage
 from codebuddy_client import CodeBuddyClient, sandbox_from_config
-from config import HTTP_TIMEOUT, SETTINGS, Config, ConfigError, load_config, parse_positive_int, setting_default
+from config import (
+    HTTP_TIMEOUT,
+    SETTINGS,
+    Config,
+    ConfigError,
+    load_config,
+    parse_positive_int,
+    read_config,
+    setting_default,
+)
 from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, open_stream_connection
 from intake import Intake, settle
 from logs import setup_logging
@@ -336,12 +345,23 @@ def run_daemon(config: Config) -> int:
 
 
 def load_local_config(environ: Mapping[str, str], dotenv_path: str | None = ".env") -> Config:
-    """Settings for commands that never call DingTalk (tasks, console): the app credentials may be missing."""
-    try:
-        return load_config(environ, dotenv_path)
-    except ConfigError:
-        placeholders = {setting.env: "not-used-offline" for setting in SETTINGS if setting.required}
-        return load_config({**placeholders, **environ}, dotenv_path)
+    """Settings for the console, which never calls DingTalk: the app credentials may be missing (or examples)."""
+    config, error = read_config(environ, dotenv_path)
+    offline = {setting.env for setting in SETTINGS if setting.required}
+    if error is not None:
+        problems = [problem for problem in error.problems if problem.split()[0] not in offline]
+        if problems:
+            raise ConfigError(problems, [name for name in error.unfilled if name not in offline])
+    return config
+
+
+def config_failure(error: ConfigError) -> str:
+    """The one message a configuration error ends the start with: every setting to fix, and how."""
+    if len(error.problems) == 1:
+        return f"配置错误: {error.problems[0]}"
+    where = os.path.abspath(".env") + " (or the environment)"
+    return (f"配置错误: {len(error.problems)} settings to fix in {where}, then start again:\n"
+            + "\n".join(f"  - {problem}" for problem in error.problems))
 
 
 def positive_int(raw: str) -> int:
@@ -397,14 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "run"
     if command == "check":
         return doctor.run_check(os.environ)
+    if command == "tasks":  # reads the task DB only: a half-filled .env does not stop it
+        config = read_config(os.environ)[0]
+        return task_table.print_tasks(args.db or config.task_db, user=args.user, status=args.status, limit=args.limit)
     try:
         config = load_config() if command == "run" else load_local_config(os.environ)
     except ConfigError as exc:
         if command == "run":  # the operator greps the log: the reason goes there too
             setup_logging(os.environ.get("LOG_FILE") or setting_default("LOG_FILE"), "INFO")
-        return startup_failure(f"配置错误: {exc}")
-    if command == "tasks":
-        return task_table.print_tasks(args.db or config.task_db, user=args.user, status=args.status, limit=args.limit)
+        return startup_failure(config_failure(exc))
     handler = setup_logging(config.log_file, config.log_level, config.secrets)
     install_exception_hooks()
     if not sandbox_ready(config):
@@ -420,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def startup_failure(message: str) -> int:
-    """A start-up error: one line on stderr and in the log; exit code 2 (systemd does not restart on it)."""
+    """A start-up error: one message on stderr and one line in the log; exit code 2 (systemd does not restart)."""
     print(message, file=sys.stderr)
     if logging.getLogger().handlers and not _logs_to_stderr():
         log.error(message)

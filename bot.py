@@ -50,7 +50,7 @@ from config import (
 )
 from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, open_stream_connection
 from intake import Intake, settle
-from logs import setup_logging
+from logs import log_destination, setup_logging
 from metrics import DurationHistogram, TimedClient
 from status_server import StatusSources, start_status_server
 from supervision import install_exception_hooks
@@ -426,13 +426,16 @@ def main(argv: list[str] | None = None) -> int:
         if command == "run":  # the operator greps the log: the reason goes there too
             setup_logging(os.environ.get("LOG_FILE") or setting_default("LOG_FILE"), "INFO")
         return startup_failure(config_failure(exc))
-    handler = setup_logging(config.log_file, config.log_level, config.secrets)
+    # On a terminal the log lines show there too; the console shows only warnings (lines would drown the chat).
+    handler = setup_logging(config.log_file, config.log_level, config.secrets, echo=sys.stderr.isatty(),
+                            echo_level="WARNING" if command == "console" else "DEBUG")
+    print(log_destination(handler), file=sys.stderr, flush=True)
     install_exception_hooks()
     if not sandbox_ready(config):
         return 2
     if command == "console":
         if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)  # log lines on the terminal would drown the chat
+            handler.setLevel(logging.WARNING)
         return console.run_console(config, user_id=args.user)
     try:
         return run_daemon(config)

@@ -249,8 +249,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Hard cap in seconds on one CLI run; the process group is killed"),
     Setting("LONG_TASK_KEYWORDS", "long_task_keywords", "", _csv,
             "Comma-separated keywords added to the built-in long-task list"),
-    Setting("LOG_FILE", "log_file", "/var/log/dingtalk-bot.log", _text,
-            "Log file; if it cannot be opened the bot logs to stderr"),
+    Setting("LOG_FILE", "log_file", "", _text,
+            "Log file (the systemd unit sets /var/log/dingtalk-bot.log); unset, or not writable: stderr"),
     Setting("LOG_LEVEL", "log_level", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     Setting("MAX_WORKERS", "max_workers", "4", parse_positive_int,
             "CodeBuddy runs at once; more tasks wait in a queue"),
@@ -424,7 +424,9 @@ def bot_files(task_db: str, log_file: str, workdir: str,
               dotenv_path: str | os.PathLike | None = ".env") -> tuple[str, ...]:
     """The bot's own files and directories, which no CodeBuddy run may see: its code, .env, task DB, log,
     the directory holding every conversation, and its working directory (absolute paths)."""
-    paths = [PROJECT_DIR, os.getcwd(), os.path.abspath(task_db), os.path.abspath(log_file), os.path.abspath(workdir)]
+    paths = [PROJECT_DIR, os.getcwd(), os.path.abspath(task_db), os.path.abspath(workdir)]
+    if log_file:
+        paths.append(os.path.abspath(log_file))
     if dotenv_path is not None:
         paths.append(os.path.abspath(dotenv_path))
     return tuple(dict.fromkeys(paths))

@@ -110,6 +110,9 @@ def check_running_bot(port: int, timeout: float = 3.0) -> CheckResult | None:
 
 def check_log_file(path: str) -> CheckResult:
     """The log file can be appended to (or created); otherwise the daemon logs to stderr."""
+    if not path:
+        return CheckResult("log file", True, "LOG_FILE unset: the bot logs to stderr (this terminal, or the journal "
+                                             "under systemd; the unit sets LOG_FILE=/var/log/dingtalk-bot.log)")
     absolute = os.path.abspath(path)
     if not os.path.exists(absolute):
         ok, detail = _creatable(absolute, "the daemon")

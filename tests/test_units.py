@@ -28,7 +28,7 @@ def test_config_defaults_and_robot_code_falls_back_to_client_id():
     config = load_config(BASE_ENV, dotenv_path=None)
     assert config.robot_code == "id"
     assert config.sync_timeout == 60 and config.task_timeout == 1800 and config.max_workers == 4
-    assert config.log_file == "/var/log/dingtalk-bot.log"
+    assert config.log_file == ""  # stderr: a trial run never writes the production log
     assert config.openapi_endpoint == "https://api.dingtalk.com"
     assert config.all_long_task_keywords == SEED_LONG_TASK_KEYWORDS
 

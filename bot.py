@@ -48,7 +48,7 @@ from config import (
     read_config,
     setting_default,
 )
-from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, open_stream_connection
+from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, describe_network_error, open_stream_connection
 from intake import Intake, settle
 from logs import log_destination, setup_logging
 from metrics import DurationHistogram, TimedClient
@@ -209,8 +209,10 @@ class StreamConnection:
                         attempt = 0
                         log.info("钉钉 Stream 已连接")
                         await self._receive(websocket)
+                except websockets.exceptions.ConnectionClosed as exc:
+                    log.warning("钉钉 Stream 连接中断: the gateway closed the websocket (%s)", exc)
                 except (TimeoutError, OSError, websockets.exceptions.WebSocketException) as exc:
-                    log.warning("钉钉 Stream 连接中断: %s", type(exc).__name__)
+                    log.warning("钉钉 Stream 连接中断: %s", describe_network_error(connection["endpoint"], exc))
                 finally:
                     self.connected = False
             if self._stop.is_set():

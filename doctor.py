@@ -135,9 +135,9 @@ def check_access_token(config: Config, http: JsonHttp | None = None) -> CheckRes
     url = config.openapi_endpoint + TOKEN_PATH
     try:
         provider.get()
-    except DeliveryError as exc:
+    except DeliveryError as exc:  # the message names the host and the cause
         hint = "" if exc.retryable else " (check DINGTALK_CLIENT_ID and DINGTALK_CLIENT_SECRET)"
-        return CheckResult("DingTalk access token", False, f"{exc} from {url}{hint}")
+        return CheckResult("DingTalk access token", False, f"{exc}{hint}")
     return CheckResult("DingTalk access token", True, f"fetched from {url}")
 
 
@@ -150,8 +150,8 @@ def check_stream_gateway(config: Config, http: JsonHttp | None = None) -> CheckR
     if connection is not None:
         return CheckResult("DingTalk Stream", True, "the gateway accepted the app (Stream mode)")
     if error.startswith("unreachable"):
-        return CheckResult("DingTalk Stream", False, f"{url} {error}")
-    return CheckResult("DingTalk Stream", False, f"connections/open refused: {error}")
+        return CheckResult("DingTalk Stream", False, error)
+    return CheckResult("DingTalk Stream", False, f"{url} refused: {error}")
 
 
 def check_cli(config: Config, timeout: float = 20.0) -> CheckResult:

@@ -9,12 +9,16 @@ from __future__ import annotations
 import os
 import pty
 import shutil
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import pytest
+
+from dingtalk_sender import HttpError, JsonHttp, open_stream_connection
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT, fake_cli_env, replies
 
 BOT = str(ROOT / "bot.py")
@@ -134,3 +138,80 @@ def test_a_trial_run_without_log_file_logs_to_stderr_and_writes_no_log_file(tmp_
     assert any("创建任务" in line for line in lines) and any("机器人已停止" in line for line in lines)
     assert (production_log.stat().st_mtime_ns if production_log.exists() else None) == before
     assert not list(tmp_path.rglob("*.log"))
+
+
+# ---------------------------------------------------------------- 3. connection failures: the host and the cause
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _failure(http: JsonHttp, url: str) -> str:
+    with pytest.raises(HttpError) as raised:
+        http.post_json(url, {})
+    return str(raised.value)
+
+
+def test_connection_failures_name_the_host_and_the_cause(standin):
+    http = JsonHttp(pool_size=1, transport_retries=0, timeout=(0.5, 0.5))
+    closed = _free_port()
+    assert _failure(http, f"http://127.0.0.1:{closed}/x").startswith(
+        f"127.0.0.1:{closed} connection refused (NewConnectionError: Failed to establish a new connection: "
+        "[Errno 111] Connection refused)")
+    tls = _failure(http, standin.base_url.replace("http://", "https://") + "/v1.0/oauth2/accessToken")
+    assert tls.startswith(f"127.0.0.1:{standin.base_url.rsplit(':', 1)[1]} TLS handshake failed (SSLError: ")
+    with socket.socket() as silent:  # accepts the connection, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        assert _failure(http, f"http://127.0.0.1:{port}/x").startswith(
+            f"127.0.0.1:{port} no answer in time (read timeout) (ReadTimeoutError: ")
+    with socket.socket() as full:  # a full accept queue: the kernel drops the next SYN, so connect() waits
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        port = full.getsockname()[1]
+        waiting = []
+        while True:  # fill the queue until a connect() waits
+            try:
+                waiting.append(socket.create_connection(("127.0.0.1", port), timeout=0.3))
+            except TimeoutError:
+                break
+        try:
+            assert _failure(http, f"http://127.0.0.1:{port}/x").startswith(
+                f"127.0.0.1:{port} connect timed out (ConnectTimeoutError: ")
+        finally:
+            for sock in waiting:
+                sock.close()
+    connection, error = open_stream_connection(http, standin.base_url, CLIENT_ID, "wrong-secret")
+    assert connection is None and error == f"HTTP 401 InvalidAuthentication from {standin.base_url[7:]}"
+    http.close()
+
+
+def test_check_names_a_dns_failure_with_its_host(tmp_path):
+    """In a network namespace of its own (no network at all) the name cannot resolve, and nothing leaves."""
+    env = _env(tmp_path, DINGTALK_CLIENT_ID=CLIENT_ID, DINGTALK_CLIENT_SECRET=CLIENT_SECRET,
+               DINGTALK_OPENAPI_ENDPOINT="https://dingtalk-standin.invalid", CODEBUDDY_API_KEY="ck-test")
+    result = subprocess.run(["unshare", "--user", "--map-root-user", "--net", sys.executable, BOT, "check"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+                            stdin=subprocess.DEVNULL)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = {line.split(":")[0]: line for line in result.stdout.splitlines() if line.startswith(("✓", "✗"))}
+    dns = "dingtalk-standin.invalid:443 DNS lookup failed (NameResolutionError: Failed to resolve "
+    assert lines["✗ DingTalk access token"].startswith(f"✗ DingTalk access token: access token request failed: {dns}")
+    assert lines["✗ DingTalk Stream"].startswith(f"✗ DingTalk Stream: unreachable: {dns}")
+
+
+def test_the_daemon_logs_the_host_and_cause_of_each_failed_connection(standin, make_bot):
+    closed = _free_port()
+    bot = make_bot(connect=False, DINGTALK_OPENAPI_ENDPOINT=f"http://127.0.0.1:{closed}")
+    line = bot.wait_log("连接钉钉 Stream 失败")[0]
+    assert f"连接钉钉 Stream 失败: unreachable: 127.0.0.1:{closed} connection refused" in line
+    bot.terminate()
+    standin.fail_next("/connect", status=403, body={"code": "Forbidden"})
+    bot = make_bot()  # the first websocket is refused, the reconnect succeeds
+    line = bot.wait_log("钉钉 Stream 连接中断")[0]
+    port = standin.base_url.rsplit(":", 1)[1]
+    assert f"钉钉 Stream 连接中断: 127.0.0.1:{port} refused the connection: HTTP 403 (InvalidStatus: " in line

@@ -22,7 +22,6 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from urllib.parse import quote_plus
@@ -37,10 +36,9 @@ import systemd_notify
 import task_table
 from async_task_manager import AsyncTaskManager
 from chat import ChatApp, IncomingMessage
-from codebuddy_client import CodeBuddyClient, sandbox_from_config
+from codebuddy_client import CodeBuddyClient
 from config import (
     HTTP_TIMEOUT,
-    SETTINGS,
     Config,
     ConfigError,
     load_config,
@@ -52,6 +50,7 @@ from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, describe_networ
 from intake import Intake, settle
 from logs import log_destination, setup_logging
 from metrics import DurationHistogram, TimedClient
+from startup import config_failure, load_local_config, report_cli, sandbox_ready
 from status_server import StatusSources, start_status_server
 from supervision import install_exception_hooks
 from task import STATUS_LABELS
@@ -292,7 +291,7 @@ def run_daemon(config: Config) -> int:
     durations = DurationHistogram()  # every run's duration feeds /metrics
     sender, client, manager, app = build_app(config, durations)
     log.info("启动 DingTalk CodeBuddy 机器人: workers=%d, sync_timeout=%.0fs, task_timeout=%.0fs, cli=%s",
-             config.max_workers, config.sync_timeout, config.task_timeout, config.codebuddy_bin)
+             config.max_workers, config.sync_timeout, config.task_timeout, client.binary)
     manager.recover()
     manager.start()
     def on_data(data: dict) -> None:
@@ -346,46 +345,9 @@ def run_daemon(config: Config) -> int:
 # ---------------------------------------------------------------- the command line
 
 
-def load_local_config(environ: Mapping[str, str], dotenv_path: str | None = ".env") -> Config:
-    """Settings for the console, which never calls DingTalk: the app credentials may be missing (or examples)."""
-    config, error = read_config(environ, dotenv_path)
-    offline = {setting.env for setting in SETTINGS if setting.required}
-    if error is not None:
-        problems = [problem for problem in error.problems if problem.split()[0] not in offline]
-        if problems:
-            raise ConfigError(problems, [name for name in error.unfilled if name not in offline])
-    return config
-
-
-def config_failure(error: ConfigError) -> str:
-    """The one message a configuration error ends the start with: every setting to fix, and how."""
-    if len(error.problems) == 1:
-        return f"配置错误: {error.problems[0]}"
-    where = os.path.abspath(".env") + " (or the environment)"
-    return (f"配置错误: {len(error.problems)} settings to fix in {where}, then start again:\n"
-            + "\n".join(f"  - {problem}" for problem in error.problems))
-
-
 def positive_int(raw: str) -> int:
     """argparse type: a whole number greater than 0."""
     return parse_positive_int("the value", raw)
-
-
-def sandbox_ready(config: Config) -> bool:
-    """Probe the sandbox every run starts in, once; False (after saying why on stderr and in the log) if it fails."""
-    sandbox = sandbox_from_config(config)
-    problem = sandbox.probe()
-    if problem:
-        message = f"配置错误: CodeBuddy 沙箱不可用 (CODEBUDDY_SANDBOX={sandbox.name}): {problem}"
-        print(message, file=sys.stderr)
-        log.error(message)
-        return False
-    if sandbox.name == "none":
-        log.warning("CODEBUDDY_SANDBOX=none: CodeBuddy 运行未隔离 (runs are not isolated): every chat user can make "
-                    "the agent read and write whatever this Unix user can, .env included")
-    else:
-        log.info("CodeBuddy 沙箱: %s (每个会话独立的工作区，系统目录只读)", sandbox.name)
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     install_exception_hooks()
     if not sandbox_ready(config):
         return 2
+    report_cli(config)
     if command == "console":
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)

@@ -16,6 +16,7 @@ from typing import TextIO
 
 from dotenv import dotenv_values
 
+from cli_setup import INSTALL_FIX, choose_cli, login_state
 from codebuddy_client import CodeBuddyClient, sandbox_from_config
 from config import SETTINGS, Config, ConfigError, load_config
 from dingtalk_sender import (
@@ -155,22 +156,28 @@ def check_stream_gateway(config: Config, http: JsonHttp | None = None) -> CheckR
 
 
 def check_cli(config: Config, timeout: float = 20.0) -> CheckResult:
-    """`CODEBUDDY_BIN --version` runs."""
-
+    """Which CLI runs (CODEBUDDY_BIN, `codebuddy` on PATH or the wheel's), and that `--version` answers."""
+    choice = choose_cli(config.codebuddy_bin)
     client = CodeBuddyClient.from_config(config)
     shown = shutil.which(client.binary) or client.binary
     try:
         version = client.version(timeout=timeout)
     except FileNotFoundError:
-        return CheckResult("CodeBuddy CLI", False, f"{config.codebuddy_bin} not found (install the CLI, or set "
-                                                   "CODEBUDDY_BIN to its path)")
+        return CheckResult("CodeBuddy CLI", False, f"{config.codebuddy_bin} not found ({choice.origin}): {INSTALL_FIX}")
     except PermissionError:
-        return CheckResult("CodeBuddy CLI", False, f"{shown} is not executable")
+        return CheckResult("CodeBuddy CLI", False, f"{shown} is not executable: chmod +x {shown}")
     except subprocess.TimeoutExpired:
         return CheckResult("CodeBuddy CLI", False, f"{shown} --version did not answer in {timeout:.0f} s")
     except (OSError, RuntimeError) as exc:
         return CheckResult("CodeBuddy CLI", False, f"{shown} --version failed: {exc}")
-    return CheckResult("CodeBuddy CLI", True, f"{shown} {version.splitlines()[0] if version else '(no version)'}")
+    version = version.splitlines()[0] if version else "(no version)"
+    return CheckResult("CodeBuddy CLI", True, f"{shown} {version} (from {choice.origin})")
+
+
+def check_cli_login(config: Config, environ: Mapping[str, str]) -> CheckResult:
+    """Whether CLI runs can sign in: the credentials their environment carries (no model call)."""
+    state = login_state({**environ, **dict(config.cli_env)}, os.path.expanduser("~"))
+    return CheckResult("CodeBuddy login", state.ok, state.detail)
 
 
 def check_sandbox(config: Config) -> CheckResult:
@@ -223,7 +230,8 @@ def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", o
     results = [CheckResult("configuration", True, f"{len(SETTINGS)} settings valid")]
     print(results[0].line(), file=out, flush=True)
     for check in (lambda: check_access_token(config), lambda: check_stream_gateway(config),
-                  lambda: check_cli(config, cli_timeout), lambda: check_sandbox(config),
+                  lambda: check_cli(config, cli_timeout), lambda: check_cli_login(config, environ),
+                  lambda: check_sandbox(config),
                   lambda: check_workspace(config.codebuddy_workdir),
                   lambda: check_task_db(config.task_db), lambda: check_log_file(config.log_file)):
         result = check()

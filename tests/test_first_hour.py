@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from cli_setup import CliChoice, choose_cli
 from dingtalk_sender import HttpError, JsonHttp, open_stream_connection
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT, fake_cli_env, replies
+from tests.conftest import CLI_START_TIMEOUT, CLIENT_ID, CLIENT_SECRET, ROOT, fake_cli_env, real_cli_path, replies
 
 BOT = str(ROOT / "bot.py")
 
@@ -215,3 +216,90 @@ def test_the_daemon_logs_the_host_and_cause_of_each_failed_connection(standin, m
     line = bot.wait_log("钉钉 Stream 连接中断")[0]
     port = standin.base_url.rsplit(":", 1)[1]
     assert f"钉钉 Stream 连接中断: 127.0.0.1:{port} refused the connection: HTTP 403 (InvalidStatus: " in line
+
+
+# ---------------------------------------------------------------- 4. the CLI from the wheel, and whether it can sign in
+
+
+def test_the_cli_is_codebuddy_bin_then_codebuddy_on_path_then_the_wheels(tmp_path):
+    wheel = real_cli_path()
+    assert choose_cli("codebuddy", path=str(tmp_path)) == CliChoice(
+        str(wheel), "the codebuddy-agent-sdk wheel (CODEBUDDY_BIN unset, no `codebuddy` on PATH)")
+    on_path = tmp_path / "codebuddy"
+    on_path.write_text("#!/bin/sh\n")
+    on_path.chmod(0o755)
+    assert choose_cli("codebuddy", path=str(tmp_path)).origin == f"`codebuddy` on PATH: {on_path}"
+    assert choose_cli("/opt/cb/codebuddy", path=str(tmp_path)) == CliChoice("/opt/cb/codebuddy", "CODEBUDDY_BIN",
+                                                                          found=False)
+
+
+def _wheel_copy(tmp_path: Path) -> Path:
+    """A codebuddy-agent-sdk package inside the bot's working directory (like a .venv in the checkout), its CLI
+    copied without the run bit, as an unzip by hand leaves it."""
+    package = tmp_path / "site" / "codebuddy_agent_sdk"
+    (package / "bin").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    binary = package / "bin" / "codebuddy-headless"
+    shutil.copyfile(real_cli_path(), binary)
+    binary.chmod(0o644)
+    return binary
+
+
+@pytest.mark.real_cli
+def test_without_codebuddy_bin_the_wheels_cli_runs_in_its_jail_and_check_says_so(tmp_path, standin, make_bot,
+                                                                                 model_server):
+    binary = _wheel_copy(tmp_path)
+    path = "/usr/local/bin:/usr/bin:/bin"
+    real = {"CODEBUDDY_BASE_URL": model_server.base_url, "CODEBUDDY_API_KEY": "fake-key-for-tests",
+            "PYTHONPATH": str(tmp_path / "site"), "PATH": path, "CODEBUDDY_PERMISSION_MODE": "bypassPermissions",
+            "DISABLE_AUTOUPDATER": "1", "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1",
+            "CODEBUDDY_SKIP_BUILTIN_MARKETPLACE": "1"}
+    checked = _run(tmp_path, "check", DINGTALK_CLIENT_ID=CLIENT_ID, DINGTALK_CLIENT_SECRET=CLIENT_SECRET,
+                   DINGTALK_OPENAPI_ENDPOINT=standin.base_url, CODEBUDDY_BIN=None, CODEBUDDY_SANDBOX_PATHS=None,
+                   **real)
+    cli_line = next(line for line in checked.stdout.splitlines() if "CodeBuddy CLI:" in line)
+    assert cli_line == (f"✓ CodeBuddy CLI: {binary} 2.163.0 (from the codebuddy-agent-sdk wheel (CODEBUDDY_BIN unset, "
+                        "no `codebuddy` on PATH))"), checked.stdout
+    assert os.access(binary, os.X_OK)  # the lost run bit was restored
+    assert "✓ CodeBuddy login: CODEBUDDY_API_KEY is set" in checked.stdout
+    bot = make_bot(**real, CODEBUDDY_BIN="codebuddy", CODEBUDDY_SANDBOX_PATHS="")
+    bot.wait_log(rf"CodeBuddy CLI: {binary} \(the codebuddy-agent-sdk wheel")
+    sent = standin.send_bot_message("你好 wheel [bash:pwd; echo $HOME]", sender_staff_id="wheel1")
+    answer = standin.wait_for(lambda: len(standin.webhook_posts(sent.session)) >= 2
+                              and standin.webhook_posts(sent.session), timeout=CLI_START_TIMEOUT)[1]
+    assert "回答: 你好 wheel" in answer.text
+    assert "Stdout: /workspace\n/home/codebuddy" in answer.text, answer.text  # it ran in its jail
+
+
+def test_check_says_whether_runs_can_sign_in_and_how_to_fix_it(tmp_path, standin):
+    base = {"DINGTALK_CLIENT_ID": CLIENT_ID, "DINGTALK_CLIENT_SECRET": CLIENT_SECRET,
+            "DINGTALK_OPENAPI_ENDPOINT": standin.base_url}
+    login = tmp_path / "home" / ".local/share/CodeBuddyExtension/Data/Public/auth/abc.info"
+    login.parent.mkdir(parents=True)
+    login.write_text("{}")  # a /login made in the operator's own home
+    result = _run(tmp_path, "check", **base)
+    line = next(line for line in result.stdout.splitlines() if "CodeBuddy login" in line)
+    assert result.returncode == 1 and line.startswith("✗ CodeBuddy login: no CODEBUDDY_API_KEY or "
+                                                      "CODEBUDDY_AUTH_TOKEN: every prompt would fail")
+    assert f"the /login kept in {login.parent} is not seen by runs" in line and "Fix: put CODEBUDDY_API_KEY=" in line
+    (tmp_path / ".env").write_text("CODEBUDDY_API_KEY=ck-from-dotenv\nCODEBUDDY_INTERNET_ENVIRONMENT=internal\n")
+    result = _run(tmp_path, "check", **base)
+    assert ("✓ CodeBuddy login: CODEBUDDY_API_KEY is set; runs sign in with it, at "
+            "CODEBUDDY_INTERNET_ENVIRONMENT=internal") in result.stdout
+    assert "ck-from-dotenv" not in result.stdout
+
+
+@pytest.mark.real_cli
+def test_the_real_cli_without_credentials_is_told_to_the_chat_as_the_administrators_job(standin, make_bot):
+    quiet = {"DISABLE_AUTOUPDATER": "1", "DISABLE_TELEMETRY": "1", "DISABLE_ERROR_REPORTING": "1",
+             "CODEBUDDY_SKIP_BUILTIN_MARKETPLACE": "1"}
+    bot = make_bot(CODEBUDDY_BIN=str(real_cli_path()), **quiet)  # no CODEBUDDY_API_KEY anywhere
+    bot.wait_log("CodeBuddy 账号未设置: no CODEBUDDY_API_KEY")  # said at start already
+    for number in range(2):
+        sent = standin.send_bot_message(f"你好 {number}", sender_staff_id="nologin")
+        answer = standin.wait_for(lambda s=sent: len(standin.webhook_posts(s.session)) >= 2
+                                  and standin.webhook_posts(s.session), timeout=CLI_START_TIMEOUT)[1].text
+        assert answer.startswith("CodeBuddy 执行失败: 机器人的 CodeBuddy 账号尚未设置好，请联系管理员。")
+        assert "/login" not in answer and "Authentication" not in answer
+    told = [line for line in bot.log_text().splitlines() if "CodeBuddy CLI 无法登录" in line]
+    assert len(told) == 1 and "Please use /login" in told[0] and "CODEBUDDY_API_KEY=" in told[0]

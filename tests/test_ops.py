@@ -89,12 +89,12 @@ def test_help_documents_every_command(tmp_path):
 
 def test_check_passes_with_good_credentials_and_masks_the_secret(tmp_path, standin):
     result = _run_bot(tmp_path, "check", DINGTALK_CLIENT_ID=CLIENT_ID, DINGTALK_CLIENT_SECRET=CLIENT_SECRET,
-                      DINGTALK_OPENAPI_ENDPOINT=standin.base_url)
+                      DINGTALK_OPENAPI_ENDPOINT=standin.base_url, CODEBUDDY_API_KEY="ck-test-key")
     assert result.returncode == 0, result.stdout + result.stderr
     marks = [line for line in result.stdout.splitlines() if line.startswith(("✓", "✗"))]
     assert [m.split(":")[0] for m in marks] == ["✓ configuration", "✓ DingTalk access token", "✓ DingTalk Stream",
-                                                "✓ CodeBuddy CLI", "✓ sandbox", "✓ workspace", "✓ task DB",
-                                                "✓ log file"]
+                                                "✓ CodeBuddy CLI", "✓ CodeBuddy login", "✓ sandbox", "✓ workspace",
+                                                "✓ task DB", "✓ log file"]
     assert "2.163.0 (fake)" in result.stdout
     assert re.search(r"DINGTALK_CLIENT_ID\s+test-client-id\s+\[environment\]", result.stdout)
     assert re.search(r"SYNC_TIMEOUT\s+60.0\s+\[default\]", result.stdout)

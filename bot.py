@@ -50,7 +50,7 @@ from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, describe_networ
 from intake import Intake, settle
 from logs import log_destination, setup_logging
 from metrics import DurationHistogram, TimedClient
-from startup import config_failure, load_local_config, report_cli, sandbox_ready
+from startup import config_failure, load_local_config, report_cli, sandbox_problem
 from status_server import StatusSources, start_status_server
 from supervision import install_exception_hooks
 from task import STATUS_LABELS
@@ -290,6 +290,7 @@ def run_daemon(config: Config) -> int:
     os.environ["DINGTALK_OPENAPI_ENDPOINT"] = config.openapi_endpoint  # the SDK reads it at import
     durations = DurationHistogram()  # every run's duration feeds /metrics
     sender, client, manager, app = build_app(config, durations)
+    print(log_destination(), file=sys.stderr, flush=True)  # after the store opened: a start-up fault stays one line
     log.info("启动 DingTalk CodeBuddy 机器人: workers=%d, sync_timeout=%.0fs, task_timeout=%.0fs, cli=%s",
              config.max_workers, config.sync_timeout, config.task_timeout, client.binary)
     manager.recover()
@@ -393,14 +394,15 @@ def main(argv: list[str] | None = None) -> int:
     # On a terminal the log lines show there too; the console shows only warnings (lines would drown the chat).
     handler = setup_logging(config.log_file, config.log_level, config.secrets, echo=sys.stderr.isatty(),
                             echo_level="WARNING" if command == "console" else "DEBUG")
-    print(log_destination(handler), file=sys.stderr, flush=True)
     install_exception_hooks()
-    if not sandbox_ready(config):
-        return 2
+    problem = sandbox_problem(config)
+    if problem:
+        return startup_failure(problem)
     report_cli(config)
     if command == "console":
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+        print(log_destination(), file=sys.stderr, flush=True)
         return console.run_console(config, user_id=args.user)
     try:
         return run_daemon(config)
@@ -410,8 +412,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def startup_failure(message: str) -> int:
     """A start-up error: one message on stderr and one line in the log; exit code 2 (systemd does not restart)."""
-    print(message, file=sys.stderr)
-    if logging.getLogger().handlers and not _logs_to_stderr():
+    to_file = any(isinstance(handler, logging.FileHandler) for handler in logging.getLogger().handlers)
+    if not (to_file and _logs_to_stderr()):  # a terminal that echoes the log shows the logged line instead
+        print(message, file=sys.stderr)
+    if to_file:
         log.error(message)
     return 2
 

@@ -123,9 +123,10 @@ def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = (), *, e
     return handler
 
 
-def log_destination(handler: logging.Handler) -> str:
-    """Where `setup_logging`'s handler writes, for the line the bot prints at start."""
-    if isinstance(handler, logging.FileHandler):
-        echoed = len(logging.getLogger().handlers) > 1
-        return f"日志: {handler.baseFilename}" + (" (also shown on this terminal)" if echoed else "")
+def log_destination() -> str:
+    """Where the log goes now (see `setup_logging`), for the line the bot prints once it has started."""
+    handlers = logging.getLogger().handlers
+    files = [h.baseFilename for h in handlers if isinstance(h, logging.FileHandler)]
+    if files:
+        return f"日志: {files[0]}" + (" (also shown on this terminal)" if len(handlers) > 1 else "")
     return "日志: stderr (LOG_FILE is unset or cannot be opened)"

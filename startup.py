@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Mapping
 
 from cli_setup import INSTALL_FIX, choose_cli, login_state
@@ -34,21 +33,18 @@ def config_failure(error: ConfigError) -> str:
             + "\n".join(f"  - {problem}" for problem in error.problems))
 
 
-def sandbox_ready(config: Config) -> bool:
-    """Probe the sandbox every run starts in, once; False (after saying why on stderr and in the log) if it fails."""
+def sandbox_problem(config: Config) -> str:
+    """Probe the sandbox every run starts in, once: "" when it works, else the start-up error saying why."""
     sandbox = sandbox_from_config(config)
     problem = sandbox.probe()
     if problem:
-        message = f"配置错误: CodeBuddy 沙箱不可用 (CODEBUDDY_SANDBOX={sandbox.name}): {problem}"
-        print(message, file=sys.stderr)
-        log.error(message)
-        return False
+        return f"配置错误: CodeBuddy 沙箱不可用 (CODEBUDDY_SANDBOX={sandbox.name}): {problem}"
     if sandbox.name == "none":
         log.warning("CODEBUDDY_SANDBOX=none: CodeBuddy 运行未隔离 (runs are not isolated): every chat user can make "
                     "the agent read and write whatever this Unix user can, .env included")
     else:
         log.info("CodeBuddy 沙箱: %s (每个会话独立的工作区，系统目录只读)", sandbox.name)
-    return True
+    return ""
 
 
 def report_cli(config: Config) -> None:

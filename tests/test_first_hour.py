@@ -116,7 +116,7 @@ def test_on_a_terminal_log_lines_also_show_there_and_the_file_stays_the_record(t
         reader.join(5)
         os.close(master)
     shown = b"".join(terminal).decode("utf-8").replace("\r\n", "\n")
-    assert shown.splitlines()[0] == f"日志: {log_file} (also shown on this terminal)"
+    assert f"\n日志: {log_file} (also shown on this terminal)\n" in shown
     record = log_file.read_text(encoding="utf-8")
     for phrase in ("钉钉 Stream 已连接", "创建任务", "任务结果已回复", "机器人已停止"):
         assert phrase in shown and phrase in record
@@ -135,7 +135,8 @@ def test_a_trial_run_without_log_file_logs_to_stderr_and_writes_no_log_file(tmp_
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0
     lines = stderr.decode("utf-8").splitlines()
-    assert lines[0] == "日志: stderr (LOG_FILE is unset or cannot be opened)"
+    said = lines.index("日志: stderr (LOG_FILE is unset or cannot be opened)")
+    assert said < next(i for i, line in enumerate(lines) if "钉钉 Stream 已连接" in line)
     assert any("创建任务" in line for line in lines) and any("机器人已停止" in line for line in lines)
     assert (production_log.stat().st_mtime_ns if production_log.exists() else None) == before
     assert not list(tmp_path.rglob("*.log"))

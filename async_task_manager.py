@@ -117,6 +117,10 @@ class AsyncTaskManager:
         """1-based position of a queued task in the wait queue, 0 when it is not waiting."""
         return self.board.position(task_id)
 
+    def hold_reason(self, task: Task) -> str:
+        """What keeps a queued task waiting, "" when nothing does (see `TaskBoard.hold_reason`)."""
+        return self.board.hold_reason(task)
+
     def queued_count(self, user_id: str) -> int:
         """How many of the user's tasks wait in the queue (see `TaskBoard.queued_count`)."""
         return self.board.queued_count(user_id)
@@ -163,8 +167,9 @@ class AsyncTaskManager:
         expected = self.router.expected_duration(task.keyword) if background else ""
         with self.board.lock:  # acknowledged before a worker can take it: the answer never overtakes the ack
             position = self.board.enqueue(task)
-            queued = position > 1 or self.board.blocked(task)
-            self.outbox.acknowledge(task, task_texts.acknowledgement(task, position, queued, expected))
+            waiting = task_texts.waiting_note(self.board.hold_reason(task), position,
+                                             self.board.limits.max_tasks_per_user)
+            self.outbox.acknowledge(task, task_texts.acknowledgement(task, waiting, expected))
         if background:
             task_log(log, task).info("异步任务已启动: %s", task.id)
         return task

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 
 from cli_setup import CliChoice, choose_cli
-from dingtalk_sender import HttpError, JsonHttp, open_stream_connection
+from dingtalk_sender import HttpError, JsonHttp, Route, open_stream_connection
+from scheduling import HELD_BY_CONVERSATION, HELD_BY_USER, HELD_BY_WORKERS, Limits, Occupancy
+from task import Task
 from tests.conftest import CLI_START_TIMEOUT, CLIENT_ID, CLIENT_SECRET, ROOT, fake_cli_env, real_cli_path, replies
 
 BOT = str(ROOT / "bot.py")
@@ -304,3 +306,35 @@ def test_the_real_cli_without_credentials_is_told_to_the_chat_as_the_administrat
         assert "/login" not in answer and "Authentication" not in answer
     told = [line for line in bot.log_text().splitlines() if "CodeBuddy CLI 无法登录" in line]
     assert len(told) == 1 and "Please use /login" in told[0] and "CODEBUDDY_API_KEY=" in told[0]
+
+
+# ---------------------------------------------------------------- 7. what holds a task back
+
+
+def test_a_second_message_in_the_same_chat_waits_for_the_first_and_says_so(tmp_path):
+    result = _run(tmp_path, "console", input="写个脚本 [sleep=2]\n第二条\n/status\n", CODEBUDDY_API_KEY="ck-test")
+    assert result.returncode == 0, result.stdout + result.stderr
+    acks = [line for line in result.stdout.splitlines() if "收到任务" in line or line.startswith("  排队中")]
+    assert acks[1].startswith("[bot · webhook] 收到任务，正在处理中…")
+    assert acks[2] == "  排队中: 等待本会话上一条完成后自动开始 (同一会话的消息依次处理)。"
+    assert "第 1 位" not in result.stdout  # the workers were idle: no worker queue position
+    assert "  等待本会话上一条完成 (同一会话的消息依次处理)" in result.stdout  # /status of the second
+    assert result.stdout.index("回答: 写个脚本") < result.stdout.index("回答: 第二条")
+
+
+def test_the_waiting_reason_is_the_chat_the_users_limit_or_the_workers():
+    limits = Limits(max_workers=2, max_tasks_per_user=1)
+
+    def task(task_id: str, user: str, chat: str) -> Task:
+        return Task(task_id, user, "", chat, Route("1", user, chat), "p")
+
+    running = [task("r1", "alice", "chat-a")]
+    occupancy = Occupancy(running, limits)
+    assert occupancy.holdback(task("t1", "bob", "chat-a")) == HELD_BY_CONVERSATION
+    assert occupancy.holdback(task("t2", "alice", "chat-b")) == HELD_BY_USER
+    assert occupancy.holdback(task("t3", "bob", "chat-b")) == ""
+    assert occupancy.holdback(task("t4", "carol", "chat-c"), ahead=[task("t3", "bob", "chat-b")]) == HELD_BY_WORKERS
+    assert occupancy.holdback(task("t5", "bob", "chat-b"), ahead=[task("t3", "bob", "chat-b")]) == \
+        HELD_BY_CONVERSATION  # an earlier message of the chat waits: this one comes after it
+    assert Occupancy(running + [task("r2", "bob", "chat-d")], limits).holdback(task("t6", "carol", "x")) == \
+        HELD_BY_WORKERS

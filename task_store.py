@@ -205,6 +205,15 @@ class SQLiteTaskStore:
                                (user_id, limit))
         return [_task_from_row(dict(r)) for r in rows]
 
+    def count(self, user_id: str | None = None, status: str | None = None) -> int:
+        """How many tasks there are, of one user and/or status (read-only: `bot.py tasks` says what --limit cut)."""
+        sql, args = "SELECT COUNT(*) FROM tasks WHERE 1=1", []
+        for column, value in (("user_id", user_id), ("status", status)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        return int(self._query(sql, tuple(args))[0][0])
+
     def remember_message(self, msg_id: str, now: float) -> bool:
         with self._lock:
             cursor = self._db.execute("INSERT OR IGNORE INTO seen_messages (msg_id, seen_at) VALUES (?, ?)",

@@ -22,6 +22,7 @@ from cli_setup import CliChoice, choose_cli
 from dingtalk_sender import HttpError, JsonHttp, Route, open_stream_connection
 from scheduling import HELD_BY_CONVERSATION, HELD_BY_USER, HELD_BY_WORKERS, Limits, Occupancy
 from task import Task
+from task_store import SQLiteTaskStore
 from tests.conftest import CLI_START_TIMEOUT, CLIENT_ID, CLIENT_SECRET, ROOT, fake_cli_env, real_cli_path, replies
 
 BOT = str(ROOT / "bot.py")
@@ -338,3 +339,31 @@ def test_the_waiting_reason_is_the_chat_the_users_limit_or_the_workers():
         HELD_BY_CONVERSATION  # an earlier message of the chat waits: this one comes after it
     assert Occupancy(running + [task("r2", "bob", "chat-d")], limits).holdback(task("t6", "carol", "x")) == \
         HELD_BY_WORKERS
+
+
+# ---------------------------------------------------------------- 8. the task table
+
+
+def test_tasks_shows_why_a_task_failed_durations_local_time_with_zone_and_how_many_more(tmp_path):
+    db = tmp_path / "data" / "tasks.db"
+    store = SQLiteTaskStore(str(db))
+    created = 1_772_263_800.0  # 2026-02-28 07:30:00 UTC
+    rows = [("t0000001", "succeeded", 45, ""), ("t0000002", "timed_out", 1800, "执行超时 (超过 1800 秒)"),
+            ("t0000003", "failed", 7200, "机器人的 CodeBuddy 账号尚未设置好，请联系管理员。"),
+            ("t0000004", "succeeded", 5430, "")]
+    for number, (task_id, status, seconds, error) in enumerate(rows):
+        store.save(Task(task_id, "u1", "", "u1", Route("1", "u1", ""), f"问题 {number}", status=status,
+                        created_at=created + number, finished_at=created + number + seconds, error=error))
+    store.close()
+    result = _run(tmp_path, "tasks", "--limit", "3", TZ="Asia/Shanghai")
+    assert result.returncode == 0, result.stderr
+    header, *table, footer = result.stdout.splitlines()
+    assert header.split() == ["ID", "STATUS", "USER", "CREATED", "ELAPSED", "MODE", "DELIVERED", "REASON", "PROMPT"]
+    cells = {line.split()[0]: line for line in table}
+    assert list(cells) == ["t0000004", "t0000003", "t0000002"]  # newest first, cut at 3
+    assert "2026-02-28 15:30:03 +0800  1h30m " in cells["t0000004"]
+    assert " 2h " in cells["t0000003"] and "机器人的 CodeBuddy 账号尚未设置好" in cells["t0000003"]
+    assert " 30m " in cells["t0000002"] and "执行超时 (超过 1800 秒)" in cells["t0000002"]
+    assert footer == f"3 task(s), newest first, from {db}; 1 more (--limit 4 shows them all)"
+    everything = _run(tmp_path, "tasks", "--limit", "10", TZ="UTC").stdout
+    assert "2026-02-28 07:30:00 +0000  45s " in everything and "more" not in everything.splitlines()[-1]

@@ -160,7 +160,7 @@ def test_tasks_prints_a_filtered_table_from_the_task_db(tmp_path):
     result = _run_bot(tmp_path, "tasks", "--user", "u1", "--status", "succeeded", "--limit", "5")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["ID", "STATUS", "USER", "CREATED", "ELAPSED", "MODE", "DELIVERED", "PROMPT"]
+    assert lines[0].split() == ["ID", "STATUS", "USER", "CREATED", "ELAPSED", "MODE", "DELIVERED", "REASON", "PROMPT"]
     assert [line.split()[0] for line in lines[1:3]] == ["aaaa0004", "aaaa0001"]  # newest first, u1 only
     assert "background" in lines[2] and "12s" in lines[2] and "请生成报告" in lines[2]
     assert "second line" in lines[1]

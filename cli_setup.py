@@ -16,7 +16,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from config import setting_default
+from config import EXAMPLE_VALUES, setting_default
 
 WHEEL_PACKAGE = "codebuddy_agent_sdk"
 WHEEL_BINARY = os.path.join("bin", "codebuddy-headless")
@@ -86,7 +86,7 @@ def login_state(run_env: Mapping[str, str], operator_home: str) -> LoginState:
     """From the credentials a run's environment carries (`run_env`: the bot's environment plus the CLI variables
     of .env); `operator_home` is only searched for a /login that the runs would not see."""
     for name in CREDENTIAL_VARIABLES:
-        if run_env.get(name, "").strip():
+        if run_env.get(name, "").strip() not in ("", EXAMPLE_VALUES.get(name, ("",))[0]):
             site = run_env.get("CODEBUDDY_INTERNET_ENVIRONMENT", "").strip()
             where = f"CODEBUDDY_INTERNET_ENVIRONMENT={site}" if site else "the international site (codebuddy.ai)"
             return LoginState(True, f"{name} is set; runs sign in with it, at {where}")

@@ -55,13 +55,13 @@ DEFAULT_EXPECTED_DURATION = "2-5 分钟"
 
 # Every example value `.env.example` ships (a test keeps the two in step), and where to get the real one. A setting
 # still holding its example value is unfilled: the bot will not start and `check` fails until it is replaced.
-_CONSOLE = "DingTalk developer console (open-dev.dingtalk.com) → your app → 凭证与基础信息"
+_CONSOLE = "from the DingTalk developer console (open-dev.dingtalk.com) → your app → 凭证与基础信息"
 EXAMPLE_VALUES: dict[str, tuple[str, str]] = {
-    "DINGTALK_CLIENT_ID": ("your-app-key", f"the app's Client ID (AppKey): {_CONSOLE}"),
-    "DINGTALK_CLIENT_SECRET": ("your-app-secret", f"the app's Client Secret (AppSecret): {_CONSOLE}"),
+    "DINGTALK_CLIENT_ID": ("your-app-key", f"the app's Client ID (AppKey), {_CONSOLE}"),
+    "DINGTALK_CLIENT_SECRET": ("your-app-secret", f"the app's Client Secret (AppSecret), {_CONSOLE}"),
     "CODEBUDDY_API_KEY": ("your-codebuddy-api-key",
                           "an API key of the bot's CodeBuddy account (codebuddy.ai, or codebuddy.cn with "
-                          "CODEBUDDY_INTERNET_ENVIRONMENT=internal); or delete the line and set CODEBUDDY_AUTH_TOKEN"),
+                          "CODEBUDDY_INTERNET_ENVIRONMENT=internal), or delete the line and set CODEBUDDY_AUTH_TOKEN"),
 }
 
 
@@ -390,7 +390,8 @@ def read_config(environ: Mapping[str, str] | None = None, dotenv_path: str | os.
     from_file = dict(values)
     values.update(os.environ if environ is None else environ)  # the real environment wins over .env
     unfilled = [env for env, (example, _) in EXAMPLE_VALUES.items() if values.get(env, "").strip() == example]
-    problems[:0] = [f"{env} still holds the example value {EXAMPLE_VALUES[env][0]!r}: put {EXAMPLE_VALUES[env][1]}"
+    problems[:0] = [f"{env} still holds the example value {EXAMPLE_VALUES[env][0]!r}: replace it with "
+                    f"{EXAMPLE_VALUES[env][1]}"
                     for env in unfilled]
     own = {setting.env for setting in SETTINGS}
     # The CLI inherits the process environment; its own variables set only in .env must be handed on.

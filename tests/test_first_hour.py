@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import shutil
 import socket
 import subprocess
@@ -367,3 +368,27 @@ def test_tasks_shows_why_a_task_failed_durations_local_time_with_zone_and_how_ma
     assert footer == f"3 task(s), newest first, from {db}; 1 more (--limit 4 shows them all)"
     everything = _run(tmp_path, "tasks", "--limit", "10", TZ="UTC").stdout
     assert "2026-02-28 07:30:00 +0000  45s " in everything and "more" not in everything.splitlines()[-1]
+
+
+# ---------------------------------------------------------------- 8. check on a bad configuration
+
+
+def test_check_on_a_bad_configuration_prints_the_settings_every_problem_and_every_check(tmp_path):
+    shutil.copy(ROOT / ".env.example", tmp_path / ".env")
+    result = _run(tmp_path, "check", SYNC_TIMEOUT="soon", MAX_WORKERS="0")
+    assert result.returncode == 1, result.stdout + result.stderr
+    out = result.stdout
+    assert out.startswith("Settings (.env and the environment; the environment wins):\n")
+    assert re.search(r"^  DINGTALK_CLIENT_ID +your-app-key  ✗  \[\.env\]$", out, re.M)
+    assert re.search(r"^  SYNC_TIMEOUT +soon  ✗  \[environment\]$", out, re.M)
+    assert re.search(r"^  TASK_TIMEOUT +1800.0  \[default\]$", out, re.M)
+    problems = re.findall(r"^    - (\w+)", out, re.M)
+    assert problems == ["DINGTALK_CLIENT_ID", "DINGTALK_CLIENT_SECRET", "CODEBUDDY_API_KEY", "SYNC_TIMEOUT",
+                        "MAX_WORKERS"]
+    marks = [line.split(":")[0] for line in out.splitlines() if line.startswith(("✓", "✗"))]
+    assert marks == ["✗ configuration", "✗ DingTalk access token", "✗ DingTalk Stream", "✓ CodeBuddy CLI",
+                     "✗ CodeBuddy login", "✓ sandbox", "✓ workspace", "✓ task DB", "✓ log file"]
+    assert "✗ configuration: 5 settings to fix" in out
+    assert ("✗ DingTalk access token: not tried: DINGTALK_CLIENT_ID and DINGTALK_CLIENT_SECRET not filled in"
+            in out)
+    assert out.rstrip().endswith("4 of 9 checks failed.")

@@ -126,7 +126,8 @@ def test_check_with_a_missing_cli_fails(tmp_path, standin):
 def test_check_without_credentials_fails_on_configuration():
     out = io.StringIO()
     assert doctor.run_check({}, dotenv_path=None, out=out) == 1
-    assert out.getvalue().startswith("✗ configuration: DINGTALK_CLIENT_ID is not set")
+    assert "✗ configuration: 2 settings to fix" in out.getvalue()
+    assert "    - DINGTALK_CLIENT_ID is not set" in out.getvalue()
 
 
 def test_check_reports_paths_that_cannot_be_written(tmp_path):

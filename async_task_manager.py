@@ -117,10 +117,6 @@ class AsyncTaskManager:
         """1-based position of a queued task in the wait queue, 0 when it is not waiting."""
         return self.board.position(task_id)
 
-    def hold_reason(self, task: Task) -> str:
-        """What keeps a queued task waiting, "" when nothing does (see `TaskBoard.hold_reason`)."""
-        return self.board.hold_reason(task)
-
     def queued_count(self, user_id: str) -> int:
         """How many of the user's tasks wait in the queue (see `TaskBoard.queued_count`)."""
         return self.board.queued_count(user_id)

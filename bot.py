@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from urllib.parse import quote_plus
 
+import dependencies  # noqa: F401  (first: a missing package is one line saying to install, not a traceback)
+
 import websockets
 import websockets.exceptions  # the SDK uses websockets.exceptions without importing it (docs/wire-facts.md §1)
 

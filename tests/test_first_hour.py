@@ -392,3 +392,18 @@ def test_check_on_a_bad_configuration_prints_the_settings_every_problem_and_ever
     assert ("✗ DingTalk access token: not tried: DINGTALK_CLIENT_ID and DINGTALK_CLIENT_SECRET not filled in"
             in out)
     assert out.rstrip().endswith("4 of 9 checks failed.")
+
+
+# ---------------------------------------------------------------- 8. outside the venv
+
+
+def test_outside_the_venv_even_help_is_one_line_saying_to_install(tmp_path):
+    bare = tmp_path / "bare"  # a Python without the bot's packages, as `python3 bot.py` outside the venv is
+    subprocess.run([getattr(sys, "_base_executable", sys.executable), "-m", "venv", "--without-pip", str(bare)],
+                   check=True, timeout=60)
+    result = subprocess.run([str(bare / "bin" / "python"), BOT, "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=30, env=_env(tmp_path), stdin=subprocess.DEVNULL)
+    assert result.returncode == 2 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("bot.py: dingtalk-stream, requests, python-dotenv, urllib3 not installed for ")
+    assert "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt" in result.stderr

@@ -362,11 +362,12 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("run", help="run the daemon: connect to DingTalk Stream and answer messages (default)",
                         description="Run the daemon until SIGTERM/SIGINT. Under systemd (Type=notify) it sends "
                         "READY=1, WATCHDOG=1 and STOPPING=1; STATUS_PORT serves /healthz and /metrics.")
-    commands.add_parser("check", help="doctor: show the settings, test the DingTalk credentials, the CLI and "
-                        "the writable paths (exit 0 only if all pass)",
-                        description="Print every setting (secrets masked) and one ✓/✗ line per check: "
-                        "configuration, DingTalk access token, Stream gateway, CODEBUDDY_BIN --version, "
-                        "workspace, task DB and log file writable. Exit 0 only if every check passes.")
+    commands.add_parser("check", help="doctor: show the settings, test the DingTalk credentials, the CLI and its "
+                        "login, the sandbox and the writable paths (exit 0 only if all pass)",
+                        description="Print every setting (secrets masked), every configuration problem at once and "
+                        "one ✓/✗ line per check: configuration, DingTalk access token, Stream gateway, the CodeBuddy "
+                        "CLI (binary, version, origin) and whether its runs can sign in, the sandbox, workspace, "
+                        "task DB and log file writable. Exit 0 only if every check passes.")
     tasks = commands.add_parser("tasks", help="table of tasks from the task DB (TASK_DB)",
                                 description="Print the newest tasks from the SQLite task DB, newest first.")
     tasks.add_argument("--user", metavar="ID", help="only this user's tasks (staff id)")

@@ -32,6 +32,8 @@ INSTALL_FIX = ("install it: `.venv/bin/pip install -r requirements.txt` ships it
 # or a key the model service refuses ("401 Incorrect API key provided").
 _AUTH_FAILURE = re.compile(r"authentication required|/login\b|^\s*401\b|\b(?:invalid|incorrect) api key|"
                            r"unauthori[sz]ed", re.I)
+# In its jail a CLI that is missing or not executable is bwrap's failure to start it.
+_CANNOT_START = re.compile(r"bwrap: execvp \S+: (?:No such file or directory|Permission denied)")
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,6 @@ INSTALL_PROBLEM = OperatorProblem(
 
 def operator_problem(error: str, cannot_start: bool = False) -> OperatorProblem | None:
     """The operator-side problem a failed run's error shows (None for the run's own failures)."""
-    if cannot_start:
+    if cannot_start or _CANNOT_START.search(error):
         return INSTALL_PROBLEM
     return LOGIN_PROBLEM if _AUTH_FAILURE.search(error) else None

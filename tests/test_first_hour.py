@@ -407,3 +407,15 @@ def test_outside_the_venv_even_help_is_one_line_saying_to_install(tmp_path):
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("bot.py: dingtalk-stream, requests, python-dotenv, urllib3 not installed for ")
     assert "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt" in result.stderr
+
+
+@pytest.mark.parametrize("sandbox", ["bwrap", "none"])
+def test_the_console_warns_at_start_when_the_cli_is_missing_and_the_chat_is_told_to_ask_the_administrator(
+        tmp_path, sandbox):
+    result = _run(tmp_path, "console", input="你好\n再问一次\n", CODEBUDDY_BIN=str(tmp_path / "no-such-codebuddy"),
+                  CODEBUDDY_API_KEY="ck-test", CODEBUDDY_SANDBOX=sandbox)
+    assert result.returncode == 0, result.stdout + result.stderr
+    warnings = result.stderr.splitlines()
+    assert any("WARNING - CodeBuddy CLI 未找到: " in line and "CODEBUDDY_BIN" in line for line in warnings)
+    assert result.stdout.count("机器人的 CodeBuddy 尚未安装好，请联系管理员。") == 2
+    assert len([line for line in warnings if "CodeBuddy CLI 无法启动" in line]) == 1  # once, not per task

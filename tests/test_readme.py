@@ -3,6 +3,7 @@ byte), every `bot.py` command and flag it shows, and its DingTalk app section.""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -42,6 +43,7 @@ def test_ci_runs_the_readme_test_command():
 # ---------------------------------------------------------------- every command shown
 
 
+@functools.cache
 def _help(*args: str) -> str:
     return subprocess.run([sys.executable, str(ROOT / "bot.py"), *args, "--help"], capture_output=True, text=True,
                           timeout=30, check=True).stdout

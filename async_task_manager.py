@@ -25,7 +25,7 @@ from routing import Router
 from scheduling import Limits
 from seams import Client, Sender
 from supervision import Supervisor
-from task import ACTIVE_STATUSES, CANCELLED, FAILED, FINISHED_STATUSES, NO_KEYWORD, QUEUED, Task
+from task import ACTIVE_STATUSES, CANCELLED, FINISHED_STATUSES, NO_KEYWORD, QUEUED, Task
 from task_board import CancelWatcher, TaskBoard
 from task_store import MemoryTaskStore, TaskStore
 from workers import Workers
@@ -104,10 +104,6 @@ class AsyncTaskManager:
         """Record a successful result (before it is delivered)."""
         return self.board.complete(task_id, text, duration)
 
-    def fail_task(self, task_id: str, error: str, status: str = FAILED, duration: float | None = None) -> Task:
-        """Record a failure (FAILED, TIMED_OUT or CANCELLED) with its reason."""
-        return self.board.fail(task_id, error, status, duration)
-
     def cleanup(self, now: float | None = None) -> int:
         """Drop long-finished tasks from memory and purge old ones from the store (see `TaskBoard.cleanup`)."""
         return self.board.cleanup(now)
@@ -166,8 +162,9 @@ class AsyncTaskManager:
         expected = self.router.expected_duration(task.keyword) if background else ""
         with self.board.lock:  # acknowledged before a worker can take it: the answer never overtakes the ack
             position = self.board.enqueue(task)
-            queued = position > 1 or self.board.blocked(task)
-            self.outbox.acknowledge(task, task_texts.acknowledgement(task, position, queued, expected))
+            waiting = task_texts.waiting_note(self.board.hold_reason(task), position,
+                                             self.board.limits.max_tasks_per_user)
+            self.outbox.acknowledge(task, task_texts.acknowledgement(task, waiting, expected))
         if background:
             task_log(log, task).info("异步任务已启动: %s", task.id)
         return task

@@ -22,10 +22,11 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from urllib.parse import quote_plus
+
+import dependencies  # noqa: F401  (first: a missing package is one line saying to install, not a traceback)
 
 import websockets
 import websockets.exceptions  # the SDK uses websockets.exceptions without importing it (docs/wire-facts.md §1)
@@ -37,12 +38,21 @@ import systemd_notify
 import task_table
 from async_task_manager import AsyncTaskManager
 from chat import ChatApp, IncomingMessage
-from codebuddy_client import CodeBuddyClient, sandbox_from_config
-from config import HTTP_TIMEOUT, SETTINGS, Config, ConfigError, load_config, parse_positive_int, setting_default
-from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, open_stream_connection
+from codebuddy_client import CodeBuddyClient
+from config import (
+    HTTP_TIMEOUT,
+    Config,
+    ConfigError,
+    load_config,
+    parse_positive_int,
+    read_config,
+    setting_default,
+)
+from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, describe_network_error, open_stream_connection
 from intake import Intake, settle
-from logs import setup_logging
+from logs import log_destination, setup_logging
 from metrics import DurationHistogram, TimedClient
+from startup import config_failure, load_local_config, report_cli, sandbox_problem
 from status_server import StatusSources, start_status_server
 from store_journal import open_store
 from supervision import install_exception_hooks
@@ -201,8 +211,10 @@ class StreamConnection:
                         attempt = 0
                         log.info("钉钉 Stream 已连接")
                         await self._receive(websocket)
+                except websockets.exceptions.ConnectionClosed as exc:
+                    log.warning("钉钉 Stream 连接中断: the gateway closed the websocket (%s)", exc)
                 except (TimeoutError, OSError, websockets.exceptions.WebSocketException) as exc:
-                    log.warning("钉钉 Stream 连接中断: %s", type(exc).__name__)
+                    log.warning("钉钉 Stream 连接中断: %s", describe_network_error(connection["endpoint"], exc))
                 finally:
                     self.connected = False
             if self._stop.is_set():
@@ -281,8 +293,9 @@ def run_daemon(config: Config) -> int:
     os.environ["DINGTALK_OPENAPI_ENDPOINT"] = config.openapi_endpoint  # the SDK reads it at import
     durations = DurationHistogram()  # every run's duration feeds /metrics
     sender, client, manager, app = build_app(config, durations)
+    print(log_destination(), file=sys.stderr, flush=True)  # after the store opened: a start-up fault stays one line
     log.info("启动 DingTalk CodeBuddy 机器人: workers=%d, sync_timeout=%.0fs, task_timeout=%.0fs, cli=%s",
-             config.max_workers, config.sync_timeout, config.task_timeout, config.codebuddy_bin)
+             config.max_workers, config.sync_timeout, config.task_timeout, client.binary)
     manager.recover()
     manager.start()
     def on_data(data: dict) -> None:
@@ -337,35 +350,9 @@ def run_daemon(config: Config) -> int:
 # ---------------------------------------------------------------- the command line
 
 
-def load_local_config(environ: Mapping[str, str], dotenv_path: str | None = ".env") -> Config:
-    """Settings for commands that never call DingTalk (tasks, console): the app credentials may be missing."""
-    try:
-        return load_config(environ, dotenv_path)
-    except ConfigError:
-        placeholders = {setting.env: "not-used-offline" for setting in SETTINGS if setting.required}
-        return load_config({**placeholders, **environ}, dotenv_path)
-
-
 def positive_int(raw: str) -> int:
     """argparse type: a whole number greater than 0."""
     return parse_positive_int("the value", raw)
-
-
-def sandbox_ready(config: Config) -> bool:
-    """Probe the sandbox every run starts in, once; False (after saying why on stderr and in the log) if it fails."""
-    sandbox = sandbox_from_config(config)
-    problem = sandbox.probe()
-    if problem:
-        message = f"配置错误: CodeBuddy 沙箱不可用 (CODEBUDDY_SANDBOX={sandbox.name}): {problem}"
-        print(message, file=sys.stderr)
-        log.error(message)
-        return False
-    if sandbox.name == "none":
-        log.warning("CODEBUDDY_SANDBOX=none: CodeBuddy 运行未隔离 (runs are not isolated): every chat user can make "
-                    "the agent read and write whatever this Unix user can, .env included")
-    else:
-        log.info("CodeBuddy 沙箱: %s (每个会话独立的工作区，系统目录只读)", sandbox.name)
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,11 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("run", help="run the daemon: connect to DingTalk Stream and answer messages (default)",
                         description="Run the daemon until SIGTERM/SIGINT. Under systemd (Type=notify) it sends "
                         "READY=1, WATCHDOG=1 and STOPPING=1; STATUS_PORT serves /healthz and /metrics.")
-    commands.add_parser("check", help="doctor: show the settings, test the DingTalk credentials, the CLI and "
-                        "the writable paths (exit 0 only if all pass)",
-                        description="Print every setting (secrets masked) and one ✓/✗ line per check: "
-                        "configuration, DingTalk access token, Stream gateway, CODEBUDDY_BIN --version, "
-                        "workspace, task DB and log file writable. Exit 0 only if every check passes.")
+    commands.add_parser("check", help="doctor: show the settings, test the DingTalk credentials, the CLI and its "
+                        "login, the sandbox and the writable paths (exit 0 only if all pass)",
+                        description="Print every setting (secrets masked), every configuration problem at once and "
+                        "one ✓/✗ line per check: configuration, DingTalk access token, Stream gateway, the CodeBuddy "
+                        "CLI (binary, version, origin) and whether its runs can sign in, the sandbox, workspace, "
+                        "task DB and log file writable. Exit 0 only if every check passes.")
     tasks = commands.add_parser("tasks", help="table of tasks from the task DB (TASK_DB)",
                                 description="Print the newest tasks from the SQLite task DB, newest first.")
     tasks.add_argument("--user", metavar="ID", help="only this user's tasks (staff id)")
@@ -399,25 +387,31 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "run"
     if command == "check":
         return doctor.run_check(os.environ)
-    try:
-        config = load_config() if command == "run" else load_local_config(os.environ)
-    except ConfigError as exc:
-        if command == "run":  # the operator greps the log: the reason goes there too
-            setup_logging(os.environ.get("LOG_FILE") or setting_default("LOG_FILE"), "INFO")
-        return startup_failure(f"配置错误: {exc}")
-    if command == "tasks":
+    if command == "tasks":  # reads the task DB only: a half-filled .env does not stop it
+        config = read_config(os.environ)[0]
         try:
             return task_table.print_tasks(args.db or config.task_db, user=args.user, status=args.status,
                                           limit=args.limit)
         except StoreError as exc:
             return startup_failure(f"任务数据库无法打开: {exc}")
-    handler = setup_logging(config.log_file, config.log_level, config.secrets)
+    try:
+        config = load_config() if command == "run" else load_local_config(os.environ)
+    except ConfigError as exc:
+        if command == "run":  # the operator greps the log: the reason goes there too
+            setup_logging(os.environ.get("LOG_FILE") or setting_default("LOG_FILE"), "INFO")
+        return startup_failure(config_failure(exc))
+    # On a terminal the log lines show there too; the console shows only warnings (lines would drown the chat).
+    handler = setup_logging(config.log_file, config.log_level, config.secrets, echo=sys.stderr.isatty(),
+                            echo_level="WARNING" if command == "console" else "DEBUG")
     install_exception_hooks()
-    if not sandbox_ready(config):
-        return 2
+    problem = sandbox_problem(config)
+    if problem:
+        return startup_failure(problem)
+    report_cli(config)
     if command == "console":
         if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)  # log lines on the terminal would drown the chat
+            handler.setLevel(logging.WARNING)
+        print(log_destination(), file=sys.stderr, flush=True)
         return console.run_console(config, user_id=args.user)
     try:
         return run_daemon(config)
@@ -426,9 +420,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def startup_failure(message: str) -> int:
-    """A start-up error: one line on stderr and in the log; exit code 2 (systemd does not restart on it)."""
-    print(message, file=sys.stderr)
-    if logging.getLogger().handlers and not _logs_to_stderr():
+    """A start-up error: one message on stderr and one line in the log; exit code 2 (systemd does not restart)."""
+    to_file = any(isinstance(handler, logging.FileHandler) for handler in logging.getLogger().handlers)
+    if not (to_file and _logs_to_stderr()):  # a terminal that echoes the log shows the logged line instead
+        print(message, file=sys.stderr)
+    if to_file:
         log.error(message)
     return 2
 

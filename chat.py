@@ -225,7 +225,9 @@ class ChatApp:
                  f"已用时: {task.elapsed(now):.0f} 秒",
                  f"内容: {task.prompt[:40]}{'…' if len(task.prompt) > 40 else ''}"]
         if task.status == QUEUED:
-            lines.append(f"排队位置: 第 {self.manager.queue_position(task.id)} 位")
+            hold = self.manager.board.hold_reason(task)
+            lines.append(task_texts.waiting_status(hold, self.manager.queue_position(task.id),
+                                                   self.config.max_tasks_per_user))
         if task.status == RUNNING:
             lines.append(f"最近步骤: {task.last_step or '等待 CodeBuddy 输出'}")
             lines.append(f"预计剩余时间: {self.manager.expected_remaining(task, now)}")

@@ -19,8 +19,9 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from cli_setup import choose_cli, operator_problem
 from config import KILL_GRACE, SETTINGS, Config, bot_files, replace_secrets
 from sandbox import Bubblewrap, NoSandbox, Sandbox, Workspaces, run_environment
 
@@ -147,7 +148,7 @@ def sandbox_from_config(config: Config) -> Sandbox:
     """The sandbox CODEBUDDY_SANDBOX names, hiding the bot's own files from every run."""
     if config.codebuddy_sandbox == "none":
         return NoSandbox()
-    return Bubblewrap(config.codebuddy_bin, read_only=config.codebuddy_sandbox_paths,
+    return Bubblewrap(choose_cli(config.codebuddy_bin).path, read_only=config.codebuddy_sandbox_paths,
                       hidden=bot_files(config.task_db, config.log_file, config.codebuddy_workdir))
 
 
@@ -172,11 +173,12 @@ class CodeBuddyClient:
         self._env_source = dict(os.environ if env is None else env)
         self._running: dict[str, subprocess.Popen] = {}  # by run tag
         self._running_lock = threading.Lock()
+        self._operator_told: set[str] = set()  # operator-side problems logged since the last good run
 
     @classmethod
     def from_config(cls, config: Config) -> CodeBuddyClient:
         """The client the bot's settings describe (with the CLI variables from .env), in its sandbox."""
-        return cls(config.codebuddy_bin, config.codebuddy_workdir, model=config.codebuddy_model,
+        return cls(choose_cli(config.codebuddy_bin).path, config.codebuddy_workdir, model=config.codebuddy_model,
                    extra_args=config.codebuddy_extra_args, permission_mode=config.codebuddy_permission_mode,
                    timeout=config.task_timeout, kill_grace=KILL_GRACE, env={**os.environ, **dict(config.cli_env)},
                    sandbox=sandbox_from_config(config))
@@ -232,7 +234,8 @@ class CodeBuddyClient:
                 cwd=cwd, env=self.run_env(self.sandbox.home(dirs), run_tag), start_new_session=True,
             )
         except OSError as exc:
-            return RunResult(ok=False, error=f"无法启动 CodeBuddy CLI ({self.binary}): {exc.strerror or exc}")
+            return self._for_the_chat(RunResult(ok=False, error=f"无法启动 CodeBuddy CLI ({self.binary}): "
+                                                                f"{exc.strerror or exc}"), cannot_start=True)
         key = run_tag or f"pid:{proc.pid}"
         with self._running_lock:
             self._running[key] = proc
@@ -240,7 +243,7 @@ class CodeBuddyClient:
         try:
             result = self._supervise(proc, prompt, limit, started, cancel_event, on_step, clock)
             stopped = result.cancelled or result.timed_out
-            return result
+            return self._for_the_chat(result)
         finally:
             self._kill_group(proc, signal.SIGKILL)  # nothing the run started outlives it
             if stopped:
@@ -249,6 +252,24 @@ class CodeBuddyClient:
                 self.kill_leftovers(run_tag)
             with self._running_lock:
                 self._running.pop(key, None)
+
+    def _for_the_chat(self, result: RunResult, cannot_start: bool = False) -> RunResult:
+        """A failure only the operator can fix (the CLI cannot sign in, or start) reads "ask the administrator" in
+        the chat; the CLI's own words and the operator's fix are logged once, not for every task, until a run
+        succeeds again."""
+        if result.ok:
+            with self._running_lock:
+                self._operator_told.clear()
+            return result
+        problem = operator_problem(result.error, cannot_start)
+        if problem is None:
+            return result
+        with self._running_lock:
+            first = problem.kind not in self._operator_told
+            self._operator_told.add(problem.kind)
+        if first:
+            log.error("%s (CLI: %s; 同类失败不再重复记录)", problem.operator_text, result.error)
+        return replace(result, error=problem.user_text)
 
     def cancel(self, run_tag: str) -> bool:
         """SIGTERM the process group of the run tagged `run_tag` now; `run` escalates to KILL after the grace.

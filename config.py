@@ -53,9 +53,26 @@ DEDUP_TTL_SECONDS = 24 * 3600.0
 # Fixed duration text for background notices when no history exists.
 DEFAULT_EXPECTED_DURATION = "2-5 分钟"
 
+# Every example value `.env.example` ships (a test keeps the two in step), and where to get the real one. A setting
+# still holding its example value is unfilled: the bot will not start and `check` fails until it is replaced.
+_CONSOLE = "from the DingTalk developer console (open-dev.dingtalk.com) → your app → 凭证与基础信息"
+EXAMPLE_VALUES: dict[str, tuple[str, str]] = {
+    "DINGTALK_CLIENT_ID": ("your-app-key", f"the app's Client ID (AppKey), {_CONSOLE}"),
+    "DINGTALK_CLIENT_SECRET": ("your-app-secret", f"the app's Client Secret (AppSecret), {_CONSOLE}"),
+    "CODEBUDDY_API_KEY": ("your-codebuddy-api-key",
+                          "an API key of the bot's CodeBuddy account (codebuddy.ai, or codebuddy.cn with "
+                          "CODEBUDDY_INTERNET_ENVIRONMENT=internal), or delete the line and set CODEBUDDY_AUTH_TOKEN"),
+}
+
 
 class ConfigError(ValueError):
-    """A setting is missing or invalid; the message names the variable."""
+    """Settings are missing or invalid: `problems` names each variable (all of them, not only the first);
+    `unfilled` the ones that still hold `.env.example`'s example value."""
+
+    def __init__(self, problems: str | Iterable[str], unfilled: Iterable[str] = ()) -> None:
+        self.problems = (problems,) if isinstance(problems, str) else tuple(problems)
+        self.unfilled = tuple(unfilled)
+        super().__init__("; ".join(self.problems))
 
 
 def _positive_float(name: str, raw: str) -> float:
@@ -232,8 +249,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Hard cap in seconds on one CLI run; the process group is killed"),
     Setting("LONG_TASK_KEYWORDS", "long_task_keywords", "", _csv,
             "Comma-separated keywords added to the built-in long-task list"),
-    Setting("LOG_FILE", "log_file", "/var/log/dingtalk-bot.log", _text,
-            "Log file; if it cannot be opened the bot logs to stderr"),
+    Setting("LOG_FILE", "log_file", "", _text,
+            "Log file (the systemd unit sets /var/log/dingtalk-bot.log); unset, or not writable: stderr"),
     Setting("LOG_LEVEL", "log_level", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
     Setting("MAX_WORKERS", "max_workers", "4", parse_positive_int,
             "CodeBuddy runs at once; more tasks wait in a queue"),
@@ -349,55 +366,80 @@ def mask_secret(value: str) -> str:
 
 
 def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | os.PathLike | None = ".env") -> Config:
-    """Read settings from `environ` (default: os.environ) over a `.env` file; raise ConfigError if invalid."""
+    """Read settings from `environ` (default: os.environ) over a `.env` file; raise ConfigError naming every
+    missing, invalid or unfilled setting."""
+    config, error = read_config(environ, dotenv_path)
+    if error is not None:
+        raise error
+    return config
+
+
+def read_config(environ: Mapping[str, str] | None = None, dotenv_path: str | os.PathLike | None = ".env"
+                ) -> tuple[Config, ConfigError | None]:
+    """The settings, each missing, invalid or unfilled one replaced by its default, and what was wrong (None
+    when nothing was): `check` shows the whole picture at once."""
+    problems: list[str] = []
     values: dict[str, str] = {}
     if dotenv_path is not None and Path(dotenv_path).is_file():
         try:
             values.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-            raise ConfigError(f"cannot read {os.path.abspath(dotenv_path)} ({reason}): make it readable by "
-                              "the bot's user (and UTF-8)") from None
+            problems.append(f"cannot read {os.path.abspath(dotenv_path)} ({reason}): make it readable by the bot's "
+                            "user (and UTF-8)")
     from_file = dict(values)
     values.update(os.environ if environ is None else environ)  # the real environment wins over .env
+    unfilled = [env for env, (example, _) in EXAMPLE_VALUES.items() if values.get(env, "").strip() == example]
+    problems[:0] = [f"{env} still holds the example value {EXAMPLE_VALUES[env][0]!r}: replace it with "
+                    f"{EXAMPLE_VALUES[env][1]}"
+                    for env in unfilled]
     own = {setting.env for setting in SETTINGS}
     # The CLI inherits the process environment; its own variables set only in .env must be handed on.
     cli_env = tuple(sorted((name, values[name]) for name in from_file
-                           if name.startswith(CLI_ENV_PREFIX) and name not in own))
+                           if name.startswith(CLI_ENV_PREFIX) and name not in own and name not in unfilled))
 
     parsed: dict[str, object] = {}
     for setting in SETTINGS:
-        raw = values.get(setting.env, "").strip()
-        if not raw:
-            if setting.required:
-                raise ConfigError(
-                    f"{setting.env} is not set: copy .env.example to .env and fill it in, or export it"
-                )
-            raw = setting.default
-        parsed[setting.attr] = setting.parse(setting.env, raw)
+        raw = "" if setting.env in unfilled else values.get(setting.env, "").strip()
+        if not raw and setting.required and setting.env not in unfilled:
+            problems.append(f"{setting.env} is not set: copy .env.example to .env and fill it in, or export it")
+        try:
+            parsed[setting.attr] = setting.parse(setting.env, raw or setting.default)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            parsed[setting.attr] = setting.parse(setting.env, setting.default)
     if not parsed["robot_code"]:
         parsed["robot_code"] = parsed["client_id"]
     parsed["openapi_endpoint"] = str(parsed["openapi_endpoint"]).rstrip("/")
-    _check_sandbox_paths(parsed, dotenv_path)
-    cli_secrets = tuple(values[name].strip() for name in CLI_SECRET_VARIABLES if values.get(name, "").strip())
-    return Config(**parsed, cli_env=cli_env, cli_secrets=cli_secrets)  # type: ignore[arg-type]
+    sandbox_problems = _sandbox_path_problems(parsed, dotenv_path)
+    if sandbox_problems:
+        problems += sandbox_problems
+        parsed["codebuddy_sandbox_paths"] = ()
+    cli_secrets = tuple(values[name].strip() for name in CLI_SECRET_VARIABLES
+                        if values.get(name, "").strip() and name not in unfilled)
+    config = Config(**parsed, cli_env=cli_env, cli_secrets=cli_secrets)  # type: ignore[arg-type]
+    return config, (ConfigError(problems, unfilled) if problems else None)
 
 
 def bot_files(task_db: str, log_file: str, workdir: str,
               dotenv_path: str | os.PathLike | None = ".env") -> tuple[str, ...]:
     """The bot's own files and directories, which no CodeBuddy run may see: its code, .env, task DB, log,
     the directory holding every conversation, and its working directory (absolute paths)."""
-    paths = [PROJECT_DIR, os.getcwd(), os.path.abspath(task_db), os.path.abspath(log_file), os.path.abspath(workdir)]
+    paths = [PROJECT_DIR, os.getcwd(), os.path.abspath(task_db), os.path.abspath(workdir)]
+    if log_file:
+        paths.append(os.path.abspath(log_file))
     if dotenv_path is not None:
         paths.append(os.path.abspath(dotenv_path))
     return tuple(dict.fromkeys(paths))
 
 
-def _check_sandbox_paths(parsed: dict[str, object], dotenv_path: str | os.PathLike | None) -> None:
+def _sandbox_path_problems(parsed: dict[str, object], dotenv_path: str | os.PathLike | None) -> list[str]:
     """CODEBUDDY_SANDBOX_PATHS may not show a run the bot's own files (a path equal to or above one of them)."""
     protected = bot_files(str(parsed["task_db"]), str(parsed["log_file"]), str(parsed["codebuddy_workdir"]),
                           dotenv_path)
+    problems = []
     for path in parsed["codebuddy_sandbox_paths"]:  # type: ignore[attr-defined]
-        for own in protected:
-            if own == path or own.startswith(path.rstrip("/") + "/"):
-                raise ConfigError(f"CODEBUDDY_SANDBOX_PATHS must not contain {path}: runs would see {own}")
+        own = next((own for own in protected if own == path or own.startswith(path.rstrip("/") + "/")), None)
+        if own is not None:
+            problems.append(f"CODEBUDDY_SANDBOX_PATHS must not contain {path}: runs would see {own}")
+    return problems

@@ -11,10 +11,14 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import urllib3
 from urllib3.util.retry import Retry
@@ -134,7 +138,8 @@ class AccessTokenProvider:
         if reply.status != 200 or not token:
             code = body.get("code") or reply.status
             retryable = reply.status == 429 or reply.status >= 500
-            raise DeliveryError(f"access token refused: HTTP {reply.status} {code}", retryable=retryable)
+            raise DeliveryError(f"access token refused: HTTP {reply.status} {code} from {urlsplit(self._url).netloc}",
+                                retryable=retryable)
         expire_in = float(body.get("expireIn") or 7200)
         log.info("access token fetched, expires in %.0f s", expire_in)
         return str(token), self._clock() + max(expire_in - self._margin, expire_in / 2)
@@ -144,7 +149,46 @@ class AccessTokenProvider:
 
 
 class HttpError(Exception):
-    """The request got no HTTP answer (connection refused, timeout, …); the message names the error type."""
+    """The request got no HTTP answer; the message names the host and the cause (see `describe_network_error`)."""
+
+
+# urllib3 starts its messages with the connection object ("HTTPConnection(host=…, port=…): "): the host is said once.
+_OBJECT_REPR = re.compile(r"(?:<[\w.]+ object at 0x[0-9a-f]+>|\w*(?:Connection|Pool)\w*\(host=[^)]*\)):?\s*")
+_URLLIB3_CAUSES = (  # most specific first: NewConnectionError is a ConnectTimeoutError, for compatibility
+    (urllib3.exceptions.NameResolutionError, "DNS lookup failed"),
+    (urllib3.exceptions.SSLError, "TLS handshake failed"),
+    (urllib3.exceptions.ProxyError, "the proxy failed"),
+    (urllib3.exceptions.NewConnectionError, "cannot connect"),
+    (urllib3.exceptions.ConnectTimeoutError, "connect timed out"),
+    (urllib3.exceptions.ReadTimeoutError, "no answer in time (read timeout)"),
+    (urllib3.exceptions.ProtocolError, "the connection broke off"),
+)
+
+
+def describe_network_error(url: str, exc: BaseException) -> str:
+    """Why `url` could not be reached, for a person: its host and port, then the cause (DNS, refused, TLS,
+    timeout, HTTP status) with the underlying error. urllib3's MaxRetryError is unwrapped to its `.reason`."""
+    parts = urlsplit(url)
+    port = parts.port or {"https": 443, "wss": 443}.get(parts.scheme, 80)
+    where = f"{parts.hostname or url}:{port}"
+    cause: BaseException = exc
+    if isinstance(cause, urllib3.exceptions.MaxRetryError) and cause.reason is not None:
+        cause = cause.reason
+    underlying = cause.__cause__ or cause.__context__
+    status = getattr(getattr(cause, "response", None), "status_code", None)  # websockets' InvalidStatus
+    what = next((text for kind, text in _URLLIB3_CAUSES if isinstance(cause, kind)), "")
+    if status is not None:
+        what = f"refused the connection: HTTP {status}"
+    elif isinstance(cause, socket.gaierror) or isinstance(underlying, socket.gaierror):
+        what = "DNS lookup failed"
+    elif isinstance(cause, ConnectionRefusedError) or isinstance(underlying, ConnectionRefusedError):
+        what = "connection refused"
+    elif isinstance(cause, ssl.SSLError):
+        what = "TLS handshake failed"
+    elif isinstance(cause, TimeoutError) and not what:
+        what = "timed out"
+    detail = _OBJECT_REPR.sub("", str(cause)).strip() or str(underlying or "")
+    return f"{where} {what or 'unreachable'} ({type(cause).__name__}{': ' + detail if detail else ''})"
 
 
 @dataclass(frozen=True)
@@ -190,7 +234,7 @@ class JsonHttp:
                 "POST", url, body=json.dumps(body, ensure_ascii=False).encode("utf-8"),
                 headers={"Content-Type": "application/json", "Accept": "application/json", **(headers or {})})
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise HttpError(type(exc).__name__) from None
+            raise HttpError(describe_network_error(url, exc)) from None
         text = response.data.decode("utf-8", "replace")
         try:
             parsed = json.loads(text) if text else {}
@@ -208,13 +252,14 @@ def open_stream_connection(http: JsonHttp, endpoint: str, client_id: str, client
     """Ask the Stream gateway for a websocket endpoint and ticket: ({endpoint, ticket}, "") or (None, why not)."""
     body = {"clientId": client_id, "clientSecret": client_secret,
             "subscriptions": [{"type": "CALLBACK", "topic": BOT_TOPIC}], "ua": ua, "localIp": "127.0.0.1"}
+    url = endpoint.rstrip("/") + OPEN_CONNECTION_PATH
     try:
-        reply = http.post_json(endpoint.rstrip("/") + OPEN_CONNECTION_PATH, body)
+        reply = http.post_json(url, body)
     except HttpError as exc:
-        return None, f"unreachable ({exc})"
+        return None, f"unreachable: {exc}"
     endpoint_url, ticket = reply.body.get("endpoint"), reply.body.get("ticket")
     if reply.status != 200 or not endpoint_url or not ticket:
-        return None, f"HTTP {reply.status} {reply.body.get('code') or reply.text[:200]}"
+        return None, f"HTTP {reply.status} {reply.body.get('code') or reply.text[:200]} from {urlsplit(url).netloc}"
     return {"endpoint": str(endpoint_url), "ticket": str(ticket)}, ""
 
 

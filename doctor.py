@@ -16,8 +16,9 @@ from typing import TextIO
 
 from dotenv import dotenv_values
 
+from cli_setup import INSTALL_FIX, choose_cli, login_state
 from codebuddy_client import CodeBuddyClient, sandbox_from_config
-from config import SETTINGS, Config, ConfigError, load_config
+from config import EXAMPLE_VALUES, SETTINGS, Config, ConfigError, mask_secret, read_config
 from dingtalk_sender import (
     OPEN_CONNECTION_PATH,
     TOKEN_PATH,
@@ -29,6 +30,7 @@ from dingtalk_sender import (
 from task_store import store_writable
 
 OK_MARK, FAIL_MARK = "✓", "✗"
+DINGTALK_CREDENTIALS = ("DINGTALK_CLIENT_ID", "DINGTALK_CLIENT_SECRET")
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,9 @@ def check_running_bot(port: int, timeout: float = 3.0) -> CheckResult | None:
 
 def check_log_file(path: str) -> CheckResult:
     """The log file can be appended to (or created); otherwise the daemon logs to stderr."""
+    if not path:
+        return CheckResult("log file", True, "LOG_FILE unset: the bot logs to stderr (this terminal, or the journal "
+                                             "under systemd; the unit sets LOG_FILE=/var/log/dingtalk-bot.log)")
     absolute = os.path.abspath(path)
     if not os.path.exists(absolute):
         ok, detail = _creatable(absolute, "the daemon")
@@ -132,9 +137,9 @@ def check_access_token(config: Config, http: JsonHttp | None = None) -> CheckRes
     url = config.openapi_endpoint + TOKEN_PATH
     try:
         provider.get()
-    except DeliveryError as exc:
+    except DeliveryError as exc:  # the message names the host and the cause
         hint = "" if exc.retryable else " (check DINGTALK_CLIENT_ID and DINGTALK_CLIENT_SECRET)"
-        return CheckResult("DingTalk access token", False, f"{exc} from {url}{hint}")
+        return CheckResult("DingTalk access token", False, f"{exc}{hint}")
     return CheckResult("DingTalk access token", True, f"fetched from {url}")
 
 
@@ -147,27 +152,33 @@ def check_stream_gateway(config: Config, http: JsonHttp | None = None) -> CheckR
     if connection is not None:
         return CheckResult("DingTalk Stream", True, "the gateway accepted the app (Stream mode)")
     if error.startswith("unreachable"):
-        return CheckResult("DingTalk Stream", False, f"{url} {error}")
-    return CheckResult("DingTalk Stream", False, f"connections/open refused: {error}")
+        return CheckResult("DingTalk Stream", False, error)
+    return CheckResult("DingTalk Stream", False, f"{url} refused: {error}")
 
 
 def check_cli(config: Config, timeout: float = 20.0) -> CheckResult:
-    """`CODEBUDDY_BIN --version` runs."""
-
+    """Which CLI runs (CODEBUDDY_BIN, `codebuddy` on PATH or the wheel's), and that `--version` answers."""
+    choice = choose_cli(config.codebuddy_bin)
     client = CodeBuddyClient.from_config(config)
     shown = shutil.which(client.binary) or client.binary
     try:
         version = client.version(timeout=timeout)
     except FileNotFoundError:
-        return CheckResult("CodeBuddy CLI", False, f"{config.codebuddy_bin} not found (install the CLI, or set "
-                                                   "CODEBUDDY_BIN to its path)")
+        return CheckResult("CodeBuddy CLI", False, f"{config.codebuddy_bin} not found ({choice.origin}): {INSTALL_FIX}")
     except PermissionError:
-        return CheckResult("CodeBuddy CLI", False, f"{shown} is not executable")
+        return CheckResult("CodeBuddy CLI", False, f"{shown} is not executable: chmod +x {shown}")
     except subprocess.TimeoutExpired:
         return CheckResult("CodeBuddy CLI", False, f"{shown} --version did not answer in {timeout:.0f} s")
     except (OSError, RuntimeError) as exc:
         return CheckResult("CodeBuddy CLI", False, f"{shown} --version failed: {exc}")
-    return CheckResult("CodeBuddy CLI", True, f"{shown} {version.splitlines()[0] if version else '(no version)'}")
+    version = version.splitlines()[0] if version else "(no version)"
+    return CheckResult("CodeBuddy CLI", True, f"{shown} {version} (from {choice.origin})")
+
+
+def check_cli_login(config: Config, environ: Mapping[str, str]) -> CheckResult:
+    """Whether CLI runs can sign in: the credentials their environment carries (no model call)."""
+    state = login_state({**environ, **dict(config.cli_env)}, os.path.expanduser("~"))
+    return CheckResult("CodeBuddy login", state.ok, state.detail)
 
 
 def check_sandbox(config: Config) -> CheckResult:
@@ -182,50 +193,70 @@ def check_sandbox(config: Config) -> CheckResult:
     return CheckResult("sandbox", True, f"{sandbox.version() or sandbox.name}: each conversation in its own jail")
 
 
-def describe_settings(config: Config, environ: Mapping[str, str], dotenv_path: str | None) -> list[str]:
-    """One line per setting: name, value (secrets masked) and where it came from."""
-
-    in_file = dotenv_values(dotenv_path) if dotenv_path and os.path.isfile(dotenv_path) else {}
+def describe_settings(config: Config, environ: Mapping[str, str], dotenv_path: str | None,
+                      problems: tuple[str, ...] = ()) -> list[str]:
+    """One line per setting: name, value (secrets masked) and where it came from; a setting with a problem shows
+    the value given (✗), not the default the other checks use instead."""
+    try:
+        in_file = dotenv_values(dotenv_path) if dotenv_path and os.path.isfile(dotenv_path) else {}
+    except (OSError, UnicodeDecodeError):  # the configuration line says why
+        in_file = {}
+    wrong = {problem.split()[0] for problem in problems}
+    secret = {setting.env for setting in SETTINGS if setting.secret}
     rows = config.describe()
     width = max(len(name) for name, _ in rows)
     lines = []
     for name, shown in rows:
         if (environ.get(name) or "").strip():
-            source = "environment"
+            source, given = "environment", environ[name].strip()
         elif (in_file.get(name) or "").strip():
-            source = dotenv_path or ".env"
+            source, given = dotenv_path or ".env", str(in_file[name]).strip()
         else:
-            source = "default"
+            source, given = "default", ""
+        if name in wrong:
+            shown = ((mask_secret(given) if name in secret and given not in EXAMPLE_VALUES.get(name, ("",))
+                      else given) or "(unset)") + "  ✗"
         lines.append(f"  {name.ljust(width)}  {shown or '(unset)'}  [{source}]")
     return lines
 
 
+def check_configuration(error: ConfigError | None) -> tuple[CheckResult, list[str]]:
+    """The configuration line and, below it, every problem (all at once, not the first)."""
+    if error is None:
+        return CheckResult("configuration", True, f"{len(SETTINGS)} settings valid"), []
+    count = len(error.problems)
+    return (CheckResult("configuration", False, f"{count} setting{'s' if count > 1 else ''} to fix; the checks "
+                        "below use the defaults instead"), [f"    - {problem}" for problem in error.problems])
+
+
+def check_dingtalk(config: Config, error: ConfigError | None) -> list[CheckResult]:
+    """The access token and the Stream gateway, unless the app's credentials are missing or examples."""
+    unfilled = [p.split()[0] for p in (error.problems if error else ()) if p.split()[0] in DINGTALK_CREDENTIALS]
+    if unfilled:
+        why = f"not tried: {' and '.join(dict.fromkeys(unfilled))} not filled in (see configuration)"
+        return [CheckResult("DingTalk access token", False, why), CheckResult("DingTalk Stream", False, why)]
+    return [check_access_token(config), check_stream_gateway(config)]
+
+
 def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", out: TextIO | None = None,
               cli_timeout: float = 20.0) -> int:
-    """`python bot.py check`: print the settings and one ✓/✗ line per check; 0 only if every check passed."""
+    """`python bot.py check`: print the settings and every ✓/✗ check, whatever fails; 0 only if all passed."""
     out = out or sys.stdout
-    try:
-        config = load_config(environ, dotenv_path)
-    except ConfigError as exc:
-        print(CheckResult("configuration", False, str(exc)).line(), file=out)
-        return 1
-    except OSError as exc:  # e.g. a .env the user may not read
-        print(CheckResult("configuration", False, f"cannot read {exc.filename or dotenv_path}: "
-                                                  f"{exc.strerror or exc}").line(), file=out)
-        return 1
+    config, error = read_config(environ, dotenv_path)
     print("Settings (.env and the environment; the environment wins):", file=out)
-    for line in describe_settings(config, environ, dotenv_path):
+    for line in describe_settings(config, environ, dotenv_path, error.problems if error else ()):
         print(line, file=out)
     print(file=out, flush=True)
-    results = [CheckResult("configuration", True, f"{len(SETTINGS)} settings valid")]
-    print(results[0].line(), file=out, flush=True)
-    for check in (lambda: check_access_token(config), lambda: check_stream_gateway(config),
-                  lambda: check_cli(config, cli_timeout), lambda: check_sandbox(config),
-                  lambda: check_workspace(config.codebuddy_workdir),
-                  lambda: check_task_db(config.task_db), lambda: check_log_file(config.log_file)):
-        result = check()
-        results.append(result)
-        print(result.line(), file=out, flush=True)
+    configuration, problems = check_configuration(error)
+    results = [configuration]
+    print("\n".join([configuration.line(), *problems]), file=out, flush=True)
+    for check in (lambda: check_dingtalk(config, error), lambda: [check_cli(config, cli_timeout)],
+                  lambda: [check_cli_login(config, environ)], lambda: [check_sandbox(config)],
+                  lambda: [check_workspace(config.codebuddy_workdir)], lambda: [check_task_db(config.task_db)],
+                  lambda: [check_log_file(config.log_file)]):
+        for result in check():
+            results.append(result)
+            print(result.line(), file=out, flush=True)
     if config.status_port is not None:
         running = check_running_bot(config.status_port)
         if running is None:

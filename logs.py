@@ -89,27 +89,44 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = ()) -> logging.Handler:
-    """Log to `log_file` (WatchedFileHandler, so logrotate works); fall back to stderr and say so once."""
+def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = (), *, echo: bool = False,
+                  echo_level: str = "DEBUG") -> logging.Handler:
+    """Log to `log_file` (WatchedFileHandler, so logrotate works), or to stderr when it is "" or cannot be opened
+    (said once). `echo`: lines going to a file also go to stderr (at `echo_level` and up), for a terminal."""
     formatter = OneLineFormatter(LOG_FORMAT, LOG_DATEFMT)
     fallback_reason = ""
-    try:
-        directory = os.path.dirname(os.path.abspath(log_file))
-        os.makedirs(directory, exist_ok=True)
-        os.close(os.open(log_file, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))  # a new log is the bot's alone
-        handler: logging.Handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
-    except OSError as exc:
-        handler = logging.StreamHandler(sys.stderr)
-        fallback_reason = f"cannot open LOG_FILE {log_file} ({exc.strerror or exc}); logging to stderr"
-    handler.setFormatter(formatter)
-    handler.addFilter(RedactingFilter(secrets))
+    handler: logging.Handler = logging.StreamHandler(sys.stderr)
+    if log_file:
+        try:
+            directory = os.path.dirname(os.path.abspath(log_file))
+            os.makedirs(directory, exist_ok=True)
+            os.close(os.open(log_file, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))  # a new log is the bot's alone
+            handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+        except OSError as exc:
+            fallback_reason = f"cannot open LOG_FILE {log_file} ({exc.strerror or exc}); logging to stderr"
+    handlers = [handler]
+    if echo and isinstance(handler, logging.FileHandler):
+        handlers.append(logging.StreamHandler(sys.stderr))
+        handlers[-1].setLevel(echo_level)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    for each in handlers:
+        each.setFormatter(formatter)
+        each.addFilter(RedactingFilter(secrets))
+        root.addHandler(each)
     root.setLevel(level)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("websockets").setLevel(logging.WARNING)
     if fallback_reason:
         log.warning(fallback_reason)
     return handler
+
+
+def log_destination() -> str:
+    """Where the log goes now (see `setup_logging`), for the line the bot prints once it has started."""
+    handlers = logging.getLogger().handlers
+    files = [h.baseFilename for h in handlers if isinstance(h, logging.FileHandler)]
+    if files:
+        return f"日志: {files[0]}" + (" (also shown on this terminal)" if len(handlers) > 1 else "")
+    return "日志: stderr (LOG_FILE is unset or cannot be opened)"

@@ -1,5 +1,6 @@
 """The queue's one rule: a queued task may start when a worker is free, its user is under their limit and
-its conversation has no task running.
+its conversation has no task running (a chat's messages run one at a time, in order) — and which of them holds
+a waiting task back.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from task import Task
+
+# Why a queued task waits (`Occupancy.holdback`): told to the user in the acknowledgement and by /status.
+HELD_BY_CONVERSATION, HELD_BY_USER, HELD_BY_WORKERS = "conversation", "user", "workers"
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,21 @@ class Occupancy:
 
     def admits(self, task: Task) -> bool:
         """True when `task` may start now."""
-        return (self.workers < self.limits.max_workers
-                and self.per_user[task.user_id] < self.limits.max_tasks_per_user
-                and task.conversation_key not in self.conversations)
+        return not self.holdback(task)
+
+    def holdback(self, task: Task, ahead: Iterable[Task] = ()) -> str:
+        """What keeps `task` from starting now, "" when nothing does: its conversation (a run of it going, or an
+        earlier message of it waiting in `ahead`), its user's limit, or the workers (all busy, or taken by the
+        tasks `ahead` that may start first)."""
+        ahead = list(ahead)
+        if task.conversation_key in self.conversations or any(t.conversation_key == task.conversation_key
+                                                                for t in ahead):
+            return HELD_BY_CONVERSATION
+        if self.per_user[task.user_id] >= self.limits.max_tasks_per_user:
+            return HELD_BY_USER
+        if self.workers + sum(1 for t in ahead if self.admits(t)) >= self.limits.max_workers:
+            return HELD_BY_WORKERS
+        return ""
 
 
 def next_runnable(queued: Iterable[Task], running: Iterable[Task], limits: Limits) -> Task | None:

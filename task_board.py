@@ -174,6 +174,13 @@ class TaskBoard:
         with self.lock:
             return not Occupancy(self._running_tasks(), self.limits).admits(task)
 
+    def hold_reason(self, task: Task) -> str:
+        """What keeps a queued task waiting ("" when it may start now): see `scheduling.Occupancy.holdback`."""
+        with self.lock:
+            ahead = self.queue[:self.queue.index(task.id)] if task.id in self.queue else []
+            return Occupancy(self._running_tasks(), self.limits).holdback(
+                task, [self.tasks[t] for t in ahead if t in self.tasks])
+
     def take_next(self, poll: float = 1.0) -> tuple[Task, Running] | None:
         """Wait for a queued task that may start, mark it running; None once the board is stopping."""
         with self.lock:

@@ -347,6 +347,15 @@ class SQLiteTaskStore:
     def message_seen(self, msg_id: str) -> bool:
         return bool(self._query("SELECT 1 FROM seen_messages WHERE msg_id = ?", (msg_id,)))
 
+    def count(self, user_id: str | None = None, status: str | None = None) -> int:
+        """How many tasks there are, of one user and/or status (read-only: `bot.py tasks` says what --limit cut)."""
+        sql, args = "SELECT COUNT(*) FROM tasks WHERE 1=1", []
+        for column, value in (("user_id", user_id), ("status", status)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
+        return int(self._query(sql, tuple(args))[0][0])
+
     def remember_message(self, msg_id: str, now: float) -> bool:
         cursor = self._write("INSERT OR IGNORE INTO seen_messages (msg_id, seen_at) VALUES (?, ?)", (msg_id, now))
         return cursor.rowcount == 1

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+from scheduling import HELD_BY_CONVERSATION, HELD_BY_USER, HELD_BY_WORKERS
 from task import CANCELLED, RUNNING, STATUS_LABELS, SUCCEEDED, TIMED_OUT, Task
 
 
-def acknowledgement(task: Task, position: int, queued: bool, expected_duration: str) -> str:
-    """The first answer to a prompt: received, its id, and for a background task how long it should take."""
-    queue_note = f"\n当前排队中 (第 {position} 位)，有空闲时自动开始。" if queued else ""
+def waiting_note(hold: str, position: int, per_user_limit: int) -> str:
+    """Why a new task waits, for its acknowledgement ("" when it starts at once); `hold` from scheduling."""
+    if hold == HELD_BY_CONVERSATION:
+        return "\n排队中: 等待本会话上一条完成后自动开始 (同一会话的消息依次处理)。"
+    if hold == HELD_BY_USER:
+        return (f"\n排队中: 你已有 {per_user_limit} 个任务在执行 (每人最多同时执行 "
+                f"{per_user_limit} 个)，其中一个完成后自动开始。")
+    if hold == HELD_BY_WORKERS:
+        return f"\n当前排队中 (第 {position} 位)，有空闲时自动开始。"
+    return ""
+
+
+def waiting_status(hold: str, position: int, per_user_limit: int) -> str:
+    """Why a queued task still waits, for /status."""
+    if hold == HELD_BY_CONVERSATION:
+        return "等待本会话上一条完成 (同一会话的消息依次处理)"
+    if hold == HELD_BY_USER:
+        return f"等待你的其他任务完成 (每人最多同时执行 {per_user_limit} 个)"
+    if hold == HELD_BY_WORKERS:
+        return f"排队位置: 第 {position} 位 (等待空闲的执行位置)"
+    return "即将开始"
+
+
+def acknowledgement(task: Task, waiting: str, expected_duration: str) -> str:
+    """The first answer to a prompt: received, its id, for a background task how long it should take, and what
+    it waits for (`waiting_note`)."""
+    queue_note = waiting
     if task.background:
         return (f"收到任务，正在处理中…\n这是一个长时间任务，已转入后台执行 (任务ID: {task.id})，"
                 f"预计耗时: {expected_duration}。完成后会主动推送结果，"

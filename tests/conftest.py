@@ -220,7 +220,7 @@ def real_cli_path() -> Path:
     spec = importlib.util.find_spec("codebuddy_agent_sdk")
     if spec is None or spec.origin is None:
         pytest.skip(f"codebuddy-agent-sdk is not installed: PyPI has no wheel of it for "
-                    f"{platform.system()} {platform.machine()} (see requirements-dev.txt)")
+                    f"{platform.system()} {platform.machine()} (see requirements.txt)")
     binary = Path(spec.origin).parent / "bin" / "codebuddy-headless"
     if not binary.is_file():
         pytest.skip(f"codebuddy-agent-sdk has no CLI binary for {platform.system()} {platform.machine()}: "

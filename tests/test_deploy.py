@@ -30,6 +30,13 @@ def _default(env: str) -> str:
     return next(s.default for s in SETTINGS if s.env == env)
 
 
+def _unit_log_file() -> str:
+    """The LOG_FILE the unit sets (the bot's own default is stderr, for trial runs)."""
+    found = re.search(r"^Environment=LOG_FILE=(\S+)$", UNIT.read_text(encoding="utf-8"), re.M)
+    assert found, "the unit sets no LOG_FILE: under systemd the bot would log to the journal only"
+    return found.group(1)
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze not installed (.ci/run installs it)")
 def test_unit_file_passes_systemd_analyze_verify(tmp_path):
@@ -62,14 +69,14 @@ def test_unit_runs_the_daemon_as_a_notify_service_with_hardening():
     assert int(service["TimeoutStopSec"]) >= float(_default("SHUTDOWN_GRACE")) + 10
     writable = service["ReadWritePaths"].split()
     assert {f"-{INSTALL_DIR}/workspace", f"-{INSTALL_DIR}/data"} <= set(writable)
-    assert f"-{os.path.dirname(_default('LOG_FILE'))}" in writable  # the directory: a file bind mount would pin it
+    assert f"-{os.path.dirname(_unit_log_file())}" in writable  # the directory: a file bind mount would pin it
     assert _default("CODEBUDDY_WORKDIR") == "./workspace" and _default("TASK_DB").startswith("./data/")
 
 
 def test_logrotate_rotates_the_default_log_file_by_rename_and_create():
     text = LOGROTATE.read_text(encoding="utf-8")
     block = re.search(r"^(\S+)\s*\{(.*?)^\}", text, re.S | re.M)
-    assert block is not None and block.group(1) == _default("LOG_FILE")
+    assert block is not None and block.group(1) == _unit_log_file() and _default("LOG_FILE") == ""
     directives = [line.split()[0] for line in block.group(2).splitlines() if line.strip()
                   and not line.strip().startswith("#")]
     assert "create" in directives and "copytruncate" not in directives and "delaycompress" in directives

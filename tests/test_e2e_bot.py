@@ -95,11 +95,17 @@ def test_failed_run_reaches_the_user_in_plain_words(standin, make_bot):
     bot.wait_log(r"任务 \w+ 失败")
 
 
-def test_cli_error_text_is_passed_on_without_the_token(standin, make_bot):
-    make_bot()
-    sent = standin.send_bot_message("x [error]", sender_staff_id="u8")
-    posts = replies(standin, sent, 2)
-    assert "Authentication required" in posts[1] and "FAKESECRET" not in posts[1]
+def test_a_cli_that_cannot_sign_in_is_the_administrators_to_fix_and_logged_once(standin, make_bot):
+    bot = make_bot()
+    for number in range(2):
+        sent = standin.send_bot_message(f"x{number} [error]", sender_staff_id="u8")
+        answer = replies(standin, sent, 2)[1]
+        assert "机器人的 CodeBuddy 账号尚未设置好，请联系管理员" in answer
+        assert "/login" not in answer and "Authentication" not in answer and "FAKESECRET" not in answer
+    bot.wait_log(r"任务 \w+ 失败", count=2)
+    told = [line for line in bot.log_text().splitlines() if "CodeBuddy CLI 无法登录" in line]
+    assert len(told) == 1 and "CODEBUDDY_API_KEY" in told[0] and "Authentication required" in told[0]
+    assert "FAKESECRET" not in bot.log_text()
 
 
 def test_task_timeout_kills_the_cli_and_tells_the_user(standin, make_bot, tmp_path):

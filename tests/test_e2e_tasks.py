@@ -61,7 +61,7 @@ def test_queue_positions_with_one_worker(standin, make_bot):
     third = replies(standin, standin.send_bot_message("问题三", sender_staff_id="u3"), 1)[0]
     assert "第 1 位" in second and "第 2 位" in third
     status = replies(standin, standin.send_bot_message(f"/status {_task_id(third)}", sender_staff_id="u3"), 1)[0]
-    assert "排队中" in status and "排队位置: 第 2 位" in status
+    assert "排队中" in status and "排队位置: 第 2 位 (等待空闲的执行位置)" in status
 
 
 def test_cancel_a_queued_task_it_never_runs(standin, make_bot, tmp_path):

@@ -89,12 +89,12 @@ def test_help_documents_every_command(tmp_path):
 
 def test_check_passes_with_good_credentials_and_masks_the_secret(tmp_path, standin):
     result = _run_bot(tmp_path, "check", DINGTALK_CLIENT_ID=CLIENT_ID, DINGTALK_CLIENT_SECRET=CLIENT_SECRET,
-                      DINGTALK_OPENAPI_ENDPOINT=standin.base_url)
+                      DINGTALK_OPENAPI_ENDPOINT=standin.base_url, CODEBUDDY_API_KEY="ck-test-key")
     assert result.returncode == 0, result.stdout + result.stderr
     marks = [line for line in result.stdout.splitlines() if line.startswith(("✓", "✗"))]
     assert [m.split(":")[0] for m in marks] == ["✓ configuration", "✓ DingTalk access token", "✓ DingTalk Stream",
-                                                "✓ CodeBuddy CLI", "✓ sandbox", "✓ workspace", "✓ task DB",
-                                                "✓ log file"]
+                                                "✓ CodeBuddy CLI", "✓ CodeBuddy login", "✓ sandbox", "✓ workspace",
+                                                "✓ task DB", "✓ log file"]
     assert "2.163.0 (fake)" in result.stdout
     assert re.search(r"DINGTALK_CLIENT_ID\s+test-client-id\s+\[environment\]", result.stdout)
     assert re.search(r"SYNC_TIMEOUT\s+60.0\s+\[default\]", result.stdout)
@@ -126,7 +126,8 @@ def test_check_with_a_missing_cli_fails(tmp_path, standin):
 def test_check_without_credentials_fails_on_configuration():
     out = io.StringIO()
     assert doctor.run_check({}, dotenv_path=None, out=out) == 1
-    assert out.getvalue().startswith("✗ configuration: DINGTALK_CLIENT_ID is not set")
+    assert "✗ configuration: 2 settings to fix" in out.getvalue()
+    assert "    - DINGTALK_CLIENT_ID is not set" in out.getvalue()
 
 
 def test_check_reports_paths_that_cannot_be_written(tmp_path):
@@ -160,7 +161,7 @@ def test_tasks_prints_a_filtered_table_from_the_task_db(tmp_path):
     result = _run_bot(tmp_path, "tasks", "--user", "u1", "--status", "succeeded", "--limit", "5")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["ID", "STATUS", "USER", "CREATED", "ELAPSED", "MODE", "DELIVERED", "PROMPT"]
+    assert lines[0].split() == ["ID", "STATUS", "USER", "CREATED", "ELAPSED", "MODE", "DELIVERED", "REASON", "PROMPT"]
     assert [line.split()[0] for line in lines[1:3]] == ["aaaa0004", "aaaa0001"]  # newest first, u1 only
     assert "background" in lines[2] and "12s" in lines[2] and "请生成报告" in lines[2]
     assert "second line" in lines[1]

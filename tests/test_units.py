@@ -7,15 +7,17 @@ import threading
 import time
 
 import pytest
+from dotenv import dotenv_values
 
 from async_task_manager import AsyncTaskManager
 from codebuddy_client import StreamState, new_session_id, parse_stream_line, redact_secrets, result_from_stream
-from config import SEED_LONG_TASK_KEYWORDS, ConfigError, load_config
+from config import EXAMPLE_VALUES, SEED_LONG_TASK_KEYWORDS, ConfigError, load_config, read_config
 from dingtalk_sender import AccessTokenProvider, Route
 from message_parts import split_message, utf8_json_cost
 from store_journal import open_store
 from task import Task
 from task_store import MemoryTaskStore, SQLiteTaskStore
+from tests.conftest import ROOT
 
 BASE_ENV = {"DINGTALK_CLIENT_ID": "id", "DINGTALK_CLIENT_SECRET": "secret"}
 
@@ -27,7 +29,7 @@ def test_config_defaults_and_robot_code_falls_back_to_client_id():
     config = load_config(BASE_ENV, dotenv_path=None)
     assert config.robot_code == "id"
     assert config.sync_timeout == 60 and config.task_timeout == 1800 and config.max_workers == 4
-    assert config.log_file == "/var/log/dingtalk-bot.log"
+    assert config.log_file == ""  # stderr: a trial run never writes the production log
     assert config.openapi_endpoint == "https://api.dingtalk.com"
     assert config.all_long_task_keywords == SEED_LONG_TASK_KEYWORDS
 
@@ -35,6 +37,28 @@ def test_config_defaults_and_robot_code_falls_back_to_client_id():
 def test_config_missing_secret_names_the_variable():
     with pytest.raises(ConfigError, match="DINGTALK_CLIENT_SECRET.*.env.example"):
         load_config({"DINGTALK_CLIENT_ID": "id"}, dotenv_path=None)
+
+
+def test_config_names_every_problem_at_once_not_only_the_first():
+    with pytest.raises(ConfigError) as raised:
+        load_config({"SYNC_TIMEOUT": "soon", "MAX_WORKERS": "0", "CODEBUDDY_SANDBOX": "docker"}, dotenv_path=None)
+    names = [problem.split()[0] for problem in raised.value.problems]
+    assert names == ["DINGTALK_CLIENT_ID", "DINGTALK_CLIENT_SECRET", "CODEBUDDY_SANDBOX", "SYNC_TIMEOUT",
+                     "MAX_WORKERS"]
+    config, error = read_config({"SYNC_TIMEOUT": "soon"}, dotenv_path=None)
+    assert config.sync_timeout == 60 and error is not None  # the rest of the settings still usable (check)
+
+
+def test_every_example_value_env_example_ships_is_recognised_as_unfilled():
+    shipped = {name: value for name, value in dotenv_values(ROOT / ".env.example").items() if value}
+    assert shipped == {name: example for name, (example, _) in EXAMPLE_VALUES.items()}
+    with pytest.raises(ConfigError) as raised:
+        load_config({}, dotenv_path=ROOT / ".env.example")
+    assert raised.value.unfilled == ("DINGTALK_CLIENT_ID", "DINGTALK_CLIENT_SECRET", "CODEBUDDY_API_KEY")
+    assert [p.split()[0] for p in raised.value.problems] == list(raised.value.unfilled)  # no "not set" twice
+    assert "凭证与基础信息" in str(raised.value) and "codebuddy.ai" in str(raised.value)
+    config, _ = read_config({}, dotenv_path=ROOT / ".env.example")
+    assert config.cli_env == () and config.cli_secrets == ()  # an example key never reaches the CLI
 
 
 def test_config_non_number_sync_timeout_is_a_clear_error():

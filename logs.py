@@ -12,6 +12,7 @@ import logging.handlers
 import os
 import re
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any, Protocol
 
@@ -89,6 +90,39 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+class LogFileHandler(logging.handlers.WatchedFileHandler):
+    """A WatchedFileHandler (logrotate-safe) that formats a line before taking its lock, and looks for a rotated
+    file at most once a second rather than with an os.stat per line.
+
+    Dozens of delivery threads log: holding the lock only for the write keeps them, and the intake thread that
+    acknowledges messages, from queueing behind each other's formatting (BENCHMARKS.md).
+    """
+
+    ROTATION_CHECK = 1.0  # seconds between checks for a rotated file
+
+    def __init__(self, filename: str, encoding: str = "utf-8") -> None:
+        super().__init__(filename, encoding=encoding)
+        self._checked = time.monotonic()
+
+    def handle(self, record: logging.LogRecord) -> logging.LogRecord | bool:
+        if not self.filter(record):
+            return False
+        try:
+            line = self.format(record) + self.terminator
+            with self.lock:  # type: ignore[union-attr]
+                now = time.monotonic()
+                if now - self._checked >= self.ROTATION_CHECK:
+                    self._checked = now
+                    self.reopenIfNeeded()
+                if self.stream is None:
+                    self.stream = self._open()
+                self.stream.write(line)
+                self.stream.flush()
+        except Exception:
+            self.handleError(record)
+        return record
+
+
 def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = (), *, echo: bool = False,
                   echo_level: str = "DEBUG") -> logging.Handler:
     """Log to `log_file` (WatchedFileHandler, so logrotate works), or to stderr when it is "" or cannot be opened
@@ -101,7 +135,7 @@ def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = (), *, e
             directory = os.path.dirname(os.path.abspath(log_file))
             os.makedirs(directory, exist_ok=True)
             os.close(os.open(log_file, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))  # a new log is the bot's alone
-            handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
+            handler = LogFileHandler(log_file, encoding="utf-8")
         except OSError as exc:
             fallback_reason = f"cannot open LOG_FILE {log_file} ({exc.strerror or exc}); logging to stderr"
     handlers = [handler]

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, NamedTuple, TypeVar
 
+from config import DEDUP_TTL_SECONDS
 from task import Task
 from task_store import SQLiteTaskStore, StoreBackend, StoreHealth
 
@@ -113,7 +114,8 @@ class JournaledStore:
     """
 
     def __init__(self, backend: StoreBackend, *, backoff: float = 0.2, max_backoff: float = 5.0,
-                 flush_delay: float = 0.02, clock: Callable[[], float] = time.time) -> None:
+                 flush_delay: float = 0.02, clock: Callable[[], float] = time.time,
+                 dedup_ttl: float = DEDUP_TTL_SECONDS) -> None:
         self._backend = backend
         self._backoff, self._max_backoff = backoff, max_backoff
         self._flush_delay = flush_delay
@@ -129,8 +131,10 @@ class JournaledStore:
         self._closing = False
         self._closed = False
         self._close_by = float("inf")  # monotonic time the writer gives up at, once closing
-        self._dedup = threading.Lock()  # one remember_message check-then-record at a time
         self._retry_now = threading.Event()
+        # The msgIds of the dedup window, in memory: one message needs no DB read (one process per store; a
+        # store shared by several hosts must rely on the DB's unique key instead).
+        self._seen = self._read(lambda: backend.recent_messages(clock() - dedup_ttl), {})
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -160,19 +164,19 @@ class JournaledStore:
 
     def purge(self, finished_before: float, seen_before: float) -> int:
         """Journal a purge of old delivered tasks and msgIds; 0 here, the count is logged once it is written."""
+        with self._lock:
+            self._seen = {k: v for k, v in self._seen.items() if v >= seen_before}
         self._append("purge", finished_before, seen_before)
         return 0
 
     def remember_message(self, msg_id: str, now: float) -> bool:
-        """Record a DingTalk msgId; False when it was seen before (journaled or in the DB). Answered now."""
-        with self._dedup:
-            with self._lock:
-                if msg_id in self._journal.seen:
-                    return False
-            if self._read(lambda: self._backend.message_seen(msg_id), False):
+        """Record a DingTalk msgId; False when it was seen within the dedup window. Answered from memory."""
+        with self._lock:
+            if msg_id in self._seen:
                 return False
-            self._append("remember_message", msg_id, now)
-            return True
+            self._seen[msg_id] = now
+        self._append("remember_message", msg_id, now)
+        return True
 
     # -- reads: the backend with the journal laid over it
 

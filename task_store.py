@@ -62,9 +62,9 @@ class TaskStore(TaskRecords, Protocol):
 
 
 class StoreBackend(TaskRecords, Protocol):
-    """Where a `JournaledStore` writes: the same calls, synchronous, plus a dedup lookup and a transaction."""
+    """Where a `JournaledStore` writes: the same calls, synchronous, plus the recent msgIds and a transaction."""
 
-    def message_seen(self, msg_id: str) -> bool: ...
+    def recent_messages(self, since: float) -> dict[str, float]: ...
     def transaction(self) -> contextlib.AbstractContextManager: ...
     def close(self) -> None: ...
 
@@ -119,9 +119,9 @@ class MemoryTaskStore:
             tasks = [replace(t) for t in self._tasks.values() if user_id is None or t.user_id == user_id]
         return sorted(tasks, key=lambda t: t.created_at, reverse=True)[:limit]
 
-    def message_seen(self, msg_id: str) -> bool:
+    def recent_messages(self, since: float) -> dict[str, float]:
         with self._lock:
-            return msg_id in self._seen
+            return {k: v for k, v in self._seen.items() if v >= since}
 
     def remember_message(self, msg_id: str, now: float) -> bool:
         with self._lock:
@@ -344,8 +344,10 @@ class SQLiteTaskStore:
                                (user_id, limit))
         return [_task_from_row(dict(r)) for r in rows]
 
-    def message_seen(self, msg_id: str) -> bool:
-        return bool(self._query("SELECT 1 FROM seen_messages WHERE msg_id = ?", (msg_id,)))
+    def recent_messages(self, since: float) -> dict[str, float]:
+        """msgIds seen since `since`, with when (a day of them: the dedup set a JournaledStore keeps in memory)."""
+        return {r[0]: r[1] for r in self._query("SELECT msg_id, seen_at FROM seen_messages WHERE seen_at >= ?",
+                                                (since,))}
 
     def count(self, user_id: str | None = None, status: str | None = None) -> int:
         """How many tasks there are, of one user and/or status (read-only: `bot.py tasks` says what --limit cut)."""

@@ -208,7 +208,7 @@ def test_reads_that_fail_answer_from_memory_and_mark_the_store_degraded(tmp_path
     def failing(*args):
         raise sqlite3.OperationalError("disk I/O error")
 
-    for name in ("get", "load", "recent_for_user", "message_seen", "durations", "session_for"):
+    for name in ("get", "load", "recent_for_user", "durations", "session_for"):
         setattr(backend, name, failing)
     store.save(_task("f" * 16))
     assert store.get("f" * 16).id == "f" * 16 and store.get("nope") is None
@@ -356,13 +356,18 @@ def test_purge_is_journaled_and_its_count_logged_once_written(tmp_path, caplog):
 # ---------------------------------------------------------------- dedup and ids
 
 
-def test_remember_message_is_answered_at_once_from_the_journal_and_the_db(tmp_path):
+def test_remember_message_is_answered_from_memory_holding_the_days_msgids_from_the_db(tmp_path):
     path = str(tmp_path / "tasks.db")
+    now = time.time()
     store = open_store(path, **FAST)
-    assert store.remember_message("m1", 1.0) and not store.remember_message("m1", 2.0)
+    assert store.remember_message("m1", now) and not store.remember_message("m1", now + 1)
+    assert store.remember_message("old", now - 2 * 86400)
     store.close()
-    again = open_store(path, **FAST)
-    assert not again.remember_message("m1", 3.0) and again.remember_message("m2", 3.0)
+    again = open_store(path, **FAST)  # a restart loads the msgIds of the last day: a redelivery is still caught
+    assert not again.remember_message("m1", now + 2) and again.remember_message("m2", now + 2)
+    assert again.remember_message("old", now + 2)  # outside the dedup window
+    again.purge(0, now + 3)  # the window moves on: memory forgets with the DB
+    assert again.remember_message("m1", now + 4)
     again.close()
 
 

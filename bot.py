@@ -50,7 +50,7 @@ from config import (
 )
 from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, describe_network_error, open_stream_connection
 from intake import Intake, settle
-from logs import log_destination, setup_logging
+from logs import log_destination, setup_logging, stop_logging
 from metrics import DurationHistogram, TimedClient
 from startup import config_failure, load_local_config, report_cli, sandbox_problem
 from status_server import StatusSources, start_status_server
@@ -343,6 +343,7 @@ def run_daemon(config: Config) -> int:
     if status_server is not None:
         status_server.stop()
     log.info("机器人已停止")
+    stop_logging()
     logging.shutdown()
     return 0
 
@@ -402,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         return startup_failure(config_failure(exc))
     # On a terminal the log lines show there too; the console shows only warnings (lines would drown the chat).
     handler = setup_logging(config.log_file, config.log_level, config.secrets, echo=sys.stderr.isatty(),
+                            writer_thread=command == "run",
                             echo_level="WARNING" if command == "console" else "DEBUG")
     install_exception_hooks()
     problem = sandbox_problem(config)
@@ -436,6 +438,7 @@ def _logs_to_stderr() -> bool:
 
 if __name__ == "__main__":
     code = main()
+    stop_logging()  # the log writer thread's last lines reach the file before os._exit
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # leftover non-daemon pool threads must not delay a systemd stop

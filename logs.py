@@ -7,12 +7,13 @@ control characters, so text from outside (CLI stderr, DingTalk errors) can neith
 
 from __future__ import annotations
 
+import copy
 import logging
 import logging.handlers
 import os
+import queue
 import re
 import sys
-import time
 from collections.abc import MutableMapping
 from typing import Any, Protocol
 
@@ -90,41 +91,43 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-class LogFileHandler(logging.handlers.WatchedFileHandler):
-    """A WatchedFileHandler (logrotate-safe) that formats a line before taking its lock, and looks for a rotated
-    file at most once a second rather than with an os.stat per line.
-
-    Dozens of delivery threads log: holding the lock only for the write keeps them, and the intake thread that
-    acknowledges messages, from queueing behind each other's formatting (BENCHMARKS.md).
-    """
-
-    ROTATION_CHECK = 1.0  # seconds between checks for a rotated file
-
-    def __init__(self, filename: str, encoding: str = "utf-8") -> None:
-        super().__init__(filename, encoding=encoding)
-        self._checked = time.monotonic()
+class _Enqueue(logging.handlers.QueueHandler):
+    """Hands a record to the log writer thread: the message is formatted here (its arguments may change later),
+    the traceback is kept apart so the writer's one-line formatter leaves it as it is."""
 
     def handle(self, record: logging.LogRecord) -> logging.LogRecord | bool:
+        # No handler lock: the queue is thread-safe, and callers must never wait for each other here.
         if not self.filter(record):
             return False
         try:
-            line = self.format(record) + self.terminator
-            with self.lock:  # type: ignore[union-attr]
-                now = time.monotonic()
-                if now - self._checked >= self.ROTATION_CHECK:
-                    self._checked = now
-                    self.reopenIfNeeded()
-                if self.stream is None:
-                    self.stream = self._open()
-                self.stream.write(line)
-                self.stream.flush()
+            self.enqueue(self.prepare(record))
         except Exception:
             self.handleError(record)
         return record
 
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        if record.exc_info:
+            record.exc_text = record.exc_text or _TRACEBACKS.formatException(record.exc_info)
+            record.exc_info = None
+        return record
+
+
+_TRACEBACKS = logging.Formatter()
+_writer: logging.handlers.QueueListener | None = None  # the log writer thread, when there is one
+
+
+def stop_logging() -> None:
+    """Write what the log writer thread still holds, then stop it (before the process exits)."""
+    global _writer
+    if _writer is not None:
+        _writer.stop()
+        _writer = None
+
 
 def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = (), *, echo: bool = False,
-                  echo_level: str = "DEBUG") -> logging.Handler:
+                  echo_level: str = "DEBUG", writer_thread: bool = False) -> logging.Handler:
     """Log to `log_file` (WatchedFileHandler, so logrotate works), or to stderr when it is "" or cannot be opened
     (said once). `echo`: lines going to a file also go to stderr (at `echo_level` and up), for a terminal."""
     formatter = OneLineFormatter(LOG_FORMAT, LOG_DATEFMT)
@@ -135,7 +138,7 @@ def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = (), *, e
             directory = os.path.dirname(os.path.abspath(log_file))
             os.makedirs(directory, exist_ok=True)
             os.close(os.open(log_file, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))  # a new log is the bot's alone
-            handler = LogFileHandler(log_file, encoding="utf-8")
+            handler = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
         except OSError as exc:
             fallback_reason = f"cannot open LOG_FILE {log_file} ({exc.strerror or exc}); logging to stderr"
     handlers = [handler]
@@ -145,10 +148,22 @@ def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = (), *, e
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+    stop_logging()
     for each in handlers:
         each.setFormatter(formatter)
-        each.addFilter(RedactingFilter(secrets))
-        root.addHandler(each)
+    if writer_thread:
+        # The daemon's threads only queue their lines; one thread writes them. Dozens of delivery threads
+        # logging through a file handler's lock made the intake thread wait its turn (BENCHMARKS.md).
+        global _writer
+        queue_handler = _Enqueue(queue.SimpleQueue())
+        queue_handler.addFilter(RedactingFilter(secrets))
+        _writer = logging.handlers.QueueListener(queue_handler.queue, *handlers, respect_handler_level=True)
+        _writer.start()
+        root.addHandler(queue_handler)
+    else:
+        for each in handlers:
+            each.addFilter(RedactingFilter(secrets))
+            root.addHandler(each)
     root.setLevel(level)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     logging.getLogger("websockets").setLevel(logging.WARNING)
@@ -159,7 +174,7 @@ def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = (), *, e
 
 def log_destination() -> str:
     """Where the log goes now (see `setup_logging`), for the line the bot prints once it has started."""
-    handlers = logging.getLogger().handlers
+    handlers = list(_writer.handlers) if _writer is not None else logging.getLogger().handlers
     files = [h.baseFilename for h in handlers if isinstance(h, logging.FileHandler)]
     if files:
         return f"日志: {files[0]}" + (" (also shown on this terminal)" if len(handlers) > 1 else "")

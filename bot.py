@@ -50,7 +50,7 @@ from config import (
 )
 from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, describe_network_error, open_stream_connection
 from intake import Intake, settle
-from logs import log_destination, setup_logging, stop_logging
+from logs import log_destination, output_handlers, setup_logging, stop_logging
 from metrics import DurationHistogram, TimedClient
 from startup import config_failure, load_local_config, report_cli, sandbox_problem
 from status_server import StatusSources, start_status_server
@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def startup_failure(message: str) -> int:
     """A start-up error: one message on stderr and one line in the log; exit code 2 (systemd does not restart)."""
-    to_file = any(isinstance(handler, logging.FileHandler) for handler in logging.getLogger().handlers)
+    to_file = any(isinstance(handler, logging.FileHandler) for handler in output_handlers())
     if not (to_file and _logs_to_stderr()):  # a terminal that echoes the log shows the logged line instead
         print(message, file=sys.stderr)
     if to_file:
@@ -433,7 +433,7 @@ def startup_failure(message: str) -> int:
 
 def _logs_to_stderr() -> bool:
     return any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-               and getattr(h, "stream", None) is sys.stderr for h in logging.getLogger().handlers)
+               and getattr(h, "stream", None) is sys.stderr for h in output_handlers())
 
 
 if __name__ == "__main__":

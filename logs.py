@@ -172,9 +172,14 @@ def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = (), *, e
     return handler
 
 
+def output_handlers() -> list[logging.Handler]:
+    """The handlers that write the lines (the writer thread's, or the root logger's)."""
+    return list(_writer.handlers) if _writer is not None else list(logging.getLogger().handlers)
+
+
 def log_destination() -> str:
     """Where the log goes now (see `setup_logging`), for the line the bot prints once it has started."""
-    handlers = list(_writer.handlers) if _writer is not None else logging.getLogger().handlers
+    handlers = output_handlers()
     files = [h.baseFilename for h in handlers if isinstance(h, logging.FileHandler)]
     if files:
         return f"日志: {files[0]}" + (" (also shown on this terminal)" if len(handlers) > 1 else "")

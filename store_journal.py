@@ -64,7 +64,6 @@ class _Journal:
         self.last = 0  # the sequence number of the last entry added
         self.written = 0  # every entry up to here is committed
         self.tasks: dict[str, tuple[int, Task]] = {}  # the latest save of each task
-        self.seen: dict[str, int] = {}
         self.durations: list[_Entry] = []
         self.sessions: dict[str, tuple[int, str]] = {}
 
@@ -74,8 +73,6 @@ class _Journal:
         self.entries.append(entry)
         if method == "save":
             self.tasks[args[0].id] = (entry.seq, args[0])
-        elif method == "remember_message":
-            self.seen[args[0]] = entry.seq
         elif method == "record_duration":
             self.durations.append(entry)
         elif method == "set_session":
@@ -94,7 +91,6 @@ class _Journal:
         del self.entries[:len(entries)]
         self.written = max(self.written, done)
         self.tasks = {k: v for k, v in self.tasks.items() if v[0] > done}
-        self.seen = {k: seq for k, seq in self.seen.items() if seq > done}
         self.durations = [e for e in self.durations if e.seq > done]
         self.sessions = {k: v for k, v in self.sessions.items() if v[0] > done}
 

@@ -169,11 +169,6 @@ class TaskBoard:
     def _running_tasks(self) -> list[Task]:
         return [self.tasks[t] for t in self.running if t in self.tasks]
 
-    def blocked(self, task: Task) -> bool:
-        """True when `task` could not start now (workers, the user's limit, or its conversation is busy)."""
-        with self.lock:
-            return not Occupancy(self._running_tasks(), self.limits).admits(task)
-
     def hold_reason(self, task: Task) -> str:
         """What keeps a queued task waiting ("" when it may start now): see `scheduling.Occupancy.holdback`."""
         with self.lock:

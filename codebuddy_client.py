@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from cli_setup import choose_cli, operator_problem
 from config import KILL_GRACE, SETTINGS, Config, bot_files, replace_secrets
@@ -79,6 +79,13 @@ class StreamState:
     error: str = ""
     session_id: str | None = None
     last_step: str = ""
+    texts: list[str] = field(default_factory=list)  # the text blocks of the assistant's messages so far
+    partial: str = ""  # text of the block being written (partial messages), until its whole message arrives
+
+    @property
+    def answer_text(self) -> str:
+        """The answer as written so far: every text block of the turn, the one in progress last."""
+        return "\n\n".join(self.texts + ([self.partial] if self.partial else []))
 
 
 def parse_stream_line(line: str, state: StreamState) -> str | None:
@@ -101,15 +108,22 @@ def parse_stream_line(line: str, state: StreamState) -> str | None:
     if kind == "error":
         state.error = str(event.get("error") or event.get("message") or "unknown error")
         return None
+    if kind == "stream_event":
+        delta = (event.get("event") or {}).get("delta") or {}
+        if isinstance(delta, dict) and delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+            state.partial += delta["text"]
+        return None
     if kind == "assistant":
         step = None
         content = (event.get("message") or {}).get("content") or []
+        state.partial = ""
         for block in content if isinstance(content, list) else []:
             if not isinstance(block, dict):
                 continue
             if block.get("type") == "tool_use":
                 step = f"工具 {block.get('name', '?')}"
             elif block.get("type") == "text" and block.get("text"):
+                state.texts.append(str(block["text"]))
                 step = step or "生成回答"
         if step:
             state.last_step = step
@@ -219,10 +233,12 @@ class CodeBuddyClient:
     def run(self, prompt: str, *, conversation: str = "", session_id: str | None = None,
             timeout: float | None = None, cancel_event: threading.Event | None = None,
             on_step: Callable[[str], None] | None = None, run_tag: str = "",
+            on_text: Callable[[str], None] | None = None,
             clock: Callable[[], float] = time.monotonic) -> RunResult:
         """Run `prompt` in `conversation`'s workspace and sandbox to completion, timeout or cancellation.
 
-        Never raises for CLI failures.
+        `on_step` gets each step the agent takes ("工具 Bash"), `on_text` the answer as written so far (the whole
+        text each time). Never raises for CLI failures.
         """
         limit = self.timeout if timeout is None else timeout
         started = clock()
@@ -241,7 +257,7 @@ class CodeBuddyClient:
             self._running[key] = proc
         stopped = True
         try:
-            result = self._supervise(proc, prompt, limit, started, cancel_event, on_step, clock)
+            result = self._supervise(proc, prompt, limit, started, cancel_event, on_step, on_text, clock)
             stopped = result.cancelled or result.timed_out
             return self._for_the_chat(result)
         finally:
@@ -285,19 +301,22 @@ class CodeBuddyClient:
 
     def _supervise(self, proc: subprocess.Popen, prompt: str, limit: float, started: float,
                    cancel_event: threading.Event | None, on_step: Callable[[str], None] | None,
-                   clock: Callable[[], float]) -> RunResult:
+                   on_text: Callable[[str], None] | None, clock: Callable[[], float]) -> RunResult:
         state = StreamState()
         stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
 
         def read_stdout() -> None:
             assert proc.stdout is not None
             for raw in proc.stdout:
+                text_before = state.answer_text
                 step = parse_stream_line(raw.decode("utf-8", "replace"), state)
-                if step and on_step is not None:
-                    try:
+                try:  # a progress callback must never break the run
+                    if step and on_step is not None:
                         on_step(step)
-                    except Exception:  # a progress callback must never break the run
-                        log.exception("progress callback failed")
+                    if on_text is not None and state.answer_text != text_before:
+                        on_text(state.answer_text)
+                except Exception:
+                    log.exception("progress callback failed")
 
         def read_stderr() -> None:
             assert proc.stderr is not None

@@ -316,3 +316,20 @@ def test_a_stopped_run_leaves_no_process_even_in_another_session(tmp_path):
     while process_alive(child) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not process_alive(child)
+
+
+def test_answer_text_grows_with_partial_and_whole_assistant_messages() -> None:
+    state = StreamState()
+    lines = [
+        {"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "先"}}},
+        {"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "看看"}}},
+    ]
+    for line in lines:
+        parse_stream_line(json.dumps(line), state)
+    assert state.answer_text == "先看看"
+    parse_stream_line(json.dumps({"type": "assistant", "message": {"content": [
+        {"type": "text", "text": "先看看代码。"}, {"type": "tool_use", "name": "Read", "input": {}}]}}), state)
+    assert state.answer_text == "先看看代码。"
+    parse_stream_line(json.dumps({"type": "assistant", "message": {"content": [{"type": "text", "text": "结论"}]}}),
+                      state)
+    assert state.answer_text == "先看看代码。\n\n结论"

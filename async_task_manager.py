@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import task_texts
+from approvals import Approvals
 from codebuddy_client import new_session_id
 from config import MEMORY_RETENTION_SECONDS, SEED_LONG_TASK_KEYWORDS, Config
 from delivery import Outbox
@@ -45,21 +46,20 @@ class AsyncTaskManager:
                  memory_retention: float = MEMORY_RETENTION_SECONDS, tick: float = 0.5,
                  retry_backoff: float = 60.0, give_up_after: float = 86400.0,
                  clock: Callable[[], float] = time.time, secrets: Iterable[str] = (),
-                 supervisor: Supervisor | None = None) -> None:
-        self.client = client
+                 supervisor: Supervisor | None = None, approval_timeout: float = 300.0, approvals: bool = True) -> None:
+        self.client, self.clock = client, clock
         self.supervisor = supervisor if supervisor is not None else Supervisor()
         self.store: TaskStore = store if store is not None else MemoryTaskStore()
-        self.clock = clock
         self.router = Router(self.store, sync_timeout=sync_timeout, keywords=keywords)
         self.board = TaskBoard(self.store, self.router, limits=Limits(max_workers, max_tasks_per_user), clock=clock,
                                memory_retention=memory_retention, retention_days=retention_days)
-        self._tasks = self.board.tasks  # the live tasks, by id
         self.outbox = Outbox(sender, clock=clock, mark_delivered=self.board.mark_delivered,
-                             mark_undeliverable=self.board.mark_undeliverable,
-                             written=lambda: self.store.wait_written(DELIVERED_WRITE_WAIT), retry_backoff=retry_backoff,
-                             give_up_after=give_up_after)
-        self.workers = Workers(self.board, client, self.outbox, task_timeout=task_timeout,
-                               session_for=self.conversation_session, supervisor=self.supervisor, secrets=secrets)
+                             mark_undeliverable=self.board.mark_undeliverable, give_up_after=give_up_after,
+                             written=lambda: self.store.wait_written(DELIVERED_WRITE_WAIT), retry_backoff=retry_backoff)
+        approval = Approvals(lambda task, text: self.outbox.notice(task.route, text, task_id=task.id, markdown=True),
+                             timeout=approval_timeout, enabled=approvals)  # asked in the task's chat
+        self.workers = Workers(self.board, client, self.outbox, task_timeout=task_timeout, secrets=secrets,
+                               session_for=self.conversation_session, supervisor=self.supervisor, approvals=approval)
         self.monitor = Monitor(self.board, self.outbox, sync_timeout=sync_timeout,
                                progress_interval=progress_interval, tick=tick, supervisor=self.supervisor)
         self._accepting = True
@@ -72,7 +72,8 @@ class AsyncTaskManager:
                    task_timeout=config.task_timeout, keywords=config.all_long_task_keywords,
                    progress_interval=config.progress_interval, retention_days=config.task_retention_days,
                    retry_backoff=min(60.0, config.delivery_retry_window),
-                   give_up_after=config.delivery_give_up_hours * 3600, secrets=config.secrets)
+                   give_up_after=config.delivery_give_up_hours * 3600, secrets=config.secrets,
+                   approval_timeout=config.approval_timeout, approvals=config.approvals)
 
     # ------------------------------------------------------------ routing and the board, for callers
 
@@ -281,4 +282,5 @@ class AsyncTaskManager:
         self.monitor.join(max(0.1, hard_stop - time.monotonic()))
         self.outbox.wait_for_deliveries(max(0.1, hard_stop - time.monotonic()))
         self.outbox.shutdown()
+        self.client.close()  # idle warm CLI processes
         self.store.close()  # a journaled store writes what it still holds

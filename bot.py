@@ -296,8 +296,13 @@ def run_daemon(config: Config) -> int:
     print(log_destination(), file=sys.stderr, flush=True)  # after the store opened: a start-up fault stays one line
     log.info("启动 DingTalk CodeBuddy 机器人: workers=%d, sync_timeout=%.0fs, task_timeout=%.0fs, cli=%s",
              config.max_workers, config.sync_timeout, config.task_timeout, client.binary)
+    orphans = client.kill_orphans()  # CLI processes a crash of this bot left behind (outside a sandbox)
+    if orphans:
+        log.warning("已结束上次运行遗留的 %d 个 CLI 进程", orphans)
     manager.recover()
     manager.start()
+    client.pool.start_reaper(min(30.0, config.warm_idle_seconds / 4))
+
     def on_data(data: dict) -> None:
         try:
             message = incoming_from_callback(data)

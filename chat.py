@@ -124,6 +124,12 @@ class ChatApp:
             if not self._over_limit(message, "command"):
                 self.reply(message, self.without_text(message.msgtype))
             return
+        answered = self.manager.workers.approvals.answer(message.conversation_key, message.user_id,
+                                                         self.is_admin(message.user_id), message.text)
+        if answered is not None:  # the sender (or an admin) answering a question a running task asked
+            if answered:
+                self.reply(message, answered)
+            return
         words = message.text.split(maxsplit=1)
         command = COMMANDS.get(words[0].lower())
         if command is not None:
@@ -228,6 +234,9 @@ class ChatApp:
             hold = self.manager.board.hold_reason(task)
             lines.append(task_texts.waiting_status(hold, self.manager.queue_position(task.id),
                                                    self.config.max_tasks_per_user))
+        if task.status == RUNNING and getattr(
+                self.manager.workers.approvals.waiting(task.conversation_key), "id", None) == task.id:
+            lines.append("等待你的确认: 回复「同意」或「拒绝」 (计时暂停)")
         if task.status == RUNNING:
             lines.append(f"最近步骤: {task.last_step or '等待 CodeBuddy 输出'}")
             lines.append(f"预计剩余时间: {self.manager.expected_remaining(task, now)}")

@@ -8,7 +8,7 @@ it started. Success is only a `result` line with `is_error: false` (docs/wire-fa
 
 from __future__ import annotations
 
-import collections
+import hashlib
 import json
 import logging
 import os
@@ -24,12 +24,13 @@ from dataclasses import dataclass, field, replace
 from cli_setup import choose_cli, operator_problem
 from config import KILL_GRACE, SETTINGS, Config, bot_files, replace_secrets
 from sandbox import Bubblewrap, NoSandbox, Sandbox, Workspaces, run_environment
+from warm_pool import WarmPool
+from warm_sessions import PROTOCOL_FLAGS, Ask, WarmProcess, deny_all
 
 log = logging.getLogger("codebuddy_client")
 
 _BOT_SETTINGS = frozenset(setting.env for setting in SETTINGS)
 
-_STDERR_TAIL_LINES = 20
 # Every CLI run carries this variable (value: the task id); it survives into the CLI's children, so the
 # processes of a run interrupted by a crash can be found and stopped on the next start.
 RUN_TAG_VARIABLE = "CODEBUDDY_BOT_RUN"
@@ -97,8 +98,11 @@ def parse_stream_line(line: str, state: StreamState) -> str | None:
         event = json.loads(line)
     except json.JSONDecodeError:
         return None
-    if not isinstance(event, dict):
-        return None
+    return fold_event(event, state) if isinstance(event, dict) else None
+
+
+def fold_event(event: dict, state: StreamState) -> str | None:
+    """Fold one stream-json event into `state`; return a human progress step if it names one."""
     kind = event.get("type")
     if event.get("session_id"):
         state.session_id = str(event["session_id"])
@@ -167,12 +171,13 @@ def sandbox_from_config(config: Config) -> Sandbox:
 
 
 class CodeBuddyClient:
-    """Runs prompts through the CLI. Thread-safe: each `run` owns its own process."""
+    """Runs prompts through the CLI, each conversation in its own warm process (warm_pool.py). Thread-safe."""
 
     def __init__(self, binary: str, workdir: str, *, model: str = "", extra_args: Iterable[str] = (),
                  permission_mode: str = "acceptEdits", timeout: float = 1800.0, kill_grace: float = 3.0,
                  env: Mapping[str, str] | None = None, poll_interval: float = 0.1,
-                 sandbox: Sandbox | None = None) -> None:
+                 sandbox: Sandbox | None = None, warm_sessions: int = 0, warm_idle_seconds: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         # A relative path with a slash would be looked up from the run's cwd (the workspace): pin it now.
         self.binary = os.path.abspath(binary) if os.sep in binary and not os.path.isabs(binary) else binary
         self.workspaces = Workspaces(workdir)
@@ -182,10 +187,15 @@ class CodeBuddyClient:
         self.timeout = timeout
         self.kill_grace = kill_grace
         self.poll_interval = poll_interval
+        self.clock = clock
         self.sandbox: Sandbox = sandbox if sandbox is not None else NoSandbox()
         # Where each run's allowlisted environment is taken from (sandbox.run_environment picks).
         self._env_source = dict(os.environ if env is None else env)
-        self._running: dict[str, subprocess.Popen] = {}  # by run tag
+        self.pool = WarmPool(warm_sessions, warm_idle_seconds, clock=clock,
+                             stop=lambda process: self._end_process(process))
+        # Every process of this bot's workspaces carries a tag starting with this (found again after a crash).
+        self.tag_prefix = "w" + hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()[:10] + "-"
+        self._running: dict[str, WarmProcess] = {}  # by run tag (the task id)
         self._running_lock = threading.Lock()
         self._operator_told: set[str] = set()  # operator-side problems logged since the last good run
 
@@ -195,7 +205,8 @@ class CodeBuddyClient:
         return cls(choose_cli(config.codebuddy_bin).path, config.codebuddy_workdir, model=config.codebuddy_model,
                    extra_args=config.codebuddy_extra_args, permission_mode=config.codebuddy_permission_mode,
                    timeout=config.task_timeout, kill_grace=KILL_GRACE, env={**os.environ, **dict(config.cli_env)},
-                   sandbox=sandbox_from_config(config))
+                   sandbox=sandbox_from_config(config), warm_sessions=config.warm_sessions,
+                   warm_idle_seconds=config.warm_idle_seconds)
 
     def run_env(self, home: str, run_tag: str = "") -> dict[str, str]:
         """The environment of one run: allowlisted (never a bot setting or secret), HOME = the conversation's."""
@@ -204,23 +215,23 @@ class CodeBuddyClient:
             env[RUN_TAG_VARIABLE] = run_tag
         return env
 
-    def command(self, session_id: str | None = None) -> list[str]:
-        """The argv of one run (the prompt goes on stdin, never on the command line)."""
-        argv = [self.binary, "-p", "--output-format", "stream-json"]
+    def command(self, session_id: str) -> list[str]:
+        """The argv of one CLI process (prompts go on stdin as stream-json messages, never on the command line)."""
+        argv = [self.binary, "-p", *PROTOCOL_FLAGS]
         if self.permission_mode:
             argv += ["--permission-mode", self.permission_mode]
         if self.model:
             argv += ["--model", self.model]
-        if session_id:
-            argv += ["--resume", session_id, "--resume-create-missing"]
+        # --session-id continues the session if it exists; --resume-create-missing with `initialize` loses the
+        # first message (docs/warm-sessions.md).
+        argv += ["--session-id", session_id]
         argv += list(self.extra_args)
         return argv
 
     @property
     def running_processes(self) -> int:
-        """How many CLI processes are alive right now."""
-        with self._running_lock:
-            return len(self._running)
+        """How many CLI processes are alive right now (warm ones included)."""
+        return self.pool.stats()["live"]
 
     def version(self, timeout: float = 20.0) -> str:
         """`CODEBUDDY_BIN --version` output; raises OSError/subprocess errors on failure."""
@@ -233,41 +244,108 @@ class CodeBuddyClient:
     def run(self, prompt: str, *, conversation: str = "", session_id: str | None = None,
             timeout: float | None = None, cancel_event: threading.Event | None = None,
             on_step: Callable[[str], None] | None = None, run_tag: str = "",
-            on_text: Callable[[str], None] | None = None,
-            clock: Callable[[], float] = time.monotonic) -> RunResult:
-        """Run `prompt` in `conversation`'s workspace and sandbox to completion, timeout or cancellation.
+            on_text: Callable[[str], None] | None = None, ask: Ask | None = None,
+            clock: Callable[[], float] | None = None) -> RunResult:
+        """Run `prompt` in `conversation`'s warm process (started in its sandbox if there is none) to its answer,
+        `timeout` (time waiting for `ask` not counted) or a cancel.
 
         `on_step` gets each step the agent takes ("工具 Bash"), `on_text` the answer as written so far (the whole
-        text each time). Never raises for CLI failures.
+        text each time); `ask` answers the CLI's requests to use a tool the permission mode does not allow
+        (none: they are denied). Never raises for CLI failures.
         """
         limit = self.timeout if timeout is None else timeout
+        clock = clock or self.clock
         started = clock()
+        session_id = session_id or new_session_id()
+        process = self.pool.take(conversation, session_id)
+        if process is None:
+            process, failure = self._start(conversation, session_id)
+            if failure is not None:
+                return self._for_the_chat(replace(failure, duration=clock() - started), cannot_start=True)
+        if run_tag:
+            with self._running_lock:
+                self._running[run_tag] = process
+        state = StreamState()
+        keep = False
+        try:
+            outcome, cancelled, timed_out = process.turn(
+                prompt, limit=limit, cancel_event=cancel_event, ask=ask or deny_all, poll=self.poll_interval,
+                on_event=lambda event: self._follow(event, state, on_step, on_text))
+            keep = outcome.ended and not outcome.process_died and not any(
+                e.get("type") == "error" for e in outcome.events)
+            if cancelled or timed_out:
+                keep = outcome.interrupted and self._stop_tools(process)
+            returncode = process.proc.poll() if outcome.process_died else None
+            if outcome.process_died:
+                try:
+                    returncode = process.proc.wait(timeout=self.kill_grace)
+                except subprocess.TimeoutExpired:
+                    returncode = None
+            result = result_from_stream(state, returncode, "\n".join(process.stderr_tail),
+                                        clock() - started - outcome.waited, timed_out=timed_out,
+                                        cancelled=cancelled, limit=limit)
+            return self._for_the_chat(result)
+        finally:
+            with self._running_lock:
+                self._running.pop(run_tag, None)
+            self.pool.give_back(process, keep=keep, reason="" if keep else "本轮未正常结束")
+
+    def _start(self, conversation: str, session_id: str) -> tuple[WarmProcess | None, RunResult | None]:
+        """Start the conversation's CLI process in its sandbox and wait for it to answer `initialize`."""
+        reserved = self.pool.reserve()
+        tag = self.tag_prefix + uuid.uuid4().hex[:12]
         try:
             dirs = self.workspaces.dirs_for(conversation)
             argv, cwd = self.sandbox.command(self.command(session_id), dirs)
             proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=cwd, env=self.run_env(self.sandbox.home(dirs), run_tag), start_new_session=True,
+                cwd=cwd, env=self.run_env(self.sandbox.home(dirs), tag), start_new_session=True,
             )
         except OSError as exc:
-            return self._for_the_chat(RunResult(ok=False, error=f"无法启动 CodeBuddy CLI ({self.binary}): "
-                                                                f"{exc.strerror or exc}"), cannot_start=True)
-        key = run_tag or f"pid:{proc.pid}"
-        with self._running_lock:
-            self._running[key] = proc
-        stopped = True
-        try:
-            result = self._supervise(proc, prompt, limit, started, cancel_event, on_step, on_text, clock)
-            stopped = result.cancelled or result.timed_out
-            return self._for_the_chat(result)
-        finally:
-            self._kill_group(proc, signal.SIGKILL)  # nothing the run started outlives it
-            if stopped:
-                # The CLI's Bash tool runs commands in sessions of their own, out of reach of killpg: a CLI
-                # that had to be KILLed leaves them behind, so find them by the run's tag.
-                self.kill_leftovers(run_tag)
-            with self._running_lock:
-                self._running.pop(key, None)
+            if reserved:
+                self.pool.unreserve()
+            failure = RunResult(ok=False, error=f"无法启动 CodeBuddy CLI ({self.binary}): {exc.strerror or exc}")
+            return None, failure
+        process = WarmProcess(proc, conversation=conversation, session_id=session_id, tag=tag, clock=self.clock)
+        self.pool.started(process, reserved)
+        problem = process.wait_ready()
+        if problem and not process.alive() and process.stderr_tail:
+            problem = f"{problem}: {process.stderr_tail[-1]}"
+        if problem and "exited" in problem:
+            # It ended before its first turn (a bad flag, a missing library): its stderr says why.
+            self.pool.give_back(process, keep=False, reason="启动失败")
+            detail = "\n".join(process.stderr_tail).strip() or problem
+            return process, RunResult(ok=False, error=f"CLI exited with code {process.proc.poll()}: {detail}")
+        return process, None
+
+    @staticmethod
+    def _follow(event: dict, state: StreamState, on_step: Callable[[str], None] | None,
+                on_text: Callable[[str], None] | None) -> None:
+        text_before = state.answer_text
+        step = fold_event(event, state)
+        try:  # a progress callback must never break the run
+            if step and on_step is not None:
+                on_step(step)
+            if on_text is not None and state.answer_text != text_before:
+                on_text(state.answer_text)
+        except Exception:
+            log.exception("progress callback failed")
+
+    def _stop_tools(self, process: WarmProcess, wait: float = 2.0) -> bool:
+        """After an interrupt: end what the turn's tools left running; True once nothing is left."""
+        deadline = self.clock() + wait
+        while True:
+            if not process.descendants():
+                return True
+            process.kill_tools()
+            if self.clock() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def _end_process(self, process: WarmProcess) -> None:
+        """Stop a process and everything its tools started, even in sessions of their own."""
+        process.stop(self.kill_grace)
+        self.kill_leftovers(process.tag)
 
     def _for_the_chat(self, result: RunResult, cannot_start: bool = False) -> RunResult:
         """A failure only the operator can fix (the CLI cannot sign in, or start) reads "ask the administrator" in
@@ -288,97 +366,29 @@ class CodeBuddyClient:
         return replace(result, error=problem.user_text)
 
     def cancel(self, run_tag: str) -> bool:
-        """SIGTERM the process group of the run tagged `run_tag` now; `run` escalates to KILL after the grace.
-
-        The caller also sets the run's `cancel_event`, which is how `run` reports it as cancelled.
-        """
+        """Whether the run tagged `run_tag` is in progress; the run itself interrupts its turn once the caller has
+        set its `cancel_event` (within `poll_interval`)."""
         with self._running_lock:
-            proc = self._running.get(run_tag)
-        if proc is None:
-            return False
-        self._kill_group(proc, signal.SIGTERM)
-        return True
+            return run_tag in self._running
 
-    def _supervise(self, proc: subprocess.Popen, prompt: str, limit: float, started: float,
-                   cancel_event: threading.Event | None, on_step: Callable[[str], None] | None,
-                   on_text: Callable[[str], None] | None, clock: Callable[[], float]) -> RunResult:
-        state = StreamState()
-        stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
+    def close(self) -> None:
+        """End every idle warm process (shutdown)."""
+        self.pool.stop_all()
 
-        def read_stdout() -> None:
-            assert proc.stdout is not None
-            for raw in proc.stdout:
-                text_before = state.answer_text
-                step = parse_stream_line(raw.decode("utf-8", "replace"), state)
-                try:  # a progress callback must never break the run
-                    if step and on_step is not None:
-                        on_step(step)
-                    if on_text is not None and state.answer_text != text_before:
-                        on_text(state.answer_text)
-                except Exception:
-                    log.exception("progress callback failed")
-
-        def read_stderr() -> None:
-            assert proc.stderr is not None
-            for raw in proc.stderr:
-                stderr_tail.append(raw.decode("utf-8", "replace").rstrip())
-
-        readers = [threading.Thread(target=read_stdout, daemon=True),
-                   threading.Thread(target=read_stderr, daemon=True)]
-        for reader in readers:
-            reader.start()
-        threading.Thread(target=self._write_prompt, args=(proc, prompt), daemon=True).start()
-
-        timed_out = cancelled = False
-        while True:
-            try:
-                proc.wait(timeout=self.poll_interval)
-                break
-            except subprocess.TimeoutExpired:
-                pass
-            if cancel_event is not None and cancel_event.is_set():
-                cancelled = True
-            elif clock() - started >= limit:
-                timed_out = True
-            if cancelled or timed_out:
-                self._stop(proc)
-                break
-        # A cancel() from another thread may have ended the CLI before this loop saw the event; but a CLI that
-        # had exited on its own with its answer was not cancelled, however soon after the event came.
-        if not (cancelled or timed_out) and cancel_event is not None and cancel_event.is_set():
-            cancelled = proc.returncode != 0 or state.result is None
-        # Children may keep the pipes open after the CLI exits: the finally in run() kills them.
-        self._kill_group(proc, signal.SIGKILL)
-        for reader in readers:
-            reader.join(timeout=5)
-        return result_from_stream(state, proc.returncode if not (timed_out or cancelled) else None,
-                                  "\n".join(stderr_tail), clock() - started,
-                                  timed_out=timed_out, cancelled=cancelled, limit=limit)
+    def kill_orphans(self) -> int:
+        """SIGKILL every process a previous run of this bot (same workspaces) left behind, e.g. after a crash."""
+        live = {process.tag for process in self.pool.processes()}
+        return self.kill_leftovers(self.tag_prefix, prefix=True, keep=live)
 
     @staticmethod
-    def _write_prompt(proc: subprocess.Popen, prompt: str) -> None:
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(prompt.encode("utf-8", "replace"))
-            proc.stdin.close()
-        except (BrokenPipeError, OSError):
-            pass  # the CLI died before reading its prompt; its exit status tells the story
-
-    def _stop(self, proc: subprocess.Popen) -> None:
-        """TERM the process group, wait the grace period, then KILL it."""
-        self._kill_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=self.kill_grace)
-        except subprocess.TimeoutExpired:
-            self._kill_group(proc, signal.SIGKILL)
-            proc.wait(timeout=5)
-
-    @staticmethod
-    def kill_leftovers(run_tag: str, proc_root: str = "/proc") -> int:
-        """SIGKILL every process of an earlier run tagged `run_tag` (left behind by a crash); return how many."""
+    def kill_leftovers(run_tag: str, proc_root: str = "/proc", *, prefix: bool = False,
+                       keep: Iterable[str] = ()) -> int:
+        """SIGKILL every process tagged `run_tag` (or, with `prefix`, any tag starting with it, but those in
+        `keep`); return how many."""
         if not run_tag:
             return 0
         marker = f"{RUN_TAG_VARIABLE}={run_tag}".encode()
+        kept = {f"{RUN_TAG_VARIABLE}={tag}".encode() for tag in keep}
         killed = 0
         try:
             entries = [e for e in os.listdir(proc_root) if e.isdigit()]
@@ -387,17 +397,14 @@ class CodeBuddyClient:
         for entry in entries:
             try:
                 with open(os.path.join(proc_root, entry, "environ"), "rb") as handle:
-                    if marker not in handle.read().split(b"\0"):
+                    variables = handle.read().split(b"\0")
+                if prefix:
+                    if not any(v.startswith(marker) and v not in kept for v in variables):
                         continue
+                elif marker not in variables:
+                    continue
                 os.kill(int(entry), signal.SIGKILL)
                 killed += 1
             except (OSError, ValueError):
                 continue
         return killed
-
-    @staticmethod
-    def _kill_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass

@@ -7,12 +7,29 @@
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotenv import dotenv_values
+
+from setting_values import (  # noqa: F401 (ConfigError and parse_positive_int are used through config)
+    ConfigError,
+    absolute_paths,
+    any_text,
+    cli_args,
+    comma_list,
+    log_level_name,
+    non_negative_float,
+    non_negative_int,
+    on_off,
+    optional_port,
+    parse_positive_int,
+    permission_mode_name,
+    positive_float,
+    sandbox_name,
+    shell_words,
+)
 
 DEFAULT_OPENAPI_ENDPOINT = "https://api.dingtalk.com"
 CLI_ENV_PREFIX = "CODEBUDDY_"
@@ -65,152 +82,6 @@ EXAMPLE_VALUES: dict[str, tuple[str, str]] = {
 }
 
 
-class ConfigError(ValueError):
-    """Settings are missing or invalid: `problems` names each variable (all of them, not only the first);
-    `unfilled` the ones that still hold `.env.example`'s example value."""
-
-    def __init__(self, problems: str | Iterable[str], unfilled: Iterable[str] = ()) -> None:
-        self.problems = (problems,) if isinstance(problems, str) else tuple(problems)
-        self.unfilled = tuple(unfilled)
-        super().__init__("; ".join(self.problems))
-
-
-def _positive_float(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be greater than 0, got {raw!r}")
-    return value
-
-
-def _non_negative_float(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if value < 0:
-        raise ConfigError(f"{name} must be 0 or more, got {raw!r}")
-    return value
-
-
-def parse_positive_int(name: str, raw: str) -> int:
-    """`raw` as a whole number greater than 0; ConfigError naming `name` otherwise."""
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be greater than 0, got {raw!r}")
-    return value
-
-
-def _optional_port(name: str, raw: str) -> int | None:
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a port number, got {raw!r}") from None
-    if not 0 <= value <= 65535:
-        raise ConfigError(f"{name} must be a port number, got {raw!r}")
-    return value
-
-
-def _csv(name: str, raw: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in raw.split(",") if part.strip())
-
-
-def _shell_words(name: str, raw: str) -> tuple[str, ...]:
-    try:
-        return tuple(shlex.split(raw))
-    except ValueError as exc:
-        raise ConfigError(f"{name} cannot be split like a shell command line: {exc}") from None
-
-
-def _log_level(name: str, raw: str) -> str:
-    level = raw.upper()
-    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-        raise ConfigError(f"{name} must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL, got {raw!r}")
-    return level
-
-
-_PERMISSION_MODES = ("acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan")
-
-
-def _permission_mode(name: str, raw: str) -> str:
-    if raw not in _PERMISSION_MODES:
-        raise ConfigError(f"{name} must be one of {', '.join(_PERMISSION_MODES)}, got {raw!r}")
-    return raw
-
-
-def _text(name: str, raw: str) -> str:
-    return raw
-
-
-_SANDBOXES = ("bwrap", "none")
-
-
-def _sandbox(name: str, raw: str) -> str:
-    if raw not in _SANDBOXES:
-        raise ConfigError(f"{name} must be one of {', '.join(_SANDBOXES)}, got {raw!r}")
-    return raw
-
-
-def _absolute_paths(name: str, raw: str) -> tuple[str, ...]:
-    paths = _csv(name, raw)
-    for path in paths:
-        if not os.path.isabs(path):
-            raise ConfigError(f"{name} takes absolute paths, got {path!r}")
-    return tuple(os.path.normpath(path) for path in paths)
-
-
-# CLI flags that would undo the sandbox or take the run out of the bot's hands: (flag, what to use instead).
-_RESERVED_CLI_FLAGS = (
-    ("--permission-mode", "set CODEBUDDY_PERMISSION_MODE"),
-    ("--dangerously-skip-permissions", "set CODEBUDDY_PERMISSION_MODE=bypassPermissions"),
-    ("-y", "set CODEBUDDY_PERMISSION_MODE=bypassPermissions"),
-    ("--add-dir", "runs see only their conversation's workspace; CODEBUDDY_SANDBOX_PATHS adds read-only paths"),
-    ("--resume", "the bot keeps one session per conversation (/new starts a fresh one)"),
-    ("-r", "the bot keeps one session per conversation (/new starts a fresh one)"),
-    ("--resume-create-missing", "the bot keeps one session per conversation (/new starts a fresh one)"),
-    ("--continue", "the bot keeps one session per conversation (/new starts a fresh one)"),
-    ("-c", "the bot keeps one session per conversation (/new starts a fresh one)"),
-    ("--session-id", "the bot keeps one session per conversation (/new starts a fresh one)"),
-    ("--fork-session", "the bot keeps one session per conversation (/new starts a fresh one)"),
-    ("--sandbox", "set CODEBUDDY_SANDBOX"),
-    ("-p", "the bot runs the CLI with -p itself"),
-    ("--print", "the bot runs the CLI with -p itself"),
-    ("--output-format", "the bot reads the CLI's stream-json output itself"),
-    ("--input-format", "the bot writes the CLI's input itself"),
-)
-
-
-def _reserved_flag(arg: str) -> tuple[str, str] | None:
-    """The reserved flag `arg` is (also as `--flag=value`, `--sandbox…` or in a cluster like `-yp`), if any."""
-    for flag, instead in _RESERVED_CLI_FLAGS:
-        if arg == flag or arg.startswith(flag + "=") or (flag == "--sandbox" and arg.startswith(flag)):
-            return flag, instead
-    if len(arg) > 2 and arg[0] == "-" and arg[1] != "-":
-        for letter in arg[1:]:
-            found = _reserved_flag("-" + letter)
-            if found:
-                return found
-    return None
-
-
-def _cli_args(name: str, raw: str) -> tuple[str, ...]:
-    words = _shell_words(name, raw)
-    for word in words:
-        found = _reserved_flag(word)
-        if found:
-            flag, instead = found
-            raise ConfigError(f"{name} must not contain {flag} (it would undo the run's isolation or the bot's "
-                              f"control of the run): {instead}")
-    return words
-
-
 @dataclass(frozen=True)
 class Setting:
     """One environment variable: its default ('' = unset), parser and one-line meaning."""
@@ -225,56 +96,64 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("DINGTALK_CLIENT_ID", "client_id", "", _text, "App key (client id) of the DingTalk app", required=True),
-    Setting("DINGTALK_CLIENT_SECRET", "client_secret", "", _text, "App secret of the DingTalk app",
+    Setting("DINGTALK_CLIENT_ID", "client_id", "", any_text, "App key (client id) of the DingTalk app", required=True),
+    Setting("DINGTALK_CLIENT_SECRET", "client_secret", "", any_text, "App secret of the DingTalk app",
             required=True, secret=True),
-    Setting("DINGTALK_ROBOT_CODE", "robot_code", "", _text, "robotCode for pushes (default: the client id)"),
-    Setting("DINGTALK_OPENAPI_ENDPOINT", "openapi_endpoint", DEFAULT_OPENAPI_ENDPOINT, _text,
+    Setting("DINGTALK_ROBOT_CODE", "robot_code", "", any_text, "robotCode for pushes (default: the client id)"),
+    Setting("DINGTALK_OPENAPI_ENDPOINT", "openapi_endpoint", DEFAULT_OPENAPI_ENDPOINT, any_text,
             "Base URL of every DingTalk OpenAPI call (the SDK reads it too)"),
-    Setting("CODEBUDDY_BIN", "codebuddy_bin", "codebuddy", _text, "The CodeBuddy CLI to run"),
-    Setting("CODEBUDDY_WORKDIR", "codebuddy_workdir", "./workspace", _text,
+    Setting("CODEBUDDY_BIN", "codebuddy_bin", "codebuddy", any_text, "The CodeBuddy CLI to run"),
+    Setting("CODEBUDDY_WORKDIR", "codebuddy_workdir", "./workspace", any_text,
             "Holds a workspace and a CLI home per conversation (created, mode 0700)"),
-    Setting("CODEBUDDY_MODEL", "codebuddy_model", "", _text, "Passed as --model when set"),
-    Setting("CODEBUDDY_EXTRA_ARGS", "codebuddy_extra_args", "", _cli_args,
+    Setting("CODEBUDDY_MODEL", "codebuddy_model", "", any_text, "Passed as --model when set"),
+    Setting("CODEBUDDY_EXTRA_ARGS", "codebuddy_extra_args", "", cli_args,
             "Extra CLI arguments, split like a shell would (e.g. --allowedTools Read)"),
-    Setting("CODEBUDDY_PERMISSION_MODE", "codebuddy_permission_mode", "acceptEdits", _permission_mode,
+    Setting("CODEBUDDY_PERMISSION_MODE", "codebuddy_permission_mode", "acceptEdits", permission_mode_name,
             "Passed as --permission-mode (what the agent may do inside the sandbox)"),
-    Setting("CODEBUDDY_SANDBOX", "codebuddy_sandbox", "bwrap", _sandbox,
+    Setting("CODEBUDDY_SANDBOX", "codebuddy_sandbox", "bwrap", sandbox_name,
             "bwrap: every run in a bubblewrap jail; none: no isolation (trusted users only)"),
-    Setting("CODEBUDDY_SANDBOX_PATHS", "codebuddy_sandbox_paths", "", _absolute_paths,
+    Setting("CODEBUDDY_SANDBOX_PATHS", "codebuddy_sandbox_paths", "", absolute_paths,
             "Comma-separated host paths runs may also read (e.g. a toolchain in /opt)"),
-    Setting("SYNC_TIMEOUT", "sync_timeout", "60", _positive_float,
+    Setting("SYNC_TIMEOUT", "sync_timeout", "60", positive_float,
             "Seconds a short task may run before it moves to the background"),
-    Setting("TASK_TIMEOUT", "task_timeout", "1800", _positive_float,
+    Setting("TASK_TIMEOUT", "task_timeout", "1800", positive_float,
             "Hard cap in seconds on one CLI run; the process group is killed"),
-    Setting("LONG_TASK_KEYWORDS", "long_task_keywords", "", _csv,
+    Setting("LONG_TASK_KEYWORDS", "long_task_keywords", "", comma_list,
             "Comma-separated keywords added to the built-in long-task list"),
-    Setting("LOG_FILE", "log_file", "", _text,
+    Setting("LOG_FILE", "log_file", "", any_text,
             "Log file (the systemd unit sets /var/log/dingtalk-bot.log); unset, or not writable: stderr"),
-    Setting("LOG_LEVEL", "log_level", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+    Setting("LOG_LEVEL", "log_level", "INFO", log_level_name, "DEBUG, INFO, WARNING or ERROR"),
     Setting("MAX_WORKERS", "max_workers", "4", parse_positive_int,
             "CodeBuddy runs at once; more tasks wait in a queue"),
     Setting("MAX_TASKS_PER_USER", "max_tasks_per_user", "2", parse_positive_int, "CodeBuddy runs at once for one user"),
     Setting("MAX_QUEUED_PER_USER", "max_queued_per_user", "10", parse_positive_int,
             "Tasks one user may have waiting in the queue; more are refused with a reply"),
-    Setting("TASK_DB", "task_db", "./data/tasks.db", _text, "SQLite file holding tasks (directory created)"),
-    Setting("TASK_RETENTION_DAYS", "task_retention_days", "30", _positive_float,
+    Setting("TASK_DB", "task_db", "./data/tasks.db", any_text, "SQLite file holding tasks (directory created)"),
+    Setting("TASK_RETENTION_DAYS", "task_retention_days", "30", positive_float,
             "Finished tasks older than this are purged from the task DB"),
-    Setting("ADMIN_USERS", "admin_users", "", _csv, "Staff ids that may see and cancel every task"),
-    Setting("ALLOWED_USERS", "allowed_users", "", _csv, "Staff ids allowed to use the bot (empty = everyone)"),
-    Setting("PROGRESS_INTERVAL", "progress_interval", "300", _non_negative_float,
+    Setting("ADMIN_USERS", "admin_users", "", comma_list, "Staff ids that may see and cancel every task"),
+    Setting("ALLOWED_USERS", "allowed_users", "", comma_list, "Staff ids allowed to use the bot (empty = everyone)"),
+    Setting("PROGRESS_INTERVAL", "progress_interval", "300", non_negative_float,
             "Seconds between progress notes of a background task (0 = off)"),
-    Setting("DELIVERY_RETRY_WINDOW", "delivery_retry_window", "600", _positive_float,
+    Setting("DELIVERY_RETRY_WINDOW", "delivery_retry_window", "600", positive_float,
             "Seconds one delivery of a result keeps retrying; then it is tried again later, with backoff"),
-    Setting("DELIVERY_GIVE_UP_HOURS", "delivery_give_up_hours", "24", _positive_float,
+    Setting("DELIVERY_GIVE_UP_HOURS", "delivery_give_up_hours", "24", positive_float,
             "Hours after which an undeliverable result is given up (marked, logged, then purged)"),
-    Setting("STREAM_IDLE_TIMEOUT", "stream_idle_timeout", "180", _positive_float,
+    Setting("STREAM_IDLE_TIMEOUT", "stream_idle_timeout", "180", positive_float,
             "Reconnect the stream after this many seconds without any frame"),
-    Setting("SHUTDOWN_GRACE", "shutdown_grace", "20", _non_negative_float,
+    Setting("SHUTDOWN_GRACE", "shutdown_grace", "20", non_negative_float,
             "Seconds running tasks get to finish on SIGTERM before they are stopped"),
     Setting("USER_RATE_LIMIT", "user_rate_limit", "20", parse_positive_int, "Prompts one user may send per minute"),
-    Setting("STATUS_PORT", "status_port", "", _optional_port,
+    Setting("STATUS_PORT", "status_port", "", optional_port,
             "Port of the 127.0.0.1 /healthz and /metrics server (unset = off)"),
+    Setting("WARM_SESSIONS", "warm_sessions", "4", non_negative_int,
+            "CLI processes kept alive between a conversation's messages (least recently used ended first; 0 = none)"),
+    Setting("WARM_IDLE_SECONDS", "warm_idle_seconds", "600", positive_float,
+            "A warm CLI process idle this long is ended (the next message resumes the session from disk)"),
+    Setting("APPROVALS", "approvals", "on", on_off,
+            "on: a tool the permission mode does not allow is asked of the sender in the chat; off: denied"),
+    Setting("APPROVAL_TIMEOUT", "approval_timeout", "300", positive_float,
+            "Seconds to wait for the sender's 同意/拒绝 (or an answer to CodeBuddy's question); no answer = denied"),
 )
 
 
@@ -317,6 +196,10 @@ class Config:
     shutdown_grace: float
     user_rate_limit: int
     status_port: int | None
+    warm_sessions: int = 4
+    warm_idle_seconds: float = 600.0
+    approvals: bool = True
+    approval_timeout: float = 300.0
     # CodeBuddy CLI variables (CODEBUDDY_API_KEY, CODEBUDDY_BASE_URL, …) found in .env, passed to every run.
     cli_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # Values of CODEBUDDY_API_KEY / CODEBUDDY_AUTH_TOKEN (environment or .env): never shown to a chat.
@@ -343,7 +226,7 @@ class Config:
             if setting.secret:
                 shown = mask_secret(str(value))
             elif isinstance(value, tuple):
-                shown = " ".join(value) if setting.parse is _cli_args else ",".join(value)
+                shown = " ".join(value) if setting.parse is cli_args else ",".join(value)
             else:
                 shown = "" if value is None else str(value)
             rows.append((setting.env, shown))

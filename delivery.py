@@ -52,12 +52,13 @@ class Outbox:
 
     # -- notices
 
-    def notice(self, route: Route, text: str, *, task_id: str = "", allow_webhook: bool = True) -> Future:
+    def notice(self, route: Route, text: str, *, task_id: str = "", allow_webhook: bool = True,
+               markdown: bool = False) -> Future:
         """Send a notice (command answer, refusal, progress note) to a chat, off the calling thread.
 
         With a `task_id`, that task's result will not overtake it.
         """
-        future = self._notices.submit(self._send_notice, route, text, allow_webhook, task_id)
+        future = self._notices.submit(self._send_notice, route, text, allow_webhook, task_id, markdown)
         if task_id:
             with self._lock:
                 self._before_result.setdefault(task_id, []).append(future)
@@ -72,10 +73,11 @@ class Outbox:
                 if not waiting:
                     del self._before_result[task_id]
 
-    def _send_notice(self, route: Route, text: str, allow_webhook: bool, task_id: str) -> Delivery:
+    def _send_notice(self, route: Route, text: str, allow_webhook: bool, task_id: str,
+                     markdown: bool = False) -> Delivery:
         notice_log = TaskLogger(log, task_id or "-", route.user_id)
         try:
-            delivery = self.sender.send(route, text, allow_webhook=allow_webhook,
+            delivery = self.sender.send(route, text, allow_webhook=allow_webhook, markdown=markdown,
                                         retry_window=self.notice_retry_window)
         except Exception as exc:  # runs in a pool: an escaping exception would vanish unlogged
             notice_log.exception("通知发送出错")

@@ -61,7 +61,10 @@ class Monitor:
             for task in self.board.tasks.values():
                 if task.finished:
                     continue
-                if not task.background and now - task.created_at >= self.sync_timeout:
+                running = self.board.running.get(task.id)
+                waited = running.waiting_time(now) if running is not None else 0.0
+                awaiting = running is not None and running.awaiting_since is not None
+                if not task.background and not awaiting and now - task.created_at - waited >= self.sync_timeout:
                     promote.append(task)
                 elif (task.background and task.status == RUNNING and self.progress_interval > 0
                       and now - (task.last_progress_at or now) >= self.progress_interval):

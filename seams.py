@@ -12,6 +12,7 @@ from typing import Protocol
 
 from codebuddy_client import RunResult
 from dingtalk_sender import Delivery, Route
+from warm_sessions import Decision, ToolRequest
 
 
 class Client(Protocol):
@@ -20,11 +21,14 @@ class Client(Protocol):
     def run(self, prompt: str, *, conversation: str = "", session_id: str | None = None,
             timeout: float | None = None,
             cancel_event: threading.Event | None = None, on_step: Callable[[str], None] | None = None,
-            run_tag: str = "", on_text: Callable[[str], None] | None = None) -> RunResult: ...
+            run_tag: str = "", on_text: Callable[[str], None] | None = None,
+            ask: Callable[[ToolRequest], Decision] | None = None) -> RunResult: ...
 
     def kill_leftovers(self, run_tag: str) -> int: ...
 
     def cancel(self, run_tag: str) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class Sender(Protocol):

@@ -34,6 +34,11 @@ class Running:
     by_shutdown: bool = False
     cancel_watchers: list[CancelWatcher] = field(default_factory=list)  # told once the run has ended
     cancel_requested_at: float | None = None
+    awaiting_since: float | None = None  # waiting for its sender to answer a question (approvals.py)
+    waited: float = 0.0  # seconds spent waiting for answers (not counted towards SYNC_TIMEOUT)
+
+    def waiting_time(self, now: float) -> float:
+        return self.waited + (now - self.awaiting_since if self.awaiting_since is not None else 0.0)
 
 
 class TaskBoard:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
+from approvals import Approvals
 from codebuddy_client import redact_secrets
 from delivery import Outbox
 from logs import task_log
@@ -12,6 +13,7 @@ from seams import Client
 from supervision import Supervisor
 from task import CANCELLED, QUEUED, TIMED_OUT, Task
 from task_board import Running, TaskBoard
+from warm_sessions import Decision, ToolRequest
 
 log = logging.getLogger("async_task_manager")
 
@@ -21,7 +23,7 @@ class Workers:
 
     def __init__(self, board: TaskBoard, client: Client, outbox: Outbox, *, task_timeout: float,
                  session_for: Callable[[str], str], supervisor: Supervisor,
-                 secrets: Iterable[str] = ()) -> None:
+                 secrets: Iterable[str] = (), approvals: Approvals | None = None) -> None:
         self.board = board
         self.client = client
         self.outbox = outbox
@@ -29,6 +31,7 @@ class Workers:
         self.session_for = session_for  # the CodeBuddy session id of a conversation
         self._secrets = tuple(secrets)
         self.supervisor = supervisor
+        self.approvals = approvals or Approvals(lambda task, text: None, timeout=0.0, enabled=False)
 
     def start(self) -> None:
         """Start one supervised thread per worker slot (a crash is logged and the worker restarted)."""
@@ -55,6 +58,18 @@ class Workers:
             finally:
                 self.board.release(task)
 
+    def _ask(self, task: Task, running: Running, request: ToolRequest) -> Decision:
+        """The CLI asks to use a tool: ask the task's sender; the wait does not count as the task's running time."""
+        since = self.board.clock()
+        with self.board.lock:
+            running.awaiting_since = since
+        try:
+            return self.approvals.ask(task, request, stop=running.cancel_event)
+        finally:
+            with self.board.lock:
+                running.awaiting_since = None
+                running.waited += self.board.clock() - since
+
     def _run(self, task: Task, running: Running) -> None:
         tlog = task_log(log, task)
         if task.background:
@@ -63,7 +78,8 @@ class Workers:
         result = self.client.run(task.prompt, conversation=task.conversation_key, session_id=session,
                                  timeout=self.task_timeout,
                                  cancel_event=running.cancel_event, run_tag=task.id,
-                                 on_step=lambda step: self.board.transition(task, last_step=step))
+                                 on_step=lambda step: self.board.transition(task, last_step=step),
+                                 ask=lambda request: self._ask(task, running, request))
         with self.board.lock:  # the outcome is decided once, against a cancel arriving at the same moment
             if result.cancelled and running.by_shutdown and not task.cancel_requested:
                 # Stopped by a shutdown, not by the user: leave it to be re-run on the next start.

@@ -2,7 +2,11 @@
 """A fake `codebuddy` CLI for tests: `-p --output-format stream-json`, driven by prompt directives.
 
 Directives anywhere in the prompt (combinable): [sleep=N] [spawn] [spawn-session] [fail] [error] [crash] [noresult]
-[big=N] [echo-env] [ignore-term]. Environment (CODEBUDDY_* like the real CLI's own variables, so the bot's
+[big=N] [echo-env] [ignore-term] [tool=NAME:COMMAND] (asks can_use_tool, runs COMMAND with sh if allowed) [ask=QUESTION]
+(AskUserQuestion). With `--input-format stream-json` it stays alive and takes one user message per stdin line (a turn
+each, echoed with --replay-user-messages), answers `initialize` and `interrupt` (the interrupted turn writes no
+result, and a running tool command is left to the bot, the worst case), and sends can_use_tool requests.
+Environment (CODEBUDDY_* like the real CLI's own variables, so the bot's
 environment allowlist hands them on): CODEBUDDY_FAKE_LOG (append one JSON line per run; default
 $HOME/.fake-codebuddy/runs.jsonl, which is inside the run's sandbox), CODEBUDDY_FAKE_PIDS (pids of [spawn]
 children), CODEBUDDY_FAKE_ECHO (names for [echo-env]), CODEBUDDY_FAKE_STARTUP_DELAY (seconds before the init
@@ -14,9 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import signal
+import subprocess
 import sys
+import threading
 import time
 import uuid
 from typing import Any
@@ -69,13 +76,90 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], list[str], str | None]:
     return flags, positional, ambiguous
 
 
+_EMIT_LOCK = threading.Lock()
+INTERRUPTED = -1  # run_prompt's code for a turn stopped by an interrupt (the process goes on)
+
+
 def emit(obj: dict[str, Any]) -> None:
     """Write one stream-json line and flush it."""
     try:
-        sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+        with _EMIT_LOCK:
+            sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            sys.stdout.flush()
     except BrokenPipeError:
         os._exit(0)
+
+
+class Turn:
+    """One stream-json turn: whether it was interrupted, and the answers to the control requests it sent."""
+
+    def __init__(self) -> None:
+        self.interrupted = threading.Event()
+        self._answers: dict[str, dict[str, Any]] = {}
+        self._arrived = threading.Condition()
+
+    def answer(self, request_id: str, response: dict[str, Any]) -> None:
+        with self._arrived:
+            self._answers[request_id] = response
+            self._arrived.notify_all()
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any] | None:
+        """Send a control request to the bot and wait for its answer (None if the turn is interrupted first)."""
+        request_id = f"perm_{uuid.uuid4().hex[:10]}"
+        emit({"type": "control_request", "request_id": request_id, "request": request})
+        with self._arrived:
+            while request_id not in self._answers:
+                if self.interrupted.is_set():
+                    return None
+                self._arrived.wait(0.05)
+            return self._answers.pop(request_id)
+
+
+def serve_stream_json(argv: list[str], flags: dict[str, Any]) -> int:
+    """--input-format stream-json: one JSON message per stdin line, a turn per user message, until stdin ends."""
+    prompts: queue.Queue[str | None] = queue.Queue()
+    current: list[Turn] = [Turn()]
+
+    def read_stdin() -> None:
+        for line in sys.stdin:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            kind = message.get("type")
+            if kind == "user":
+                content = (message.get("message") or {}).get("content")
+                if isinstance(content, list):
+                    content = "".join(str(b.get("text", "")) for b in content if isinstance(b, dict))
+                prompts.put(str(content or ""))
+            elif kind == "control_request":
+                request = message.get("request") or {}
+                response: dict[str, Any] = {}
+                if request.get("subtype") == "interrupt":
+                    current[0].interrupted.set()
+                    response = {"interrupted": True, "reason": "SDK request"}
+                emit({"type": "control_response", "response": {
+                    "subtype": "success", "request_id": message.get("request_id"), "response": response}})
+            elif kind == "control_response":
+                response = message.get("response") or {}
+                current[0].answer(str(response.get("request_id")), response.get("response") or {})
+        current[0].interrupted.set()  # stdin closed: nobody will answer a pending request
+        prompts.put(None)
+
+    threading.Thread(target=read_stdin, daemon=True).start()
+    while True:
+        prompt = prompts.get()
+        if prompt is None:
+            return 0
+        turn = current[0] = Turn()
+        if flags.get("--replay-user-messages"):
+            emit({"type": "user", "uuid": str(uuid.uuid4()), "message": {
+                "role": "user", "content": [{"type": "text", "text": prompt}]}, "parent_tool_use_id": None})
+        code = run_prompt(prompt, argv, flags, emit, "stream-json", turn)
+        if code == INTERRUPTED:
+            continue
+        if code != 0 or any(d in prompt for d in ("[error]", "[noresult]")):
+            return code
 
 
 def big_text(size: int) -> str:
@@ -125,6 +209,55 @@ def save_state(path: str, state: dict[str, list[str]]) -> None:
     os.replace(tmp, path)
 
 
+def use_tool(name: str, command: str, session_id: str, out: Any, turn: Turn | None) -> str | None:
+    """A tool call the permission mode does not allow: ask the bot (stream-json), run it if allowed."""
+    tool_id = "toolu_" + uuid.uuid4().hex[:12]
+    tool_input = {"command": command, "description": "run a command"}
+    out({"type": "assistant", "session_id": session_id, "message": {"role": "assistant", "content": [
+        {"type": "tool_use", "id": tool_id, "name": name, "input": tool_input}]}})
+    if turn is None:
+        decision: dict[str, Any] | None = {"allowed": False,
+                                           "reason": "permission prompts are not available in non-interactive mode"}
+    else:
+        decision = turn.ask({"subtype": "can_use_tool", "tool_name": name, "input": tool_input,
+                             "tool_use_id": tool_id, "decision_reason": "not allowed by the permission mode"})
+        if decision is None:
+            return None
+    if decision.get("allowed"):
+        command = (decision.get("updatedInput") or tool_input).get("command", command)
+        child = subprocess.Popen(["sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        while child.poll() is None:
+            if turn is not None and turn.interrupted.is_set():
+                return None  # like the real CLI, the tool is not waited for; the bot cleans up
+            time.sleep(0.05)
+        output = (child.stdout.read() if child.stdout else b"").decode("utf-8", "replace").strip()
+        said = f"工具 {name} 已执行: {command} → {output}"
+    else:
+        said = f"工具 {name} 被拒绝: {decision.get('reason', '')}"
+    out({"type": "user", "session_id": session_id, "message": {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": tool_id, "content": said}]}})
+    return said
+
+
+def ask_user(question: str, session_id: str, out: Any, turn: Turn | None) -> str | None:
+    """The agent asks the user a question (the AskUserQuestion tool, through can_use_tool)."""
+    tool_id = "toolu_" + uuid.uuid4().hex[:12]
+    tool_input = {"questions": [{"question": question, "header": "问题", "options": [], "multiSelect": False}]}
+    out({"type": "assistant", "session_id": session_id, "message": {"role": "assistant", "content": [
+        {"type": "tool_use", "id": tool_id, "name": "AskUserQuestion", "input": tool_input}]}})
+    if turn is None:
+        return "问题未能提出: non-interactive mode"
+    decision = turn.ask({"subtype": "can_use_tool", "tool_name": "AskUserQuestion", "input": tool_input,
+                         "tool_use_id": tool_id})
+    if decision is None:
+        return None
+    if not decision.get("allowed"):
+        return f"问题被拒绝: {decision.get('reason', '')}"
+    answers = (decision.get("updatedInput") or {}).get("answers") or {}
+    return f"用户回答: {answers.get(question, '')}"
+
+
 def on_sigterm(signum: int, frame: Any) -> None:
     """The real CLI exits 0 promptly after SIGTERM."""
     os._exit(0)
@@ -145,12 +278,20 @@ def main() -> int:
     if output_format not in ("text", "json", "stream-json"):
         sys.stderr.write(f"error: option '--output-format <format>' argument '{output_format}' is invalid.\n")
         return 1
+    if flags.get("--input-format") == "stream-json":
+        return serve_stream_json(argv, flags)
     if positional:
         prompt = " ".join(positional)
     else:
         prompt = sys.stdin.read()
         if not prompt.strip() and ambiguous is not None:
             prompt = ambiguous
+    return run_prompt(prompt, argv, flags, emit if output_format == "stream-json" else None, output_format)
+
+
+def run_prompt(prompt: str, argv: list[str], flags: dict[str, Any], write: Any, output_format: str,
+               turn: Turn | None = None) -> int:
+    """Answer one prompt (a whole text-mode run, or one stream-json turn); returns the exit code."""
     raw_prompt = prompt
     prompt = prompt.strip()  # answers and session state use the trimmed prompt; the log keeps it raw
     if "[ignore-term]" in prompt:
@@ -178,8 +319,8 @@ def main() -> int:
 
     def out(obj: dict[str, Any]) -> None:
         events.append(obj)
-        if output_format == "stream-json":
-            emit(obj)
+        if write is not None:
+            write(obj)
 
     if "[error]" in prompt:
         out({"type": "error", "error": AUTH_ERROR})
@@ -229,15 +370,31 @@ def main() -> int:
         out({"type": "assistant", "session_id": session_id, "message": {"role": "assistant", "content": [
             {"type": "tool_use", "id": tool_id, "name": "Bash", "input": {"command": f"sleep {seconds:g}"}}]}})
         deadline = time.monotonic() + seconds
+        next_status = time.monotonic() + 1.0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            time.sleep(min(1.0, remaining))
-            if deadline - time.monotonic() > 0:
+            time.sleep(min(0.1, remaining))
+            if turn is not None and turn.interrupted.is_set():
+                return INTERRUPTED
+            if time.monotonic() >= next_status and deadline - time.monotonic() > 0:
+                next_status += 1.0
                 out({"type": "system", "subtype": "status", "session_id": session_id})
         out({"type": "user", "session_id": session_id, "message": {"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": tool_id, "content": ""}]}})
+
+    tools_said = []
+    for name, command in re.findall(r"\[tool=(\w+):([^\]]*)\]", prompt):
+        said = use_tool(name, command, session_id, out, turn)
+        if said is None:
+            return INTERRUPTED
+        tools_said.append(said)
+    for question in re.findall(r"\[ask=([^\]]*)\]", prompt):
+        said = ask_user(question, session_id, out, turn)
+        if said is None:
+            return INTERRUPTED
+        tools_said.append(said)
 
     if "[crash]" in prompt:
         sys.stderr.write("Traceback: boom\n")
@@ -259,6 +416,7 @@ def main() -> int:
             if "[echo-env]" in prompt:
                 names = [n.strip() for n in os.environ.get("CODEBUDDY_FAKE_ECHO", "").split(",") if n.strip()]
                 text += "".join(f"\n{n}={os.environ.get(n, '<unset>')}" for n in names)
+            text += "".join(f"\n{said}" for said in tools_said)
             if resume_id is not None:
                 previous = earlier[-1] if earlier else "none"
                 text += f"\n(turn {len(earlier) + 1}, earlier: {previous})"
@@ -279,6 +437,7 @@ def main() -> int:
         sys.stdout.write((result.get("result") or "") + "\n")
     sys.stdout.flush()
     return 0
+
 
 
 if __name__ == "__main__":

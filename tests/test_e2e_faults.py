@@ -235,7 +235,8 @@ def test_hostile_prompts_reach_the_cli_as_text(standin, make_bot, tmp_path, prom
     run = cli_runs(tmp_path)[0]
     assert run["prompt"] == prompt
     assert prompt not in run["argv"] and "--dangerously-skip-permissions" not in run["argv"]
-    assert run["argv"][:5] == ["-p", "--output-format", "stream-json", "--permission-mode", "acceptEdits"]
+    assert run["argv"][:9] == ["-p", "--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
+                               "--replay-user-messages", "--permission-mode", "acceptEdits"]
 
 
 def test_flood_from_one_user_is_rate_limited(standin, make_bot, tmp_path):

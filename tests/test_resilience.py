@@ -77,6 +77,9 @@ class ScriptedClient:
     def kill_leftovers(self, run_tag):
         return 0
 
+    def close(self):
+        pass
+
 
 # ---------------------------------------------------------------- supervised threads
 

@@ -74,7 +74,9 @@ def jailed(real_bot, standin, tmp_path, model_server):
 
     def factory(mode: str):
         (tmp_path / ".env").write_text(f"DINGTALK_CLIENT_SECRET={CLIENT_SECRET}\nBOT_CANARY={DOTENV_CANARY}\n")
-        bot = real_bot(CODEBUDDY_PERMISSION_MODE=mode)
+        # acceptEdits with APPROVALS=off: the mode alone denies Bash; bypassPermissions: every tool runs (as when
+        # the attacker approves his own requests), and only the jail keeps the secrets.
+        bot = real_bot(CODEBUDDY_PERMISSION_MODE=mode, APPROVALS="off" if mode == "acceptEdits" else "on")
         answer = ask(standin, f"记住 {VICTIM_PROMPT_CANARY} [write:/workspace/notes.txt:{b64(VICTIM_FILE_CANARY)}]",
                      VICTIM)
         assert "tool done" in answer, answer

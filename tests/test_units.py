@@ -158,7 +158,7 @@ def test_cleanup_drops_old_undelivered_tasks_from_memory_not_from_the_store():
     assert manager.cleanup() == 0
     now[0] += 60
     assert manager.cleanup() == 1
-    assert task.id not in manager._tasks and manager.store.load(undelivered_only=True)[0].id == task.id
+    assert task.id not in manager.board.tasks and manager.store.load(undelivered_only=True)[0].id == task.id
 
 
 # ---------------------------------------------------------------- splitting
@@ -320,10 +320,9 @@ def test_a_stopped_run_leaves_no_process_even_in_another_session(tmp_path):
 
 def test_answer_text_grows_with_partial_and_whole_assistant_messages() -> None:
     state = StreamState()
-    lines = [
-        {"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "先"}}},
-        {"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "看看"}}},
-    ]
+    deltas = ("先", "看看")
+    lines = [{"type": "stream_event", "event": {"type": "content_block_delta",
+                                                "delta": {"type": "text_delta", "text": text}}} for text in deltas]
     for line in lines:
         parse_stream_line(json.dumps(line), state)
     assert state.answer_text == "先看看"

@@ -1,0 +1,164 @@
+"""Questions a running task asks the person who sent it — may CodeBuddy use this tool? what does the agent want
+to know? — asked in the task's chat and answered there by that person (or an admin), or denied after
+APPROVAL_TIMEOUT.
+
+One question at a time per conversation (a conversation runs one task at a time). Who may answer is checked
+here, against the task's sender, never against what the answering message claims.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from logs import task_log
+from task import Task
+from warm_sessions import Decision, ToolRequest
+
+log = logging.getLogger("async_task_manager")
+
+APPROVE_WORDS = ("同意", "/approve", "批准", "允许")
+DENY_WORDS = ("拒绝", "/deny", "不同意", "不允许")
+DETAIL_CHARS = 300  # of a command, path or question shown in the chat
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|>~<])")
+
+
+def escape_markdown(text: str) -> str:
+    """`text` shown literally in DingTalk markdown (no links, emphasis, headings or HTML from the agent)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def shorten(text: str, limit: int = DETAIL_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def request_detail(request: ToolRequest) -> str:
+    """What the tool wants to do, in one short line: the command, the file, or its input."""
+    data = request.input
+    for key in ("command", "file_path", "path", "url", "pattern", "query", "prompt"):
+        if isinstance(data.get(key), str) and data[key].strip():
+            return shorten(data[key])
+    return shorten(", ".join(f"{k}={v}" for k, v in data.items() if k != "description")) or "(无参数)"
+
+
+def question_text(task: Task, request: ToolRequest, timeout: float) -> str:
+    """The markdown message that asks the task's sender."""
+    who = f"@{escape_markdown(task.user_name)} " if task.user_name else ""
+    minutes = f"{timeout / 60:.0f} 分钟" if timeout >= 120 else f"{timeout:.0f} 秒"
+    if request.is_question:
+        lines = [f"**CodeBuddy 有问题问你** (任务 {task.id})", ""]
+        for number, question in enumerate(request.questions or [{"question": "?"}], 1):
+            options = [str(o.get("label")) for o in question.get("options") or [] if isinstance(o, dict)]
+            line = f"{number}. {escape_markdown(shorten(str(question.get('question'))))}"
+            if options:
+                line += " (" + " / ".join(escape_markdown(shorten(o, 60)) for o in options) + ")"
+            lines.append(line)
+        lines += ["", f"{who}请直接回复你的答案 (回复「拒绝」则不回答)，{minutes}内未回复视为不回答。"]
+        return "\n".join(lines)
+    return "\n".join([
+        f"**CodeBuddy 请求使用工具 {escape_markdown(request.tool_name)}** (任务 {task.id})", "",
+        f"> {escape_markdown(request_detail(request))}", "",
+        f"{who}回复「同意」允许，回复「拒绝」拒绝 (也可用 /approve、/deny)。{minutes}内未回复视为拒绝。",
+    ])
+
+
+@dataclass
+class Pending:
+    """One question waiting for its answer."""
+
+    task: Task
+    request: ToolRequest
+    answered: threading.Event = field(default_factory=threading.Event)
+    decision: Decision | None = None
+
+
+class Approvals:
+    """The questions waiting for an answer, by conversation."""
+
+    def __init__(self, send_question: Callable[[Task, str], None], *, timeout: float, enabled: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.send_question = send_question
+        self.timeout = timeout
+        self.enabled = enabled
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._pending: dict[str, Pending] = {}  # by conversation key
+        self.asked = 0
+        self.timed_out = 0
+
+    def ask(self, task: Task, request: ToolRequest, stop: threading.Event | None = None) -> Decision:
+        """Ask the task's sender and wait for the answer, `timeout` s, or `stop` (a cancel): deny on either."""
+        if not self.enabled:
+            return Decision(False, "tool approvals are off for this bot (APPROVALS=off); the permission mode "
+                                   "does not allow this tool")
+        pending = Pending(task, request)
+        with self._lock:
+            self._pending[task.conversation_key] = pending
+            self.asked += 1
+        tlog = task_log(log, task)
+        tlog.info("任务 %s 等待用户确认: %s %s", task.id, request.tool_name, request_detail(request))
+        try:
+            self.send_question(task, question_text(task, request, self.timeout))
+            deadline = self.clock() + self.timeout
+            while not pending.answered.wait(0.1):
+                if stop is not None and stop.is_set():
+                    return Decision(False, "the task was cancelled")
+                if self.clock() >= deadline:
+                    with self._lock:
+                        self.timed_out += 1
+                    tlog.info("任务 %s 的确认请求超时，按拒绝处理", task.id)
+                    return Decision(False, f"the user did not answer within {self.timeout:.0f} seconds; "
+                                           "do not retry this tool")
+            assert pending.decision is not None
+            return pending.decision
+        finally:
+            with self._lock:
+                if self._pending.get(task.conversation_key) is pending:
+                    del self._pending[task.conversation_key]
+
+    def waiting(self, conversation_key: str) -> Task | None:
+        """The task waiting for an answer in this conversation, if any."""
+        with self._lock:
+            pending = self._pending.get(conversation_key)
+        return pending.task if pending is not None else None
+
+    def answer(self, conversation_key: str, user_id: str, is_admin: bool, text: str) -> str | None:
+        """If `text` answers the question waiting in this conversation: take it and return the reply to show
+        ("" for none); None when the message is not an answer (it is handled as usual)."""
+        with self._lock:
+            pending = self._pending.get(conversation_key)
+        if pending is None or pending.answered.is_set():
+            return None
+        words = text.split()
+        first = words[0].lower() if words else ""
+        approve, deny = first in APPROVE_WORDS, first in DENY_WORDS
+        owner = user_id == pending.task.user_id
+        if pending.request.is_question:
+            if not owner:
+                return None  # someone else's message in the group: an ordinary prompt
+            if deny:
+                decision = Decision(False, "the user declined to answer")
+            elif text.startswith("/"):
+                return None  # a command (/status, /cancel) while the question waits
+            else:
+                answers = {str(q.get("question")): text for q in pending.request.questions}
+                decision = Decision(True, updated_input={**pending.request.input, "answers": answers})
+        else:
+            if not (approve or deny):
+                return None
+            if not (owner or is_admin):
+                log.warning("拒绝非发起人的确认: 任务 %s user=%s", pending.task.id, user_id)
+                return f"只有发起任务 {pending.task.id} 的人或管理员可以确认这个操作。"
+            decision = Decision(True) if approve else Decision(False, "the user denied this tool use")
+        pending.decision = decision
+        pending.answered.set()
+        verb = "同意" if decision.allowed else "拒绝"
+        task_log(log, pending.task).info("任务 %s 的确认请求已被%s (user=%s)", pending.task.id, verb, user_id)
+        if pending.request.is_question:
+            return "" if decision.allowed else "好的，不回答这个问题。"
+        return f"已{verb}，任务 {pending.task.id} 继续执行。"

@@ -1,0 +1,78 @@
+"""Processes below a CLI process, found through the parent links in /proc: listed, killed and measured."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterable
+
+
+def children_by_parent(proc_root: str = "/proc") -> dict[int, list[int]]:
+    """Every live process's children, by parent pid."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir(proc_root) if e.isdigit()]
+    except OSError:
+        return children
+    for entry in entries:
+        try:
+            with open(os.path.join(proc_root, entry, "stat"), "rb") as handle:
+                stat = handle.read()
+            parent = int(stat[stat.rindex(b")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    return children
+
+
+def descendants(pid: int, proc_root: str = "/proc") -> list[int]:
+    """Pids of every process below `pid`."""
+    children = children_by_parent(proc_root)
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def cli_pid(root: int, marker: str, proc_root: str = "/proc") -> int:
+    """The first process at or below `root` whose argv holds `marker` and no `--` (in a sandbox, the jail's
+    wrapper processes carry the CLI's argv after a `--`); `root` when none does."""
+    children = children_by_parent(proc_root)
+    todo = [root]
+    while todo:
+        pid = todo.pop(0)
+        try:
+            with open(os.path.join(proc_root, str(pid), "cmdline"), "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            argv = []
+        if marker.encode() in argv and b"--" not in argv:
+            return pid
+        todo.extend(children.get(pid, []))
+    return root
+
+
+def kill(pids: Iterable[int]) -> int:
+    """SIGKILL each of `pids` still alive; return how many were signalled."""
+    killed = 0
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+        except OSError:
+            continue
+    return killed
+
+
+def rss_bytes(pids: Iterable[int], proc_root: str = "/proc") -> int:
+    """Resident memory of `pids` together."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(os.path.join(proc_root, str(pid), "statm"), "rb") as handle:
+                total += int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total

@@ -24,7 +24,7 @@ log = logging.getLogger("async_task_manager")
 APPROVE_WORDS = ("同意", "/approve", "批准", "允许")
 DENY_WORDS = ("拒绝", "/deny", "不同意", "不允许")
 DETAIL_CHARS = 300  # of a command, path or question shown in the chat
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|>~<])")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]#|~<>])")  # what makes emphasis, code, links, headings, HTML
 
 
 def escape_markdown(text: str) -> str:

@@ -25,7 +25,7 @@ from cli_setup import choose_cli, operator_problem
 from config import KILL_GRACE, SETTINGS, Config, bot_files, replace_secrets
 from sandbox import Bubblewrap, NoSandbox, Sandbox, Workspaces, run_environment
 from warm_pool import WarmPool
-from warm_sessions import PROTOCOL_FLAGS, Ask, WarmProcess, deny_all
+from warm_sessions import PROTOCOL_FLAGS, Ask, TurnOutcome, WarmProcess, deny_all
 
 log = logging.getLogger("codebuddy_client")
 
@@ -257,15 +257,43 @@ class CodeBuddyClient:
         clock = clock or self.clock
         started = clock()
         session_id = session_id or new_session_id()
+        state = StreamState()
         process = self.pool.take(conversation, session_id)
-        if process is None:
-            process, failure = self._start(conversation, session_id)
-            if failure is not None:
-                return self._for_the_chat(replace(failure, duration=clock() - started), cannot_start=True)
+        reused = process is not None
+        while True:
+            if process is None:
+                process, failure = self._start(conversation, session_id)
+                if failure is not None or process is None:
+                    failure = failure or RunResult(ok=False, error="CLI did not start")
+                    return self._for_the_chat(replace(failure, duration=clock() - started), cannot_start=True)
+            outcome, cancelled, timed_out, keep = self._turn(process, prompt, run_tag, limit, cancel_event, ask,
+                                                             state, on_step, on_text)
+            if reused and outcome.process_died and not outcome.echoed and not (cancelled or timed_out):
+                # The warm process had died (or was dying) before it took the prompt: a fresh one resumes the
+                # session from disk, so the message is answered rather than lost.
+                log.info("CodeBuddy 进程 %d 已不可用，改用新进程", process.pid)
+                process, reused = None, False
+                continue
+            break
+        returncode = None
+        if outcome.process_died:
+            try:
+                returncode = process.proc.wait(timeout=self.kill_grace)
+            except subprocess.TimeoutExpired:
+                returncode = None
+        result = result_from_stream(state, returncode, "\n".join(process.stderr_tail),
+                                    clock() - started - outcome.waited, timed_out=timed_out,
+                                    cancelled=cancelled, limit=limit)
+        return self._for_the_chat(result)
+
+    def _turn(self, process: WarmProcess, prompt: str, run_tag: str, limit: float,
+              cancel_event: threading.Event | None, ask: Ask | None, state: StreamState,
+              on_step: Callable[[str], None] | None, on_text: Callable[[str], None] | None
+              ) -> tuple[TurnOutcome, bool, bool, bool]:
+        """One turn in `process`, which is given back to the pool after it (kept warm if it ended cleanly)."""
         if run_tag:
             with self._running_lock:
                 self._running[run_tag] = process
-        state = StreamState()
         keep = False
         try:
             outcome, cancelled, timed_out = process.turn(
@@ -275,16 +303,7 @@ class CodeBuddyClient:
                 e.get("type") == "error" for e in outcome.events)
             if cancelled or timed_out:
                 keep = outcome.interrupted and self._stop_tools(process)
-            returncode = process.proc.poll() if outcome.process_died else None
-            if outcome.process_died:
-                try:
-                    returncode = process.proc.wait(timeout=self.kill_grace)
-                except subprocess.TimeoutExpired:
-                    returncode = None
-            result = result_from_stream(state, returncode, "\n".join(process.stderr_tail),
-                                        clock() - started - outcome.waited, timed_out=timed_out,
-                                        cancelled=cancelled, limit=limit)
-            return self._for_the_chat(result)
+            return outcome, cancelled, timed_out, keep
         finally:
             with self._running_lock:
                 self._running.pop(run_tag, None)

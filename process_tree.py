@@ -8,7 +8,8 @@ from collections.abc import Iterable
 
 
 def children_by_parent(proc_root: str = "/proc") -> dict[int, list[int]]:
-    """Every live process's children, by parent pid."""
+    """Every live process's children, by parent pid (zombies left out: they run nothing, and are gone once their
+    parent reaps them)."""
     children: dict[int, list[int]] = {}
     try:
         entries = [e for e in os.listdir(proc_root) if e.isdigit()]
@@ -18,7 +19,10 @@ def children_by_parent(proc_root: str = "/proc") -> dict[int, list[int]]:
         try:
             with open(os.path.join(proc_root, entry, "stat"), "rb") as handle:
                 stat = handle.read()
-            parent = int(stat[stat.rindex(b")") + 2:].split()[1])
+            fields = stat[stat.rindex(b")") + 2:].split()
+            if fields[0] == b"Z":
+                continue
+            parent = int(fields[1])
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(parent, []).append(int(entry))

@@ -30,6 +30,11 @@ log = logging.getLogger("codebuddy_client")
 PROTOCOL_FLAGS = ("--input-format", "stream-json", "--output-format", "stream-json", "--verbose",
                   "--replay-user-messages")
 INTERRUPT_GRACE = 2.0  # seconds an interrupted turn may take to end before the process is killed
+# The CLI (2.163.0) mishandles a message that arrives while it is still winding a turn down: right after a result it
+# may run the previous message twice, right after an interrupt it may answer its own abort note and drop the message
+# (both reproduced, docs/warm-sessions.md). A new turn waits until the process has been quiet this long.
+QUIET_BEFORE_TURN = 0.25
+QUIET_AFTER_INTERRUPT = 1.0
 START_TIMEOUT = 60.0  # seconds for the CLI to answer `initialize`
 _STDERR_TAIL_LINES = 20
 CLI_MARKER = "--replay-user-messages"  # in the CLI's argv, not in its tools' (finds the CLI inside the sandbox)
@@ -89,6 +94,7 @@ class TurnOutcome:
     interrupted: bool = False
     process_died: bool = False
     waited: float = 0.0  # seconds spent waiting for `ask` answers
+    echoed: bool = False  # the CLI took the prompt (its echo came back)
 
 
 def user_message(text: str, session_id: str) -> dict:
@@ -131,6 +137,8 @@ class WarmProcess:
         self._initialized = threading.Event()
         self._init_error = ""
         self.echoes_seen = 0
+        self.last_output_at = self.started_at
+        self._quiet_needed = QUIET_BEFORE_TURN
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._readers = [threading.Thread(target=self._read_stdout, daemon=True, name=f"cli-out-{proc.pid}"),
                          threading.Thread(target=self._read_stderr, daemon=True, name=f"cli-err-{proc.pid}")]
@@ -184,6 +192,7 @@ class WarmProcess:
             pass
 
     def _dispatch(self, event: dict) -> None:
+        self.last_output_at = self.clock()
         kind = event.get("type")
         if kind == "control_request":
             request = event.get("request") or {}
@@ -246,6 +255,7 @@ class WarmProcess:
              on_event: Callable[[dict], None], poll: float = 0.1) -> tuple[TurnOutcome, bool, bool]:
         """Send `prompt` and follow its turn to the end, a cancel or `limit` seconds (time waiting for `ask`
         answers not counted). Returns (outcome, cancelled, timed_out); `on_event` sees each line of the turn."""
+        self._wait_quiet()
         self._drain()  # leftovers of an earlier turn (a late line after its result) are not this turn's
         with self._ask_lock:
             self._ask = ask
@@ -269,7 +279,7 @@ class WarmProcess:
             if event:
                 text = _echoed_text(event)
                 if text is not None and not echoed and text.strip() == prompt.strip():
-                    echoed = True
+                    echoed = outcome.echoed = True
                     self.echoes_seen += 1
                     continue
                 # Until our prompt comes back, lines belong to an earlier turn (the CLI can replay a queued
@@ -293,9 +303,20 @@ class WarmProcess:
         self.last_used = self.clock()
         return outcome, cancelled, timed_out
 
+    def _wait_quiet(self, limit: float = 5.0) -> None:
+        """Wait until the process has written nothing for the quiet period its last turn needs (at most `limit`)."""
+        deadline = self.clock() + limit
+        while self.alive():
+            silent = self.clock() - self.last_output_at
+            if silent >= self._quiet_needed or self.clock() >= deadline:
+                break
+            time.sleep(min(0.05, self._quiet_needed - silent))
+        self._quiet_needed = QUIET_BEFORE_TURN
+
     def interrupt(self, grace: float = INTERRUPT_GRACE) -> bool:
         """Stop the turn in progress and wait up to `grace` s for it to end; True when it did (process still warm)."""
         request_id = f"interrupt-{uuid.uuid4().hex[:8]}"
+        self._quiet_needed = QUIET_AFTER_INTERRUPT
         if not self._send({"type": "control_request", "request_id": request_id,
                            "request": {"subtype": "interrupt"}}):
             return False

@@ -23,9 +23,11 @@ def wait_for_sleeper(tmp_path: Path, bot_pid: int) -> int:
 
 
 def wait_until_gone(tmp_path: Path, bot_pid: int, timeout: float = 10.0) -> dict[int, list[str]]:
+    """What is left of this test's processes, once only the warm CLI (and its sandbox's wrappers) remains."""
     deadline = time.monotonic() + timeout
     while True:
-        left = processes_of_this_test(tmp_path, {bot_pid})
+        left = {pid: argv for pid, argv in processes_of_this_test(tmp_path, {bot_pid}).items()
+                if "--replay-user-messages" not in argv}
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)

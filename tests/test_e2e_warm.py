@@ -1,0 +1,168 @@
+"""End to end: warm CLI processes per conversation, and CodeBuddy asking the sender before it uses a tool.
+
+The bot runs as a subprocess against the stand-in; the fake CLI speaks the stream-json input protocol (a turn per
+stdin message, `interrupt`, `can_use_tool`). Every fake CLI process has its own run tag (logged with each turn), so
+"the same process" is the same tag: pids repeat across sandboxes, each one's CLI being pid 2 of its namespace.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.conftest import cli_runs, process_alive, processes_of_this_test, replies, wait_for_process
+
+pytestmark = pytest.mark.e2e
+
+GROUP = "cidWarmGroup=="
+
+
+def cli_processes(tmp_path) -> dict[int, list[str]]:
+    """The fake CLI processes of this test alive now (not the sandbox's wrappers, not tool commands)."""
+    return {pid: argv for pid, argv in processes_of_this_test(tmp_path).items()
+            if "--replay-user-messages" in argv and "--" not in argv}
+
+
+def answer(standin, text: str, user: str, count: int = 2, timeout: float = 20.0, **kwargs) -> str:
+    sent = standin.send_bot_message(text, sender_staff_id=user, **kwargs)
+    return replies(standin, sent, count, timeout=timeout)[count - 1]
+
+
+def runs_of(tmp_path, marker: str) -> list[dict]:
+    return [run for run in cli_runs(tmp_path) if marker in run["prompt"]]
+
+
+def wait_until(predicate, timeout: float = 10.0, message: str = ""):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(message or "condition not met")
+        time.sleep(0.05)
+
+
+def test_a_follow_up_is_answered_by_the_same_warm_process_with_the_earlier_turn(standin, make_bot, tmp_path):
+    bot = make_bot()
+    assert "回答: 第一问" in answer(standin, "第一问", "w1")
+    follow_up = answer(standin, "第二问", "w1")
+    assert "(turn 2, earlier: 第一问)" in follow_up
+    first, second = runs_of(tmp_path, "第一问")[0], runs_of(tmp_path, "第二问")[0]
+    assert second["run_tag"] == first["run_tag"] and second["session"] == first["session"]
+    assert len(cli_processes(tmp_path)) == 1  # kept alive between the two messages, one for the conversation
+    bot.wait_log(r"复用 CodeBuddy 进程 \d+")
+
+
+def test_the_cap_holds_under_ten_conversations_and_evicted_ones_resume_from_disk(standin, make_bot, tmp_path):
+    bot = make_bot(WARM_SESSIONS="2", MAX_TASKS_PER_USER="1")
+    users = [f"cap{n}" for n in range(10)]
+    sent = [standin.send_bot_message(f"你好 {user}", sender_staff_id=user) for user in users]
+    most = 0
+    deadline = time.monotonic() + 60
+    while not all(len(standin.webhook_posts(s.session)) >= 2 for s in sent):
+        most = max(most, len(cli_processes(tmp_path)))
+        assert time.monotonic() < deadline, standin.describe_recent()
+        time.sleep(0.05)
+    assert most <= 4  # MAX_WORKERS processes at most, even while every slot runs a turn
+    wait_until(lambda: len(cli_processes(tmp_path)) <= 2, message=f"{cli_processes(tmp_path)}")
+    time.sleep(0.5)
+    assert len(cli_processes(tmp_path)) <= 2  # only WARM_SESSIONS stay warm once the turns are over
+    # The first conversation was evicted long ago: its follow-up starts a new process on the same session.
+    follow_up = answer(standin, "还记得吗", users[0])
+    assert f"(turn 2, earlier: 你好 {users[0]})" in follow_up
+    old, new = runs_of(tmp_path, f"你好 {users[0]}")[0], runs_of(tmp_path, "还记得吗")[0]
+    assert new["run_tag"] != old["run_tag"] and new["session"] == old["session"]
+    bot.wait_log(r"结束 CodeBuddy 进程 \d+: (为新会话腾出位置|常驻名额已满)")
+
+
+def test_idle_end_a_killed_process_and_a_restart_all_keep_the_conversation(standin, make_bot, tmp_path):
+    bot = make_bot(WARM_IDLE_SECONDS="1")
+    answer(standin, "一 记住苹果", "w3")
+    bot.wait_log(r"结束 CodeBuddy 进程 \d+: 空闲超过 1 秒", timeout=40)
+    assert cli_processes(tmp_path) == {}
+    assert "earlier: 一 记住苹果" in answer(standin, "二 空闲之后", "w3")
+
+    [cli] = wait_until(lambda: list(cli_processes(tmp_path)))
+    os.kill(cli, signal.SIGKILL)  # the warm process dies between two messages
+    wait_until(lambda: not process_alive(cli))
+    assert "earlier: 二 空闲之后" in answer(standin, "三 进程被杀之后", "w3")
+    bot.wait_log("结束 CodeBuddy 进程 \\d+: 进程已退出")
+
+    assert bot.terminate() == 0
+    restarted = make_bot()
+    assert "(turn 4, earlier: 三 进程被杀之后)" in answer(standin, "四 重启之后", "w3")
+    tags = {run["run_tag"] for run in cli_runs(tmp_path)}
+    assert len(tags) == 4  # a new process each time, the same session throughout
+    assert len({run["session"] for run in cli_runs(tmp_path)}) == 1
+    restarted.terminate()
+    assert cli_processes(tmp_path) == {}  # a stopping bot ends its warm processes
+
+
+def test_cancel_interrupts_the_turn_kills_its_tool_and_keeps_the_process_warm(standin, make_bot, tmp_path):
+    make_bot()
+    standin.send_bot_message("慢命令 [sleep=60] [spawn-session]", sender_staff_id="w4")
+    tool = wait_for_process(tmp_path, ["sleep", "300"])
+    cancel = standin.send_bot_message("/cancel", sender_staff_id="w4")
+    reply = replies(standin, cancel, 1, timeout=15)[0]
+    assert reply.startswith("已取消任务") and "仍在退出" not in reply
+    assert not process_alive(tool)  # the fake CLI leaves its tool running on interrupt: the bot killed it
+    assert "回答: 下一条" in answer(standin, "下一条", "w4")
+    slow, after = runs_of(tmp_path, "慢命令")[0], runs_of(tmp_path, "下一条")[0]
+    assert after["run_tag"] == slow["run_tag"]
+
+
+def test_a_tool_the_mode_does_not_allow_is_asked_of_the_sender_and_only_the_sender_may_approve(
+        standin, make_bot, tmp_path):
+    bot = make_bot()
+    group = {"conversation_type": "2", "conversation_id": GROUP}
+    sent = standin.send_bot_message("建个文件 [tool=Bash:touch approved.txt && echo done]", sender_staff_id="owner",
+                                    sender_nick="Olga", **group)
+    question = replies(standin, sent, 2)[1]
+    assert "CodeBuddy 请求使用工具 Bash" in question and "touch approved.txt" in question and "@Olga" in question
+    status = answer(standin, "/status", "owner", count=1, **group)
+    assert "等待你的确认" in status
+
+    refused = answer(standin, "同意", "mallory", count=1, **group)
+    assert "只有发起任务" in refused
+    assert len(standin.webhook_posts(sent.session)) == 2  # still waiting: mallory's 同意 changed nothing
+
+    approved = standin.send_bot_message("同意", sender_staff_id="owner", **group)
+    assert "已同意" in replies(standin, approved, 1)[0]
+    result = replies(standin, sent, 3)[2]
+    assert "工具 Bash 已执行: touch approved.txt && echo done → done" in result
+    assert list((tmp_path / "workspace").glob("conversations/*/workspace/approved.txt"))
+    bot.wait_log(r"任务 \w+ 的确认请求已被同意 \(user=owner\)")
+
+
+def test_deny_and_timeout_deny_the_tool_and_the_wait_does_not_count_as_running_time(standin, make_bot, tmp_path):
+    make_bot(APPROVAL_TIMEOUT="2", TASK_TIMEOUT="3")
+    sent = standin.send_bot_message("删掉 [tool=Bash:touch denied.txt]", sender_staff_id="w6")
+    replies(standin, sent, 2)  # the acknowledgement and the question
+    answer(standin, "拒绝", "w6", count=1)
+    assert "工具 Bash 被拒绝: the user denied this tool use" in replies(standin, sent, 3)[2]
+
+    waited = standin.send_bot_message("再试 [tool=Bash:touch late.txt] [sleep=2]", sender_staff_id="w6")
+    result = replies(standin, waited, 3, timeout=20)[2]
+    # 2 s waiting for an answer + 2 s of work: past TASK_TIMEOUT=3 only if the wait counted.
+    assert "the user did not answer within 2 seconds" in result and "执行超时" not in result
+    assert not list((tmp_path / "workspace").glob("conversations/*/workspace/*.txt"))
+
+
+def test_a_question_from_the_agent_is_answered_by_the_senders_next_message(standin, make_bot, tmp_path):
+    make_bot()
+    sent = standin.send_bot_message("帮我建库 [ask=用哪个数据库？]", sender_staff_id="w7")
+    question = replies(standin, sent, 2)[1]
+    assert "CodeBuddy 有问题问你" in question and "用哪个数据库？" in question
+    standin.send_bot_message("PostgreSQL 吧", sender_staff_id="w7")
+    assert "用户回答: PostgreSQL 吧" in replies(standin, sent, 3)[2]
+    assert not runs_of(tmp_path, "PostgreSQL 吧")  # the answer was not run as a prompt of its own
+
+
+def test_approvals_off_denies_at_once(standin, make_bot, tmp_path):
+    make_bot(APPROVALS="off")
+    result = answer(standin, "跑 [tool=Bash:touch x.txt]", "w8")
+    assert "工具 Bash 被拒绝: tool approvals are off" in result

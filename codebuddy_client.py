@@ -231,7 +231,11 @@ class CodeBuddyClient:
     @property
     def running_processes(self) -> int:
         """How many CLI processes are alive right now (warm ones included)."""
-        return self.pool.stats()["live"]
+        return len(self.pool.processes())
+
+    def warm_stats(self) -> dict[str, int]:
+        """Warm processes (live, idle, busy, capacity, memory) and hits/misses/ended since start (`WarmPool.stats`)."""
+        return self.pool.stats()
 
     def version(self, timeout: float = 20.0) -> str:
         """`CODEBUDDY_BIN --version` output; raises OSError/subprocess errors on failure."""

@@ -44,6 +44,7 @@ def assess(sources: Any) -> tuple[int, dict]:
     status = "unhealthy" if problems else "degraded" if degraded else "ok"
     body: dict[str, Any] = {"status": status, "stream_connected": connected, "store_writable": store.ok,
                             "store_pending": store.pending, "dead_threads": list(sources.supervisor.dead())}
+    body["warm_processes"] = sources.client.warm_stats()
     if store.reason:
         body["store_error"] = store.reason
     if problems or degraded:

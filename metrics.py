@@ -138,6 +138,21 @@ def render_metrics(sources: StatusSources) -> str:
     out.sample("dingtalk_bot_running_tasks", stats.get("running", 0))
     out.family("dingtalk_bot_cli_processes", "gauge", "CodeBuddy CLI processes alive now.")
     out.sample("dingtalk_bot_cli_processes", sources.client.running_processes)
+    warm = sources.client.warm_stats()
+    out.family("dingtalk_bot_warm_processes", "gauge", "Warm CLI processes: idle (kept for their conversation's next "
+               "message) or busy (running a turn); at most WARM_SESSIONS are kept.")
+    for state in ("idle", "busy"):
+        out.sample("dingtalk_bot_warm_processes", warm[state], {"state": state})
+    out.family("dingtalk_bot_warm_capacity", "gauge", "WARM_SESSIONS: warm CLI processes kept at most.")
+    out.sample("dingtalk_bot_warm_capacity", warm["capacity"])
+    out.family("dingtalk_bot_warm_memory_bytes", "gauge", "Resident memory of the warm CLI processes and their tools.")
+    out.sample("dingtalk_bot_warm_memory_bytes", warm["rss_bytes"])
+    out.family("dingtalk_bot_warm_runs_total", "counter",
+               "Runs by whether a warm process of their conversation was there (hit) or one was started (miss).")
+    out.sample("dingtalk_bot_warm_runs_total", warm["hits"], {"result": "hit"})
+    out.sample("dingtalk_bot_warm_runs_total", warm["misses"], {"result": "miss"})
+    out.family("dingtalk_bot_warm_ended_total", "counter", "Warm CLI processes ended (evicted, idle, crashed, …).")
+    out.sample("dingtalk_bot_warm_ended_total", warm["ended"])
     out.family("dingtalk_bot_task_duration_seconds", "histogram", "Duration of CodeBuddy CLI runs, by outcome.")
     for outcome in OUTCOMES:
         cumulative, total, count = sources.durations.snapshot(outcome)

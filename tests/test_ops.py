@@ -409,32 +409,46 @@ def test_status_port_serves_healthz_and_metrics(standin, make_bot):
     status, body = _get(base + "/healthz")
     assert status == 200, body
     assert json.loads(body) == {"status": "ok", "stream_connected": True, "store_writable": True,
-                                "store_pending": 0, "dead_threads": []}
+                                "store_pending": 0, "dead_threads": [],
+                                "warm_processes": {"live": 0, "idle": 0, "busy": 0, "capacity": 4, "hits": 0,
+                                                   "misses": 0, "ended": 0, "rss_bytes": 0}}
 
     short = standin.send_bot_message("你好", sender_staff_id="u1")
     standin.wait_for(lambda: len(standin.webhook_posts(short.session)) >= 2)
     standin.send_bot_message("生成报告: 本周", sender_staff_id="u2")
     standin.wait_for(lambda: standin.batch_sends())
     bot.wait_log("任务结果已推送")
+    again = standin.send_bot_message("再问一次", sender_staff_id="u1")
+    standin.wait_for(lambda: len(standin.webhook_posts(again.session)) >= 2)
 
     status, text = _get(base + "/metrics")
     assert status == 200
     samples = _parse_metrics(text)
-    assert _value(samples, "dingtalk_bot_deliveries_total", path="webhook") == 3  # 2 acks + 1 answer
+    assert _value(samples, "dingtalk_bot_deliveries_total", path="webhook") == 5  # 3 acks + 2 answers
     assert _value(samples, "dingtalk_bot_deliveries_total", path="batchSend") == 1
     assert _value(samples, "dingtalk_bot_delivery_failures_total", path="group") == 0
     assert _value(samples, "dingtalk_bot_token_fetches_total") == 1
-    assert _value(samples, "dingtalk_bot_tasks", status="succeeded") == 2
+    assert _value(samples, "dingtalk_bot_tasks", status="succeeded") == 3
     assert _value(samples, "dingtalk_bot_queue_length") == 0
     assert _value(samples, "dingtalk_bot_running_tasks") == 0
-    assert _value(samples, "dingtalk_bot_cli_processes") == 0
+    # Two conversations, two warm processes; u1's second message went to the process of its first.
+    assert _value(samples, "dingtalk_bot_cli_processes") == 2
+    assert _value(samples, "dingtalk_bot_warm_processes", state="idle") == 2
+    assert _value(samples, "dingtalk_bot_warm_processes", state="busy") == 0
+    assert _value(samples, "dingtalk_bot_warm_runs_total", result="hit") == 1
+    assert _value(samples, "dingtalk_bot_warm_runs_total", result="miss") == 2
+    assert _value(samples, "dingtalk_bot_warm_capacity") == 4
+    assert _value(samples, "dingtalk_bot_warm_memory_bytes") > 10 * 2**20  # two Python fake CLIs, at least
     assert _value(samples, "dingtalk_bot_stream_connected") == 1
     assert _value(samples, "dingtalk_bot_stream_reconnects_total") == 0
-    assert _value(samples, "dingtalk_bot_task_duration_seconds_count", outcome="succeeded") == 2
+    assert _value(samples, "dingtalk_bot_task_duration_seconds_count", outcome="succeeded") == 3
     assert _value(samples, "dingtalk_bot_task_duration_seconds_bucket", outcome="succeeded", le="+Inf") == 2
     assert _value(samples, "dingtalk_bot_task_duration_seconds_bucket", outcome="succeeded", le="5") == 2
     assert _value(samples, "dingtalk_bot_task_duration_seconds_count", outcome="failed") == 0
     assert _get(base + "/nothing")[0] == 404
+
+
+WARM_STATS = {"live": 1, "idle": 0, "busy": 1, "capacity": 4, "hits": 3, "misses": 1, "ended": 0, "rss_bytes": 1}
 
 
 def _sources(tmp_path: Path, connected: bool, store=None, dead=()) -> metrics.StatusSources:
@@ -442,7 +456,7 @@ def _sources(tmp_path: Path, connected: bool, store=None, dead=()) -> metrics.St
         manager=SimpleNamespace(stats={"tasks_running": 1, "queue_length": 2, "running": 1},
                                 outbox=SimpleNamespace(waiting_retries=0)),
         sender=SimpleNamespace(stats={"webhook_failed": 4}, tokens=SimpleNamespace(fetches=0)),
-        client=SimpleNamespace(running_processes=1), stream=SimpleNamespace(connected=connected, reconnects=3),
+        client=SimpleNamespace(running_processes=1, warm_stats=lambda: dict(WARM_STATS)), stream=SimpleNamespace(connected=connected, reconnects=3),
         store=store if store is not None else MemoryTaskStore(), supervisor=SimpleNamespace(dead=lambda: list(dead)),
         intake=SimpleNamespace(backlog_age=lambda now: 0.0), durations=metrics.DurationHistogram())
 

@@ -442,8 +442,8 @@ def test_status_port_serves_healthz_and_metrics(standin, make_bot):
     assert _value(samples, "dingtalk_bot_stream_connected") == 1
     assert _value(samples, "dingtalk_bot_stream_reconnects_total") == 0
     assert _value(samples, "dingtalk_bot_task_duration_seconds_count", outcome="succeeded") == 3
-    assert _value(samples, "dingtalk_bot_task_duration_seconds_bucket", outcome="succeeded", le="+Inf") == 2
-    assert _value(samples, "dingtalk_bot_task_duration_seconds_bucket", outcome="succeeded", le="5") == 2
+    assert _value(samples, "dingtalk_bot_task_duration_seconds_bucket", outcome="succeeded", le="+Inf") == 3
+    assert _value(samples, "dingtalk_bot_task_duration_seconds_bucket", outcome="succeeded", le="5") == 3
     assert _value(samples, "dingtalk_bot_task_duration_seconds_count", outcome="failed") == 0
     assert _get(base + "/nothing")[0] == 404
 
@@ -456,7 +456,8 @@ def _sources(tmp_path: Path, connected: bool, store=None, dead=()) -> metrics.St
         manager=SimpleNamespace(stats={"tasks_running": 1, "queue_length": 2, "running": 1},
                                 outbox=SimpleNamespace(waiting_retries=0)),
         sender=SimpleNamespace(stats={"webhook_failed": 4}, tokens=SimpleNamespace(fetches=0)),
-        client=SimpleNamespace(running_processes=1, warm_stats=lambda: dict(WARM_STATS)), stream=SimpleNamespace(connected=connected, reconnects=3),
+        client=SimpleNamespace(running_processes=1, warm_stats=lambda: dict(WARM_STATS)),
+        stream=SimpleNamespace(connected=connected, reconnects=3),
         store=store if store is not None else MemoryTaskStore(), supervisor=SimpleNamespace(dead=lambda: list(dead)),
         intake=SimpleNamespace(backlog_age=lambda now: 0.0), durations=metrics.DurationHistogram())
 

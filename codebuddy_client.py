@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+import process_tree
 from cli_setup import choose_cli, operator_problem
 from config import KILL_GRACE, SETTINGS, Config, bot_files, replace_secrets
 from sandbox import Bubblewrap, NoSandbox, Sandbox, Workspaces, run_environment
@@ -408,26 +408,4 @@ class CodeBuddyClient:
                        keep: Iterable[str] = ()) -> int:
         """SIGKILL every process tagged `run_tag` (or, with `prefix`, any tag starting with it, but those in
         `keep`); return how many."""
-        if not run_tag:
-            return 0
-        marker = f"{RUN_TAG_VARIABLE}={run_tag}".encode()
-        kept = {f"{RUN_TAG_VARIABLE}={tag}".encode() for tag in keep}
-        killed = 0
-        try:
-            entries = [e for e in os.listdir(proc_root) if e.isdigit()]
-        except OSError:
-            return 0
-        for entry in entries:
-            try:
-                with open(os.path.join(proc_root, entry, "environ"), "rb") as handle:
-                    variables = handle.read().split(b"\0")
-                if prefix:
-                    if not any(v.startswith(marker) and v not in kept for v in variables):
-                        continue
-                elif marker not in variables:
-                    continue
-                os.kill(int(entry), signal.SIGKILL)
-                killed += 1
-            except (OSError, ValueError):
-                continue
-        return killed
+        return process_tree.kill_tagged(RUN_TAG_VARIABLE, run_tag, proc_root, prefix=prefix, keep=keep)

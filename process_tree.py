@@ -80,3 +80,32 @@ def rss_bytes(pids: Iterable[int], proc_root: str = "/proc") -> int:
         except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+def kill_tagged(variable: str, tag: str, proc_root: str = "/proc", *, prefix: bool = False,
+                keep: Iterable[str] = ()) -> int:
+    """SIGKILL every process whose environment has `variable=tag` (with `prefix`: a value starting with `tag`, but
+    not one in `keep`); return how many. The tag survives into every child, in whatever session or group."""
+    if not tag:
+        return 0
+    marker = f"{variable}={tag}".encode()
+    kept = {f"{variable}={value}".encode() for value in keep}
+    killed = 0
+    try:
+        entries = [e for e in os.listdir(proc_root) if e.isdigit()]
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            with open(os.path.join(proc_root, entry, "environ"), "rb") as handle:
+                variables = handle.read().split(b"\0")
+            if prefix:
+                if not any(v.startswith(marker) and v not in kept for v in variables):
+                    continue
+            elif marker not in variables:
+                continue
+            os.kill(int(entry), signal.SIGKILL)
+            killed += 1
+        except (OSError, ValueError):
+            continue
+    return killed

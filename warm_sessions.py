@@ -115,8 +115,9 @@ def _echoed_text(event: dict) -> str | None:
     return None
 
 
-class WarmProcess:
-    """One CLI process in stream-json mode, for one conversation and session. One turn at a time."""
+class CliPipes:
+    """The pipes of one CLI process in stream-json mode: lines written, lines read and sorted (events for the turn,
+    tool requests answered through the turn's `ask`, the `initialize` answer), stderr's tail."""
 
     def __init__(self, proc: subprocess.Popen, *, conversation: str, session_id: str, tag: str,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -248,6 +249,10 @@ class WarmProcess:
         if self._init_error:
             return self._init_error
         return "" if self.alive() or not self._events.empty() else "the CLI exited at start"
+
+class WarmProcess(CliPipes):
+    """One CLI process in stream-json mode, for one conversation and session: its turns (one at a time), interrupt,
+    its tools' processes, its end."""
 
     # -- turns
 

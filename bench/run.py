@@ -364,7 +364,8 @@ def throughput(kind: str, workdir: Path, tasks: int, window: int, users: int, fi
 
 
 def cancel_latency(workdir: Path, rounds: int) -> tuple[list[float], list[float]]:
-    """Bot: `/cancel` sent → CLI process group gone; baseline: killpg from here → group gone."""
+    """Bot: `/cancel` sent → the busy run's tool (its `sleep`) gone, the CLI kept warm; baseline: `interrupt` written
+    from here to the same kind of warm CLI → its tool gone."""
     standin, subject, tracker = _start("bot", workdir)
     bot_latencies: list[float] = []
     try:
@@ -376,15 +377,15 @@ def cancel_latency(workdir: Path, rounds: int) -> tuple[list[float], list[float]
             cli, sleeper = subject.busy_cli_pids()[-1]
             time.sleep(0.2)
             sent = standin.send_bot_message("/cancel", sender_staff_id=user)
-            while process_alive(cli) or process_alive(sleeper):
+            while process_alive(sleeper):
                 time.sleep(0.0005)
             bot_latencies.append(time.monotonic() - sent.sent_at)
             tracker.wait(lambda s=sent: tracker.posts.get(s.session), 20, "the cancel confirmation")
     finally:
         subject.stop()
         standin.stop()
-    # The floor: the same kind of run (in the sandbox the bot's settings choose, started as the bot starts it),
-    # its process group SIGTERMed from here.
+    # The floor: the same kind of CLI process (in the sandbox the bot's settings choose, speaking the same protocol),
+    # its turn interrupted from here.
     from codebuddy_client import sandbox_from_config
     from sandbox import Workspaces
 
@@ -395,13 +396,13 @@ def cancel_latency(workdir: Path, rounds: int) -> tuple[list[float], list[float]
     for number in range(rounds):
         marker = f"floor-{uuid.uuid4().hex}"
         dirs = workspaces.dirs_for(f"floor{number}")
-        argv, cwd = sandbox.command([str(INSTANT_CLI), "-p", "--output-format", "stream-json"], dirs)
+        argv, cwd = sandbox.command([str(INSTANT_CLI), "-p", "--input-format", "stream-json"], dirs)
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=cwd,
                                 start_new_session=True, env={"PATH": os.defpath, "HOME": sandbox.home(dirs),
                                                              SUBJECT_VARIABLE: marker})
         assert proc.stdin is not None
-        proc.stdin.write(b"[busy] floor")
-        proc.stdin.close()
+        proc.stdin.write(b'{"type": "user", "message": {"role": "user", "content": "[busy] floor"}}\n')
+        proc.stdin.flush()
         deadline = time.monotonic() + 10
         while not (runs := busy_runs(marker)):
             if time.monotonic() > deadline:
@@ -410,13 +411,13 @@ def cancel_latency(workdir: Path, rounds: int) -> tuple[list[float], list[float]
         cli, sleeper = runs[0]
         time.sleep(0.2)
         start = time.monotonic()
-        os.killpg(proc.pid, signal.SIGTERM)  # what the bot's cancel does
-        while True:
-            proc.poll()  # reap the CLI as the bot would
-            if not (process_alive(cli) or process_alive(sleeper)):
-                break
+        proc.stdin.write(b'{"type": "control_request", "request_id": "i1", "request": {"subtype": "interrupt"}}\n')
+        proc.stdin.flush()  # what the bot's cancel does first
+        while process_alive(sleeper):
             time.sleep(0.0005)
         floor.append(time.monotonic() - start)
+        proc.stdin.close()
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=5)
     return bot_latencies, floor
 

@@ -74,7 +74,8 @@ def test_module_imports_have_no_cycles():
 def test_the_spine_imports_one_way():
     graph = {path.stem: _project_imports(_tree(path)) for path in MODULES}
     assert graph["config"] <= {"setting_values"} and not graph["setting_values"]
-    assert graph["codebuddy_client"] <= {"config", "sandbox", "cli_setup", "warm_pool", "warm_sessions"}
+    assert graph["codebuddy_client"] <= {"config", "sandbox", "cli_setup", "warm_pool", "warm_sessions",
+                                         "process_tree"}
     assert graph["sandbox"] <= {"config"}
     # The CLI's processes: the pool holds them, each speaks the protocol; neither knows tasks, chats or config.
     assert graph["warm_pool"] <= {"warm_sessions"} and graph["warm_sessions"] <= {"process_tree"}

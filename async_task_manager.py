@@ -45,7 +45,7 @@ class AsyncTaskManager:
                  memory_retention: float = MEMORY_RETENTION_SECONDS, tick: float = 0.5,
                  retry_backoff: float = 60.0, give_up_after: float = 86400.0,
                  clock: Callable[[], float] = time.time, secrets: Iterable[str] = (),
-                 supervisor: Supervisor | None = None) -> None:
+                 supervisor: Supervisor | None = None, after_result: Callable[[Task], object] | None = None) -> None:
         self.client = client
         self.supervisor = supervisor if supervisor is not None else Supervisor()
         self.store: TaskStore = store if store is not None else MemoryTaskStore()
@@ -54,7 +54,8 @@ class AsyncTaskManager:
         self.board = TaskBoard(self.store, self.router, limits=Limits(max_workers, max_tasks_per_user), clock=clock,
                                memory_retention=memory_retention, retention_days=retention_days)
         self._tasks = self.board.tasks  # the live tasks, by id
-        self.outbox = Outbox(sender, clock=clock, mark_delivered=self.board.mark_delivered,
+        self.outbox = Outbox(sender, clock=clock, mark_delivered=lambda task: (  # recorded, then its files sent
+                             self.board.mark_delivered(task), after_result is not None and after_result(task)),
                              mark_undeliverable=self.board.mark_undeliverable,
                              written=lambda: self.store.wait_written(DELIVERED_WRITE_WAIT), retry_backoff=retry_backoff,
                              give_up_after=give_up_after)
@@ -65,14 +66,16 @@ class AsyncTaskManager:
         self._accepting = True
 
     @classmethod
-    def from_config(cls, config: Config, client: Client, sender: Sender, store: TaskStore) -> AsyncTaskManager:
+    def from_config(cls, config: Config, client: Client, sender: Sender, store: TaskStore,
+                    after_result: Callable[[Task], object] | None = None) -> AsyncTaskManager:
         """A manager with the bot's settings."""
         return cls(client, sender, store, max_workers=config.max_workers,
                    max_tasks_per_user=config.max_tasks_per_user, sync_timeout=config.sync_timeout,
                    task_timeout=config.task_timeout, keywords=config.all_long_task_keywords,
                    progress_interval=config.progress_interval, retention_days=config.task_retention_days,
                    retry_backoff=min(60.0, config.delivery_retry_window),
-                   give_up_after=config.delivery_give_up_hours * 3600, secrets=config.secrets)
+                   give_up_after=config.delivery_give_up_hours * 3600, secrets=config.secrets,
+                   after_result=after_result)
 
     # ------------------------------------------------------------ routing and the board, for callers
 

@@ -172,7 +172,7 @@ class CodeBuddyClient:
     def __init__(self, binary: str, workdir: str, *, model: str = "", extra_args: Iterable[str] = (),
                  permission_mode: str = "acceptEdits", timeout: float = 1800.0, kill_grace: float = 3.0,
                  env: Mapping[str, str] | None = None, poll_interval: float = 0.1,
-                 sandbox: Sandbox | None = None) -> None:
+                 sandbox: Sandbox | None = None, append_system_prompt: str = "") -> None:
         # A relative path with a slash would be looked up from the run's cwd (the workspace): pin it now.
         self.binary = os.path.abspath(binary) if os.sep in binary and not os.path.isabs(binary) else binary
         self.workspaces = Workspaces(workdir)
@@ -183,6 +183,7 @@ class CodeBuddyClient:
         self.kill_grace = kill_grace
         self.poll_interval = poll_interval
         self.sandbox: Sandbox = sandbox if sandbox is not None else NoSandbox()
+        self.append_system_prompt = append_system_prompt  # e.g. where to leave files for the chat (outbox_files)
         # Where each run's allowlisted environment is taken from (sandbox.run_environment picks).
         self._env_source = dict(os.environ if env is None else env)
         self._running: dict[str, subprocess.Popen] = {}  # by run tag
@@ -213,6 +214,8 @@ class CodeBuddyClient:
             argv += ["--model", self.model]
         if session_id:
             argv += ["--resume", session_id, "--resume-create-missing"]
+        if self.append_system_prompt:
+            argv += ["--append-system-prompt", self.append_system_prompt]
         argv += list(self.extra_args)
         return argv
 

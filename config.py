@@ -275,6 +275,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("USER_RATE_LIMIT", "user_rate_limit", "20", parse_positive_int, "Prompts one user may send per minute"),
     Setting("STATUS_PORT", "status_port", "", _optional_port,
             "Port of the 127.0.0.1 /healthz and /metrics server (unset = off)"),
+    Setting("DINGTALK_OAPI_ENDPOINT", "oapi_endpoint", "https://oapi.dingtalk.com", _text, "Media upload host"),
+    Setting("MAX_ATTACHMENT_MB", "max_attachment_mb", "20", parse_positive_int, "Largest file in or out (MB)"),
+    Setting("MAX_FILES_OUT", "max_files_out", "5", parse_positive_int, "Files from outbox/ sent with one answer"),
 )
 
 
@@ -317,6 +320,9 @@ class Config:
     shutdown_grace: float
     user_rate_limit: int
     status_port: int | None
+    oapi_endpoint: str
+    max_attachment_mb: int
+    max_files_out: int
     # CodeBuddy CLI variables (CODEBUDDY_API_KEY, CODEBUDDY_BASE_URL, …) found in .env, passed to every run.
     cli_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # Values of CODEBUDDY_API_KEY / CODEBUDDY_AUTH_TOKEN (environment or .env): never shown to a chat.
@@ -408,8 +414,7 @@ def read_config(environ: Mapping[str, str] | None = None, dotenv_path: str | os.
         except ConfigError as exc:
             problems.extend(exc.problems)
             parsed[setting.attr] = setting.parse(setting.env, setting.default)
-    if not parsed["robot_code"]:
-        parsed["robot_code"] = parsed["client_id"]
+    parsed["robot_code"] = parsed["robot_code"] or parsed["client_id"]
     parsed["openapi_endpoint"] = str(parsed["openapi_endpoint"]).rstrip("/")
     sandbox_problems = _sandbox_path_problems(parsed, dotenv_path)
     if sandbox_problems:

@@ -125,6 +125,24 @@ def save_state(path: str, state: dict[str, list[str]]) -> None:
     os.replace(tmp, path)
 
 
+def outbox_bytes(name: str, size: int) -> bytes:
+    """The deterministic content [outbox=NAME:SIZE] writes (tests compare what arrives with it)."""
+    seed = name.encode("utf-8") + b"\x00\xff"
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def write_outbox(prompt: str) -> None:
+    """Directives [outbox=NAME:SIZE] (write outbox/NAME with `outbox_bytes`) and [outbox-link=NAME:TARGET] (make
+    outbox/NAME a symlink to TARGET), carried out in the cwd (the conversation's workspace)."""
+    for kind, name, value in re.findall(r"\[(outbox|outbox-link)=([^\]:/]+):([^\]]+)\]", prompt):
+        os.makedirs("outbox", exist_ok=True)
+        if kind == "outbox":
+            with open(os.path.join("outbox", name), "wb") as fh:
+                fh.write(outbox_bytes(name, int(value)))
+        else:
+            os.symlink(value, os.path.join("outbox", name))
+
+
 def on_sigterm(signum: int, frame: Any) -> None:
     """The real CLI exits 0 promptly after SIGTERM."""
     os._exit(0)
@@ -239,6 +257,7 @@ def main() -> int:
         out({"type": "user", "session_id": session_id, "message": {"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": tool_id, "content": ""}]}})
 
+    write_outbox(prompt)
     if "[crash]" in prompt:
         sys.stderr.write("Traceback: boom\n")
         sys.stderr.flush()

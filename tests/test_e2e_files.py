@@ -172,6 +172,8 @@ def test_files_written_to_outbox_reach_a_one_to_one_chat_as_file_and_picture_mes
     assert not standin.batch_sends() or all(r.msg_key in ("sampleFile", "sampleImageMsg")
                                             for r in standin.batch_sends())
     assert all(upload.media_id not in bot.log_text() for _, upload in messages)  # media ids never logged
+    argv = _runs_of(tmp_path, "写个报告")[0]["argv"]  # CodeBuddy was told where to leave files
+    assert "outbox/" in argv[argv.index("--append-system-prompt") + 1]
 
 
 def test_a_file_written_to_outbox_reaches_the_group(files_bot):

@@ -300,7 +300,8 @@ class AttachmentIntake:
                 item = self.fetcher.fetch(ref, conversation_key)
             except AttachmentError as exc:
                 log.warning("附件下载失败 msgId=%s user=%s: %s", msg_id or "-", user_id, exc)
-                problems.append(f"{KIND_LABELS.get(ref.kind, ref.kind)} {ref.name}: {exc}")
+                label = KIND_LABELS.get(ref.kind, ref.kind)
+                problems.append(f"{label if ref.name == label else f'{label} {ref.name}'}: {exc}")
                 continue
             except Exception as exc:  # runs in a pool: an escaping exception would vanish unlogged
                 log.exception("附件下载出错 msgId=%s user=%s", msg_id or "-", user_id)

@@ -20,7 +20,8 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
@@ -280,20 +281,63 @@ class PendingAttachments:
 
 
 class AttachmentIntake:
-    """Takes a message's attachments off the intake thread: downloads them, then keeps them or submits the prompt."""
+    """Takes a message's attachments off the intake thread: downloads them, then keeps them or submits the prompt.
+
+    One user's downloads in one chat run in arrival order, and a prompt that user sends meanwhile waits for them
+    (off the intake thread): a picture followed at once by its question makes one prompt.
+    """
 
     def __init__(self, fetcher: AttachmentFetcher, pending: PendingAttachments, *, workers: int = 2) -> None:
         self.fetcher = fetcher
         self.pending = pending
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attachments")
+        self._lock = threading.RLock()
+        self._latest: dict[tuple[str, str], Future] = {}  # the last download job of (chat, user) not yet done
+        self._waiting: dict[Future, list[Callable[[], object]]] = {}  # prompts waiting for a job, in order
+        self._prompts_waiting: dict[tuple[str, str], int] = {}
 
     def receive(self, conversation_key: str, user_id: str, refs: Iterable[AttachmentRef], text: str, *,
                 reply: Callable[[str], object], submit: Callable[[str], object], msg_id: str = "") -> None:
         """Fetch `refs` in the background; then submit `text` with them, or (no text) keep them and say so."""
-        self._pool.submit(self._receive, conversation_key, user_id, tuple(refs), text, reply, submit, msg_id)
+        key = (conversation_key, user_id)
+        with self._lock:
+            job = self._pool.submit(self._receive, self._latest.get(key), key, tuple(refs), text, reply, submit,
+                                    msg_id)
+            self._latest[key] = job
+        job.add_done_callback(lambda done: self._done(key, done))
 
-    def _receive(self, conversation_key: str, user_id: str, refs: tuple[AttachmentRef, ...], text: str,
+    def _done(self, key: tuple[str, str], done: Future) -> None:
+        # Under the lock, so a prompt arriving now cannot overtake the ones that waited for this job.
+        with self._lock:
+            if self._latest.get(key) is done:
+                del self._latest[key]
+            waiting = self._waiting.pop(done, [])
+            if waiting:
+                self._prompts_waiting[key] -= len(waiting)
+                if not self._prompts_waiting[key]:
+                    del self._prompts_waiting[key]
+            for then in waiting:
+                try:
+                    then()
+                except Exception:  # a pool's callback: an escaping exception would only be printed
+                    log.exception("处理等待附件的消息失败 user=%s", key[1])
+
+    def when_fetched(self, conversation_key: str, user_id: str, then: Callable[[], object]) -> None:
+        """Call `then` once this user's downloads in this chat are done: at once when none are under way."""
+        key = (conversation_key, user_id)
+        with self._lock:
+            job = self._latest.get(key)
+            if job is None:
+                then()
+                return
+            self._waiting.setdefault(job, []).append(then)
+            self._prompts_waiting[key] = self._prompts_waiting.get(key, 0) + 1
+
+    def _receive(self, previous: Future | None, key: tuple[str, str], refs: tuple[AttachmentRef, ...], text: str,
                  reply: Callable[[str], object], submit: Callable[[str], object], msg_id: str) -> None:
+        if previous is not None:
+            futures_wait([previous])  # submitted earlier, so never queued behind this job
+        conversation_key, user_id = key
         saved, problems = [], []
         for ref in refs:
             try:
@@ -318,7 +362,9 @@ class AttachmentIntake:
         elif saved:
             self.pending.add(conversation_key, user_id, saved)
             names = "、".join(item.name for item in saved)
-            reply(f"已收到 {names}，请告诉我要做什么。" + (f"\n{failed}" if failed else ""))
+            with self._lock:  # the question already arrived: it takes these with it
+                asked = key in self._prompts_waiting
+            reply(f"已收到 {names}{'。' if asked else '，请告诉我要做什么。'}" + (f"\n{failed}" if failed else ""))
         else:
             reply(failed)
 

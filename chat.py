@@ -146,7 +146,11 @@ class ChatApp:
         if len(message.text) > MAX_PROMPT_CHARS:
             self.reply(message, f"消息过长 ({len(message.text)} 字)，请控制在 {MAX_PROMPT_CHARS} 字以内。")
             return
-        self.submit_prompt(message, message.text)
+        if self.attachments is None:
+            self.submit_prompt(message, message.text)
+        else:  # after the sender's attachments still downloading in this chat, which the prompt then carries
+            self.attachments.when_fetched(message.conversation_key, message.user_id,
+                                          lambda: self.submit_prompt(message, message.text))
 
     def submit_prompt(self, message: IncomingMessage, prompt: str) -> None:
         """Queue `prompt` (with any attachments the sender left before it in this chat) as the sender's task."""

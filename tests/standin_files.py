@@ -11,6 +11,7 @@ does not carry (.html, executables, a non-image uploaded as an image).
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import email.policy
 import json
@@ -51,6 +52,7 @@ class Upload:
 class _Download:
     data: bytes
     announce_length: bool
+    delay: float = 0.0
 
 
 class FileRoutes:
@@ -72,12 +74,12 @@ class FileRoutes:
 
     # ---------------------------------------------------------------- test controls
 
-    def add_download(self, data: bytes, *, announce_length: bool = True) -> tuple[str, str]:
+    def add_download(self, data: bytes, *, announce_length: bool = True, delay: float = 0.0) -> tuple[str, str]:
         """Register `data` as an attachment: (downloadCode, pictureDownloadCode). Without `announce_length`
-        the download is served chunked, with no Content-Length."""
+        the download is served chunked, with no Content-Length; `delay`: seconds before the answer starts."""
         code, picture_code = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
         with self._lock:
-            self._codes[code] = _Download(data, announce_length)
+            self._codes[code] = _Download(data, announce_length, delay)
             self._picture_codes.add(picture_code)
         return code, picture_code
 
@@ -163,6 +165,7 @@ class FileRoutes:
             return web.Response(status=403, text="AccessDenied")
         self.standin._record(request, "", None, arrived, 200, {"size": len(download.data)})
         self.files_served += 1
+        await asyncio.sleep(download.delay)
         if download.announce_length:
             return web.Response(body=download.data, content_type="application/octet-stream")
         response = web.StreamResponse()
@@ -214,9 +217,9 @@ class FileRoutes:
 # ---------------------------------------------------------------- bot messages carrying pictures and files
 
 
-def send_picture(standin: DingTalkStandin, data: bytes, **message: Any) -> SentMessage:
-    """A `picture` bot message whose picture is `data`."""
-    code, picture_code = standin.files.add_download(data)
+def send_picture(standin: DingTalkStandin, data: bytes, *, delay: float = 0.0, **message: Any) -> SentMessage:
+    """A `picture` bot message whose picture is `data` (its download answered after `delay` seconds)."""
+    code, picture_code = standin.files.add_download(data, delay=delay)
     return standin.send_bot_message(msgtype="picture", content={"downloadCode": code,
                                                                 "pictureDownloadCode": picture_code}, **message)
 

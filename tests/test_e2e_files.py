@@ -102,6 +102,16 @@ def test_a_picture_and_a_file_sent_alone_arrive_byte_identical_and_the_next_prom
     assert all(r.status == 200 for r in standin.requests if r.path == DOWNLOAD_PATH)
 
 
+def test_a_question_sent_while_its_picture_still_downloads_waits_for_it(files_bot):
+    standin, bot, tmp_path = files_bot
+    picture = send_picture(standin, PNG, delay=1.0, sender_staff_id="quick-user")
+    question = standin.send_bot_message("图里是什么？", sender_staff_id="quick-user")
+    assert "回答:" in _texts(standin, question, 2)[1]
+    assert _texts(standin, picture, 1) == ["已收到 图片.png。"]  # no "tell me what to do": the question came
+    runs = _runs_of(tmp_path, "图里是什么？")
+    assert len(runs) == 1 and re.search(r"- attachments/[\w.-]+\.png \(图片", runs[0]["prompt"])
+
+
 def test_rich_text_words_and_picture_make_one_prompt(files_bot):
     standin, bot, tmp_path = files_bot
     sent = send_rich_text(standin, ["看看这个报错截图", PNG, "怎么修？"], sender_staff_id="rich-user")

@@ -301,6 +301,7 @@ def run_daemon(config: Config) -> int:
     log.info("启动 DingTalk CodeBuddy 机器人: workers=%d, sync_timeout=%.0fs, task_timeout=%.0fs, cli=%s",
              config.max_workers, config.sync_timeout, config.task_timeout, client.binary)
     manager.recover()
+    client.files.resume(manager.get_task)  # files staged for answers delivered just before the bot stopped
     manager.start()
     def on_data(data: dict) -> None:
         try:

@@ -14,6 +14,7 @@ a symlink (or a hard-linked file) is refused and moved to `outbox/refused/`, as 
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import mimetypes
@@ -223,6 +224,20 @@ class OutboxFiles:
         if not _TASK_ID.match(task.id):
             return None
         return self._senders.submit(self.send_staged, task)
+
+    def resume(self, task_for: Callable[[str], Task | None]) -> int:
+        """At start: send the files still staged for answers delivered before the bot stopped; how many tasks.
+
+        (An answer not yet delivered sends its files itself once the restart's recovery delivers it.)"""
+        resumed = 0
+        for path in sorted(glob.glob(os.path.join(self.workspaces.root, "conversations", "*", STAGE_DIR, "*"))):
+            task = task_for(os.path.basename(path)) if _TASK_ID.match(os.path.basename(path)) else None
+            if task is not None and task.delivered and os.path.dirname(path) == os.path.dirname(
+                    self._stage_dir(task.conversation_key, task.id)):
+                log.info("重新发送上次未发送的文件 task=%s user=%s", task.id, task.user_id)
+                self.deliver_after(task)
+                resumed += 1
+        return resumed
 
     def send_staged(self, task: Task) -> int:
         """Upload and push each staged file of `task`, then move it to `outbox/sent/`; how many were sent."""

@@ -114,3 +114,20 @@ def test_every_download_upload_and_file_send_is_a_metered_call(standin, tmp_path
     saved = fetcher.fetch(AttachmentRef("file", code, "a.txt"), "chat")
     assert (saved.size, saved.path.endswith(".txt"), sender.stats["metered_download"]) == (3, True, 1)
     assert standin.batch_sends()[-1].text.startswith("以下文件未能发送: refused.exe.txt")
+
+
+def test_files_staged_for_an_answer_delivered_before_a_restart_are_sent_at_start(standin, tmp_path):
+    sender = DingTalkSender(standin.base_url, standin.client_id, standin.client_secret, standin.robot_code,
+                            retry_window=5)
+    files, outbox = _outbox(tmp_path, sender)
+    files.oapi_endpoint = standin.base_url
+    (outbox / "late.txt").write_text("late")
+    files.collect("chat", "task5")
+    restarted, _ = _outbox(tmp_path / "again", sender)  # a new process: nothing in memory
+    restarted.workspaces, restarted.oapi_endpoint = files.workspaces, standin.base_url
+    delivered, undelivered = _task("task5"), _task("task5")
+    delivered.delivered = True
+    assert restarted.resume(lambda task_id: undelivered if task_id == "task5" else None) == 0
+    assert restarted.resume(lambda task_id: delivered if task_id == "task5" else None) == 1
+    standin.wait_for(lambda: standin.files.file_messages())
+    assert [upload.filename for _, upload in standin.files.file_messages()] == ["late.txt"]

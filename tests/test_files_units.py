@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+import urllib3
 
 from attachments import (
     AttachmentFetcher,
@@ -18,7 +21,7 @@ from dingtalk_sender import DingTalkSender, Route
 from outbox_files import OutboxFiles
 from sandbox import Workspaces
 from task import Task
-from tests.standin_files import UPLOAD_PATH
+from tests.standin_files import DOWNLOAD_PATH, UPLOAD_PATH
 
 
 def test_attachments_are_read_from_the_raw_callback_with_download_codes_only():
@@ -131,3 +134,37 @@ def test_files_staged_for_an_answer_delivered_before_a_restart_are_sent_at_start
     assert restarted.resume(lambda task_id: delivered if task_id == "task5" else None) == 1
     standin.wait_for(lambda: standin.files.file_messages())
     assert [upload.filename for _, upload in standin.files.file_messages()] == ["late.txt"]
+
+
+def test_the_stand_in_refuses_what_dingtalk_refuses(standin):
+    http = urllib3.PoolManager()
+    token = json.loads(http.request("POST", standin.base_url + "/v1.0/oauth2/accessToken", json={
+        "appKey": standin.client_id, "appSecret": standin.client_secret}).data)["accessToken"]
+
+    def download(code: str) -> urllib3.BaseHTTPResponse:
+        return http.request("POST", standin.base_url + DOWNLOAD_PATH, json={"downloadCode": code,
+                            "robotCode": standin.robot_code}, headers={"x-acs-dingtalk-access-token": token})
+
+    def upload(kind: str, name: str, data: bytes, access_token: str = token) -> dict:
+        return json.loads(http.request("POST", f"{standin.base_url}{UPLOAD_PATH}?access_token={access_token}"
+                                       f"&type={kind}", fields={"media": (name, data)}).data)
+
+    code, picture_code = standin.files.add_download(b"data")
+    assert download(picture_code).status == 500 and download("unknown").status == 400
+    url = json.loads(download(code).data)["downloadUrl"]
+    assert http.request("GET", url).data == b"data"
+    assert upload("file", "a.txt", b"x", access_token="bad")["errcode"] == 40014
+    assert upload("file", "page.html", b"<p>")["errcode"] == 40005
+    assert upload("image", "a.txt", b"x")["errcode"] == 40005
+    assert upload("file", "big.bin", b"x" * (20 * 1024 * 1024 + 1))["errcode"] == 40006
+    media_id = upload("file", "a.txt", b"x")["media_id"]
+
+    def push(msg_key: str, param: dict) -> int:
+        return http.request("POST", standin.base_url + "/v1.0/robot/oToMessages/batchSend", json={
+            "robotCode": standin.robot_code, "userIds": ["u"], "msgKey": msg_key, "msgParam": json.dumps(param)},
+            headers={"x-acs-dingtalk-access-token": token}).status
+
+    assert push("sampleFile", {"mediaId": "@forged", "fileName": "a.txt", "fileType": "txt"}) == 400
+    assert push("sampleFile", {"mediaId": media_id, "fileName": "a.txt"}) == 400
+    assert push("sampleImageMsg", {"photoURL": media_id}) == 400  # a file's media is not a picture
+    assert push("sampleFile", {"mediaId": media_id, "fileName": "a.txt", "fileType": "txt"}) == 200

@@ -89,6 +89,46 @@ def _free_name(name: str, dir_fd: int) -> str:
         candidate = f"{stem}-{number}{dot}{ext}"
 
 
+def _refuse(outbox_fd: int, name: str) -> None:
+    """Move a refused entry (the link itself, never its target) to outbox/refused/."""
+    refused_fd = _open_dir(REFUSED_DIR, outbox_fd, create=True)
+    try:
+        os.rename(name, _free_name(name, refused_fd), src_dir_fd=outbox_fd, dst_dir_fd=refused_fd)
+    finally:
+        os.close(refused_fd)
+
+
+def _copy_to_stage(outbox_fd: int, name: str, shown: str, stage_dir: str, max_bytes: int) -> tuple[str, int]:
+    """Copy one regular file (opened without following links) to staging, zipped if DingTalk refuses its type."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=outbox_fd)
+    except OSError as exc:
+        log.warning("outbox 文件无法打开: %s (%s)", shown, exc.strerror)
+        return "", 0
+    with os.fdopen(fd, "rb") as source:
+        info = os.fstat(source.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+            return "", 0
+        data = source.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        return "", 0
+    ext = shown.rpartition(".")[2].lower() if "." in shown else ""
+    stage_fd = _open_dir(stage_dir)
+    try:
+        target = _free_name(shown + ".zip" if ext in ZIPPED_EXTENSIONS else shown, stage_fd)
+        out_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=stage_fd)
+    finally:
+        os.close(stage_fd)
+    with os.fdopen(out_fd, "wb") as out:
+        if target.endswith(".zip") and ext in ZIPPED_EXTENSIONS:
+            with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+                archive.writestr(shown, data)
+        else:
+            out.write(data)
+        size = out.tell()
+    return target, size
+
+
 class FileSendError(Exception):
     """Uploading or sending one file failed."""
 
@@ -157,12 +197,12 @@ class OutboxFiles:
             if stat.S_ISDIR(info.st_mode):
                 continue
             if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
-                self._refuse(outbox_fd, name)
+                _refuse(outbox_fd, name)
                 log.warning("outbox 中的 %s 是符号链接或链接文件，已拒绝 task=%s", shown, task_id)
                 notes.append(f"{shown} 是链接，不是工作目录中的普通文件: 未发送 (已移到 {OUTBOX_DIR}/{REFUSED_DIR}/)")
                 continue
             if info.st_size > self.max_bytes:
-                self._refuse(outbox_fd, name)
+                _refuse(outbox_fd, name)
                 notes.append(f"{shown} 超过 {self.max_bytes // (1024 * 1024)} MB ({human_size(info.st_size)}): "
                              f"未发送 (已移到 {OUTBOX_DIR}/{REFUSED_DIR}/)")
                 continue
@@ -172,50 +212,13 @@ class OutboxFiles:
             if not stage_dir:
                 stage_dir = self._stage_dir(conversation_key, task_id)
                 os.makedirs(stage_dir, mode=0o700, exist_ok=True)
-            sent_name, size = self._copy_to_stage(outbox_fd, name, shown, stage_dir)
+            sent_name, size = _copy_to_stage(outbox_fd, name, shown, stage_dir, self.max_bytes)
             if sent_name:
                 os.unlink(name, dir_fd=outbox_fd)
                 staged.append((sent_name, size))
         if left:
             notes.append(f"还有 {left} 个文件留在 {OUTBOX_DIR}/ (每次回答最多发送 {self.max_files} 个)")
         return staged, notes
-
-    def _refuse(self, outbox_fd: int, name: str) -> None:
-        refused_fd = _open_dir(REFUSED_DIR, outbox_fd, create=True)
-        try:
-            os.rename(name, _free_name(name, refused_fd), src_dir_fd=outbox_fd, dst_dir_fd=refused_fd)
-        finally:
-            os.close(refused_fd)
-
-    def _copy_to_stage(self, outbox_fd: int, name: str, shown: str, stage_dir: str) -> tuple[str, int]:
-        """Copy one regular file (opened without following links) to staging, zipped if DingTalk refuses its type."""
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=outbox_fd)
-        except OSError as exc:
-            log.warning("outbox 文件无法打开: %s (%s)", shown, exc.strerror)
-            return "", 0
-        with os.fdopen(fd, "rb") as source:
-            info = os.fstat(source.fileno())
-            if not stat.S_ISREG(info.st_mode) or info.st_size > self.max_bytes:
-                return "", 0
-            data = source.read(self.max_bytes + 1)
-        if len(data) > self.max_bytes:
-            return "", 0
-        ext = shown.rpartition(".")[2].lower() if "." in shown else ""
-        stage_fd = _open_dir(stage_dir)
-        try:
-            target = _free_name(shown + ".zip" if ext in ZIPPED_EXTENSIONS else shown, stage_fd)
-            out_fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=stage_fd)
-        finally:
-            os.close(stage_fd)
-        with os.fdopen(out_fd, "wb") as out:
-            if target.endswith(".zip") and ext in ZIPPED_EXTENSIONS:
-                with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
-                    archive.writestr(shown, data)
-            else:
-                out.write(data)
-            size = out.tell()
-        return target, size
 
     # -- after the answer
 

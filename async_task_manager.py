@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import task_texts
-from approvals import Approvals
 from codebuddy_client import new_session_id
 from config import MEMORY_RETENTION_SECONDS, SEED_LONG_TASK_KEYWORDS, Config
 from delivery import Outbox
@@ -46,26 +45,28 @@ class AsyncTaskManager:
                  memory_retention: float = MEMORY_RETENTION_SECONDS, tick: float = 0.5,
                  retry_backoff: float = 60.0, give_up_after: float = 86400.0,
                  clock: Callable[[], float] = time.time, secrets: Iterable[str] = (),
-                 supervisor: Supervisor | None = None, approval_timeout: float = 300.0, approvals: bool = True) -> None:
+                 supervisor: Supervisor | None = None, approval_timeout: float = 300.0, approvals: bool = True,
+                 after_result: Callable[[Task], object] | None = None) -> None:
         self.client, self.clock = client, clock
         self.supervisor = supervisor if supervisor is not None else Supervisor()
         self.store: TaskStore = store if store is not None else MemoryTaskStore()
         self.router = Router(self.store, sync_timeout=sync_timeout, keywords=keywords)
         self.board = TaskBoard(self.store, self.router, limits=Limits(max_workers, max_tasks_per_user), clock=clock,
                                memory_retention=memory_retention, retention_days=retention_days)
-        self.outbox = Outbox(sender, clock=clock, mark_delivered=self.board.mark_delivered,
+        self.outbox = Outbox(sender, clock=clock, mark_delivered=lambda task: (  # recorded, then its files sent
+                             self.board.mark_delivered(task), after_result is not None and after_result(task)),
                              mark_undeliverable=self.board.mark_undeliverable, give_up_after=give_up_after,
                              written=lambda: self.store.wait_written(DELIVERED_WRITE_WAIT), retry_backoff=retry_backoff)
-        approval = Approvals(lambda task, text: self.outbox.notice(task.route, text, task_id=task.id, markdown=True),
-                             timeout=approval_timeout, enabled=approvals)  # asked in the task's chat
         self.workers = Workers(self.board, client, self.outbox, task_timeout=task_timeout, secrets=secrets,
-                               session_for=self.conversation_session, supervisor=self.supervisor, approvals=approval)
+                               session_for=self.conversation_session, supervisor=self.supervisor,
+                               approval_timeout=approval_timeout, approvals=approvals)
         self.monitor = Monitor(self.board, self.outbox, sync_timeout=sync_timeout,
                                progress_interval=progress_interval, tick=tick, supervisor=self.supervisor)
         self._accepting = True
 
     @classmethod
-    def from_config(cls, config: Config, client: Client, sender: Sender, store: TaskStore) -> AsyncTaskManager:
+    def from_config(cls, config: Config, client: Client, sender: Sender, store: TaskStore,
+                    after_result: Callable[[Task], object] | None = None) -> AsyncTaskManager:
         """A manager with the bot's settings."""
         return cls(client, sender, store, max_workers=config.max_workers,
                    max_tasks_per_user=config.max_tasks_per_user, sync_timeout=config.sync_timeout,
@@ -73,7 +74,7 @@ class AsyncTaskManager:
                    progress_interval=config.progress_interval, retention_days=config.task_retention_days,
                    retry_backoff=min(60.0, config.delivery_retry_window),
                    give_up_after=config.delivery_give_up_hours * 3600, secrets=config.secrets,
-                   approval_timeout=config.approval_timeout, approvals=config.approvals)
+                   approval_timeout=config.approval_timeout, approvals=config.approvals, after_result=after_result)
 
     # ------------------------------------------------------------ routing and the board, for callers
 

@@ -37,6 +37,7 @@ import health
 import systemd_notify
 import task_table
 from async_task_manager import AsyncTaskManager
+from attachments import attachment_refs
 from chat import ChatApp, IncomingMessage
 from codebuddy_client import CodeBuddyClient
 from config import (
@@ -49,6 +50,7 @@ from config import (
     setting_default,
 )
 from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, describe_network_error, open_stream_connection
+from file_transfer import with_file_transfer
 from intake import Intake, settle
 from logs import log_destination, output_handlers, setup_logging, stop_logging
 from metrics import DurationHistogram, TimedClient
@@ -109,6 +111,7 @@ def incoming_from_callback(data: dict) -> IncomingMessage:
         msgtype=msgtype,
         session_webhook=str(message.session_webhook or ""),
         webhook_expires_ms=int(message.session_webhook_expired_time or 0),
+        attachments=attachment_refs(data),  # from the raw data: the SDK parses only picture and richText
     )
 
 
@@ -283,9 +286,10 @@ def build_app(config: Config, durations: DurationHistogram | None = None
     """Create the sender, client (its runs timed into `durations`), store, manager and chat app from `config`."""
     sender = DingTalkSender(config.openapi_endpoint, config.client_id, config.client_secret, config.robot_code,
                             retry_window=config.delivery_retry_window, secrets=config.secrets)
-    client = TimedClient(CodeBuddyClient.from_config(config), durations or DurationHistogram())
-    manager = AsyncTaskManager.from_config(config, client, sender, open_store(config.task_db))
-    return sender, client, manager, ChatApp(manager, config)
+    client, after_result, attachments = with_file_transfer(config, sender, CodeBuddyClient.from_config(config))
+    client = TimedClient(client, durations or DurationHistogram())
+    manager = AsyncTaskManager.from_config(config, client, sender, open_store(config.task_db), after_result)
+    return sender, client, manager, ChatApp(manager, config, attachments=attachments)
 
 
 def run_daemon(config: Config) -> int:
@@ -300,6 +304,7 @@ def run_daemon(config: Config) -> int:
     if orphans:
         log.warning("已结束上次运行遗留的 %d 个 CLI 进程", orphans)
     manager.recover()
+    client.files.resume(manager.get_task)  # files staged for answers delivered just before the bot stopped
     manager.start()
     client.pool.start_reaper(min(30.0, config.warm_idle_seconds / 4))
 

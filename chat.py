@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import task_texts
 from async_task_manager import AsyncTaskManager
+from attachments import AttachmentIntake, AttachmentRef
 from config import MAX_PROMPT_CHARS, Config
 from dingtalk_sender import Route
 from rate_limits import RateLimits
@@ -58,6 +59,7 @@ class IncomingMessage:
     msgtype: str = "text"
     session_webhook: str = ""
     webhook_expires_ms: int = 0
+    attachments: tuple[AttachmentRef, ...] = ()  # pictures, files, videos to fetch (attachments.py)
 
     @property
     def conversation_key(self) -> str:
@@ -71,10 +73,12 @@ class IncomingMessage:
 class ChatApp:
     """Decides what to do with one message: refuse, answer a command, or submit a task."""
 
-    def __init__(self, manager: AsyncTaskManager, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, manager: AsyncTaskManager, config: Config, *, clock: Callable[[], float] = time.time,
+                 attachments: AttachmentIntake | None = None) -> None:
         self.manager = manager
         self.config = config
         self.clock = clock
+        self.attachments = attachments  # None: pictures and files get the "not supported" reply
         self.limits = RateLimits(clock)  # per user: prompts and commands per minute, one refusal per while
 
     def route_for(self, message: IncomingMessage) -> Route:
@@ -120,6 +124,13 @@ class ChatApp:
             if self._once_per(message.user_id, "refusal", 3600):
                 self.reply(message, "抱歉，你没有使用此机器人的权限。如需开通，请联系管理员。")
             return
+        if message.attachments and self.attachments is not None:
+            if not self._over_limit(message, "prompt"):
+                self.attachments.receive(message.conversation_key, message.user_id, message.attachments,
+                                         message.text[:MAX_PROMPT_CHARS], msg_id=message.msg_id,
+                                         reply=lambda text: self.reply(message, text),
+                                         submit=lambda prompt: self.submit_prompt(message, prompt))
+            return
         if not message.text:
             if not self._over_limit(message, "command"):
                 self.reply(message, self.without_text(message.msgtype))
@@ -141,12 +152,22 @@ class ChatApp:
         if len(message.text) > MAX_PROMPT_CHARS:
             self.reply(message, f"消息过长 ({len(message.text)} 字)，请控制在 {MAX_PROMPT_CHARS} 字以内。")
             return
+        if self.attachments is None:
+            self.submit_prompt(message, message.text)
+        else:  # after the sender's attachments still downloading in this chat, which the prompt then carries
+            self.attachments.when_fetched(message.conversation_key, message.user_id,
+                                          lambda: self.submit_prompt(message, message.text))
+
+    def submit_prompt(self, message: IncomingMessage, prompt: str) -> None:
+        """Queue `prompt` (with any attachments the sender left before it in this chat) as the sender's task."""
         waiting = self.manager.queued_count(message.user_id)
         if waiting >= self.config.max_queued_per_user:
             log.warning("排队任务已达上限 (%d 个) user=%s", waiting, message.user_id)
             self.reply(message, f"你已有 {waiting} 个任务在排队，请等待完成或 /cancel 后再发送。")
             return
-        task = self.manager.submit(message.text, self.route_for(message), user_id=message.user_id,
+        if self.attachments is not None:
+            prompt = self.attachments.with_pending(message.conversation_key, message.user_id, prompt)
+        task = self.manager.submit(prompt, self.route_for(message), user_id=message.user_id,
                                    user_name=message.user_name, conversation_key=message.conversation_key,
                                    msg_id=message.msg_id)
         if task is None:

@@ -177,7 +177,7 @@ class CodeBuddyClient:
                  permission_mode: str = "acceptEdits", timeout: float = 1800.0, kill_grace: float = 3.0,
                  env: Mapping[str, str] | None = None, poll_interval: float = 0.1,
                  sandbox: Sandbox | None = None, warm_sessions: int = 0, warm_idle_seconds: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, append_system_prompt: str = "") -> None:
         # A relative path with a slash would be looked up from the run's cwd (the workspace): pin it now.
         self.binary = os.path.abspath(binary) if os.sep in binary and not os.path.isabs(binary) else binary
         self.workspaces = Workspaces(workdir)
@@ -189,6 +189,7 @@ class CodeBuddyClient:
         self.poll_interval = poll_interval
         self.clock = clock
         self.sandbox: Sandbox = sandbox if sandbox is not None else NoSandbox()
+        self.append_system_prompt = append_system_prompt  # e.g. where to leave files for the chat (outbox_files)
         # Where each run's allowlisted environment is taken from (sandbox.run_environment picks).
         self._env_source = dict(os.environ if env is None else env)
         self.pool = WarmPool(warm_sessions, warm_idle_seconds, clock=clock,
@@ -225,6 +226,8 @@ class CodeBuddyClient:
         # --session-id continues the session if it exists; --resume-create-missing with `initialize` loses the
         # first message (docs/warm-sessions.md).
         argv += ["--session-id", session_id]
+        if self.append_system_prompt:
+            argv += ["--append-system-prompt", self.append_system_prompt]
         argv += list(self.extra_args)
         return argv
 

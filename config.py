@@ -154,6 +154,9 @@ SETTINGS: tuple[Setting, ...] = (
             "on: a tool the permission mode does not allow is asked of the sender in the chat; off: denied"),
     Setting("APPROVAL_TIMEOUT", "approval_timeout", "300", positive_float,
             "Seconds to wait for the sender's 同意/拒绝 (or an answer to CodeBuddy's question); no answer = denied"),
+    Setting("DINGTALK_OAPI_ENDPOINT", "oapi_endpoint", "https://oapi.dingtalk.com", any_text, "Media upload host"),
+    Setting("MAX_ATTACHMENT_MB", "max_attachment_mb", "20", parse_positive_int, "Largest file in or out (MB)"),
+    Setting("MAX_FILES_OUT", "max_files_out", "5", parse_positive_int, "Files from outbox/ sent with one answer"),
 )
 
 
@@ -196,6 +199,9 @@ class Config:
     shutdown_grace: float
     user_rate_limit: int
     status_port: int | None
+    oapi_endpoint: str
+    max_attachment_mb: int
+    max_files_out: int
     warm_sessions: int = 4
     warm_idle_seconds: float = 600.0
     approvals: bool = True
@@ -291,8 +297,7 @@ def read_config(environ: Mapping[str, str] | None = None, dotenv_path: str | os.
         except ConfigError as exc:
             problems.extend(exc.problems)
             parsed[setting.attr] = setting.parse(setting.env, setting.default)
-    if not parsed["robot_code"]:
-        parsed["robot_code"] = parsed["client_id"]
+    parsed["robot_code"] = parsed["robot_code"] or parsed["client_id"]
     parsed["openapi_endpoint"] = str(parsed["openapi_endpoint"]).rstrip("/")
     sandbox_problems = _sandbox_path_problems(parsed, dotenv_path)
     if sandbox_problems:

@@ -292,6 +292,15 @@ class DingTalkSender:
         with self._stats_lock:
             self.stats[key] = self.stats.get(key, 0) + 1
 
+    def record_metered(self, kind: str) -> None:
+        """Count one metered OpenAPI call of `kind` (download, media_upload, file_send): the monthly budget."""
+        self._count(f"metered_{kind}")
+
+    def call_openapi(self, path: str, body: dict, *, retry_window: float | None = None) -> dict:
+        """POST `body` to an OpenAPI `path` with the pushes' retries: the response body, or DeliveryError."""
+        window = self.retry_window if retry_window is None else min(self.retry_window, retry_window)
+        return self._push_with_retry(path, body, self._clock() + window)
+
     # -- the seam
 
     def send(self, route: Route, text: str, *, markdown: bool = False, title: str = "CodeBuddy",

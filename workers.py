@@ -23,7 +23,7 @@ class Workers:
 
     def __init__(self, board: TaskBoard, client: Client, outbox: Outbox, *, task_timeout: float,
                  session_for: Callable[[str], str], supervisor: Supervisor,
-                 secrets: Iterable[str] = (), approvals: Approvals | None = None) -> None:
+                 secrets: Iterable[str] = (), approval_timeout: float = 300.0, approvals: bool = True) -> None:
         self.board = board
         self.client = client
         self.outbox = outbox
@@ -31,7 +31,9 @@ class Workers:
         self.session_for = session_for  # the CodeBuddy session id of a conversation
         self._secrets = tuple(secrets)
         self.supervisor = supervisor
-        self.approvals = approvals or Approvals(lambda task, text: None, timeout=0.0, enabled=False)
+        # Questions a run asks its sender go to the task's chat, ahead of its result.
+        self.approvals = Approvals(lambda task, text: outbox.notice(task.route, text, task_id=task.id, markdown=True),
+                                   timeout=approval_timeout, enabled=approvals)
 
     def start(self) -> None:
         """Start one supervised thread per worker slot (a crash is logged and the worker restarted)."""

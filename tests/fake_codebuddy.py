@@ -256,6 +256,22 @@ def ask_user(question: str, session_id: str, out: Any, turn: Turn | None) -> str
         return f"问题被拒绝: {decision.get('reason', '')}"
     answers = (decision.get("updatedInput") or {}).get("answers") or {}
     return f"用户回答: {answers.get(question, '')}"
+def outbox_bytes(name: str, size: int) -> bytes:
+    """The deterministic content [outbox=NAME:SIZE] writes (tests compare what arrives with it)."""
+    seed = name.encode("utf-8") + b"\x00\xff"
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+def write_outbox(prompt: str) -> None:
+    """Directives [outbox=NAME:SIZE] (write outbox/NAME with `outbox_bytes`) and [outbox-link=NAME:TARGET] (make
+    outbox/NAME a symlink to TARGET), carried out in the cwd (the conversation's workspace)."""
+    for kind, name, value in re.findall(r"\[(outbox|outbox-link)=([^\]:/]+):([^\]]+)\]", prompt):
+        os.makedirs("outbox", exist_ok=True)
+        if kind == "outbox":
+            with open(os.path.join("outbox", name), "wb") as fh:
+                fh.write(outbox_bytes(name, int(value)))
+        else:
+            os.symlink(value, os.path.join("outbox", name))
 
 
 def on_sigterm(signum: int, frame: Any) -> None:
@@ -396,6 +412,7 @@ def run_prompt(prompt: str, argv: list[str], flags: dict[str, Any], write: Any, 
             return INTERRUPTED
         tools_said.append(said)
 
+    write_outbox(prompt)
     if "[crash]" in prompt:
         sys.stderr.write("Traceback: boom\n")
         sys.stderr.flush()

@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
 
+from tests.standin_files import FILE_MESSAGE_KEYS, FileRoutes
+
 T = TypeVar("T")
 
 BOT_TOPIC = "/v1.0/im/bot/messages/get"
@@ -45,6 +47,7 @@ REQUIRED_MSG_PARAM_KEYS = {
     "sampleText": ("content",),
     "sampleMarkdown": ("title", "text"),
     "sampleActionCard": ("title", "text", "singleTitle", "singleURL"),
+    **FILE_MESSAGE_KEYS,
 }
 
 
@@ -244,6 +247,7 @@ class DingTalkStandin:
         self._runner: web.AppRunner | None = None
         self._port = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self.files = FileRoutes(self)  # pictures and files (tests/standin_files.py)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -305,6 +309,7 @@ class DingTalkStandin:
     async def _serve(self, sock: socket.socket) -> None:
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_get(CONNECT_PATH, self._handle_connect)
+        self.files.add_routes(app)
         app.router.add_route("*", "/{tail:.*}", self._handle_http)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
@@ -771,6 +776,9 @@ class DingTalkStandin:
         missing = [k for k in REQUIRED_MSG_PARAM_KEYS.get(msg_key, ()) if not isinstance(param, dict) or k not in param]
         if not isinstance(param, dict) or missing:
             return 400, {"code": "invalidParameter.msgParam.invalid", "message": f"msgParam 缺少 {missing}"}
+        file_error = self.files.check_push(msg_key, param)
+        if file_error:
+            return file_error
         if len(msg_param.encode("utf-8")) > self.max_msg_param_bytes:
             return 400, {"code": "invalidParameter.msgParam.tooLong",
                          "message": f"msgParam 超过 {self.max_msg_param_bytes} 字节"}

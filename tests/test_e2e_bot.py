@@ -130,10 +130,10 @@ def test_non_text_messages_get_a_clear_reply_and_audio_uses_recognition(standin,
     rich = standin.send_bot_message(msgtype="richText", sender_staff_id="u10", content=rich_content)
     audio = standin.send_bot_message(msgtype="audio", content={"recognition": "语音问题", "duration": 2},
                                      sender_staff_id="u10")
-    assert "暂不支持图片" in replies(standin, picture, 1)[0]
+    assert replies(standin, picture, 1)[0].startswith("附件未能接收:\n- 图片: ")  # an unknown download code
     assert "消息为空" in replies(standin, empty, 1)[0]
-    for sent, expected in ((rich, "回答: 富文本"), (audio, "回答: 语音问题")):
-        assert expected in replies(standin, sent, 2)[1]
+    for sent, expected, count in ((rich, "回答: 富文本", 3), (audio, "回答: 语音问题", 2)):  # rich: + the failure
+        assert any(expected in text for text in replies(standin, sent, count))
     assert bot.proc.poll() is None
 
 

@@ -207,10 +207,10 @@ def test_bad_frames_are_rejected_and_the_daemon_stays_up(standin, make_bot):
 
 
 @pytest.mark.parametrize("msgtype,content,expected", [
-    ("file", {"fileName": "a.pdf", "downloadCode": "x"}, "暂不支持文件"),
-    ("video", {"downloadCode": "x", "duration": 3}, "暂不支持视频"),
+    ("file", {"fileName": "a.pdf", "downloadCode": "x"}, "附件未能接收:\n- 文件 a.pdf: 无法获取下载地址"),
+    ("video", {"downloadCode": "x", "duration": 3}, "附件未能接收:\n- 视频 视频.mp4: 无法获取下载地址"),
     ("audio", {"duration": 3}, "暂不支持语音"),
-    ("richText", {"richText": [{"downloadCode": "x", "type": "picture"}]}, "消息为空"),
+    ("richText", {"richText": [{"downloadCode": "x", "type": "picture"}]}, "附件未能接收:\n- 图片: 无法获取下载地址"),
     ("interactiveCard", {"x": 1}, "暂不支持 interactiveCard"),
 ])
 def test_unsupported_messages_get_a_clear_reply(standin, make_bot, msgtype, content, expected):

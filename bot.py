@@ -13,7 +13,6 @@ Run `python bot.py --help` for the commands; README.md's "How a message flows" h
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -31,6 +30,7 @@ import dependencies  # noqa: F401  (first: a missing package is one line saying 
 import websockets
 import websockets.exceptions  # the SDK uses websockets.exceptions without importing it (docs/wire-facts.md §1)
 
+import command_line
 import console
 import doctor
 import health
@@ -45,7 +45,6 @@ from config import (
     Config,
     ConfigError,
     load_config,
-    parse_positive_int,
     read_config,
     setting_default,
 )
@@ -58,7 +57,6 @@ from startup import config_failure, load_local_config, report_cli, sandbox_probl
 from status_server import StatusSources, start_status_server
 from store_journal import open_store
 from supervision import install_exception_hooks
-from task import STATUS_LABELS
 from task_store import StoreError
 
 __all__ = ["main", "run_daemon", "setup_logging"]
@@ -300,13 +298,10 @@ def run_daemon(config: Config) -> int:
     print(log_destination(), file=sys.stderr, flush=True)  # after the store opened: a start-up fault stays one line
     log.info("启动 DingTalk CodeBuddy 机器人: workers=%d, sync_timeout=%.0fs, task_timeout=%.0fs, cli=%s",
              config.max_workers, config.sync_timeout, config.task_timeout, client.binary)
-    orphans = client.kill_orphans()  # CLI processes a crash of this bot left behind (outside a sandbox)
-    if orphans:
-        log.warning("已结束上次运行遗留的 %d 个 CLI 进程", orphans)
+    client.start()  # kills CLI processes a crash of this bot left behind; ends idle warm ones from now on
     manager.recover()
     client.files.resume(manager.get_task)  # files staged for answers delivered just before the bot stopped
     manager.start()
-    client.pool.start_reaper(min(30.0, config.warm_idle_seconds / 4))
 
     def on_data(data: dict) -> None:
         try:
@@ -361,40 +356,9 @@ def run_daemon(config: Config) -> int:
 # ---------------------------------------------------------------- the command line
 
 
-def positive_int(raw: str) -> int:
-    """argparse type: a whole number greater than 0."""
-    return parse_positive_int("the value", raw)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run one command (the daemon when none is given); returns the exit code."""
-    parser = argparse.ArgumentParser(
-        prog="bot.py", description="DingTalk ⇄ CodeBuddy bot. Settings come from .env and the environment "
-        "(the environment wins); README.md lists them all.")
-    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
-    commands.add_parser("run", help="run the daemon: connect to DingTalk Stream and answer messages (default)",
-                        description="Run the daemon until SIGTERM/SIGINT. Under systemd (Type=notify) it sends "
-                        "READY=1, WATCHDOG=1 and STOPPING=1; STATUS_PORT serves /healthz and /metrics.")
-    commands.add_parser("check", help="doctor: show the settings, test the DingTalk credentials, the CLI and its "
-                        "login, the sandbox and the writable paths (exit 0 only if all pass)",
-                        description="Print every setting (secrets masked), every configuration problem at once and "
-                        "one ✓/✗ line per check: configuration, DingTalk access token, Stream gateway, the CodeBuddy "
-                        "CLI (binary, version, origin) and whether its runs can sign in, the sandbox, workspace, "
-                        "task DB and log file writable. Exit 0 only if every check passes.")
-    tasks = commands.add_parser("tasks", help="table of tasks from the task DB (TASK_DB)",
-                                description="Print the newest tasks from the SQLite task DB, newest first.")
-    tasks.add_argument("--user", metavar="ID", help="only this user's tasks (staff id)")
-    tasks.add_argument("--status", choices=list(STATUS_LABELS), help="only tasks with this status")
-    tasks.add_argument("--limit", metavar="N", type=positive_int, default=20, help="at most N rows (20)")
-    tasks.add_argument("--db", metavar="PATH", help="task DB file (default: TASK_DB)")
-    console_command = commands.add_parser(
-        "console", help="chat with the bot in this terminal, no DingTalk needed",
-        description="Each line of stdin goes through the same commands, routing, task manager and CodeBuddy CLI "
-        "(CODEBUDDY_BIN) as a DingTalk 1:1 message; what the chat would show is printed. Tasks are kept in memory "
-        "only. End of input waits for running tasks, then exits.")
-    console_command.add_argument("--user", metavar="ID", default="console",
-                                 help="the staff id you chat as (default: console; must be in ALLOWED_USERS if set)")
-    args = parser.parse_args(argv)
+    args = command_line.build_parser().parse_args(argv)
     command = args.command or "run"
     if command == "check":
         return doctor.run_check(os.environ)

@@ -397,6 +397,13 @@ class CodeBuddyClient:
         with self._running_lock:
             return run_tag in self._running
 
+    def start(self) -> None:
+        """At the bot's start: kill what a crash of this bot left running, then end idle warm processes in time."""
+        orphans = self.kill_orphans()
+        if orphans:
+            log.warning("已结束上次运行遗留的 %d 个 CLI 进程", orphans)
+        self.pool.start_reaper(min(30.0, self.pool.idle_seconds / 4))
+
     def close(self) -> None:
         """End every idle warm process (shutdown)."""
         self.pool.stop_all()

@@ -261,6 +261,12 @@ def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", o
         for result in check():
             results.append(result)
             print(result.line(), file=out, flush=True)
+    approvals = "APPROVALS=off: tools the mode does not allow are denied"
+    if config.approvals:
+        approvals = f"tools the mode does not allow are asked of the sender ({config.approval_timeout:.0f} s to answer)"
+    print(f"· warm sessions: up to {config.warm_sessions} CLI processes kept, ended after "
+          f"{config.warm_idle_seconds:.0f} s idle; {approvals}"
+          + ("" if config.status_port is not None else " (STATUS_PORT shows the live processes here)"), file=out)
     if config.status_port is not None:
         running = check_running_bot(config.status_port)
         if running is None:

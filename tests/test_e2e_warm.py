@@ -166,3 +166,14 @@ def test_approvals_off_denies_at_once(standin, make_bot, tmp_path):
     make_bot(APPROVALS="off")
     result = answer(standin, "跑 [tool=Bash:touch x.txt]", "w8")
     assert "工具 Bash 被拒绝: tool approvals are off" in result
+
+
+def test_a_task_waiting_for_its_sender_is_not_moved_to_the_background(standin, make_bot, tmp_path):
+    make_bot(SYNC_TIMEOUT="2")
+    sent = standin.send_bot_message("等我确认 [tool=Bash:echo ok]", sender_staff_id="w9")
+    replies(standin, sent, 2)  # the acknowledgement and the question
+    time.sleep(3)  # past SYNC_TIMEOUT while the question waits
+    answer(standin, "同意", "w9", count=1)
+    posts = replies(standin, sent, 3)
+    assert "工具 Bash 已执行: echo ok → ok" in posts[2]
+    assert not any("后台" in post for post in posts) and not standin.batch_sends()

@@ -96,6 +96,8 @@ def test_check_passes_with_good_credentials_and_masks_the_secret(tmp_path, stand
                                                 "✓ CodeBuddy CLI", "✓ CodeBuddy login", "✓ sandbox", "✓ workspace",
                                                 "✓ task DB", "✓ log file"]
     assert "2.163.0 (fake)" in result.stdout
+    assert "· warm sessions: up to 4 CLI processes kept, ended after 600 s idle; tools the mode does not allow are " \
+           "asked of the sender (300 s to answer)" in result.stdout
     assert re.search(r"DINGTALK_CLIENT_ID\s+test-client-id\s+\[environment\]", result.stdout)
     assert re.search(r"SYNC_TIMEOUT\s+60.0\s+\[default\]", result.stdout)
     assert CLIENT_SECRET not in result.stdout + result.stderr

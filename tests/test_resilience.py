@@ -309,12 +309,13 @@ def _sources(*, dead=(), connected=True, store_ok=True, retries=0, backlog=0.0):
         stream=SimpleNamespace(connected=connected),
         store=SimpleNamespace(health=lambda: SimpleNamespace(ok=store_ok, reason="" if store_ok else "database is "
                                                              "locked", pending=0 if store_ok else 3)),
-        manager=SimpleNamespace(outbox=SimpleNamespace(waiting_retries=retries)))
+        manager=SimpleNamespace(outbox=SimpleNamespace(waiting_retries=retries)),
+        client=SimpleNamespace(warm_stats=lambda: {"live": 1}))
 
 
 def test_health_is_ok_degraded_or_unhealthy_with_the_reason():
     assert health.assess(_sources()) == (200, {"status": "ok", "stream_connected": True, "store_writable": True,
-                                                "store_pending": 0, "dead_threads": []})
+                                                "store_pending": 0, "dead_threads": [], "warm_processes": {"live": 1}})
     code, body = health.assess(_sources(store_ok=False, retries=2))
     assert code == 200 and body["status"] == "degraded" and body["store_error"] == "database is locked"
     assert any("3 record(s) kept in memory" in r for r in body["reasons"])

@@ -27,7 +27,7 @@ from dingtalk_sender import (
     JsonHttp,
     open_stream_connection,
 )
-from task_store import store_writable
+from sqlite_files import store_writable
 
 OK_MARK, FAIL_MARK = "✓", "✗"
 DINGTALK_CREDENTIALS = ("DINGTALK_CLIENT_ID", "DINGTALK_CLIENT_SECRET")

@@ -63,6 +63,7 @@ class AsyncTaskManager:
         self.monitor = Monitor(self.board, self.outbox, sync_timeout=sync_timeout,
                                progress_interval=progress_interval, tick=tick, supervisor=self.supervisor)
         self._accepting = True
+        self.cluster: Any = None  # issue 16: cluster.Cluster when hosts share a PostgreSQL TASK_DB (join_cluster)
 
     @classmethod
     def from_config(cls, config: Config, client: Client, sender: Sender, store: TaskStore) -> AsyncTaskManager:
@@ -180,6 +181,8 @@ class AsyncTaskManager:
         the task, so it stays final across a restart.
         """
         board = self.board
+        if self.cluster is not None and task_id not in board.tasks:  # issue 16: another host holds it
+            return self.get_task(task_id) if self.cluster.request_cancel(task_id) else None
         with board.lock:
             task = board.tasks.get(task_id)
             if task is None or task.finished:
@@ -214,17 +217,21 @@ class AsyncTaskManager:
         self.workers.start()
         self.monitor.start()
 
-    def recover(self) -> None:
-        """On start: deliver results never delivered, re-run interrupted tasks once (or fail them)."""
+    def recover(self, only: set[str] | None = None) -> None:
+        """On start: deliver results never delivered, re-run interrupted tasks once (or fail them).
+
+        `only`: just these tasks (issue 16: those this host holds, or took over from a dead one)."""
         for task in self.store.load(FINISHED_STATUSES, undelivered_only=True):
-            if task.undeliverable:
-                continue  # given up; purged with the other old tasks
+            if task.undeliverable or (only is not None and task.id not in only):
+                continue  # given up (purged with the other old tasks), or another host's
             with self.board.lock:
                 self.board.adopt(task)
                 task.background = True
             task_log(log, task).info("重新推送未送达的任务结果: %s", task.id)
             self.outbox.deliver_later(task)
         for task in self.store.load(ACTIVE_STATUSES):
+            if only is not None and task.id not in only:
+                continue
             self.board.adopt(task)
             tlog = task_log(log, task)
             leftovers = self.client.kill_leftovers(task.id)
@@ -281,4 +288,6 @@ class AsyncTaskManager:
         self.monitor.join(max(0.1, hard_stop - time.monotonic()))
         self.outbox.wait_for_deliveries(max(0.1, hard_stop - time.monotonic()))
         self.outbox.shutdown()
+        if self.cluster is not None:  # issue 16: before the store closes; unfinished leases expire for others
+            self.cluster.stop()
         self.store.close()  # a journaled store writes what it still holds

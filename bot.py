@@ -38,6 +38,7 @@ import systemd_notify
 import task_table
 from async_task_manager import AsyncTaskManager
 from chat import ChatApp, IncomingMessage
+from cluster import host_name, join_cluster, open_task_store
 from codebuddy_client import CodeBuddyClient
 from config import (
     HTTP_TIMEOUT,
@@ -54,7 +55,7 @@ from logs import log_destination, output_handlers, setup_logging, stop_logging
 from metrics import DurationHistogram, TimedClient
 from startup import config_failure, load_local_config, report_cli, sandbox_problem
 from status_server import StatusSources, start_status_server
-from store_journal import open_store
+from store_admin import add_migrate_command, migrate_store
 from supervision import install_exception_hooks
 from task import STATUS_LABELS
 from task_store import StoreError
@@ -284,7 +285,7 @@ def build_app(config: Config, durations: DurationHistogram | None = None
     sender = DingTalkSender(config.openapi_endpoint, config.client_id, config.client_secret, config.robot_code,
                             retry_window=config.delivery_retry_window, secrets=config.secrets)
     client = TimedClient(CodeBuddyClient.from_config(config), durations or DurationHistogram())
-    manager = AsyncTaskManager.from_config(config, client, sender, open_store(config.task_db))
+    manager = AsyncTaskManager.from_config(config, client, sender, open_task_store(config))
     return sender, client, manager, ChatApp(manager, config)
 
 
@@ -296,7 +297,7 @@ def run_daemon(config: Config) -> int:
     print(log_destination(), file=sys.stderr, flush=True)  # after the store opened: a start-up fault stays one line
     log.info("启动 DingTalk CodeBuddy 机器人: workers=%d, sync_timeout=%.0fs, task_timeout=%.0fs, cli=%s",
              config.max_workers, config.sync_timeout, config.task_timeout, client.binary)
-    manager.recover()
+    join_cluster(config, manager)  # recover this host's tasks; with PostgreSQL, share them with the other hosts
     manager.start()
     def on_data(data: dict) -> None:
         try:
@@ -315,7 +316,7 @@ def run_daemon(config: Config) -> int:
     notifier = systemd_notify.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
     status_server = start_status_server(config.status_port, StatusSources(
         manager=manager, sender=sender, client=client, stream=stream, store=manager.store,
-        supervisor=manager.supervisor, intake=intake, durations=durations))
+        supervisor=manager.supervisor, intake=intake, durations=durations, host=host_name(config.host_name)))
 
     def core_alive() -> bool:  # a dead core thread stops the watchdog pings, and systemd restarts the bot
         return not health.core_problems(manager.supervisor, intake)
@@ -378,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks.add_argument("--status", choices=list(STATUS_LABELS), help="only tasks with this status")
     tasks.add_argument("--limit", metavar="N", type=positive_int, default=20, help="at most N rows (20)")
     tasks.add_argument("--db", metavar="PATH", help="task DB file or postgresql:// URL (default: TASK_DB)")
+    add_migrate_command(commands)
     console_command = commands.add_parser(
         "console", help="chat with the bot in this terminal, no DingTalk needed",
         description="Each line of stdin goes through the same commands, routing, task manager and CodeBuddy CLI "
@@ -396,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
                                           limit=args.limit)
         except StoreError as exc:
             return startup_failure(f"任务数据库无法打开: {exc}")
+    if command == "migrate-store":  # needs the target only: a half-filled .env does not stop it
+        return migrate_store(args.sqlite_path, args.to or read_config(os.environ)[0].task_db)
     try:
         config = load_config() if command == "run" else load_local_config(os.environ)
     except ConfigError as exc:

@@ -276,6 +276,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("USER_RATE_LIMIT", "user_rate_limit", "20", parse_positive_int, "Prompts one user may send per minute"),
     Setting("STATUS_PORT", "status_port", "", _optional_port,
             "Port of the 127.0.0.1 /healthz and /metrics server (unset = off)"),
+    Setting("HOST_NAME", "host_name", "", _text, "Names this process in /metrics and the task DB (default: hostname)"),
+    Setting("LEASE_SECONDS", "lease_seconds", "30", _positive_float, "PostgreSQL: s until a dead host's tasks move"),
 )
 
 
@@ -318,6 +320,8 @@ class Config:
     shutdown_grace: float
     user_rate_limit: int
     status_port: int | None
+    host_name: str
+    lease_seconds: float
     # CodeBuddy CLI variables (CODEBUDDY_API_KEY, CODEBUDDY_BASE_URL, …) found in .env, passed to every run.
     cli_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # Values of CODEBUDDY_API_KEY / CODEBUDDY_AUTH_TOKEN (environment or .env): never shown to a chat.

@@ -28,6 +28,8 @@ from dingtalk_sender import (
     open_stream_connection,
 )
 from sqlite_files import store_writable
+from store_admin import check_postgres
+from task_store_pg import is_postgres_url
 
 OK_MARK, FAIL_MARK = "✓", "✗"
 DINGTALK_CREDENTIALS = ("DINGTALK_CLIENT_ID", "DINGTALK_CLIENT_SECRET")
@@ -80,7 +82,10 @@ def check_workspace(path: str) -> CheckResult:
 
 
 def check_task_db(path: str) -> CheckResult:
-    """The task DB takes a write lock (or its directory lets the daemon create it)."""
+    """The task DB takes a write lock (or its directory lets the daemon create it); PostgreSQL: it answers, its
+    schema version and the clock skew between this host and the server."""
+    if is_postgres_url(path):
+        return CheckResult("task DB", *check_postgres(path))
     absolute = os.path.abspath(path)
     if path == ":memory:":
         return CheckResult("task DB", True, "in memory (tasks are lost on restart)")

@@ -376,19 +376,22 @@ class JournaledStore(_BudgetCounters):
             log.error(line if starting else STILL_FAILING, reason, exc_info=not isinstance(exc, _EXPECTED))
 
 
-def open_backend(task_db: str, *, read_only: bool = False,
-                 busy_timeout: float = 10.0) -> SQLiteTaskStore | PostgresTaskStore:
-    """The backend TASK_DB names: a PostgreSQL URL (postgresql://…) or a SQLite file path. Raises StoreError."""
+def open_backend(task_db: str, *, read_only: bool = False, busy_timeout: float = 10.0, host: str = "",
+                 lease_seconds: float = 30.0) -> SQLiteTaskStore | PostgresTaskStore:
+    """The backend TASK_DB names: a PostgreSQL URL (postgresql://…: new tasks leased to `host`) or a SQLite file
+    path. Raises StoreError."""
     if is_postgres_url(task_db):
-        return PostgresTaskStore(task_db, read_only=read_only, busy_timeout=busy_timeout)
+        return PostgresTaskStore(task_db, read_only=read_only, busy_timeout=busy_timeout, host=host,
+                                 lease_seconds=lease_seconds)
     return SQLiteTaskStore(task_db, read_only=read_only, busy_timeout=busy_timeout)
 
 
 def open_store(path: str, *, busy_timeout: float = 1.0, backoff: float = 0.2, max_backoff: float = 5.0,
-               flush_delay: float = 0.02, clock: Callable[[], float] = time.time) -> JournaledStore:
+               flush_delay: float = 0.02, clock: Callable[[], float] = time.time, host: str = "",
+               lease_seconds: float = 30.0) -> JournaledStore:
     """The daemon's store: the backend TASK_DB names behind a journal. Raises StoreError if it cannot be opened.
 
     `busy_timeout` is how long a write waits for a lock another process holds before the store counts as down.
     """
-    return JournaledStore(open_backend(path, busy_timeout=busy_timeout), backoff=backoff,
-                          max_backoff=max_backoff, flush_delay=flush_delay, clock=clock)
+    return JournaledStore(open_backend(path, busy_timeout=busy_timeout, host=host, lease_seconds=lease_seconds),
+                          backoff=backoff, max_backoff=max_backoff, flush_delay=flush_delay, clock=clock)

@@ -37,7 +37,11 @@ log = logging.getLogger("task_store")
 DB_ERRORS = (psycopg.Error,)  # a DB that is down, slow or refusing: expected, logged without a traceback
 URL_PREFIXES = ("postgresql://", "postgres://")
 _COLUMNS = ", ".join(TASK_COLUMNS)  # not *: the cluster's columns (host, lease_until) are not Task fields
-_SAVE_TASK = (f"INSERT INTO tasks ({_COLUMNS}) VALUES ({', '.join(f'%({c})s' for c in TASK_COLUMNS)}) "
+# A new row belongs to the host that made it, with a lease (cluster.py renews it); later saves leave both alone.
+_NOW = "extract(epoch FROM clock_timestamp())"  # the DB's clock: every host's leases are measured by one clock
+_SAVE_TASK = (f"INSERT INTO tasks ({_COLUMNS}, host, lease_until) "
+              f"VALUES ({', '.join(f'%({c})s' for c in TASK_COLUMNS)}, "
+              f"%(_host)s, CASE WHEN %(_host)s::text IS NULL THEN NULL ELSE {_NOW} + %(_lease)s::float8 END) "
               f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in TASK_COLUMNS if c != 'id')} "
               "WHERE tasks.created_at IS NOT DISTINCT FROM excluded.created_at")
 
@@ -68,8 +72,10 @@ class PostgresTaskStore:
     shared = True  # several hosts write it: dedup must ask the DB's unique key, not memory
 
     def __init__(self, url: str, *, read_only: bool = False, busy_timeout: float = 10.0, pool_size: int = 4,
-                 connect_timeout: float = 10.0, dedup_ttl: float = DEDUP_TTL_SECONDS) -> None:
+                 connect_timeout: float = 10.0, dedup_ttl: float = DEDUP_TTL_SECONDS, host: str = "",
+                 lease_seconds: float = 30.0) -> None:
         self.path = safe_url(url)
+        self._owner = {"_host": host or None, "_lease": lease_seconds}  # "" (tools, tests): rows no host leases
         self._dedup_ttl = dedup_ttl
         self.read_only = read_only
         self._local = threading.local()  # the connection of the transaction() this thread is inside
@@ -145,7 +151,7 @@ class PostgresTaskStore:
 
     def save(self, task: Task) -> None:
         """Insert the task's row, or update it if it exists. Never overwrites another task's row."""
-        if not self._write(_SAVE_TASK, _task_to_row(task)):
+        if not self._write(_SAVE_TASK, {**_task_to_row(task), **self._owner}):
             task_log(log, task).error("任务ID冲突，数据库中已有另一任务 %s，未覆盖", task.id)
 
     def get(self, task_id: str) -> Task | None:

@@ -1,0 +1,210 @@
+"""Several bot processes on one DingTalk app sharing a PostgreSQL task DB: task leases, takeover of a dead host's
+tasks, and cancels that reach the host running a task.
+
+Every task row names the host holding it and a lease (`lease_until`, measured by the DB's clock, so the hosts'
+clocks need not agree). A host renews the leases of all its unfinished or undelivered tasks every third of
+LEASE_SECONDS in one statement. When a host stops renewing (SIGKILL, power, network), any other host takes its
+tasks over once their leases have expired: one `UPDATE … WHERE id IN (SELECT … FOR UPDATE SKIP LOCKED)` re-checks
+the expiry under the row lock, so two hosts racing for a task never both get it. The taker handles them as its own
+restart would (task_board/async_task_manager `recover`): re-run a running task once, deliver a result not yet
+delivered, honour a cancel. A `/cancel` for a task another host holds sets `cancel_requested` and sends
+`NOTIFY bot_cancel`; every host LISTENs and the one holding the task stops it and confirms to the user.
+
+Why not a job library (Procrastinate): its workers own the task lifecycle and run async jobs; ours lives in
+TaskBoard/Workers (acks, promotion to background, progress notes, delivery retries) and only the ownership of a
+task must be shared. Two statements and a LISTEN do that without a second model of a task.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+
+import task_texts
+from config import Config
+from store_journal import JournaledStore, open_store
+from task_store_pg import is_postgres_url, safe_url
+
+log = logging.getLogger("cluster")
+
+CANCEL_CHANNEL = "bot_cancel"
+_NOW = "extract(epoch FROM clock_timestamp())"
+_UNDONE = "delivered = 0 AND undeliverable = 0"  # a task a host still has to run or deliver
+_RETRY = 1.0  # seconds between attempts while the DB cannot be reached
+
+
+def host_name(configured: str) -> str:
+    """HOST_NAME, else this machine's hostname."""
+    return configured or socket.gethostname()
+
+
+class Cluster:
+    """This host's membership: its leases, taking over expired ones, and cross-host cancels.
+
+    `on_takeover(ids)` gets the tasks this host took from a dead one; `on_cancel(id)` a task id some host was asked
+    to cancel (ignore it unless this host holds the task). Both run on the cluster's threads.
+    """
+
+    def __init__(self, url: str, host: str, *, lease_seconds: float, on_takeover: Callable[[set[str]], None],
+                 on_cancel: Callable[[str], None], connect_timeout: float = 5.0) -> None:
+        self.url, self.host, self.lease = url, host, lease_seconds
+        self.on_takeover, self.on_cancel = on_takeover, on_cancel
+        self._connect_timeout = max(1, int(connect_timeout))
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # guards the statement connection
+        self._conn: psycopg.Connection | None = None
+
+    # -- statements
+
+    def _execute(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout)
+                cursor = self._conn.execute(sql, args)
+                return cursor.fetchall() if cursor.description else []
+            except psycopg.Error:
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn = None
+                raise
+
+    def claim_at_start(self) -> set[str]:
+        """The undone tasks this host restarts with: its own, unowned ones (a migrated DB) and expired ones."""
+        rows = self._execute(f"UPDATE tasks SET host = %s, lease_until = {_NOW} + %s WHERE {_UNDONE} AND "
+                             f"(host = %s OR host IS NULL OR lease_until < {_NOW}) RETURNING id",
+                             (self.host, self.lease, self.host))
+        return {row[0] for row in rows}
+
+    def renew(self) -> int:
+        """Extend the leases of every undone task this host holds; how many."""
+        return len(self._execute(f"UPDATE tasks SET lease_until = {_NOW} + %s WHERE host = %s AND {_UNDONE} "
+                                 "RETURNING id", (self.lease, self.host)))
+
+    def take_over(self) -> dict[str, str]:
+        """Take the undone tasks whose lease expired (their host is gone): {task id: the host it had}."""
+        rows = self._execute(
+            f"WITH expired AS (SELECT id, host FROM tasks WHERE host <> %s AND lease_until < {_NOW} AND {_UNDONE} "
+            f"FOR UPDATE SKIP LOCKED) UPDATE tasks SET host = %s, lease_until = {_NOW} + %s FROM expired "
+            "WHERE tasks.id = expired.id RETURNING tasks.id, expired.host", (self.host, self.host, self.lease))
+        return {row[0]: row[1] for row in rows}
+
+    def request_cancel(self, task_id: str) -> str | None:
+        """Ask whichever host holds an active task to cancel it: the host's name, or None if no active task."""
+        rows = self._execute("UPDATE tasks SET cancel_requested = 1 WHERE id = %s AND status IN ('queued', "
+                             "'running') RETURNING host", (task_id,))
+        if not rows:
+            return None
+        self._execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, task_id))
+        return rows[0][0] or "?"
+
+    def host_of(self, task_id: str) -> str | None:
+        """The host holding a task (for /status)."""
+        rows = self._execute("SELECT host FROM tasks WHERE id = %s", (task_id,))
+        return rows[0][0] if rows else None
+
+    # -- threads
+
+    def start(self) -> None:
+        """Start renewing leases, taking over expired ones and listening for cancels."""
+        for name, target in (("cluster-lease", self._lease_loop), ("cluster-listen", self._listen_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("集群成员已加入: host=%s lease=%.0fs", self.host, self.lease)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the threads (the leases then expire and other hosts take what is left)."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+
+    def _lease_loop(self) -> None:
+        failing = ""
+        while not self._stop.wait(self.lease / 3):
+            try:
+                self.renew()
+                taken = self.take_over()
+                if failing:
+                    log.warning("集群数据库已恢复，租约续期继续")
+                    failing = ""
+            except psycopg.Error as exc:
+                why = " ".join(str(exc).split())
+                if why != failing:  # one line per outage, not per try
+                    log.error("集群租约续期失败 (%s)", why)
+                failing = why
+                continue
+            if taken:
+                for task_id, old in taken.items():
+                    log.warning("接管任务 %s: 主机 %s 的租约已过期", task_id, old)
+                try:
+                    self.on_takeover(set(taken))
+                except Exception:
+                    log.exception("接管任务失败")
+
+    def _listen_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout) as conn:
+                    conn.execute(f"LISTEN {CANCEL_CHANNEL}")
+                    while not self._stop.is_set():
+                        for notify in conn.notifies(timeout=0.5):
+                            self._cancel(notify.payload)
+            except psycopg.Error as exc:
+                log.error("集群取消通知连接中断 (%s)，稍后重连", " ".join(str(exc).split()))
+                self._stop.wait(_RETRY)
+
+    def _cancel(self, task_id: str) -> None:
+        try:
+            self.on_cancel(task_id)
+        except Exception:
+            log.exception("处理取消通知失败: %s", task_id)
+
+
+def _cancel_if_here(manager: Any, task_id: str) -> None:
+    """A cancel sent to every host: the one holding the task stops it and tells the user when it has ended."""
+    if task_id not in manager.board.tasks:
+        return
+
+    def confirm(task: Any, stopped: bool) -> None:
+        manager.outbox.notice(task.route, task_texts.cancel_outcome(task, stopped), task_id=task.id,
+                              allow_webhook=False)
+
+    manager.cancel(task_id, on_ended=confirm)
+
+
+def open_task_store(config: Config) -> JournaledStore:
+    """The daemon's store (TASK_DB); on PostgreSQL the tasks it creates are leased to this host."""
+    return open_store(config.task_db, host=host_name(config.host_name), lease_seconds=config.lease_seconds)
+
+
+def join_cluster(config: Config, manager: Any) -> Cluster | None:
+    """Recover the tasks this host restarts with and, with a PostgreSQL TASK_DB, join the hosts sharing it.
+
+    With SQLite: `manager.recover()` (one host). With PostgreSQL: recover only the tasks this host holds, unowned
+    or expired ones, then renew leases, take over dead hosts' tasks and answer cross-host cancels.
+    """
+    if not is_postgres_url(config.task_db):
+        manager.recover()
+        return None
+    cluster = Cluster(config.task_db, host_name(config.host_name), lease_seconds=config.lease_seconds,
+                      on_takeover=lambda ids: manager.recover(only=ids),
+                      on_cancel=lambda task_id: _cancel_if_here(manager, task_id))
+    try:
+        mine = cluster.claim_at_start()
+    except psycopg.Error as exc:
+        log.error("集群数据库不可用 (%s): %s", " ".join(str(exc).split()), safe_url(config.task_db))
+        mine = set()
+    manager.recover(only=mine)
+    manager.cluster = cluster
+    cluster.start()
+    return cluster

@@ -1,0 +1,98 @@
+"""End to end: three bot processes on one app sharing a real PostgreSQL task DB, the stand-in pushing each message
+to one of their Stream connections at random (as DingTalk does): every message answered once, a msgId seen by two
+processes makes one task, a cancel sent to another process stops the task within a second, and a SIGKILLed
+process's running task is finished by another, answered once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from tests.conftest import BotProcess
+
+pytestmark = pytest.mark.e2e
+
+LEASE = "1.5"  # LEASE_SECONDS: a dead host's tasks move after this (30 in production)
+
+
+def _cluster(make_bot, standin, tmp_path, pg_url, count: int = 3) -> tuple[list[BotProcess], list[str]]:
+    """`count` bot processes, each with its own host name, workspace and log; their connection ids in order."""
+    standin.several_connections = True
+    bots, connections = [], []
+    for number in range(count):
+        bots.append(make_bot(TASK_DB=pg_url, HOST_NAME=f"host{number}", LEASE_SECONDS=LEASE,
+                             CODEBUDDY_WORKDIR=str(tmp_path / f"workspace{number}"),
+                             LOG_FILE=str(tmp_path / "logs" / f"bot{number}.log")))
+        connections.append(standin.wait_for(lambda: [c for c in standin.live_connections() if c not in connections],
+                                            timeout=20)[0])
+    return bots, connections
+
+
+def _answers(standin, prompt: str) -> list[str]:
+    """Every answer to `prompt` the stand-in received, by session webhook or push."""
+    texts = [p.text or "" for p in standin.webhook_posts()]
+    texts += [r.msg_param.get("text") or r.msg_param.get("content") or "" for r in standin.batch_sends()]
+    return [t for t in texts if "回答: " + prompt in t]
+
+
+def _row(pg_url: str, sql: str, *args) -> list[tuple]:
+    with psycopg.connect(pg_url) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def test_three_processes_answer_each_message_once_and_one_msgid_makes_one_task(standin, make_bot, tmp_path,
+                                                                              pg_url):
+    bots, connections = _cluster(make_bot, standin, tmp_path, pg_url)
+    prompts = [f"问题 {user}-{n}" for user in range(10) for n in range(3)]
+    for number, prompt in enumerate(prompts):
+        standin.send_bot_message(prompt, sender_staff_id=f"user{number % 10}")
+    duplicate = standin.send_bot_message("同一条消息", sender_staff_id="dup", msg_id="msg-dup-1",
+                                         connection_id=connections[0])
+    standin.send_bot_message("同一条消息", sender_staff_id="dup", msg_id=duplicate.msg_id,
+                             connection_id=connections[1])  # DingTalk's duplicate delivery, to another process
+    standin.wait_for(lambda: all(_answers(standin, p) for p in prompts) and _answers(standin, "同一条消息"),
+                     timeout=90)
+    time.sleep(1.0)  # a second answer would have come by now
+    assert all(len(_answers(standin, p)) == 1 for p in prompts), [p for p in prompts if len(_answers(standin, p)) != 1]
+    assert len(_answers(standin, "同一条消息")) == 1
+    assert _row(pg_url, "SELECT count(*) FROM tasks WHERE msg_id = %s", "msg-dup-1") == [(1,)]
+    hosts = dict(_row(pg_url, "SELECT host, count(*) FROM tasks GROUP BY host"))
+    assert len(hosts) == 3, hosts  # the messages were spread over the three processes
+
+
+def test_cancel_sent_to_another_process_stops_the_task_within_a_second(standin, make_bot, tmp_path, pg_url):
+    bots, connections = _cluster(make_bot, standin, tmp_path, pg_url, count=2)
+    standin.send_bot_message("长任务 [sleep=30]", sender_staff_id="canceller", connection_id=connections[0])
+    standin.wait_for(lambda: _row(pg_url, "SELECT id, host FROM tasks WHERE status = 'running'"), timeout=20)
+    task_id, host = _row(pg_url, "SELECT id, host FROM tasks WHERE status = 'running'")[0]
+    assert host == "host0"
+    sent = time.monotonic()
+    standin.send_bot_message(f"/cancel {task_id}", sender_staff_id="canceller", connection_id=connections[1])
+    bots[0].wait_log(f"任务 {task_id} 失败 \\(cancelled\\)", timeout=10)
+    stopped = time.monotonic() - sent
+    assert stopped < 1.0, f"the cancel took {stopped:.2f} s to stop the run on the other process"
+    confirmation = standin.wait_for(
+        lambda: [r for r in standin.batch_sends() if f"已取消任务 {task_id}" in (r.msg_param.get("content") or "")],
+        timeout=10)
+    assert len(confirmation) == 1
+    other = standin.send_bot_message(f"/cancel {task_id}", sender_staff_id="intruder", connection_id=connections[1])
+    assert standin.wait_for(lambda: standin.webhook_posts(other.session), timeout=10)[0].text == f"找不到任务 {task_id}"
+
+
+def test_a_sigkilled_process_running_task_is_finished_by_another_and_answered_once(standin, make_bot, tmp_path,
+                                                                                   pg_url):
+    bots, connections = _cluster(make_bot, standin, tmp_path, pg_url, count=2)
+    standin.send_bot_message("接管 [sleep=3]", sender_staff_id="victim", connection_id=connections[0])
+    standin.wait_for(lambda: _row(pg_url, "SELECT id FROM tasks WHERE status = 'running'"), timeout=20)
+    killed = time.monotonic()
+    bots[0].kill()
+    bots[1].wait_log("接管任务 .*: 主机 host0 的租约已过期", timeout=15)
+    taken = time.monotonic() - killed
+    standin.wait_for(lambda: _answers(standin, "接管"), timeout=30)
+    time.sleep(1.0)
+    assert len(_answers(standin, "接管")) == 1
+    assert _row(pg_url, "SELECT host, status, delivered, attempts FROM tasks") == [("host1", "succeeded", 1, 2)]
+    assert taken < float(LEASE) + 3, f"taken over {taken:.1f} s after the kill"

@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import psycopg
@@ -28,7 +30,8 @@ import psycopg
 import task_texts
 from config import Config
 from store_journal import JournaledStore, open_store
-from task_store_pg import is_postgres_url, safe_url
+from task import RUNNING, Task
+from task_store_pg import _SAVE_TASK, _task_to_row, is_postgres_url, safe_url
 
 log = logging.getLogger("cluster")
 
@@ -59,21 +62,29 @@ class Cluster:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()  # guards the statement connection
         self._conn: psycopg.Connection | None = None
+        self._admit_off_until = 0.0  # monotonic: admission skips the DB until then (it was unreachable)
 
     # -- statements
 
-    def _execute(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def _connection(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout)
+        return self._conn
+
+    def _drop_connection(self) -> None:
         with self._lock:
-            try:
-                if self._conn is None or self._conn.closed:
-                    self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout)
-                cursor = self._conn.execute(sql, args)
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+
+    def _execute(self, sql: str, args: tuple = ()) -> list[tuple]:
+        try:
+            with self._lock:
+                cursor = self._connection().execute(sql, args)
                 return cursor.fetchall() if cursor.description else []
-            except psycopg.Error:
-                if self._conn is not None:
-                    self._conn.close()
-                self._conn = None
-                raise
+        except psycopg.Error:
+            self._drop_connection()
+            raise
 
     def claim_at_start(self) -> set[str]:
         """The undone tasks this host restarts with: its own, unowned ones (a migrated DB) and expired ones."""
@@ -103,6 +114,37 @@ class Cluster:
             return None
         self._execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, task_id))
         return rows[0][0] or "?"
+
+    def admit(self, task: Task, running_here: list[Task], max_per_user: int) -> bool:
+        """Whether `task` may start here, counting the other hosts' runs too: its user below `max_per_user` runs in
+        all and its conversation running nowhere. If so the row says running on this host before the lock is let
+        go (one transaction under an advisory lock per user and per conversation, always taken in that order).
+        While the DB is unreachable every task is admitted (limits per host) and it is tried again 5 s later."""
+        if time.monotonic() < self._admit_off_until:
+            return True
+        mine = sum(1 for t in running_here if t.user_id == task.user_id)
+        row = {**_task_to_row(replace(task, status=RUNNING)), "_host": self.host, "_lease": self.lease}
+        try:
+            with self._lock:
+                conn = self._connection()
+                with conn.transaction():
+                    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s)), pg_advisory_xact_lock(hashtext(%s))",
+                                 ("user:" + task.user_id, "conversation:" + task.conversation_key))
+                    users, conversations = conn.execute(
+                        "SELECT count(*) FILTER (WHERE user_id = %s), count(*) FILTER (WHERE conversation_key = %s) "
+                        f"FROM tasks WHERE status = 'running' AND host <> %s AND lease_until > {_NOW} AND id <> %s",
+                        (task.user_id, task.conversation_key, self.host, task.id)).fetchone()
+                    if conversations or mine + users >= max_per_user:
+                        return False
+                    conn.execute(_SAVE_TASK, row)
+                    conn.execute(f"UPDATE tasks SET host = %s, lease_until = {_NOW} + %s WHERE id = %s",
+                                 (self.host, self.lease, task.id))
+            return True
+        except psycopg.Error as exc:
+            self._drop_connection()
+            log.error("集群限额检查失败，暂按本机限额执行 (%s)", " ".join(str(exc).split()))
+            self._admit_off_until = time.monotonic() + 5.0
+            return True
 
     def host_of(self, task_id: str) -> str | None:
         """The host holding a task (for /status)."""
@@ -146,10 +188,14 @@ class Cluster:
             if taken:
                 for task_id, old in taken.items():
                     log.warning("接管任务 %s: 主机 %s 的租约已过期", task_id, old)
-                try:
-                    self.on_takeover(set(taken))
-                except Exception:
-                    log.exception("接管任务失败")
+                # On its own thread: handling them (re-queueing, deliveries) must not hold up the next renewal.
+                threading.Thread(target=self._take, args=(set(taken),), name="cluster-takeover", daemon=True).start()
+
+    def _take(self, task_ids: set[str]) -> None:
+        try:
+            self.on_takeover(task_ids)
+        except Exception:
+            log.exception("接管任务失败: %s", ", ".join(sorted(task_ids)))
 
     def _listen_loop(self) -> None:
         while not self._stop.is_set():
@@ -206,5 +252,7 @@ def join_cluster(config: Config, manager: Any) -> Cluster | None:
         mine = set()
     manager.recover(only=mine)
     manager.cluster = cluster
+    limit = manager.board.limits.max_tasks_per_user
+    manager.board.admit = lambda task, running: cluster.admit(task, running, limit)
     cluster.start()
     return cluster

@@ -98,3 +98,25 @@ def test_a_cancel_request_marks_the_task_and_reaches_every_listening_host(pg_url
     a.stop()
     b.stop()
     store.close()
+
+
+def test_a_task_is_admitted_only_while_its_user_and_conversation_have_room_on_every_host(pg_url):
+    store = open_store(pg_url, host="a")
+    store.save(_task(1, status=RUNNING))  # u1 runs in conversation "c" on host a
+    assert store.wait_written(5)
+    b = _member(pg_url, "b")
+    same_conversation = _task(2)
+    other_conversation = Task(id="3" * 16, user_id="u1", user_name="U", conversation_key="c2",
+                              route=Route("1", "u1", "c2"), prompt="p", created_at=3.0)
+    other_user = Task(id="4" * 16, user_id="u2", user_name="V", conversation_key="c3", route=Route("1", "u2", "c3"),
+                      prompt="p", created_at=4.0)
+    assert not b.admit(same_conversation, [], max_per_user=5)  # one run per conversation, across hosts
+    assert not b.admit(other_conversation, [], max_per_user=1)  # u1's one run is on host a
+    assert b.admit(other_conversation, [], max_per_user=2)
+    assert not b.admit(other_user, [other_user], max_per_user=1)  # u2 already runs once here
+    assert b.admit(other_user, [], max_per_user=1)
+    with psycopg.connect(pg_url) as conn:  # admitted rows say running on b at once, before any journal write
+        rows = conn.execute("SELECT id, status, host FROM tasks WHERE host = 'b' ORDER BY id").fetchall()
+    assert rows == [("3" * 16, RUNNING, "b"), ("4" * 16, RUNNING, "b")]
+    b.stop()
+    store.close()

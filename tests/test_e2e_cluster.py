@@ -1,7 +1,8 @@
-"""End to end: three bot processes on one app sharing a real PostgreSQL task DB, the stand-in pushing each message
-to one of their Stream connections at random (as DingTalk does): every message answered once, a msgId seen by two
-processes makes one task, a cancel sent to another process stops the task within a second, and a SIGKILLed
-process's running task is finished by another, answered once.
+"""End to end: bot processes on one app sharing a real PostgreSQL task DB, the stand-in pushing each message to
+one of their Stream connections at random (as DingTalk does): 300 messages of 30 users each answered once with
+MAX_TASKS_PER_USER and one run per conversation held across the processes, a msgId seen by two processes makes one
+task, a cancel sent to another process stops the task within a second, and a SIGKILLed process's running task is
+finished by another, answered once.
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ from tests.conftest import BotProcess
 
 pytestmark = pytest.mark.e2e
 
-LEASE = "1.5"  # LEASE_SECONDS: a dead host's tasks move after this (30 in production)
+LEASE = "3"  # LEASE_SECONDS: a dead host's tasks move after this (30 in production)
 
 
-def _cluster(make_bot, standin, tmp_path, pg_url, count: int = 3) -> tuple[list[BotProcess], list[str]]:
+def _cluster(make_bot, standin, tmp_path, pg_url, count: int = 3, **settings: str
+             ) -> tuple[list[BotProcess], list[str]]:
     """`count` bot processes, each with its own host name, workspace and log; their connection ids in order."""
     standin.several_connections = True
     bots, connections = [], []
     for number in range(count):
         bots.append(make_bot(TASK_DB=pg_url, HOST_NAME=f"host{number}", LEASE_SECONDS=LEASE,
                              CODEBUDDY_WORKDIR=str(tmp_path / f"workspace{number}"),
-                             LOG_FILE=str(tmp_path / "logs" / f"bot{number}.log")))
+                             LOG_FILE=str(tmp_path / "logs" / f"bot{number}.log"), **settings))
         connections.append(standin.wait_for(lambda: [c for c in standin.live_connections() if c not in connections],
                                             timeout=20)[0])
     return bots, connections
@@ -43,24 +45,33 @@ def _row(pg_url: str, sql: str, *args) -> list[tuple]:
         return conn.execute(sql, args).fetchall()
 
 
-def test_three_processes_answer_each_message_once_and_one_msgid_makes_one_task(standin, make_bot, tmp_path,
-                                                                              pg_url):
-    bots, connections = _cluster(make_bot, standin, tmp_path, pg_url)
-    prompts = [f"问题 {user}-{n}" for user in range(10) for n in range(3)]
-    for number, prompt in enumerate(prompts):
-        standin.send_bot_message(prompt, sender_staff_id=f"user{number % 10}")
+def _overlaps(rows: list[tuple]) -> list[tuple]:
+    """Pairs of runs (key, started_at, finished_at) of one key that overlapped in time."""
+    rows = sorted(rows)
+    return [(a, b) for a, b in zip(rows, rows[1:], strict=False) if a[0] == b[0] and b[1] < a[2]]
+
+
+def test_three_processes_answer_300_messages_of_30_users_once_within_the_limits(standin, make_bot, tmp_path, pg_url):
+    bots, connections = _cluster(make_bot, standin, tmp_path, pg_url, MAX_TASKS_PER_USER="1")
+    prompts = [f"问题 {user}-{n}" for n in range(10) for user in range(30)]
+    for number, prompt in enumerate(prompts):  # each user writes in a 1:1 chat and in the group
+        standin.send_bot_message(prompt, sender_staff_id=f"user{number % 30}",
+                                 conversation_type="2" if number % 2 else "1")
     duplicate = standin.send_bot_message("同一条消息", sender_staff_id="dup", msg_id="msg-dup-1",
                                          connection_id=connections[0])
     standin.send_bot_message("同一条消息", sender_staff_id="dup", msg_id=duplicate.msg_id,
                              connection_id=connections[1])  # DingTalk's duplicate delivery, to another process
     standin.wait_for(lambda: all(_answers(standin, p) for p in prompts) and _answers(standin, "同一条消息"),
-                     timeout=90)
+                     timeout=180)
     time.sleep(1.0)  # a second answer would have come by now
     assert all(len(_answers(standin, p)) == 1 for p in prompts), [p for p in prompts if len(_answers(standin, p)) != 1]
     assert len(_answers(standin, "同一条消息")) == 1
     assert _row(pg_url, "SELECT count(*) FROM tasks WHERE msg_id = %s", "msg-dup-1") == [(1,)]
     hosts = dict(_row(pg_url, "SELECT host, count(*) FROM tasks GROUP BY host"))
     assert len(hosts) == 3, hosts  # the messages were spread over the three processes
+    # MAX_TASKS_PER_USER=1 and one run per conversation held across the processes: no two runs overlapped.
+    assert not _overlaps(_row(pg_url, "SELECT user_id, started_at, finished_at FROM tasks"))
+    assert not _overlaps(_row(pg_url, "SELECT conversation_key, started_at, finished_at FROM tasks"))
 
 
 def test_cancel_sent_to_another_process_stops_the_task_within_a_second(standin, make_bot, tmp_path, pg_url):

@@ -118,8 +118,11 @@ class AsyncTaskManager:
         return self.board.position(task_id)
 
     def queued_count(self, user_id: str) -> int:
-        """How many of the user's tasks wait in the queue (see `TaskBoard.queued_count`)."""
-        return self.board.queued_count(user_id)
+        """How many of the user's tasks wait in the queue (see `TaskBoard.queued_count`); on every host, with a
+        cluster (issue 16), when the DB can say."""
+        here = self.board.queued_count(user_id)
+        everywhere = self.cluster.queued_count(user_id) if self.cluster is not None else None
+        return here if everywhere is None else max(here, everywhere)
 
     @property
     def stats(self) -> dict[str, int]:

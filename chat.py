@@ -229,6 +229,8 @@ class ChatApp:
             lines.append(task_texts.waiting_status(hold, self.manager.queue_position(task.id),
                                                    self.config.max_tasks_per_user))
         if task.status == RUNNING:
+            if self.manager.cluster is not None:  # issue 16: several hosts share the tasks
+                lines.append(f"执行主机: {self.manager.cluster.host_of(task.id) or '未知'}")
             lines.append(f"最近步骤: {task.last_step or '等待 CodeBuddy 输出'}")
             lines.append(f"预计剩余时间: {self.manager.expected_remaining(task, now)}")
         if task.error and task.status != QUEUED:

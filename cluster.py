@@ -147,9 +147,23 @@ class Cluster:
             return True
 
     def host_of(self, task_id: str) -> str | None:
-        """The host holding a task (for /status)."""
-        rows = self._execute("SELECT host FROM tasks WHERE id = %s", (task_id,))
+        """The host holding a task (for /status); None if unknown or the DB cannot say."""
+        try:
+            rows = self._execute("SELECT host FROM tasks WHERE id = %s", (task_id,))
+        except psycopg.Error as exc:
+            log.warning("查询任务所在主机失败 %s (%s)", task_id, " ".join(str(exc).split()))
+            return None
         return rows[0][0] if rows else None
+
+    def queued_count(self, user_id: str) -> int | None:
+        """How many of the user's tasks wait on any live host (MAX_QUEUED_PER_USER); None if the DB cannot say."""
+        try:
+            rows = self._execute(f"SELECT count(*) FROM tasks WHERE user_id = %s AND status = 'queued' AND "
+                                 f"lease_until > {_NOW}", (user_id,))
+        except psycopg.Error as exc:
+            log.warning("查询排队任务数失败 user=%s (%s)", user_id, " ".join(str(exc).split()))
+            return None
+        return int(rows[0][0])
 
     # -- threads
 

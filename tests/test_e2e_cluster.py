@@ -80,6 +80,9 @@ def test_cancel_sent_to_another_process_stops_the_task_within_a_second(standin, 
     standin.wait_for(lambda: _row(pg_url, "SELECT id, host FROM tasks WHERE status = 'running'"), timeout=20)
     task_id, host = _row(pg_url, "SELECT id, host FROM tasks WHERE status = 'running'")[0]
     assert host == "host0"
+    status = standin.send_bot_message(f"/status {task_id}", sender_staff_id="canceller", connection_id=connections[1])
+    status_text = standin.wait_for(lambda: standin.webhook_posts(status.session), timeout=10)[0].text
+    assert status_text.startswith(f"任务 {task_id}: 执行中") and "执行主机: host0" in status_text, status_text
     sent = time.monotonic()
     standin.send_bot_message(f"/cancel {task_id}", sender_staff_id="canceller", connection_id=connections[1])
     bots[0].wait_log(f"任务 {task_id} 失败 \\(cancelled\\)", timeout=10)

@@ -164,6 +164,9 @@ class AsyncTaskManager:
         task = self.board.create(user_id, prompt, route, user_name=user_name, conversation_key=conversation_key,
                                  msg_id=msg_id, background=background, keyword=keyword or NO_KEYWORD)
         expected = self.router.expected_duration(task.keyword) if background else ""
+        if self.cluster is not None and self.cluster.place(  # issue 16: its conversation lives on another host
+                self, task, task_texts.acknowledgement(task, "", expected)):
+            return task
         with self.board.lock:  # acknowledged before a worker can take it: the answer never overtakes the ack
             position = self.board.enqueue(task)
             waiting = task_texts.waiting_note(self.board.hold_reason(task), position,

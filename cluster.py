@@ -36,6 +36,7 @@ from task_store_pg import _SAVE_TASK, _task_to_row, is_postgres_url, safe_url
 log = logging.getLogger("cluster")
 
 CANCEL_CHANNEL = "bot_cancel"
+TASK_CHANNEL = "bot_task"  # a task handed to the host holding its conversation
 _NOW = "extract(epoch FROM clock_timestamp())"
 _UNDONE = "delivered = 0 AND undeliverable = 0"  # a task a host still has to run or deliver
 _RETRY = 1.0  # seconds between attempts while the DB cannot be reached
@@ -54,9 +55,10 @@ class Cluster:
     """
 
     def __init__(self, url: str, host: str, *, lease_seconds: float, on_takeover: Callable[[set[str]], None],
-                 on_cancel: Callable[[str], None], connect_timeout: float = 5.0) -> None:
+                 on_cancel: Callable[[str], None], on_task: Callable[[str], None] = lambda task_id: None,
+                 connect_timeout: float = 5.0) -> None:
         self.url, self.host, self.lease = url, host, lease_seconds
-        self.on_takeover, self.on_cancel = on_takeover, on_cancel
+        self.on_takeover, self.on_cancel, self.on_task = on_takeover, on_cancel, on_task
         self._connect_timeout = max(1, int(connect_timeout))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -88,13 +90,16 @@ class Cluster:
 
     def claim_at_start(self) -> set[str]:
         """The undone tasks this host restarts with: its own, unowned ones (a migrated DB) and expired ones."""
+        self.renew()
         rows = self._execute(f"UPDATE tasks SET host = %s, lease_until = {_NOW} + %s WHERE {_UNDONE} AND "
                              f"(host = %s OR host IS NULL OR lease_until < {_NOW}) RETURNING id",
                              (self.host, self.lease, self.host))
         return {row[0] for row in rows}
 
     def renew(self) -> int:
-        """Extend the leases of every undone task this host holds; how many."""
+        """Mark this host alive and extend the leases of every undone task it holds; how many."""
+        self._execute(f"INSERT INTO hosts VALUES (%s, {_NOW} + %s) ON CONFLICT (host) DO UPDATE SET "
+                      "alive_until = excluded.alive_until", (self.host, self.lease))
         return len(self._execute(f"UPDATE tasks SET lease_until = {_NOW} + %s WHERE host = %s AND {_UNDONE} "
                                  "RETURNING id", (self.lease, self.host)))
 
@@ -139,12 +144,40 @@ class Cluster:
                     conn.execute(_SAVE_TASK, row)
                     conn.execute(f"UPDATE tasks SET host = %s, lease_until = {_NOW} + %s WHERE id = %s",
                                  (self.host, self.lease, task.id))
+                    conn.execute(f"INSERT INTO conversation_hosts VALUES (%s, %s, {_NOW}) ON CONFLICT "
+                                 "(conversation_key) DO UPDATE SET host = excluded.host, since = excluded.since",
+                                 (task.conversation_key, self.host))
             return True
         except psycopg.Error as exc:
             self._drop_connection()
             log.error("集群限额检查失败，暂按本机限额执行 (%s)", " ".join(str(exc).split()))
             self._admit_off_until = time.monotonic() + 5.0
             return True
+
+    def conversation_host(self, conversation_key: str) -> tuple[str | None, bool]:
+        """The host that ran the conversation last (it holds its workspace) and whether it is alive;
+        (None, False) for a new conversation or when the DB cannot say."""
+        try:
+            rows = self._execute(f"SELECT c.host, coalesce(h.alive_until > {_NOW}, false) FROM conversation_hosts c "
+                                 "LEFT JOIN hosts h ON h.host = c.host WHERE c.conversation_key = %s",
+                                 (conversation_key,))
+        except psycopg.Error as exc:
+            log.warning("查询会话所在主机失败 (%s)", " ".join(str(exc).split()))
+            return None, False
+        return (rows[0][0], bool(rows[0][1])) if rows else (None, False)
+
+    def hand_off(self, task_id: str, host: str) -> bool:
+        """Give a queued task (its row written) of this host to `host` and wake it; False if it did not move."""
+        try:
+            moved = self._execute(f"UPDATE tasks SET host = %s, lease_until = {_NOW} + %s WHERE id = %s AND "
+                                  "host = %s AND status = 'queued' RETURNING id",
+                                  (host, self.lease, task_id, self.host))
+            if moved:
+                self._execute("SELECT pg_notify(%s, %s)", (TASK_CHANNEL, task_id))
+        except psycopg.Error as exc:
+            log.warning("任务 %s 交给主机 %s 失败 (%s)", task_id, host, " ".join(str(exc).split()))
+            return False
+        return bool(moved)
 
     def host_of(self, task_id: str) -> str | None:
         """The host holding a task (for /status); None if unknown or the DB cannot say."""
@@ -216,18 +249,42 @@ class Cluster:
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout) as conn:
                     conn.execute(f"LISTEN {CANCEL_CHANNEL}")
+                    conn.execute(f"LISTEN {TASK_CHANNEL}")
                     while not self._stop.is_set():
                         for notify in conn.notifies(timeout=0.5):
-                            self._cancel(notify.payload)
+                            self._notified(notify.channel, notify.payload)
             except psycopg.Error as exc:
                 log.error("集群取消通知连接中断 (%s)，稍后重连", " ".join(str(exc).split()))
                 self._stop.wait(_RETRY)
 
-    def _cancel(self, task_id: str) -> None:
+    def _notified(self, channel: str, task_id: str) -> None:
         try:
-            self.on_cancel(task_id)
+            (self.on_cancel if channel == CANCEL_CHANNEL else self.on_task)(task_id)
         except Exception:
-            log.exception("处理取消通知失败: %s", task_id)
+            log.exception("处理集群通知失败 (%s): %s", channel, task_id)
+
+    def place(self, manager: Any, task: Task, acknowledgement: str) -> bool:
+        """Issue 16, conversation affinity: send a new task to the live host holding its conversation (acknowledged
+        here first; True: it is that host's now). A conversation whose host is gone stays here, and its user is
+        told that files from earlier turns are not on this host."""
+        owner, alive = self.conversation_host(task.conversation_key)
+        if owner is None or owner == self.host:
+            return False
+        if not alive:
+            manager.outbox.notice(task.route, task_texts.conversation_moved(task, owner), task_id=task.id)
+            return False
+        if not manager.store.wait_written(2.0):  # the row must exist before another host reads it
+            return False
+        with manager.board.lock:
+            manager.board.tasks.pop(task.id, None)
+            manager.outbox.acknowledge(task, acknowledgement)
+        if self.hand_off(task.id, owner):
+            log.info("任务 %s 交给会话所在主机 %s", task.id, owner)
+            return True
+        with manager.board.lock:  # it stays here after all
+            manager.board.adopt(task)
+            manager.board.enqueue(task)
+        return True
 
 
 def _cancel_if_here(manager: Any, task_id: str) -> None:
@@ -240,6 +297,19 @@ def _cancel_if_here(manager: Any, task_id: str) -> None:
                               allow_webhook=False)
 
     manager.cancel(task_id, on_ended=confirm)
+
+
+def _run_handed_task(manager: Any, cluster: Cluster, task_id: str) -> None:
+    """A task another host handed to this one (its conversation lives here): queue it here."""
+    if task_id in manager.board.tasks or cluster.host_of(task_id) != cluster.host:
+        return
+    task = manager.store.get(task_id)
+    if task is None or task.finished:
+        return
+    with manager.board.lock:
+        manager.board.adopt(task)
+        manager.board.enqueue(task)
+    log.info("接收任务 %s: 会话 %s 在本主机", task_id, task.conversation_key)
 
 
 def open_task_store(config: Config) -> JournaledStore:
@@ -258,7 +328,8 @@ def join_cluster(config: Config, manager: Any) -> Cluster | None:
         return None
     cluster = Cluster(config.task_db, host_name(config.host_name), lease_seconds=config.lease_seconds,
                       on_takeover=lambda ids: manager.recover(only=ids),
-                      on_cancel=lambda task_id: _cancel_if_here(manager, task_id))
+                      on_cancel=lambda task_id: _cancel_if_here(manager, task_id),
+                      on_task=lambda task_id: _run_handed_task(manager, cluster, task_id))
     try:
         mine = cluster.claim_at_start()
     except psycopg.Error as exc:

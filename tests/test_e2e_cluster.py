@@ -12,7 +12,7 @@ import time
 import psycopg
 import pytest
 
-from tests.conftest import BotProcess
+from tests.conftest import BotProcess, cli_runs
 
 pytestmark = pytest.mark.e2e
 
@@ -110,3 +110,27 @@ def test_a_sigkilled_process_running_task_is_finished_by_another_and_answered_on
     assert len(_answers(standin, "接管")) == 1
     assert _row(pg_url, "SELECT host, status, delivered, attempts FROM tasks") == [("host1", "succeeded", 1, 2)]
     assert taken < float(LEASE) + 3, f"taken over {taken:.1f} s after the kill"
+
+
+def test_a_follow_up_runs_on_the_host_holding_the_conversation_until_that_host_is_gone(standin, make_bot, tmp_path,
+                                                                                      pg_url):
+    bots, connections = _cluster(make_bot, standin, tmp_path, pg_url, count=2)
+    first = standin.send_bot_message("第一轮", sender_staff_id="follower", connection_id=connections[0])
+    standin.wait_for(lambda: _answers(standin, "第一轮"), timeout=20)
+    follow_up = standin.send_bot_message("第二轮", sender_staff_id="follower", connection_id=connections[1])
+    standin.wait_for(lambda: _answers(standin, "第二轮"), timeout=20)
+    assert first.payload["conversationId"] == follow_up.payload["conversationId"]
+    assert _row(pg_url, "SELECT prompt, host FROM tasks ORDER BY created_at") == [("第一轮", "host0"),
+                                                                                   ("第二轮", "host0")]
+    assert [run["prompt"] for run in cli_runs(tmp_path / "workspace0")] == ["第一轮", "第二轮"]  # one workspace
+    assert not cli_runs(tmp_path / "workspace1")
+    bots[1].wait_log("任务 .* 交给会话所在主机 host0")
+
+    bots[0].kill()
+    time.sleep(float(LEASE) + 0.5)  # host0's liveness has lapsed
+    third = standin.send_bot_message("第三轮", sender_staff_id="follower", connection_id=connections[1])
+    standin.wait_for(lambda: _answers(standin, "第三轮"), timeout=20)
+    texts = [p.text or "" for p in standin.webhook_posts(third.session)]
+    assert any("之前在主机 host0 上运行" in text and "文件在新主机上不可用" in text for text in texts), texts
+    assert _row(pg_url, "SELECT host FROM tasks WHERE prompt = '第三轮'") == [("host1",)]
+    assert len(_answers(standin, "第三轮")) == 1

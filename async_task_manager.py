@@ -62,8 +62,7 @@ class AsyncTaskManager:
                                session_for=self.conversation_session, supervisor=self.supervisor, secrets=secrets)
         self.monitor = Monitor(self.board, self.outbox, sync_timeout=sync_timeout,
                                progress_interval=progress_interval, tick=tick, supervisor=self.supervisor)
-        self._accepting = True
-        self.cluster: Any = None  # issue 16: cluster.Cluster when hosts share a PostgreSQL TASK_DB (join_cluster)
+        self._accepting, self.cluster = True, None  # cluster: issue 16, hosts sharing a PostgreSQL DB (join_cluster)
 
     @classmethod
     def from_config(cls, config: Config, client: Client, sender: Sender, store: TaskStore) -> AsyncTaskManager:
@@ -118,11 +117,8 @@ class AsyncTaskManager:
         return self.board.position(task_id)
 
     def queued_count(self, user_id: str) -> int:
-        """How many of the user's tasks wait in the queue (see `TaskBoard.queued_count`); on every host, with a
-        cluster (issue 16), when the DB can say."""
-        here = self.board.queued_count(user_id)
-        everywhere = self.cluster.queued_count(user_id) if self.cluster is not None else None
-        return here if everywhere is None else max(here, everywhere)
+        """How many of the user's tasks wait in the queue (see `TaskBoard.queued_count`; issue 16: on every host)."""
+        return self.cluster.queued(self.board, user_id) if self.cluster else self.board.queued_count(user_id)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -164,8 +160,7 @@ class AsyncTaskManager:
         task = self.board.create(user_id, prompt, route, user_name=user_name, conversation_key=conversation_key,
                                  msg_id=msg_id, background=background, keyword=keyword or NO_KEYWORD)
         expected = self.router.expected_duration(task.keyword) if background else ""
-        if self.cluster is not None and self.cluster.place(  # issue 16: its conversation lives on another host
-                self, task, task_texts.acknowledgement(task, "", expected)):
+        if self.cluster is not None and self.cluster.place(self, task, expected):  # issue 16: lives on another host
             return task
         with self.board.lock:  # acknowledged before a worker can take it: the answer never overtakes the ack
             position = self.board.enqueue(task)
@@ -187,8 +182,6 @@ class AsyncTaskManager:
         the task, so it stays final across a restart.
         """
         board = self.board
-        if self.cluster is not None and task_id not in board.tasks:  # issue 16: another host holds it
-            return self.get_task(task_id) if self.cluster.request_cancel(task_id) else None
         with board.lock:
             task = board.tasks.get(task_id)
             if task is None or task.finished:
@@ -224,9 +217,7 @@ class AsyncTaskManager:
         self.monitor.start()
 
     def recover(self, only: set[str] | None = None) -> None:
-        """On start: deliver results never delivered, re-run interrupted tasks once (or fail them).
-
-        `only`: just these tasks (issue 16: those this host holds, or took over from a dead one)."""
+        """On start: deliver results never delivered, re-run interrupted tasks once (or fail them); `only` these."""
         for task in self.store.load(FINISHED_STATUSES, undelivered_only=True):
             if task.undeliverable or (only is not None and task.id not in only):
                 continue  # given up (purged with the other old tasks), or another host's
@@ -235,9 +226,7 @@ class AsyncTaskManager:
                 task.background = True
             task_log(log, task).info("重新推送未送达的任务结果: %s", task.id)
             self.outbox.deliver_later(task)
-        for task in self.store.load(ACTIVE_STATUSES):
-            if only is not None and task.id not in only:
-                continue
+        for task in [t for t in self.store.load(ACTIVE_STATUSES) if only is None or t.id in only]:  # issue 16
             self.board.adopt(task)
             tlog = task_log(log, task)
             leftovers = self.client.kill_leftovers(task.id)
@@ -294,6 +283,4 @@ class AsyncTaskManager:
         self.monitor.join(max(0.1, hard_stop - time.monotonic()))
         self.outbox.wait_for_deliveries(max(0.1, hard_stop - time.monotonic()))
         self.outbox.shutdown()
-        if self.cluster is not None:  # issue 16: before the store closes; unfinished leases expire for others
-            self.cluster.stop()
         self.store.close()  # a journaled store writes what it still holds

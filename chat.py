@@ -251,5 +251,11 @@ class ChatApp:
         def confirm(ended: Task, stopped: bool) -> None:
             self.reply(message, task_texts.cancel_outcome(ended, stopped))
 
-        if self.manager.cancel(task.id, on_ended=confirm) is None:
+        cluster = self.manager.cluster  # issue 16: another host may hold it; that host confirms
+        if cluster is not None and task.id not in self.manager.board.tasks:
+            holder = cluster.request_cancel(task.id)  # None: not active; "": the DB cannot be reached
+            if not holder:
+                self.reply(message, f"任务 {task.id} 已结束，无需取消。" if holder is None
+                           else f"暂时无法取消任务 {task.id} (任务数据库不可用)，请稍后再试。")
+        elif self.manager.cancel(task.id, on_ended=confirm) is None:
             self.reply(message, f"任务 {task.id} 已结束，无需取消。")

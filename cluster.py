@@ -65,6 +65,7 @@ class Cluster:
         self._lock = threading.Lock()  # guards the statement connection
         self._conn: psycopg.Connection | None = None
         self._admit_off_until = 0.0  # monotonic: admission skips the DB until then (it was unreachable)
+        self.claim_pending = False  # the start's claim failed: the lease thread retries it
 
     # -- statements
 
@@ -112,13 +113,17 @@ class Cluster:
         return {row[0]: row[1] for row in rows}
 
     def request_cancel(self, task_id: str) -> str | None:
-        """Ask whichever host holds an active task to cancel it: the host's name, or None if no active task."""
-        rows = self._execute("UPDATE tasks SET cancel_requested = 1 WHERE id = %s AND status IN ('queued', "
-                             "'running') RETURNING host", (task_id,))
-        if not rows:
-            return None
-        self._execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, task_id))
-        return rows[0][0] or "?"
+        """Ask whichever host holds an active task to cancel it: the host's name, None if the task is not active,
+        "" if the DB cannot be reached."""
+        try:
+            rows = self._execute("UPDATE tasks SET cancel_requested = 1 WHERE id = %s AND status IN ('queued', "
+                                 "'running') RETURNING host", (task_id,))
+            if rows:
+                self._execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, task_id))
+        except psycopg.Error as exc:
+            log.error("任务 %s 取消请求失败 (%s)", task_id, " ".join(str(exc).split()))
+            return ""
+        return (rows[0][0] or "?") if rows else None
 
     def admit(self, task: Task, running_here: list[Task], max_per_user: int) -> bool:
         """Whether `task` may start here, counting the other hosts' runs too: its user below `max_per_user` runs in
@@ -221,8 +226,12 @@ class Cluster:
         failing = ""
         while not self._stop.wait(self.lease / 3):
             try:
-                self.renew()
-                taken = self.take_over()
+                if self.claim_pending:  # the start could not claim this host's own tasks: now
+                    taken = dict.fromkeys(self.claim_at_start(), self.host)
+                    self.claim_pending = False
+                else:
+                    self.renew()
+                    taken = self.take_over()
                 if failing:
                     log.warning("集群数据库已恢复，租约续期继续")
                     failing = ""
@@ -263,28 +272,40 @@ class Cluster:
         except Exception:
             log.exception("处理集群通知失败 (%s): %s", channel, task_id)
 
-    def place(self, manager: Any, task: Task, acknowledgement: str) -> bool:
-        """Issue 16, conversation affinity: send a new task to the live host holding its conversation (acknowledged
-        here first; True: it is that host's now). A conversation whose host is gone stays here, and its user is
-        told that files from earlier turns are not on this host."""
-        owner, alive = self.conversation_host(task.conversation_key)
-        if owner is None or owner == self.host:
-            return False
-        if not alive:
-            manager.outbox.notice(task.route, task_texts.conversation_moved(task, owner), task_id=task.id)
-            return False
-        if not manager.store.wait_written(2.0):  # the row must exist before another host reads it
-            return False
-        with manager.board.lock:
-            manager.board.tasks.pop(task.id, None)
-            manager.outbox.acknowledge(task, acknowledgement)
-        if self.hand_off(task.id, owner):
-            log.info("任务 %s 交给会话所在主机 %s", task.id, owner)
-            return True
-        with manager.board.lock:  # it stays here after all
-            manager.board.adopt(task)
-            manager.board.enqueue(task)
+    def place(self, manager: Any, task: Task, expected: str) -> bool:
+        """Conversation affinity for a new task: see `place_task`."""
+        return place_task(self, manager, task, expected)
+
+    def queued(self, board: Any, user_id: str) -> int:
+        """MAX_QUEUED_PER_USER's count: the user's queued tasks on every host, or this host's if the DB cannot say."""
+        here = board.queued_count(user_id)
+        everywhere = self.queued_count(user_id)
+        return here if everywhere is None else max(here, everywhere)
+
+
+
+def place_task(cluster: Cluster, manager: Any, task: Task, expected: str) -> bool:
+    """Issue 16, conversation affinity: send a new task to the live host holding its conversation (acknowledged
+    here first; True: it is that host's now). A conversation whose host is gone stays here, and its user is
+    told that files from earlier turns are not on this host."""
+    owner, alive = cluster.conversation_host(task.conversation_key)
+    if owner is None or owner == cluster.host:
+        return False
+    if not alive:
+        manager.outbox.notice(task.route, task_texts.conversation_moved(task, owner), task_id=task.id)
+        return False
+    if not manager.store.wait_written(2.0):  # the row must exist before another host reads it
+        return False
+    with manager.board.lock:
+        manager.board.tasks.pop(task.id, None)
+        manager.outbox.acknowledge(task, task_texts.acknowledgement(task, "", expected))
+    if cluster.hand_off(task.id, owner):
+        log.info("任务 %s 交给会话所在主机 %s", task.id, owner)
         return True
+    with manager.board.lock:  # it stays here after all
+        manager.board.adopt(task)
+        manager.board.enqueue(task)
+    return True
 
 
 def _cancel_if_here(manager: Any, task_id: str) -> None:
@@ -331,11 +352,10 @@ def join_cluster(config: Config, manager: Any) -> Cluster | None:
                       on_cancel=lambda task_id: _cancel_if_here(manager, task_id),
                       on_task=lambda task_id: _run_handed_task(manager, cluster, task_id))
     try:
-        mine = cluster.claim_at_start()
-    except psycopg.Error as exc:
+        manager.recover(only=cluster.claim_at_start())
+    except psycopg.Error as exc:  # the lease thread claims them once the DB answers
         log.error("集群数据库不可用 (%s): %s", " ".join(str(exc).split()), safe_url(config.task_db))
-        mine = set()
-    manager.recover(only=mine)
+        cluster.claim_pending = True
     manager.cluster = cluster
     limit = manager.board.limits.max_tasks_per_user
     manager.board.admit = lambda task, running: cluster.admit(task, running, limit)

@@ -1,4 +1,4 @@
-"""Operating a PostgreSQL task DB: `bot.py check`'s database line and `bot.py migrate-store` from SQLite, run for real."""
+"""Operating a PostgreSQL task DB: `bot.py check`'s database line and `bot.py migrate-store` from SQLite, for real."""
 
 from __future__ import annotations
 

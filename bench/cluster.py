@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,12 +72,12 @@ def answered(standin: DingTalkStandin, session: str) -> bool:
     return any((p.text or "").startswith("done: ") for p in standin.webhook_posts(session))
 
 
-def throughput(server: PostgresServer, workdir: Path, processes: int, tasks: int, users: int, window: int) -> float:
-    """Tasks answered per second with `processes` bots, `window` prompts in flight from `users` users."""
+def throughput(task_db: str, workdir: Path, processes: int, tasks: int, users: int, window: int) -> float:
+    """Tasks answered per second with `processes` bots on `task_db`, `window` prompts in flight from `users` users."""
     standin = DingTalkStandin(client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
     standin.start()
     standin.several_connections = True
-    bots = start_bots(standin, workdir / f"tp{processes}", server.create_database(), processes)
+    bots = start_bots(standin, workdir / f"tp{processes}-{uuid.uuid4().hex[:6]}", task_db, processes)
     try:
         pending: dict[int, str] = {}
         done, sent, started = 0, 0, time.monotonic()
@@ -134,11 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     workdir = Path(tempfile.mkdtemp(prefix="bench-cluster-"))
     try:
-        rates = {n: throughput(server, workdir, n, args.tasks, args.users, args.window) for n in (1, 2, 3)}
+        sqlite = throughput(str(workdir / "tasks.db"), workdir, 1, args.tasks, args.users, args.window)
+        rates = {n: throughput(server.create_database(), workdir, n, args.tasks, args.users, args.window)
+                 for n in (1, 2, 3)}
         moved = failover(server, workdir, args.lease)
     finally:
         server.stop()
     print("| figure | value | ratio to 1 process |\n|---|---|---|")
+    print(f"| throughput, 1 process, SQLite task DB ({args.tasks} tasks, instant CLI) | {sqlite:.0f} tasks/s | "
+          f"{sqlite / rates[1]:.2f} |")
     for n, rate in rates.items():
         print(f"| throughput, {n} process{'es' if n > 1 else ''} ({args.tasks} tasks, instant CLI) | "
               f"{rate:.0f} tasks/s | {rate / rates[1]:.2f} |")

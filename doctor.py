@@ -29,7 +29,7 @@ from dingtalk_sender import (
 )
 from sqlite_files import store_writable
 from store_admin import check_postgres
-from task_store_pg import is_postgres_url
+from task_store_pg import is_postgres_url, safe_url
 
 OK_MARK, FAIL_MARK = "✓", "✗"
 DINGTALK_CREDENTIALS = ("DINGTALK_CLIENT_ID", "DINGTALK_CLIENT_SECRET")
@@ -208,7 +208,8 @@ def describe_settings(config: Config, environ: Mapping[str, str], dotenv_path: s
         in_file = {}
     wrong = {problem.split()[0] for problem in problems}
     secret = {setting.env for setting in SETTINGS if setting.secret}
-    rows = config.describe()
+    # TASK_DB may be a postgresql:// URL holding a password: shown without it.
+    rows = [(name, safe_url(shown) if name == "TASK_DB" else shown) for name, shown in config.describe()]
     width = max(len(name) for name, _ in rows)
     lines = []
     for name, shown in rows:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -63,3 +64,14 @@ def test_migrate_store_copies_a_sqlite_db_into_postgres_once(tmp_path, pg_url):
     assert again.returncode == 1 and "already holds 3 task(s)" in again.stderr
     elsewhere = _bot(tmp_path, "migrate-store", str(path), "--to", str(tmp_path / "other.db"))
     assert elsewhere.returncode == 1 and "postgresql://" in elsewhere.stderr
+
+
+def test_check_never_prints_the_database_password(tmp_path, pg_server):
+    url = f"postgresql://bot:pw-SHOWN-nowhere@127.0.0.1:{pg_server.port}/tasks"
+    env = {"TASK_DB": url, "DINGTALK_CLIENT_ID": "id", "DINGTALK_CLIENT_SECRET": "secret", "CODEBUDDY_BIN": "true",
+           "DINGTALK_OPENAPI_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens: no request leaves the machine
+    out = io.StringIO()
+    doctor.run_check(env, dotenv_path=None, out=out, cli_timeout=5)
+    text = out.getvalue()
+    assert "pw-SHOWN-nowhere" not in text and "postgresql://bot:***@127.0.0.1" in text
+    assert "✗ task DB" in text  # no such database and no such user: said, without the password

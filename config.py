@@ -430,7 +430,7 @@ def bot_files(task_db: str, log_file: str, workdir: str,
               dotenv_path: str | os.PathLike | None = ".env") -> tuple[str, ...]:
     """The bot's own files and directories, which no CodeBuddy run may see: its code, .env, task DB, log,
     the directory holding every conversation, and its working directory (absolute paths)."""
-    paths = [PROJECT_DIR, os.getcwd(), os.path.abspath(task_db), os.path.abspath(workdir)]
+    paths = [PROJECT_DIR, os.getcwd(), *[os.path.abspath(p) for p in (task_db, workdir) if "://" not in p]]
     if log_file:
         paths.append(os.path.abspath(log_file))
     if dotenv_path is not None:

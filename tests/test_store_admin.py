@@ -9,6 +9,7 @@ import sys
 import time
 
 import doctor
+from config import bot_files
 from dingtalk_sender import Route
 from store_admin import check_postgres
 from store_journal import open_store
@@ -75,3 +76,5 @@ def test_check_never_prints_the_database_password(tmp_path, pg_server):
     text = out.getvalue()
     assert "pw-SHOWN-nowhere" not in text and "postgresql://bot:***@127.0.0.1" in text
     assert "✗ task DB" in text  # no such database and no such user: said, without the password
+    # Nor does it reach a CLI run's sandbox arguments (visible to every local user in the process list).
+    assert not any("pw-SHOWN-nowhere" in path for path in bot_files(url, "", str(tmp_path / "w")))

@@ -238,7 +238,7 @@ class DingTalkStandin:
         self._global_webhook_delay = 0.0
         self._random_faults: dict[str, tuple[float, list[tuple[int, Any, dict[str, str]]], random.Random]] = {}
         self._streams: list[_Stream] = []
-        # DingTalk with several connections on one app pushes each message to one of them at random (NOTES §8);
+        # DingTalk with several connections on one app pushes each message to one of them at random (wire-facts §8);
         # False: only the newest connection gets frames. `connection_id=` on send_bot_message picks one.
         self.several_connections = False
         self.connection_rng = random.Random(16)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import recovery
 import task_texts
 from codebuddy_client import new_session_id
 from config import MEMORY_RETENTION_SECONDS, SEED_LONG_TASK_KEYWORDS, Config
@@ -25,7 +26,7 @@ from routing import Router
 from scheduling import Limits
 from seams import Client, Sender
 from supervision import Supervisor
-from task import ACTIVE_STATUSES, CANCELLED, FINISHED_STATUSES, NO_KEYWORD, QUEUED, Task
+from task import CANCELLED, NO_KEYWORD, QUEUED, Task
 from task_board import CancelWatcher, TaskBoard
 from task_store import MemoryTaskStore, TaskStore
 from workers import Workers
@@ -62,7 +63,7 @@ class AsyncTaskManager:
                                approval_timeout=approval_timeout, approvals=approvals)
         self.monitor = Monitor(self.board, self.outbox, sync_timeout=sync_timeout,
                                progress_interval=progress_interval, tick=tick, supervisor=self.supervisor)
-        self._accepting = True
+        self._accepting, self.cluster = True, None  # cluster: issue 16, hosts sharing a PostgreSQL DB (join_cluster)
 
     @classmethod
     def from_config(cls, config: Config, client: Client, sender: Sender, store: TaskStore,
@@ -119,8 +120,8 @@ class AsyncTaskManager:
         return self.board.position(task_id)
 
     def queued_count(self, user_id: str) -> int:
-        """How many of the user's tasks wait in the queue (see `TaskBoard.queued_count`)."""
-        return self.board.queued_count(user_id)
+        """How many of the user's tasks wait in the queue (see `TaskBoard.queued_count`; issue 16: on every host)."""
+        return self.cluster.queued(self.board, user_id) if self.cluster else self.board.queued_count(user_id)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -162,6 +163,8 @@ class AsyncTaskManager:
         task = self.board.create(user_id, prompt, route, user_name=user_name, conversation_key=conversation_key,
                                  msg_id=msg_id, background=background, keyword=keyword or NO_KEYWORD)
         expected = self.router.expected_duration(task.keyword) if background else ""
+        if self.cluster is not None and self.cluster.place(self, task, expected):  # issue 16: lives on another host
+            return task
         with self.board.lock:  # acknowledged before a worker can take it: the answer never overtakes the ack
             position = self.board.enqueue(task)
             waiting = task_texts.waiting_note(self.board.hold_reason(task), position,
@@ -216,41 +219,9 @@ class AsyncTaskManager:
         self.workers.start()
         self.monitor.start()
 
-    def recover(self) -> None:
-        """On start: deliver results never delivered, re-run interrupted tasks once (or fail them)."""
-        for task in self.store.load(FINISHED_STATUSES, undelivered_only=True):
-            if task.undeliverable:
-                continue  # given up; purged with the other old tasks
-            with self.board.lock:
-                self.board.adopt(task)
-                task.background = True
-            task_log(log, task).info("重新推送未送达的任务结果: %s", task.id)
-            self.outbox.deliver_later(task)
-        for task in self.store.load(ACTIVE_STATUSES):
-            self.board.adopt(task)
-            tlog = task_log(log, task)
-            leftovers = self.client.kill_leftovers(task.id)
-            if leftovers:
-                tlog.warning("已结束上次运行遗留的 %d 个 CLI 进程", leftovers)
-            if task.cancel_requested:  # the user's cancel is final: never re-run
-                self.board.fail(task.id, "已被用户取消", status=CANCELLED)
-                self.board.mark_delivered(task)
-                self.outbox.notice(task.route, task_texts.cancelled(task), task_id=task.id, allow_webhook=False)
-                continue
-            if task.attempts >= 2:
-                self.board.fail(task.id, "任务在重新执行时再次中断")
-                self.board.transition(task, background=True)
-                self.outbox.deliver_later(task)
-                continue
-            interrupted = task.started_at is not None  # it had started; otherwise it was still waiting
-            self.board.transition(task, status=QUEUED, background=True)
-            with self.board.lock:
-                self.outbox.acknowledge(task, task_texts.restarted(task, interrupted), allow_webhook=False)
-                self.board.enqueue(task)
-            if interrupted:
-                tlog.info("任务 %s 上次运行被中断，重新执行", task.id)
-            else:
-                tlog.info("任务 %s 重启后继续排队", task.id)
+    def recover(self, only: set[str] | None = None) -> None:
+        """On start: deliver results never delivered, re-run interrupted tasks once (or fail them); `only` these."""
+        recovery.recover(self.store, self.board, self.outbox, self.client, only)
 
     def stop_accepting(self) -> None:
         """New prompts are refused from now on."""

@@ -39,6 +39,7 @@ import task_table
 from async_task_manager import AsyncTaskManager
 from attachments import attachment_refs
 from chat import ChatApp, IncomingMessage
+from cluster import host_name, join_cluster, open_task_store
 from codebuddy_client import CodeBuddyClient
 from config import (
     HTTP_TIMEOUT,
@@ -55,7 +56,7 @@ from logs import log_destination, output_handlers, setup_logging, stop_logging
 from metrics import DurationHistogram, TimedClient
 from startup import config_failure, load_local_config, report_cli, sandbox_problem
 from status_server import StatusSources, start_status_server
-from store_journal import open_store
+from store_admin import migrate_store
 from supervision import install_exception_hooks
 from task_store import StoreError
 
@@ -286,7 +287,7 @@ def build_app(config: Config, durations: DurationHistogram | None = None
                             retry_window=config.delivery_retry_window, secrets=config.secrets)
     client, after_result, attachments = with_file_transfer(config, sender, CodeBuddyClient.from_config(config))
     client = TimedClient(client, durations or DurationHistogram())
-    manager = AsyncTaskManager.from_config(config, client, sender, open_store(config.task_db), after_result)
+    manager = AsyncTaskManager.from_config(config, client, sender, open_task_store(config), after_result)
     return sender, client, manager, ChatApp(manager, config, attachments=attachments)
 
 
@@ -299,7 +300,7 @@ def run_daemon(config: Config) -> int:
     log.info("启动 DingTalk CodeBuddy 机器人: workers=%d, sync_timeout=%.0fs, task_timeout=%.0fs, cli=%s",
              config.max_workers, config.sync_timeout, config.task_timeout, client.binary)
     client.start()  # kills CLI processes a crash of this bot left behind; ends idle warm ones from now on
-    manager.recover()
+    join_cluster(config, manager)  # recover this host's tasks; with PostgreSQL, share them with the other hosts
     client.files.resume(manager.get_task)  # files staged for answers delivered just before the bot stopped
     manager.start()
 
@@ -320,7 +321,7 @@ def run_daemon(config: Config) -> int:
     notifier = systemd_notify.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
     status_server = start_status_server(config.status_port, StatusSources(
         manager=manager, sender=sender, client=client, stream=stream, store=manager.store,
-        supervisor=manager.supervisor, intake=intake, durations=durations))
+        supervisor=manager.supervisor, intake=intake, durations=durations, host=host_name(config.host_name)))
 
     def core_alive() -> bool:  # a dead core thread stops the watchdog pings, and systemd restarts the bot
         return not health.core_problems(manager.supervisor, intake)
@@ -369,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                                           limit=args.limit)
         except StoreError as exc:
             return startup_failure(f"任务数据库无法打开: {exc}")
+    if command == "migrate-store":  # needs the target only: a half-filled .env does not stop it
+        return migrate_store(args.sqlite_path, args.to or read_config(os.environ)[0].task_db)
     try:
         config = load_config() if command == "run" else load_local_config(os.environ)
     except ConfigError as exc:

@@ -259,6 +259,8 @@ class ChatApp:
                 self.manager.workers.approvals.waiting(task.conversation_key), "id", None) == task.id:
             lines.append("等待你的确认: 回复「同意」或「拒绝」 (计时暂停)")
         if task.status == RUNNING:
+            if self.manager.cluster is not None:  # issue 16: several hosts share the tasks
+                lines.append(f"执行主机: {self.manager.cluster.host_of(task.id) or '未知'}")
             lines.append(f"最近步骤: {task.last_step or '等待 CodeBuddy 输出'}")
             lines.append(f"预计剩余时间: {self.manager.expected_remaining(task, now)}")
         if task.error and task.status != QUEUED:
@@ -279,5 +281,11 @@ class ChatApp:
         def confirm(ended: Task, stopped: bool) -> None:
             self.reply(message, task_texts.cancel_outcome(ended, stopped))
 
-        if self.manager.cancel(task.id, on_ended=confirm) is None:
+        cluster = self.manager.cluster  # issue 16: another host may hold it; that host confirms
+        if cluster is not None and task.id not in self.manager.board.tasks:
+            holder = cluster.request_cancel(task.id)  # None: not active; "": the DB cannot be reached
+            if not holder:
+                self.reply(message, f"任务 {task.id} 已结束，无需取消。" if holder is None
+                           else f"暂时无法取消任务 {task.id} (任务数据库不可用)，请稍后再试。")
+        elif self.manager.cancel(task.id, on_ended=confirm) is None:
             self.reply(message, f"任务 {task.id} 已结束，无需取消。")

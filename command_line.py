@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from config import parse_positive_int
+from store_admin import add_migrate_command
 from task import STATUS_LABELS
 
 
@@ -29,11 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "CLI (binary, version, origin) and whether its runs can sign in, the sandbox, workspace, "
                         "task DB and log file writable. Exit 0 only if every check passes.")
     tasks = commands.add_parser("tasks", help="table of tasks from the task DB (TASK_DB)",
-                                description="Print the newest tasks from the SQLite task DB, newest first.")
+                                description="Print the newest tasks from the task DB (SQLite or PostgreSQL), "
+                                "newest first.")
     tasks.add_argument("--user", metavar="ID", help="only this user's tasks (staff id)")
     tasks.add_argument("--status", choices=list(STATUS_LABELS), help="only tasks with this status")
     tasks.add_argument("--limit", metavar="N", type=positive_int, default=20, help="at most N rows (20)")
-    tasks.add_argument("--db", metavar="PATH", help="task DB file (default: TASK_DB)")
+    tasks.add_argument("--db", metavar="PATH", help="task DB file or postgresql:// URL (default: TASK_DB)")
+    add_migrate_command(commands)
     console_command = commands.add_parser(
         "console", help="chat with the bot in this terminal, no DingTalk needed",
         description="Each line of stdin goes through the same commands, routing, task manager and CodeBuddy CLI "

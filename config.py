@@ -128,7 +128,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_TASKS_PER_USER", "max_tasks_per_user", "2", parse_positive_int, "CodeBuddy runs at once for one user"),
     Setting("MAX_QUEUED_PER_USER", "max_queued_per_user", "10", parse_positive_int,
             "Tasks one user may have waiting in the queue; more are refused with a reply"),
-    Setting("TASK_DB", "task_db", "./data/tasks.db", any_text, "SQLite file holding tasks (directory created)"),
+    Setting("TASK_DB", "task_db", "./data/tasks.db", any_text,
+            "SQLite file holding tasks (directory created), or a postgresql:// URL shared by several bot processes"),
     Setting("TASK_RETENTION_DAYS", "task_retention_days", "30", positive_float,
             "Finished tasks older than this are purged from the task DB"),
     Setting("ADMIN_USERS", "admin_users", "", comma_list, "Staff ids that may see and cancel every task"),
@@ -154,9 +155,16 @@ SETTINGS: tuple[Setting, ...] = (
             "on: a tool the permission mode does not allow is asked of the sender in the chat; off: denied"),
     Setting("APPROVAL_TIMEOUT", "approval_timeout", "300", positive_float,
             "Seconds to wait for the sender's 同意/拒绝 (or an answer to CodeBuddy's question); no answer = denied"),
-    Setting("DINGTALK_OAPI_ENDPOINT", "oapi_endpoint", "https://oapi.dingtalk.com", any_text, "Media upload host"),
-    Setting("MAX_ATTACHMENT_MB", "max_attachment_mb", "20", parse_positive_int, "Largest file in or out (MB)"),
-    Setting("MAX_FILES_OUT", "max_files_out", "5", parse_positive_int, "Files from outbox/ sent with one answer"),
+    Setting("DINGTALK_OAPI_ENDPOINT", "oapi_endpoint", "https://oapi.dingtalk.com", any_text,
+            "Host of the legacy media upload API (files and pictures sent to chats)"),
+    Setting("MAX_ATTACHMENT_MB", "max_attachment_mb", "20", parse_positive_int,
+            "Largest file taken from or sent to a chat, in MB (DingTalk's own limit is 20)"),
+    Setting("MAX_FILES_OUT", "max_files_out", "5", parse_positive_int,
+            "Files from a run's outbox/ sent with one answer; the rest are listed as not sent"),
+    Setting("HOST_NAME", "host_name", "", any_text,
+            "Names this process in /metrics and the task DB (unset: the hostname)"),
+    Setting("LEASE_SECONDS", "lease_seconds", "30", positive_float,
+            "PostgreSQL: seconds until a dead host's tasks move to another host"),
 )
 
 
@@ -202,6 +210,8 @@ class Config:
     oapi_endpoint: str
     max_attachment_mb: int
     max_files_out: int
+    host_name: str
+    lease_seconds: float
     warm_sessions: int = 4
     warm_idle_seconds: float = 600.0
     approvals: bool = True
@@ -313,7 +323,7 @@ def bot_files(task_db: str, log_file: str, workdir: str,
               dotenv_path: str | os.PathLike | None = ".env") -> tuple[str, ...]:
     """The bot's own files and directories, which no CodeBuddy run may see: its code, .env, task DB, log,
     the directory holding every conversation, and its working directory (absolute paths)."""
-    paths = [PROJECT_DIR, os.getcwd(), os.path.abspath(task_db), os.path.abspath(workdir)]
+    paths = [PROJECT_DIR, os.getcwd(), *[os.path.abspath(p) for p in (task_db, workdir) if "://" not in p]]
     if log_file:
         paths.append(os.path.abspath(log_file))
     if dotenv_path is not None:

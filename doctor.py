@@ -27,7 +27,9 @@ from dingtalk_sender import (
     JsonHttp,
     open_stream_connection,
 )
-from task_store import store_writable
+from sqlite_files import store_writable
+from store_admin import check_postgres
+from task_store_pg import is_postgres_url, safe_url
 
 OK_MARK, FAIL_MARK = "✓", "✗"
 DINGTALK_CREDENTIALS = ("DINGTALK_CLIENT_ID", "DINGTALK_CLIENT_SECRET")
@@ -80,7 +82,10 @@ def check_workspace(path: str) -> CheckResult:
 
 
 def check_task_db(path: str) -> CheckResult:
-    """The task DB takes a write lock (or its directory lets the daemon create it)."""
+    """The task DB takes a write lock (or its directory lets the daemon create it); PostgreSQL: it answers, its
+    schema version and the clock skew between this host and the server."""
+    if is_postgres_url(path):
+        return CheckResult("task DB", *check_postgres(path))
     absolute = os.path.abspath(path)
     if path == ":memory:":
         return CheckResult("task DB", True, "in memory (tasks are lost on restart)")
@@ -207,7 +212,8 @@ def describe_settings(config: Config, environ: Mapping[str, str], dotenv_path: s
         in_file = {}
     wrong = {problem.split()[0] for problem in problems}
     secret = {setting.env for setting in SETTINGS if setting.secret}
-    rows = config.describe()
+    # TASK_DB may be a postgresql:// URL holding a password: shown without it.
+    rows = [(name, safe_url(shown) if name == "TASK_DB" else shown) for name, shown in config.describe()]
     width = max(len(name) for name, _ in rows)
     lines = []
     for name, shown in rows:

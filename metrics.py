@@ -94,6 +94,7 @@ class StatusSources:
     supervisor: Any  # .dead(): critical threads that died
     intake: Any  # .backlog_age(now)
     durations: DurationHistogram
+    host: str = ""  # HOST_NAME: every sample carries host="…" (several bot processes on one app); "" = no label
 
 
 def escape_label(value: str) -> str:
@@ -109,14 +110,16 @@ def number(value: float) -> str:
 class Exposition:
     """Builds the Prometheus text format (version 0.0.4)."""
 
-    def __init__(self) -> None:
+    def __init__(self, constant: Mapping[str, str] | None = None) -> None:
         self.lines: list[str] = []
+        self.constant = dict(constant or {})  # labels every sample carries
 
     def family(self, name: str, kind: str, help_text: str) -> None:
         self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
 
     def sample(self, name: str, value: float, labels: Mapping[str, str] | None = None) -> None:
-        rendered = ",".join(f'{key}="{escape_label(str(val))}"' for key, val in (labels or {}).items())
+        every = {**self.constant, **(labels or {})}
+        rendered = ",".join(f'{key}="{escape_label(str(val))}"' for key, val in every.items())
         self.lines.append(f"{name}{{{rendered}}} {number(value)}" if rendered else f"{name} {number(value)}")
 
     def text(self) -> str:
@@ -127,7 +130,7 @@ def render_metrics(sources: StatusSources) -> str:
     """Every metric of the bot in the Prometheus text format."""
     stats = sources.manager.stats
     sent = dict(sources.sender.stats)
-    out = Exposition()
+    out = Exposition({"host": sources.host} if sources.host else None)
     out.family("dingtalk_bot_tasks", "gauge", "Live tasks by status (queued, running), and tasks finished since "
                "start by final status.")
     for status in STATUS_LABELS:

@@ -1,7 +1,7 @@
 """The write-behind task store: writes go to an ordered in-memory journal at once and are committed in order later.
 
-`JournaledStore` wraps a `StoreBackend` (the SQLite store; PostgreSQL later). Its writes never wait for the DB and
-never raise; its reads see the backend with the journal laid over it. While the DB cannot be written (locked,
+`JournaledStore` wraps a `StoreBackend` (SQLite, or PostgreSQL for several hosts). Its writes never wait for the DB
+and never raise; its reads see the backend with the journal laid over it. While the DB cannot be written (locked,
 disk full, I/O errors) records wait in memory, `health()` says so, and the writer retries with backoff, in order.
 docs/task-store.md has the whole story and the log lines.
 """
@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, TypeVar
 from config import DEDUP_TTL_SECONDS
 from task import Task
 from task_store import SQLiteTaskStore, StoreBackend, StoreHealth
+from task_store_pg import DB_ERRORS, PostgresTaskStore, is_postgres_url
 
 log = logging.getLogger("task_store")
 
@@ -28,7 +29,8 @@ READ_FAILED = "任务数据库读取失败，使用内存中的记录 (%s)"
 STILL_FAILING = "任务数据库仍不可用 (%s)"
 RECOVERED = "任务数据库已恢复，已写入积压的 %d 条记录"
 LOST = "任务数据库关闭时仍有 %d 条记录未写入，已丢失 (%s)"
-_EXPECTED = (sqlite3.Error, OSError)  # a DB that is locked, full or failing; anything else is a bug: traceback
+# A DB that is locked, full, failing or unreachable; anything else is a bug: traceback.
+_EXPECTED = (sqlite3.Error, OSError, *DB_ERRORS)
 
 
 class _Entry(NamedTuple):
@@ -46,7 +48,8 @@ def _coalesce(entries: list[_Entry]) -> list[_Entry]:
 
 
 def _reason(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    primary = getattr(getattr(exc, "diag", None), "message_primary", None)  # PostgreSQL's, without the SQL echoed
+    return " ".join((primary or str(exc)).split()) or type(exc).__name__
 
 
 def _overlaid(stored: list[Task], pending: Iterable[Task], wanted: Callable[[Task], bool]) -> list[Task]:
@@ -100,7 +103,28 @@ class _Journal:
                 if e.args[1] == keyword and (user_id is None or e.args[0] == user_id)]
 
 
-class JournaledStore:
+class _BudgetCounters:
+    """The org's monthly API call counters of a JournaledStore: adds are journaled, reads add what is pending."""
+
+    _lock: threading.Lock
+    _journal: _Journal
+    _backend: StoreBackend
+    _append: Callable[..., None]
+    _read: Callable[..., Any]
+
+    def add_api_calls(self, month: str, count: int) -> None:
+        """Journal `count` API calls for the month (the backend adds them in one statement)."""
+        self._append("add_api_calls", month, count)
+
+    def api_calls(self, month: str) -> int:
+        """The month's API calls: the DB's counter plus the adds not yet written."""
+        with self._lock:
+            pending = sum(e.args[1] for e in self._journal.entries
+                          if e.method == "add_api_calls" and e.args[0] == month)
+        return pending + self._read(lambda: self._backend.api_calls(month), 0)
+
+
+class JournaledStore(_BudgetCounters):
     """A `TaskStore` whose writes reach `backend` through an in-memory journal, committed in order.
 
     The "store-writer" thread writes the journal shortly after each write (`flush_delay`), and retries with backoff
@@ -113,24 +137,22 @@ class JournaledStore:
                  flush_delay: float = 0.02, clock: Callable[[], float] = time.time,
                  dedup_ttl: float = DEDUP_TTL_SECONDS) -> None:
         self._backend = backend
-        self._backoff, self._max_backoff = backoff, max_backoff
-        self._flush_delay = flush_delay
-        self._clock = clock
+        self._backoff, self._max_backoff, self._flush_delay, self._clock = backoff, max_backoff, flush_delay, clock
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # the writer waits here for entries
         # Held by whoever writes the journal to the backend: the writer thread, or a caller of wait_written.
         self._flushing = threading.Lock()
         self._writer_idle = False  # the writer waits for a first entry
         self._journal = _Journal()
-        self._down_since: float | None = None  # set while the DB cannot be written (or read)
+        self._down_since: float | None = None  # set while the DB cannot be written (or read), and why
         self._down_reason = ""
-        self._closing = False
-        self._closed = False
+        self._closing = self._closed = False
         self._close_by = float("inf")  # monotonic time the writer gives up at, once closing
         self._retry_now = threading.Event()
-        # The msgIds of the dedup window, in memory: one message needs no DB read (one process per store; a
-        # store shared by several hosts must rely on the DB's unique key instead).
+        # The msgIds of the dedup window, in memory: a repeat needs no DB read. A store several hosts share (`shared`)
+        # asks the DB's unique key about every new one.
         self._seen = self._read(lambda: backend.recent_messages(clock() - dedup_ttl), {})
+        self._shared = bool(getattr(backend, "shared", False))
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -171,6 +193,11 @@ class JournaledStore:
             if msg_id in self._seen:
                 return False
             self._seen[msg_id] = now
+        if self._shared and not self._closed:  # another host may have taken it: one INSERT … ON CONFLICT decides
+            try:
+                return self._backend.remember_message(msg_id, now)
+            except Exception as exc:  # the DB is down: memory answers, the insert waits in the journal
+                self._went_down(exc, WRITE_FAILED)
         self._append("remember_message", msg_id, now)
         return True
 
@@ -349,11 +376,22 @@ class JournaledStore:
             log.error(line if starting else STILL_FAILING, reason, exc_info=not isinstance(exc, _EXPECTED))
 
 
+def open_backend(task_db: str, *, read_only: bool = False, busy_timeout: float = 10.0, host: str = "",
+                 lease_seconds: float = 30.0) -> SQLiteTaskStore | PostgresTaskStore:
+    """The backend TASK_DB names: a PostgreSQL URL (postgresql://…: new tasks leased to `host`) or a SQLite file
+    path. Raises StoreError."""
+    if is_postgres_url(task_db):
+        return PostgresTaskStore(task_db, read_only=read_only, busy_timeout=busy_timeout, host=host,
+                                 lease_seconds=lease_seconds)
+    return SQLiteTaskStore(task_db, read_only=read_only, busy_timeout=busy_timeout)
+
+
 def open_store(path: str, *, busy_timeout: float = 1.0, backoff: float = 0.2, max_backoff: float = 5.0,
-               flush_delay: float = 0.02, clock: Callable[[], float] = time.time) -> JournaledStore:
-    """The daemon's store: the SQLite file at `path` behind a journal. Raises StoreError if it cannot be opened.
+               flush_delay: float = 0.02, clock: Callable[[], float] = time.time, host: str = "",
+               lease_seconds: float = 30.0) -> JournaledStore:
+    """The daemon's store: the backend TASK_DB names behind a journal. Raises StoreError if it cannot be opened.
 
     `busy_timeout` is how long a write waits for a lock another process holds before the store counts as down.
     """
-    return JournaledStore(SQLiteTaskStore(path, busy_timeout=busy_timeout), backoff=backoff,
-                          max_backoff=max_backoff, flush_delay=flush_delay, clock=clock)
+    return JournaledStore(open_backend(path, busy_timeout=busy_timeout, host=host, lease_seconds=lease_seconds),
+                          backoff=backoff, max_backoff=max_backoff, flush_delay=flush_delay, clock=clock)

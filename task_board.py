@@ -62,6 +62,8 @@ class TaskBoard:
         self.queue: list[str] = []
         self.running: dict[str, Running] = {}
         self.stopping = False  # workers take no new task
+        # Issue 16: with hosts sharing a PostgreSQL DB, cluster.Cluster.admit: may it start here, given the others?
+        self.admit: Callable[[Task, list[Task]], bool] | None = None
         self._finished_counts: dict[str, int] = {}  # since start, by final status (for metrics)
 
     # -- the one place tasks change
@@ -185,8 +187,7 @@ class TaskBoard:
         """Wait for a queued task that may start, mark it running; None once the board is stopping."""
         with self.lock:
             while not self.stopping:
-                queued = (self.tasks[t] for t in self.queue if t in self.tasks)
-                task = next_runnable(queued, self._running_tasks(), self.limits)
+                task = self._next_admitted()
                 if task is not None:
                     self.queue.remove(task.id)
                     running = self.running[task.id] = Running()
@@ -196,6 +197,16 @@ class TaskBoard:
                     return task, running
                 self.wakeup.wait(timeout=poll)
             return None
+
+    def _next_admitted(self) -> Task | None:
+        """The first queued task that may start here and (with `admit`, issue 16) given the other hosts' runs."""
+        refused: set[str] = set()
+        while True:
+            queued = (self.tasks[t] for t in self.queue if t in self.tasks and t not in refused)
+            task = next_runnable(queued, self._running_tasks(), self.limits)
+            if task is None or self.admit is None or self.admit(task, self._running_tasks()):
+                return task
+            refused.add(task.id)
 
     def release(self, task: Task) -> None:
         """The task's worker is done with it: free its slot, wake the others, tell whoever cancelled it."""

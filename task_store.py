@@ -1,7 +1,7 @@
 """Where tasks live across restarts: the store protocols, an in-memory store and the SQLite backend with its schema.
 
 The task logic sees only `TaskStore`; the daemon's is a `store_journal.JournaledStore` around `SQLiteTaskStore`.
-A new backend (e.g. PostgreSQL) is one more class with the `StoreBackend` methods.
+`task_store_pg.PostgresTaskStore` is the other backend (TASK_DB=postgresql://…), with the same `StoreBackend` methods.
 """
 
 from __future__ import annotations
@@ -15,17 +15,15 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Protocol
-from urllib.parse import quote
 
 from dingtalk_sender import Route
 from logs import task_log
+from sqlite_files import create_file, migrate, open_error, read_only_uri
+from store_schema import FLAGS as _FLAGS
+from store_schema import TASK_COLUMNS, StoreError
 from task import FINISHED_STATUSES, Task
 
 log = logging.getLogger("task_store")
-
-
-class StoreError(Exception):
-    """The task DB cannot be opened; the message is one line naming the path, the cause and the fix."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +49,8 @@ class TaskRecords(Protocol):
     def session_for(self, conversation_key: str) -> str | None: ...
     def set_session(self, conversation_key: str, session_id: str) -> None: ...
     def purge(self, finished_before: float, seen_before: float) -> int: ...
+    def add_api_calls(self, month: str, count: int) -> None: ...  # the org's monthly API budget: atomic increment
+    def api_calls(self, month: str) -> int: ...
 
 
 class TaskStore(TaskRecords, Protocol):
@@ -69,7 +69,6 @@ class StoreBackend(TaskRecords, Protocol):
     def close(self) -> None: ...
 
 
-_FLAGS = ("background", "delivered", "cancel_requested", "undeliverable")  # booleans stored as 0/1
 
 
 def _task_to_row(task: Task) -> dict:
@@ -97,6 +96,7 @@ class MemoryTaskStore:
         self._seen: dict[str, float] = {}
         self._durations: list[tuple[str, str, float, float]] = []
         self._sessions: dict[str, str] = {}
+        self._api_calls: dict[str, int] = {}
 
     def save(self, task: Task) -> None:
         with self._lock:
@@ -147,6 +147,14 @@ class MemoryTaskStore:
         with self._lock:
             self._sessions[conversation_key] = session_id
 
+    def add_api_calls(self, month: str, count: int) -> None:
+        with self._lock:
+            self._api_calls[month] = self._api_calls.get(month, 0) + count
+
+    def api_calls(self, month: str) -> int:
+        with self._lock:
+            return self._api_calls.get(month, 0)
+
     def purge(self, finished_before: float, seen_before: float) -> int:
         with self._lock:
             old = [k for k, t in self._tasks.items()
@@ -169,76 +177,14 @@ class MemoryTaskStore:
         pass
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS tasks (
-    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, user_name TEXT, conversation_key TEXT, route TEXT NOT NULL,
-    prompt TEXT NOT NULL, keyword TEXT, status TEXT NOT NULL, background INTEGER, created_at REAL,
-    started_at REAL, finished_at REAL, result TEXT, error TEXT, delivered INTEGER, attempts INTEGER,
-    last_step TEXT, msg_id TEXT, last_progress_at REAL, cancel_requested INTEGER DEFAULT 0,
-    undeliverable INTEGER DEFAULT 0);
-CREATE INDEX IF NOT EXISTS tasks_user ON tasks (user_id, created_at);
-CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, delivered);
-CREATE TABLE IF NOT EXISTS seen_messages (msg_id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS durations (user_id TEXT, keyword TEXT, seconds REAL, finished_at REAL);
-CREATE INDEX IF NOT EXISTS durations_keyword_user ON durations (keyword, user_id, finished_at);
-CREATE INDEX IF NOT EXISTS durations_keyword_recent ON durations (keyword, finished_at);
-CREATE TABLE IF NOT EXISTS sessions (conversation_key TEXT PRIMARY KEY, session_id TEXT NOT NULL);
-"""
-_TASK_COLUMNS = [f.name for f in Task.__dataclass_fields__.values()]
 
 
 # A task's first save inserts its row, later ones update it. Not INSERT OR REPLACE: a task whose id collides with
 # another's (another created_at) changes no row, so it never overwrites one.
-_SAVE_TASK = (f"INSERT INTO tasks ({', '.join(_TASK_COLUMNS)}) VALUES ({', '.join(':' + c for c in _TASK_COLUMNS)}) "
-              f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in _TASK_COLUMNS if c != 'id')} "
+_SAVE_TASK = (f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) VALUES ({', '.join(':' + c for c in TASK_COLUMNS)}) "
+              f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in TASK_COLUMNS if c != 'id')} "
               "WHERE tasks.created_at IS excluded.created_at")
 _OPEN_TIMEOUT = 10.0  # at start-up another process (a backup, an old bot stopping) may hold the DB a while
-
-
-def _why(exc: BaseException) -> str:
-    """An exception as a few words on one line."""
-    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return " ".join(text.split()) or type(exc).__name__
-
-
-def _open_error(absolute: str, exc: sqlite3.Error) -> StoreError:
-    """The one-line StoreError for a SQLite error met while opening `absolute`."""
-    why = _why(exc)
-    if "not a database" in why:
-        return StoreError(f"TASK_DB {absolute} is not a SQLite database (corrupt?): move it away or point TASK_DB "
-                          "elsewhere")
-    if "full" in why:
-        return StoreError(f"TASK_DB {absolute} cannot be written ({why}): free some space on its disk or point TASK_DB "
-                          "elsewhere")
-    if "locked" in why or "busy" in why:
-        return StoreError(f"TASK_DB {absolute} is held by another process ({why}): stop that process (another bot?) "
-                          "or point TASK_DB elsewhere")
-    return StoreError(f"TASK_DB {absolute} cannot be opened ({why}): make the file and its directory readable and "
-                      "writable for this user, or point TASK_DB elsewhere")
-
-
-def _create_file(absolute: str) -> None:
-    """Create the DB file (and its directory), the bot's alone: 0600 (the WAL files follow its mode)."""
-    directory = os.path.dirname(absolute)
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as exc:
-        why = "a file is in the way" if isinstance(exc, FileExistsError) else _why(exc)
-        raise StoreError(f"TASK_DB {absolute}: cannot create its directory {directory} ({why}): create it, writable "
-                         "for this user, or point TASK_DB elsewhere") from exc
-    try:
-        os.close(os.open(absolute, os.O_CREAT | os.O_RDWR, 0o600))
-    except OSError as exc:
-        raise StoreError(f"TASK_DB {absolute} cannot be opened for reading and writing ({_why(exc)}): fix its "
-                         "permissions or point TASK_DB elsewhere") from exc
-
-
-def _read_only_uri(absolute: str) -> str:
-    # A read-only connection to a WAL database creates -wal and -shm files if they are missing (owned by whoever
-    # ran it, possibly root); without them every row is in the main file, which `immutable` reads as it is.
-    if os.path.exists(absolute + "-wal") and os.path.exists(absolute + "-shm"):
-        return f"file:{quote(absolute)}?mode=ro"
-    return f"file:{quote(absolute)}?mode=ro&immutable=1"
 
 
 class SQLiteTaskStore:
@@ -258,13 +204,13 @@ class SQLiteTaskStore:
         self._writer: sqlite3.Connection | None = None
         try:
             if read_only:
-                self._reader = sqlite3.connect(_read_only_uri(absolute), uri=True, check_same_thread=False,
+                self._reader = sqlite3.connect(read_only_uri(absolute), uri=True, check_same_thread=False,
                                                isolation_level=None, timeout=busy_timeout)
                 if not self._reader.execute("SELECT 1 FROM sqlite_master WHERE name = 'tasks'").fetchall():
                     raise StoreError(f"TASK_DB {absolute} has no tasks table: it is not the bot's task DB")
             else:
                 if path != ":memory:":
-                    _create_file(absolute)
+                    create_file(absolute)
                 self._writer = self._open_writer(path, busy_timeout)
                 if path == ":memory:":  # one connection is the whole DB
                     self._reader, self._read_lock = self._writer, self._write_lock
@@ -273,19 +219,14 @@ class SQLiteTaskStore:
                                                    timeout=busy_timeout)
                     self._reader.execute("PRAGMA query_only = ON")
         except sqlite3.Error as exc:
-            raise _open_error(absolute, exc) from exc
+            raise open_error(absolute, exc) from exc
         self._reader.row_factory = sqlite3.Row
 
     def _open_writer(self, path: str, busy_timeout: float) -> sqlite3.Connection:
         db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=_OPEN_TIMEOUT)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.executescript(_SCHEMA)
-        present = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
-        for name in _TASK_COLUMNS:  # a DB made by an older version gains the columns of newer Task fields
-            if name not in present:
-                default = " DEFAULT 0" if name in _FLAGS else ""
-                db.execute(f"ALTER TABLE tasks ADD COLUMN {name}{' INTEGER' if default else ''}{default}")
+        migrate(db, path)
         db.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")  # from now on a held lock fails fast
         return db
 
@@ -381,6 +322,15 @@ class SQLiteTaskStore:
     def set_session(self, conversation_key: str, session_id: str) -> None:
         self._write("INSERT OR REPLACE INTO sessions VALUES (?, ?)", (conversation_key, session_id))
 
+    def add_api_calls(self, month: str, count: int) -> None:
+        """Add `count` calls to the month's counter (one statement: concurrent adds are never lost)."""
+        self._write("INSERT INTO api_calls (month, calls) VALUES (?, ?) "
+                    "ON CONFLICT (month) DO UPDATE SET calls = calls + excluded.calls", (month, count))
+
+    def api_calls(self, month: str) -> int:
+        rows = self._query("SELECT calls FROM api_calls WHERE month = ?", (month,))
+        return int(rows[0][0]) if rows else 0
+
     def purge(self, finished_before: float, seen_before: float) -> int:
         finished = tuple(FINISHED_STATUSES)
         with self._write_lock:
@@ -392,27 +342,15 @@ class SQLiteTaskStore:
             self._write("DELETE FROM durations WHERE finished_at < ?", (finished_before,))
             return cursor.rowcount
 
+    def schema_version(self) -> int:
+        """The schema version the DB is at (0: made before the version table)."""
+        if not self._query("SELECT name FROM sqlite_master WHERE name = 'schema_version'"):
+            return 0
+        return int(self._query("SELECT version FROM schema_version")[0][0])
+
     def close(self) -> None:
         with self._read_lock:
             self._reader.close()
         if self._writer is not None and self._writer is not self._reader:
             with self._write_lock:
                 self._writer.close()
-
-def store_writable(path: str, timeout: float = 2.0) -> tuple[bool, str]:
-    """Whether the SQLite task DB at `path` exists and takes a write lock; (ok, reason when not)."""
-    if path == ":memory:":
-        return True, ""
-    absolute = os.path.abspath(path)
-    if not os.path.exists(absolute):
-        return False, f"{absolute} does not exist"
-    try:
-        db = sqlite3.connect(f"file:{quote(absolute)}?mode=rw", uri=True, timeout=timeout, isolation_level=None)
-        try:
-            db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or directory
-            db.execute("ROLLBACK")
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        return False, f"{absolute}: {exc}"
-    return True, ""

@@ -1,5 +1,6 @@
-"""The task table (`python bot.py tasks`): tasks from the SQLite task DB, newest first, as aligned text: local
-times with their zone, durations like `45s`/`30m`/`2h`, why a task failed, and how many rows --limit left out.
+"""The task table (`python bot.py tasks`): tasks from the task DB (SQLite or PostgreSQL), newest first, as aligned
+text: local times with their zone, durations like `45s`/`30m`/`2h`, why a task failed, and how many rows --limit
+left out.
 
 Every cell comes from a chat or the DB: control characters are escaped, so no prompt can move the operator's
 cursor, recolour the terminal or forge a row.
@@ -15,8 +16,10 @@ from datetime import datetime
 from typing import TextIO
 
 from logs import escape_controls
+from store_schema import StoreError
 from task import FINISHED_STATUSES, SUCCEEDED, Task
 from task_store import SQLiteTaskStore
+from task_store_pg import PostgresTaskStore, is_postgres_url, safe_url
 
 
 def _display_width(text: str) -> int:
@@ -77,7 +80,7 @@ def format_task_table(tasks: list[Task], now: float) -> str:
     return "\n".join("  ".join(_pad(cell, widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
 
 
-def select_tasks(store: SQLiteTaskStore, *, user: str | None = None, status: str | None = None,
+def select_tasks(store: SQLiteTaskStore | PostgresTaskStore, *, user: str | None = None, status: str | None = None,
                  limit: int = 20) -> tuple[list[Task], int]:
     """The newest `limit` tasks, optionally of one user and/or one status, and how many match in all."""
     if status is None:
@@ -88,13 +91,22 @@ def select_tasks(store: SQLiteTaskStore, *, user: str | None = None, status: str
 
 def print_tasks(db_path: str, *, user: str | None = None, status: str | None = None, limit: int = 20,
                 out: TextIO | None = None, now: float | None = None) -> int:
-    """`python bot.py tasks`: a table of tasks from the SQLite task DB; 1 if there is no DB."""
+    """`python bot.py tasks`: a table of tasks from the task DB (a file or a postgresql:// URL); 1 if there is none."""
     out = out or sys.stdout
-    absolute = os.path.abspath(db_path)
-    if not os.path.isfile(absolute):
-        print(f"no task DB at {absolute} (set TASK_DB, or run the bot once)", file=sys.stderr)
-        return 1
-    store = SQLiteTaskStore(absolute, read_only=True)
+    store: SQLiteTaskStore | PostgresTaskStore
+    if is_postgres_url(db_path):
+        absolute = safe_url(db_path)
+        try:
+            store = PostgresTaskStore(db_path, read_only=True, pool_size=1, connect_timeout=5.0)
+        except StoreError as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
+    else:
+        absolute = os.path.abspath(db_path)
+        if not os.path.isfile(absolute):
+            print(f"no task DB at {absolute} (set TASK_DB, or run the bot once)", file=sys.stderr)
+            return 1
+        store = SQLiteTaskStore(absolute, read_only=True)
     try:
         tasks, total = select_tasks(store, user=user, status=status, limit=limit)
     finally:

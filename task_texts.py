@@ -86,3 +86,9 @@ def cancel_outcome(task: Task, stopped: bool) -> str:
     if task.status == CANCELLED:
         return cancelled(task)
     return f"任务 {task.id} 在取消前已结束 ({STATUS_LABELS.get(task.status, task.status)})，结果照常发送。"
+
+
+def conversation_moved(task: Task, old_host: str) -> str:
+    """Issue 16: a conversation's host is gone and another took it over; its earlier files stayed there."""
+    return (f"此会话之前在主机 {old_host} 上运行，该主机当前不可用，已改由其他主机继续 (任务ID: {task.id})。"
+            "之前轮次生成的文件在新主机上不可用 (除非工作目录在共享存储上)。")

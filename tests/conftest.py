@@ -24,6 +24,8 @@ CLIENT_ID = "test-client-id"
 CLIENT_SECRET = "test-client-secret-DO-NOT-LOG-42"
 
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+# A real PostgreSQL for the store tests (pg_server, pg_url) and the store fixture over both backends (target).
+pytest_plugins = ["tests.pg_fixture", "tests.store_targets"]
 
 
 def process_alive(pid: int) -> bool:

@@ -241,6 +241,10 @@ class DingTalkStandin:
         self._global_webhook_delay = 0.0
         self._random_faults: dict[str, tuple[float, list[tuple[int, Any, dict[str, str]]], random.Random]] = {}
         self._streams: list[_Stream] = []
+        # DingTalk with several connections on one app pushes each message to one of them at random (wire-facts §8);
+        # False: only the newest connection gets frames. `connection_id=` on send_bot_message picks one.
+        self.several_connections = False
+        self.connection_rng = random.Random(16)
         self._current: _Stream | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -504,8 +508,10 @@ class DingTalkStandin:
         webhook_ttl_ms: int = 90 * 60 * 1000,
         webhook_delay: float = 0.0,
         extra: dict[str, Any] | None = None,
+        connection_id: str | None = None,
     ) -> SentMessage:
-        """Push a bot message down the stream, shaped like DingTalk's, with a fresh session webhook."""
+        """Push a bot message down the stream, shaped like DingTalk's, with a fresh session webhook (down the
+        connection `connection_id` when given, see `live_connections`)."""
         now = _now_ms()
         session = self.add_session(webhook_ttl_ms, webhook_delay)
         webhook_url = self.webhook_url(session)
@@ -540,7 +546,7 @@ class DingTalkStandin:
         else:
             payload["content"] = content if content is not None else {}
         payload.update(extra or {})
-        frame_id = self._send_frame("CALLBACK", BOT_TOPIC, payload)
+        frame_id = self._send_frame("CALLBACK", BOT_TOPIC, payload, connection_id)
         return SentMessage(
             msg_id=payload["msgId"],
             frame_message_id=frame_id,
@@ -583,9 +589,20 @@ class DingTalkStandin:
         self._current = None
         self._run(self._abort(stream))
 
-    def _send_frame(self, frame_type: str, topic: str, data: dict[str, Any]) -> str:
-        stream = self._current
-        if stream is None or not self.connected:
+    def live_connections(self) -> list[str]:
+        """The ids of the live stream connections, oldest first."""
+        return [s.connection_id for s in list(self._streams) if not s.closed and not s.ws.closed]
+
+    def _pick_stream(self, connection_id: str | None) -> _Stream | None:
+        if connection_id is None and not self.several_connections:
+            return self._current if self.connected else None
+        live = [s for s in list(self._streams) if not s.closed and not s.ws.closed
+                and connection_id in (None, s.connection_id)]
+        return self.connection_rng.choice(live) if live else None
+
+    def _send_frame(self, frame_type: str, topic: str, data: dict[str, Any], connection_id: str | None = None) -> str:
+        stream = self._pick_stream(connection_id)
+        if stream is None:
             raise RuntimeError(f"no live stream connection\n{self.describe_recent()}")
         frame_id = uuid.uuid4().hex
         frame = {

@@ -405,7 +405,8 @@ def test_outside_the_venv_even_help_is_one_line_saying_to_install(tmp_path):
                             text=True, timeout=30, env=_env(tmp_path), stdin=subprocess.DEVNULL)
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith("bot.py: dingtalk-stream, requests, python-dotenv, urllib3 not installed for ")
+    assert result.stderr.startswith("bot.py: dingtalk-stream, requests, python-dotenv, urllib3, psycopg, "
+                                    "psycopg-pool not installed for ")
     assert "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt" in result.stderr
 
 

@@ -391,12 +391,16 @@ def test_daemon_tells_systemd_ready_watchdog_and_stopping(make_bot):
 # ---------------------------------------------------------------- /healthz and /metrics
 
 
-def _parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
+def _parse_metrics(text: str, host: str | None = None) -> dict[tuple[str, frozenset], float]:
+    """Every sample by name and labels; with `host`, each must carry host="<host>" (the key leaves it out)."""
     parser = pytest.importorskip("prometheus_client.parser")
     samples = {}
     for family in parser.text_string_to_metric_families(text):
         for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+            labels = dict(sample.labels)
+            if host is not None:
+                assert labels.pop("host", None) == host, sample
+            samples[(sample.name, frozenset(labels.items()))] = sample.value
     return samples
 
 
@@ -406,7 +410,7 @@ def _value(samples: dict, name: str, **labels: str) -> float:
 
 def test_status_port_serves_healthz_and_metrics(standin, make_bot):
     port = _free_port()
-    bot = make_bot(STATUS_PORT=str(port))
+    bot = make_bot(STATUS_PORT=str(port), HOST_NAME="bot-a")
     base = f"http://127.0.0.1:{port}"
     status, body = _get(base + "/healthz")
     assert status == 200, body
@@ -425,7 +429,7 @@ def test_status_port_serves_healthz_and_metrics(standin, make_bot):
 
     status, text = _get(base + "/metrics")
     assert status == 200
-    samples = _parse_metrics(text)
+    samples = _parse_metrics(text, host="bot-a")  # several processes on one app: each sample says whose
     assert _value(samples, "dingtalk_bot_deliveries_total", path="webhook") == 5  # 3 acks + 2 answers
     assert _value(samples, "dingtalk_bot_deliveries_total", path="batchSend") == 1
     assert _value(samples, "dingtalk_bot_delivery_failures_total", path="group") == 0

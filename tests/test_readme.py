@@ -58,9 +58,9 @@ def test_every_bot_command_in_the_readme_runs_with_the_venv_python():
 
 
 def test_every_bot_command_and_flag_in_the_readme_exists():
-    commands = set(re.findall(r"^[ ]+(\w+)[ ]{2,}\S", _help().split("commands:", 1)[1], re.M))
+    commands = set(re.findall(r"^[ ]{4}([\w-]+)(?:[ ]{2,}\S|$)", _help().split("commands:", 1)[1], re.M))
     assert {"run", "check", "tasks", "console"} <= commands
-    used = re.findall(r"bot\.py ((?:run|check|tasks|console|[a-z]+))((?: \[?--[\w-]+(?: \w+)?\]?)*)", README)
+    used = re.findall(r"bot\.py ((?:run|check|tasks|console|[a-z][a-z-]*))((?: \[?--[\w-]+(?: \w+)?\]?)*)", README)
     assert used
     for command, flags in used:
         assert command in commands, f"README uses `bot.py {command}`: no such command"

@@ -1,6 +1,8 @@
 """The write-behind store: writes never wait for the DB nor fail with it, nothing is lost, a bad file is one line.
 
-Real SQLite files in tmp_path; a DB held by another process is a real `sqlite3` connection in a subprocess.
+The backend-independent tests run twice (the `target` fixture, tests/store_targets.py): on a real SQLite file in
+tmp_path and on a fresh database of a real PostgreSQL server; a DB held by another session is a real lock taken by
+another process (SQLite) or connection (PostgreSQL).
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import errno
 import logging
 import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -32,16 +32,6 @@ from tests.standin import poll_until
 
 FAST = {"busy_timeout": 0.2, "backoff": 0.05, "max_backoff": 0.2}  # a held lock is seen and retried in tenths
 
-_HOLDER = """
-import sqlite3, sys
-db = sqlite3.connect(sys.argv[1], isolation_level=None)
-db.execute("BEGIN EXCLUSIVE")
-print("locked", flush=True)
-sys.stdin.readline()
-db.execute("ROLLBACK")
-"""
-
-
 def _task(task_id: str, created_at: float = 1000.0, **fields) -> Task:
     return Task(id=task_id, user_id=fields.pop("user_id", "u1"), user_name="U", conversation_key="c",
                 route=Route("1", "u1", "c"), prompt=fields.pop("prompt", "p"), created_at=created_at, **fields)
@@ -58,20 +48,6 @@ def _rows(path: Path, sql: str) -> list[tuple]:
 def _lines(caplog, template: str) -> list[str]:
     prefix = template.split("%")[0]
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith(prefix)]
-
-
-class _HeldLock:
-    """Another process holding the DB's write lock (`BEGIN EXCLUSIVE`) until release()."""
-
-    def __init__(self, path: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        assert self.proc.stdout.readline().strip() == "locked"
-
-    def release(self) -> None:
-        self.proc.stdin.write("\n")
-        self.proc.stdin.close()
-        self.proc.wait(timeout=5)
 
 
 class _Wrapped:
@@ -119,11 +95,10 @@ class _FailingSaves(_Wrapped):
 # ---------------------------------------------------------------- a DB held by another process
 
 
-def test_saves_return_at_once_while_another_process_holds_the_db(tmp_path, caplog):
+def test_saves_return_at_once_while_another_process_holds_the_db(target, caplog):
     caplog.set_level(logging.INFO, logger="task_store")
-    path = tmp_path / "tasks.db"
-    store = open_store(str(path), **FAST)
-    held = _HeldLock(path)
+    store = target.open(**FAST)
+    held = target.hold_write_lock()
     try:
         started = time.monotonic()
         task = _task("a" * 16)
@@ -145,7 +120,7 @@ def test_saves_return_at_once_while_another_process_holds_the_db(tmp_path, caplo
         poll_until(lambda: not store.health().ok and store.health().pending == 6, 3, 0.02,
                    lambda: f"never degraded: {store.health()}")
         health = store.health()
-        assert health.reason == "database is locked" and health.since is not None
+        assert health.reason == target.locked_reason and health.since is not None
         waited = time.monotonic()
         assert store.wait_written(5) is False and time.monotonic() - waited < 0.1  # False at once
         time.sleep(0.6)  # several retries, still one line
@@ -153,21 +128,20 @@ def test_saves_return_at_once_while_another_process_holds_the_db(tmp_path, caplo
         held.release()
     poll_until(lambda: store.health().ok, 5, 0.02, lambda: f"never recovered: {store.health()}")
     assert store.wait_written(5) and store.health().pending == 0
-    assert _lines(caplog, WRITE_FAILED) == ["任务数据库写入失败，记录暂存内存 (database is locked)"]
+    assert _lines(caplog, WRITE_FAILED) == [f"任务数据库写入失败，记录暂存内存 ({target.locked_reason})"]
     assert len(_lines(caplog, RECOVERED)) == 1 and not _lines(caplog, STILL_FAILING)
     store.close()
-    assert _rows(path, "SELECT id, status FROM tasks ORDER BY created_at") == [("a" * 16, SUCCEEDED),
+    assert target.rows("SELECT id, status FROM tasks ORDER BY created_at") == [("a" * 16, SUCCEEDED),
                                                                                ("b" * 16, "queued")]
-    assert _rows(path, "SELECT seconds FROM durations ORDER BY rowid") == [(30.0,), (60.0,)]  # in order
-    assert _rows(path, "SELECT session_id FROM sessions") == [("s2",)]
+    assert target.rows("SELECT seconds FROM durations ORDER BY finished_at") == [(30.0,), (60.0,)]  # in order
+    assert target.rows("SELECT session_id FROM sessions") == [("s2",)]
 
 
-def test_a_full_disk_keeps_records_in_memory_until_it_has_room(tmp_path, caplog):
+def test_a_full_disk_keeps_records_in_memory_until_it_has_room(target, caplog):
     caplog.set_level(logging.INFO, logger="task_store")
-    path = tmp_path / "tasks.db"
     full = [sqlite3.OperationalError("database or disk is full"), OSError(errno.ENOSPC, "No space left on device"),
             sqlite3.OperationalError("database or disk is full")]
-    backend = _FailingSaves(SQLiteTaskStore(str(path)), full)
+    backend = _FailingSaves(target.backend(), full)
     gate = _Gate(backend)
     store = JournaledStore(backend, backoff=0.05, max_backoff=0.1)
     store.set_session("c", "s")  # the writer takes this one alone and waits at the gate
@@ -181,13 +155,13 @@ def test_a_full_disk_keeps_records_in_memory_until_it_has_room(tmp_path, caplog)
     assert len(_lines(caplog, RECOVERED)) == 1
     assert not backend.errors and backend.saved == ["c" * 16]
     store.close()
-    assert _rows(path, "SELECT seconds FROM durations") == [(5.0,)]  # the failed tries were rolled back
-    assert _rows(path, "SELECT msg_id FROM seen_messages") == [("m1",)]
+    assert target.rows("SELECT seconds FROM durations") == [(5.0,)]  # the failed tries were rolled back
+    assert target.rows("SELECT msg_id FROM seen_messages") == [("m1",)]
 
 
-def test_the_writer_survives_an_unexpected_error_and_logs_its_traceback(tmp_path, caplog):
+def test_the_writer_survives_an_unexpected_error_and_logs_its_traceback(target, caplog):
     caplog.set_level(logging.INFO, logger="task_store")
-    backend = _FailingSaves(SQLiteTaskStore(str(tmp_path / "tasks.db")), [RuntimeError("boom"), KeyError("k")])
+    backend = _FailingSaves(target.backend(), [RuntimeError("boom"), KeyError("k")])
     store = JournaledStore(backend, backoff=0.05)
     store.save(_task("d" * 16))
     poll_until(lambda: store.health().ok and backend.saved, 5, 0.02, lambda: str(store.health()))
@@ -199,9 +173,9 @@ def test_the_writer_survives_an_unexpected_error_and_logs_its_traceback(tmp_path
     store.close()
 
 
-def test_reads_that_fail_answer_from_memory_and_mark_the_store_degraded(tmp_path, caplog):
+def test_reads_that_fail_answer_from_memory_and_mark_the_store_degraded(target, caplog):
     caplog.set_level(logging.INFO, logger="task_store")
-    backend = _Wrapped(SQLiteTaskStore(str(tmp_path / "tasks.db")))
+    backend = _Wrapped(target.backend())
     gate = _Gate(backend)  # nothing is committed until the gate opens
     store = JournaledStore(backend, backoff=0.05)
 
@@ -224,8 +198,8 @@ def test_reads_that_fail_answer_from_memory_and_mark_the_store_degraded(tmp_path
 # ---------------------------------------------------------------- order, coalescing, waiting, closing
 
 
-def test_several_saves_of_a_task_in_one_flush_write_its_last_state_in_order(tmp_path):
-    backend = _FailingSaves(SQLiteTaskStore(str(tmp_path / "tasks.db")), [])
+def test_several_saves_of_a_task_in_one_flush_write_its_last_state_in_order(target):
+    backend = _FailingSaves(target.backend(), [])
     gate = _Gate(backend)
     store = JournaledStore(backend)
     store.save(_task("0" * 16))  # the writer takes this one alone and waits at the gate
@@ -243,9 +217,8 @@ def test_several_saves_of_a_task_in_one_flush_write_its_last_state_in_order(tmp_
     store.close()
 
 
-def test_wait_written_returns_true_once_committed_and_false_on_timeout(tmp_path):
-    path = tmp_path / "tasks.db"
-    backend = _Wrapped(SQLiteTaskStore(str(path)))
+def test_wait_written_returns_true_once_committed_and_false_on_timeout(target):
+    backend = _Wrapped(target.backend())
     gate = _Gate(backend)
     store = JournaledStore(backend)
     store.save(_task("3" * 16))
@@ -255,40 +228,37 @@ def test_wait_written_returns_true_once_committed_and_false_on_timeout(tmp_path)
     assert store.health().ok and store.health().pending == 1  # slow is not down
     gate.opened.set()
     assert store.wait_written(5)
-    assert _rows(path, "SELECT id FROM tasks") == [("3" * 16,)]  # visible to another connection
+    assert target.rows("SELECT id FROM tasks") == [("3" * 16,)]  # visible to another connection
     assert store.wait_written(0)  # nothing pending: True at once
     store.close()
 
 
-def test_wait_written_writes_at_once_without_waiting_for_the_writer(tmp_path):
-    path = tmp_path / "tasks.db"
-    store = JournaledStore(SQLiteTaskStore(str(path)), flush_delay=30.0)  # the writer would wait 30 s
+def test_wait_written_writes_at_once_without_waiting_for_the_writer(target):
+    store = JournaledStore(target.backend(), flush_delay=30.0)  # the writer would wait 30 s
     store.save(_task("e1" * 8))
     started = time.monotonic()
     assert store.wait_written(5) and time.monotonic() - started < 1
-    assert _rows(path, "SELECT id FROM tasks") == [("e1" * 8,)]
+    assert target.rows("SELECT id FROM tasks") == [("e1" * 8,)]
     store.close()
 
 
-def test_wait_written_that_meets_a_locked_db_says_false_and_leaves_the_retries_to_the_writer(tmp_path):
-    path = tmp_path / "tasks.db"
-    store = open_store(str(path), **FAST, flush_delay=30.0)
-    held = _HeldLock(path)
+def test_wait_written_that_meets_a_locked_db_says_false_and_leaves_the_retries_to_the_writer(target):
+    store = target.open(**FAST, flush_delay=30.0)
+    held = target.hold_write_lock()
     try:
         store.save(_task("f1" * 8))
         started = time.monotonic()
         assert store.wait_written(5) is False and time.monotonic() - started < 1.5  # the busy timeout, not 5 s
-        assert store.health().reason == "database is locked"
+        assert store.health().reason == target.locked_reason
     finally:
         held.release()
     poll_until(lambda: store.health().ok, 5, 0.02, lambda: str(store.health()))
-    assert _rows(path, "SELECT id FROM tasks") == [("f1" * 8,)]
+    assert target.rows("SELECT id FROM tasks") == [("f1" * 8,)]
     store.close()
 
 
-def test_saves_from_many_threads_end_in_each_tasks_last_state(tmp_path):
-    path = tmp_path / "tasks.db"
-    store = open_store(str(path), **FAST, flush_delay=0.001)
+def test_saves_from_many_threads_end_in_each_tasks_last_state(target):
+    store = target.open(**FAST, flush_delay=0.001)
 
     def work(worker: int) -> None:
         tasks = [_task(f"{worker:02d}{number:014d}", created_at=float(number)) for number in range(20)]
@@ -307,27 +277,25 @@ def test_saves_from_many_threads_end_in_each_tasks_last_state(tmp_path):
         thread.join()
     assert store.wait_written(5)
     store.close()
-    assert _rows(path, "SELECT DISTINCT attempts FROM tasks") == [(9,)]
-    assert len(_rows(path, "SELECT id FROM tasks")) == 80
+    assert target.rows("SELECT DISTINCT attempts FROM tasks") == [(9,)]
+    assert len(target.rows("SELECT id FROM tasks")) == 80
     for worker in range(4):  # each thread's durations in the order it recorded them
-        seconds = _rows(path, f"SELECT seconds FROM durations WHERE user_id = 'w{worker}' ORDER BY rowid")
+        seconds = target.rows(f"SELECT seconds FROM durations WHERE user_id = 'w{worker}' ORDER BY finished_at")
         assert seconds == [(float(step),) for step in range(10)]
 
 
-def test_close_writes_what_is_pending(tmp_path):
-    path = tmp_path / "tasks.db"
-    store = open_store(str(path), **FAST)
+def test_close_writes_what_is_pending(target):
+    store = target.open(**FAST)
     for number in range(50):
         store.save(_task(f"{number:016x}", created_at=float(number)))
     store.close()
-    assert len(_rows(path, "SELECT id FROM tasks")) == 50
+    assert len(target.rows("SELECT id FROM tasks")) == 50
 
 
-def test_close_logs_how_many_records_it_could_not_write(tmp_path, caplog):
+def test_close_logs_how_many_records_it_could_not_write(target, caplog):
     caplog.set_level(logging.INFO, logger="task_store")
-    path = tmp_path / "tasks.db"
-    store = open_store(str(path), **FAST)
-    held = _HeldLock(path)
+    store = target.open(**FAST)
+    held = target.hold_write_lock()
     try:
         store.save(_task("4" * 16))
         store.set_session("c", "s")
@@ -337,13 +305,12 @@ def test_close_logs_how_many_records_it_could_not_write(tmp_path, caplog):
         assert time.monotonic() - started < 1.0
     finally:
         held.release()
-    assert _lines(caplog, LOST) == ["任务数据库关闭时仍有 2 条记录未写入，已丢失 (database is locked)"]
+    assert _lines(caplog, LOST) == [f"任务数据库关闭时仍有 2 条记录未写入，已丢失 ({target.locked_reason})"]
 
 
-def test_purge_is_journaled_and_its_count_logged_once_written(tmp_path, caplog):
+def test_purge_is_journaled_and_its_count_logged_once_written(target, caplog):
     caplog.set_level(logging.INFO, logger="task_store")
-    path = tmp_path / "tasks.db"
-    store = open_store(str(path), **FAST)
+    store = target.open(**FAST)
     store.save(_task("5" * 16, status=FAILED, finished_at=10.0, delivered=True))
     store.save(_task("6" * 16, status=FAILED, finished_at=10.0))  # undelivered: kept
     assert store.purge(100.0, 0.0) == 0
@@ -356,36 +323,35 @@ def test_purge_is_journaled_and_its_count_logged_once_written(tmp_path, caplog):
 # ---------------------------------------------------------------- dedup and ids
 
 
-def test_remember_message_is_answered_from_memory_holding_the_days_msgids_from_the_db(tmp_path):
-    path = str(tmp_path / "tasks.db")
+def test_remember_message_is_answered_from_memory_holding_the_days_msgids_from_the_db(target):
     now = time.time()
-    store = open_store(path, **FAST)
+    store = target.open(**FAST)
     assert store.remember_message("m1", now) and not store.remember_message("m1", now + 1)
     assert store.remember_message("old", now - 2 * 86400)
     store.close()
-    again = open_store(path, **FAST)  # a restart loads the msgIds of the last day: a redelivery is still caught
+    again = target.open(**FAST)  # a restart loads the msgIds of the last day: a redelivery is still caught
     assert not again.remember_message("m1", now + 2) and again.remember_message("m2", now + 2)
     assert again.remember_message("old", now + 2)  # outside the dedup window
-    again.purge(0, now + 3)  # the window moves on: memory forgets with the DB
+    again.purge(0, now + 3)  # the window moves on: memory forgets with the DB (a shared DB once it is written)
+    assert again.wait_written(5)
     assert again.remember_message("m1", now + 4)
     again.close()
 
 
-def test_a_second_task_with_a_used_id_never_overwrites_the_first(tmp_path, caplog):
-    path = tmp_path / "tasks.db"
-    store = SQLiteTaskStore(str(path))
+def test_a_second_task_with_a_used_id_never_overwrites_the_first(target, caplog):
+    store = target.backend()
     first = _task("7" * 16, prompt="first", created_at=1.0)
     store.save(first)
     store.save(_task("7" * 16, prompt="intruder", created_at=2.0))
     first.status = SUCCEEDED
     store.save(first)  # later saves of the task itself update its row
     store.close()
-    assert _rows(path, "SELECT prompt, status FROM tasks") == [("first", SUCCEEDED)]
+    assert target.rows("SELECT prompt, status FROM tasks") == [("first", SUCCEEDED)]
     assert any("任务ID冲突" in message for message in caplog.messages)
 
 
-def test_the_board_never_hands_out_the_id_of_a_live_task(tmp_path, monkeypatch):
-    store = open_store(str(tmp_path / "tasks.db"), **FAST)
+def test_the_board_never_hands_out_the_id_of_a_live_task(target, monkeypatch):
+    store = target.open(**FAST)
     board = task_board.TaskBoard(store, Router(store), limits=Limits(1, 1), clock=time.time)
     board.adopt(_task("8" * 16))
     ids = iter([uuid.UUID("8" * 32), uuid.UUID("9" * 32)])

@@ -10,7 +10,6 @@ import time
 import task_table
 from dingtalk_sender import Route
 from task import Task
-from task_store import SQLiteTaskStore
 from tests.conftest import ROOT
 
 HOSTILE_PROMPT = "看这里\x1b[2J\x1b]0;pwned\x07\rFAKE ROW\x9b31m\u2028end"
@@ -21,9 +20,9 @@ def _task(task_id: str, user_id: str, prompt: str) -> Task:
                 status="failed", error="stderr\x1b[31m")
 
 
-def test_tasks_prints_prompts_and_user_ids_with_control_characters_escaped(tmp_path):
-    db = tmp_path / "tasks.db"
-    store = SQLiteTaskStore(str(db))
+def test_tasks_prints_prompts_and_user_ids_with_control_characters_escaped(tmp_path, target):
+    db = target.url  # a SQLite file, then a PostgreSQL database: `tasks` reads either
+    store = target.backend()
     store.save(_task("cc000001", "evil\x1b[1m", HOSTILE_PROMPT))
     store.close()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DINGTALK_", "CODEBUDDY_"))}

@@ -1,0 +1,54 @@
+"""Restart recovery: what a start finds in the task store — results never delivered, tasks interrupted by a stop or
+a crash — and what becomes of each (delivered again, re-run once, or failed)."""
+
+from __future__ import annotations
+
+import logging
+
+import task_texts
+from delivery import Outbox
+from logs import task_log
+from seams import Client
+from task import ACTIVE_STATUSES, CANCELLED, FINISHED_STATUSES, QUEUED
+from task_board import TaskBoard
+from task_store import TaskStore
+
+log = logging.getLogger("async_task_manager")
+
+
+def recover(store: TaskStore, board: TaskBoard, outbox: Outbox, client: Client, only: set[str] | None = None) -> None:
+    """Deliver results never delivered, re-run interrupted tasks once (or fail them); with `only`, just those ids
+    (a host of several takes its own and those of dead hosts, docs/cluster.md)."""
+    for task in store.load(FINISHED_STATUSES, undelivered_only=True):
+        if task.undeliverable or (only is not None and task.id not in only):
+            continue  # given up (purged with the other old tasks), or another host's
+        with board.lock:
+            board.adopt(task)
+            task.background = True
+        task_log(log, task).info("重新推送未送达的任务结果: %s", task.id)
+        outbox.deliver_later(task)
+    for task in [t for t in store.load(ACTIVE_STATUSES) if only is None or t.id in only]:  # issue 16
+        board.adopt(task)
+        tlog = task_log(log, task)
+        leftovers = client.kill_leftovers(task.id)
+        if leftovers:
+            tlog.warning("已结束上次运行遗留的 %d 个 CLI 进程", leftovers)
+        if task.cancel_requested:  # the user's cancel is final: never re-run
+            board.fail(task.id, "已被用户取消", status=CANCELLED)
+            board.mark_delivered(task)
+            outbox.notice(task.route, task_texts.cancelled(task), task_id=task.id, allow_webhook=False)
+            continue
+        if task.attempts >= 2:
+            board.fail(task.id, "任务在重新执行时再次中断")
+            board.transition(task, background=True)
+            outbox.deliver_later(task)
+            continue
+        interrupted = task.started_at is not None  # it had started; otherwise it was still waiting
+        board.transition(task, status=QUEUED, background=True)
+        with board.lock:
+            outbox.acknowledge(task, task_texts.restarted(task, interrupted), allow_webhook=False)
+            board.enqueue(task)
+        if interrupted:
+            tlog.info("任务 %s 上次运行被中断，重新执行", task.id)
+        else:
+            tlog.info("任务 %s 重启后继续排队", task.id)

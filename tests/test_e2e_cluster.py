@@ -1,0 +1,136 @@
+"""End to end: bot processes on one app sharing a real PostgreSQL task DB, the stand-in pushing each message to
+one of their Stream connections at random (as DingTalk does): 300 messages of 30 users each answered once with
+MAX_TASKS_PER_USER and one run per conversation held across the processes, a msgId seen by two processes makes one
+task, a cancel sent to another process stops the task within a second, and a SIGKILLed process's running task is
+finished by another, answered once.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from tests.conftest import BotProcess, cli_runs
+
+pytestmark = pytest.mark.e2e
+
+LEASE = "3"  # LEASE_SECONDS: a dead host's tasks move after this (30 in production)
+
+
+def _cluster(make_bot, standin, tmp_path, pg_url, count: int = 3, **settings: str
+             ) -> tuple[list[BotProcess], list[str]]:
+    """`count` bot processes, each with its own host name, workspace and log; their connection ids in order."""
+    standin.several_connections = True
+    bots, connections = [], []
+    for number in range(count):
+        bots.append(make_bot(TASK_DB=pg_url, HOST_NAME=f"host{number}", LEASE_SECONDS=LEASE,
+                             CODEBUDDY_WORKDIR=str(tmp_path / f"workspace{number}"),
+                             LOG_FILE=str(tmp_path / "logs" / f"bot{number}.log"), **settings))
+        connections.append(standin.wait_for(lambda: [c for c in standin.live_connections() if c not in connections],
+                                            timeout=20)[0])
+    return bots, connections
+
+
+def _answers(standin, prompt: str) -> list[str]:
+    """Every answer to `prompt` the stand-in received, by session webhook or push."""
+    texts = [p.text or "" for p in standin.webhook_posts()]
+    texts += [r.msg_param.get("text") or r.msg_param.get("content") or "" for r in standin.batch_sends()]
+    return [t for t in texts if "回答: " + prompt in t]
+
+
+def _row(pg_url: str, sql: str, *args) -> list[tuple]:
+    with psycopg.connect(pg_url) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def _overlaps(rows: list[tuple]) -> list[tuple]:
+    """Pairs of runs (key, started_at, finished_at) of one key that overlapped in time."""
+    rows = sorted(rows)
+    return [(a, b) for a, b in zip(rows, rows[1:], strict=False) if a[0] == b[0] and b[1] < a[2]]
+
+
+def test_three_processes_answer_300_messages_of_30_users_once_within_the_limits(standin, make_bot, tmp_path, pg_url):
+    bots, connections = _cluster(make_bot, standin, tmp_path, pg_url, MAX_TASKS_PER_USER="1")
+    prompts = [f"问题 {user}-{n}" for n in range(10) for user in range(30)]
+    for number, prompt in enumerate(prompts):  # each user writes in a 1:1 chat and in the group
+        standin.send_bot_message(prompt, sender_staff_id=f"user{number % 30}",
+                                 conversation_type="2" if number % 2 else "1")
+    duplicate = standin.send_bot_message("同一条消息", sender_staff_id="dup", msg_id="msg-dup-1",
+                                         connection_id=connections[0])
+    standin.send_bot_message("同一条消息", sender_staff_id="dup", msg_id=duplicate.msg_id,
+                             connection_id=connections[1])  # DingTalk's duplicate delivery, to another process
+    standin.wait_for(lambda: all(_answers(standin, p) for p in prompts) and _answers(standin, "同一条消息"),
+                     timeout=180)
+    time.sleep(1.0)  # a second answer would have come by now
+    assert all(len(_answers(standin, p)) == 1 for p in prompts), [p for p in prompts if len(_answers(standin, p)) != 1]
+    assert len(_answers(standin, "同一条消息")) == 1
+    assert _row(pg_url, "SELECT count(*) FROM tasks WHERE msg_id = %s", "msg-dup-1") == [(1,)]
+    hosts = dict(_row(pg_url, "SELECT host, count(*) FROM tasks GROUP BY host"))
+    assert len(hosts) == 3, hosts  # the messages were spread over the three processes
+    # MAX_TASKS_PER_USER=1 and one run per conversation held across the processes: no two runs overlapped.
+    assert not _overlaps(_row(pg_url, "SELECT user_id, started_at, finished_at FROM tasks"))
+    assert not _overlaps(_row(pg_url, "SELECT conversation_key, started_at, finished_at FROM tasks"))
+
+
+def test_cancel_sent_to_another_process_stops_the_task_within_a_second(standin, make_bot, tmp_path, pg_url):
+    bots, connections = _cluster(make_bot, standin, tmp_path, pg_url, count=2)
+    standin.send_bot_message("长任务 [sleep=30]", sender_staff_id="canceller", connection_id=connections[0])
+    standin.wait_for(lambda: _row(pg_url, "SELECT id, host FROM tasks WHERE status = 'running'"), timeout=20)
+    task_id, host = _row(pg_url, "SELECT id, host FROM tasks WHERE status = 'running'")[0]
+    assert host == "host0"
+    status = standin.send_bot_message(f"/status {task_id}", sender_staff_id="canceller", connection_id=connections[1])
+    status_text = standin.wait_for(lambda: standin.webhook_posts(status.session), timeout=10)[0].text
+    assert status_text.startswith(f"任务 {task_id}: 执行中") and "执行主机: host0" in status_text, status_text
+    sent = time.monotonic()
+    standin.send_bot_message(f"/cancel {task_id}", sender_staff_id="canceller", connection_id=connections[1])
+    bots[0].wait_log(f"任务 {task_id} 失败 \\(cancelled\\)", timeout=10)
+    stopped = time.monotonic() - sent
+    assert stopped < 1.0, f"the cancel took {stopped:.2f} s to stop the run on the other process"
+    confirmation = standin.wait_for(
+        lambda: [r for r in standin.batch_sends() if f"已取消任务 {task_id}" in (r.msg_param.get("content") or "")],
+        timeout=10)
+    assert len(confirmation) == 1
+    other = standin.send_bot_message(f"/cancel {task_id}", sender_staff_id="intruder", connection_id=connections[1])
+    assert standin.wait_for(lambda: standin.webhook_posts(other.session), timeout=10)[0].text == f"找不到任务 {task_id}"
+
+
+def test_a_sigkilled_process_running_task_is_finished_by_another_and_answered_once(standin, make_bot, tmp_path,
+                                                                                   pg_url):
+    bots, connections = _cluster(make_bot, standin, tmp_path, pg_url, count=2)
+    standin.send_bot_message("接管 [sleep=3]", sender_staff_id="victim", connection_id=connections[0])
+    standin.wait_for(lambda: _row(pg_url, "SELECT id FROM tasks WHERE status = 'running'"), timeout=20)
+    killed = time.monotonic()
+    bots[0].kill()
+    bots[1].wait_log("接管任务 .*: 主机 host0 的租约已过期", timeout=15)
+    taken = time.monotonic() - killed
+    standin.wait_for(lambda: _answers(standin, "接管"), timeout=30)
+    time.sleep(1.0)
+    assert len(_answers(standin, "接管")) == 1
+    assert _row(pg_url, "SELECT host, status, delivered, attempts FROM tasks") == [("host1", "succeeded", 1, 2)]
+    assert taken < float(LEASE) + 3, f"taken over {taken:.1f} s after the kill"
+
+
+def test_a_follow_up_runs_on_the_host_holding_the_conversation_until_that_host_is_gone(standin, make_bot, tmp_path,
+                                                                                      pg_url):
+    bots, connections = _cluster(make_bot, standin, tmp_path, pg_url, count=2)
+    first = standin.send_bot_message("第一轮", sender_staff_id="follower", connection_id=connections[0])
+    standin.wait_for(lambda: _answers(standin, "第一轮"), timeout=20)
+    follow_up = standin.send_bot_message("第二轮", sender_staff_id="follower", connection_id=connections[1])
+    standin.wait_for(lambda: _answers(standin, "第二轮"), timeout=20)
+    assert first.payload["conversationId"] == follow_up.payload["conversationId"]
+    assert _row(pg_url, "SELECT prompt, host FROM tasks ORDER BY created_at") == [("第一轮", "host0"),
+                                                                                   ("第二轮", "host0")]
+    assert [run["prompt"] for run in cli_runs(tmp_path / "workspace0")] == ["第一轮", "第二轮"]  # one workspace
+    assert not cli_runs(tmp_path / "workspace1")
+    bots[1].wait_log("任务 .* 交给会话所在主机 host0")
+
+    bots[0].kill()
+    time.sleep(float(LEASE) + 0.5)  # host0's liveness has lapsed
+    third = standin.send_bot_message("第三轮", sender_staff_id="follower", connection_id=connections[1])
+    standin.wait_for(lambda: _answers(standin, "第三轮"), timeout=20)
+    texts = [p.text or "" for p in standin.webhook_posts(third.session)]
+    assert any("之前在主机 host0 上运行" in text and "文件在新主机上不可用" in text for text in texts), texts
+    assert _row(pg_url, "SELECT host FROM tasks WHERE prompt = '第三轮'") == [("host1",)]
+    assert len(_answers(standin, "第三轮")) == 1

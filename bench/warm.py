@@ -5,14 +5,13 @@ which answers at once. Run through `bench/run.py` (step `warm`), or alone: `.ven
 Cold: `WARM_SESSIONS=0`, every follow-up in a new CLI process that resumes the session from disk (what every
 message cost before warm processes). Warm: `WARM_SESSIONS=4`, one process answers the conversation's follow-ups.
 Both go through `CodeBuddyClient.run`, the bot's own code path, one conversation each, the same prompts.
-CLI CPU: cold, the CPU of the reaped CLI processes (RUSAGE_CHILDREN, the sandbox's included); warm, the growth of
-the warm process tree's utime+stime in /proc over the follow-ups.
+CLI CPU: utime+stime of the CLI's process tree in /proc (the sandbox's processes included): cold, the whole new
+process after its one answer (its start and the turn); warm, the tree's growth over the follow-ups, per follow-up.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -54,11 +53,6 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 def _client(workdir: Path, model_url: str, warm: int) -> CodeBuddyClient:
     binary = wheel_cli()
     if not binary:
@@ -77,18 +71,24 @@ def _client(workdir: Path, model_url: str, warm: int) -> CodeBuddyClient:
 def warm_cost(workdir: Path, cold_runs: int = 6, warm_runs: int = 20) -> WarmCost:
     """Follow-ups in one conversation: `cold_runs` each in a new process, `warm_runs` in one warm process."""
     with FakeModelServer() as model:
-        cold = _client(workdir / "cold", model.base_url, warm=0)
+        # Cold: the conversation's process is ended before each follow-up, as WARM_SESSIONS=0 does after each
+        # answer; measured after the answer, before it ends (a killed jail's CPU never reaches RUSAGE_CHILDREN).
+        cold = _client(workdir / "cold", model.base_url, warm=4)
         session = new_session_id()
         first = cold.run("第一轮", conversation="bench-cold", session_id=session)
         if not first.ok:
             raise RuntimeError(f"the real CLI did not answer: {first.error}")
         cold_latency, cold_cpu = [], []
         for number in range(cold_runs):
-            before, start = _children_cpu(), time.perf_counter()
+            cold.close()
+            time.sleep(0.3)
+            start = time.perf_counter()
             result = cold.run(f"冷启动追问 {number}", conversation="bench-cold", session_id=session)
             cold_latency.append(time.perf_counter() - start)
-            cold_cpu.append(_children_cpu() - before)
             assert result.ok, result.error
+            [fresh] = cold.pool.processes()
+            cold_cpu.append(_tree_cpu(fresh.pid))
+        cold.close()
 
         warm = _client(workdir / "warm", model.base_url, warm=4)
         session = new_session_id()

@@ -35,6 +35,12 @@ log = logging.getLogger("async_task_manager")
 DELIVERED_WRITE_WAIT = 2.0  # seconds a delivery thread waits for "delivered" to reach the store
 
 
+def _end_orphan_card(outbox: Outbox, task: Task) -> None:
+    """A run cut off by a crash or restart may have left its AI card streaming: end it ("上一次回复处理中断")."""
+    if outbox.cards is not None:
+        outbox.cards.end_orphan(task)
+
+
 class AsyncTaskManager:
     """Tracks every task, runs them on `max_workers` threads, and delivers their results."""
 
@@ -222,18 +228,20 @@ class AsyncTaskManager:
             with self.board.lock:
                 self.board.adopt(task)
                 task.background = True
+            _end_orphan_card(self.outbox, task)
             task_log(log, task).info("重新推送未送达的任务结果: %s", task.id)
             self.outbox.deliver_later(task)
         for task in self.store.load(ACTIVE_STATUSES):
             self.board.adopt(task)
             tlog = task_log(log, task)
+            _end_orphan_card(self.outbox, task)
             leftovers = self.client.kill_leftovers(task.id)
             if leftovers:
                 tlog.warning("已结束上次运行遗留的 %d 个 CLI 进程", leftovers)
             if task.cancel_requested:  # the user's cancel is final: never re-run
                 self.board.fail(task.id, "已被用户取消", status=CANCELLED)
                 self.board.mark_delivered(task)
-                self.outbox.notice(task.route, task_texts.cancelled(task), task_id=task.id, allow_webhook=False)
+                self.outbox.notice(task.route, task_texts.cancelled(task), task_id=task.id)
                 continue
             if task.attempts >= 2:
                 self.board.fail(task.id, "任务在重新执行时再次中断")
@@ -243,7 +251,7 @@ class AsyncTaskManager:
             interrupted = task.started_at is not None  # it had started; otherwise it was still waiting
             self.board.transition(task, status=QUEUED, background=True)
             with self.board.lock:
-                self.outbox.acknowledge(task, task_texts.restarted(task, interrupted), allow_webhook=False)
+                self.outbox.acknowledge(task, task_texts.restarted(task, interrupted))
                 self.board.enqueue(task)
             if interrupted:
                 tlog.info("任务 %s 上次运行被中断，重新执行", task.id)

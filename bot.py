@@ -37,6 +37,7 @@ import health
 import systemd_notify
 import task_table
 from async_task_manager import AsyncTaskManager
+from card_wiring import CARD_CALLBACK_TOPIC, attach_budget_and_cards, card_handler, card_topics
 from chat import ChatApp, IncomingMessage
 from codebuddy_client import CodeBuddyClient
 from config import (
@@ -149,7 +150,7 @@ class StreamConnection:
     """
 
     def __init__(self, config: Config, intake: Intake, *,
-                 idle_timeout: float, backoff_max: float = 60.0) -> None:
+                 idle_timeout: float, backoff_max: float = 60.0, on_card: object = None) -> None:
         dingtalk_stream = _sdk()
         self.config = config
         self.idle_timeout = idle_timeout
@@ -157,6 +158,8 @@ class StreamConnection:
         self.client = dingtalk_stream.DingTalkStreamClient(
             dingtalk_stream.Credential(config.client_id, config.client_secret), logger=logging.getLogger("stream"))
         self.client.register_callback_handler(BOT_TOPIC, _stream_handler_class()(intake))
+        if on_card is not None:  # the stop button of AI cards (card_actions.py)
+            self.client.register_callback_handler(CARD_CALLBACK_TOPIC, on_card)
         self.client.pre_start()
         self.connected = False
         self.reconnects = 0
@@ -170,7 +173,7 @@ class StreamConnection:
         http = JsonHttp(pool_size=1, transport_retries=0)
         try:
             connection, error = open_stream_connection(http, self.config.openapi_endpoint, self.config.client_id,
-                                                       self.config.client_secret)
+                                                       self.config.client_secret, topics=card_topics(self.config))
         finally:
             http.close()
         if connection is None:
@@ -285,6 +288,7 @@ def build_app(config: Config, durations: DurationHistogram | None = None
                             retry_window=config.delivery_retry_window, secrets=config.secrets)
     client = TimedClient(CodeBuddyClient.from_config(config), durations or DurationHistogram())
     manager = AsyncTaskManager.from_config(config, client, sender, open_store(config.task_db))
+    attach_budget_and_cards(config, sender, manager)  # the monthly call budget; AI cards when a template is set
     return sender, client, manager, ChatApp(manager, config)
 
 
@@ -311,7 +315,8 @@ def run_daemon(config: Config) -> int:
 
     # One thread keeps message order; a batch's ACKs wait for its records to be written (or the store to be down).
     intake = Intake(on_data, lambda: manager.store.wait_written(INTAKE_ACK_WAIT), supervisor=manager.supervisor)
-    stream = StreamConnection(config, intake, idle_timeout=config.stream_idle_timeout)
+    stream = StreamConnection(config, intake, idle_timeout=config.stream_idle_timeout,
+                              on_card=card_handler(config, manager))
     notifier = systemd_notify.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
     status_server = start_status_server(config.status_port, StatusSources(
         manager=manager, sender=sender, client=client, stream=stream, store=manager.store,

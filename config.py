@@ -22,15 +22,7 @@ CLI_SECRET_VARIABLES = ("CODEBUDDY_API_KEY", "CODEBUDDY_AUTH_TOKEN")
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # Built-in long-task keywords (case-insensitive substring match); LONG_TASK_KEYWORDS adds to these.
-SEED_LONG_TASK_KEYWORDS = (
-    "client analysis",
-    "分析公司",
-    "生成报告",
-    "详细分析",
-    "战略分析",
-    "市场调研",
-    "竞品分析",
-)
+SEED_LONG_TASK_KEYWORDS = ("client analysis", "分析公司", "生成报告", "详细分析", "战略分析", "市场调研", "竞品分析")
 
 # Limits of one DingTalk message (docs/wire-facts.md §2, §3).
 # The webhook limit is documented as ~20,000 characters; counting UTF-8 bytes keeps Chinese text safe too.
@@ -275,6 +267,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("USER_RATE_LIMIT", "user_rate_limit", "20", parse_positive_int, "Prompts one user may send per minute"),
     Setting("STATUS_PORT", "status_port", "", _optional_port,
             "Port of the 127.0.0.1 /healthz and /metrics server (unset = off)"),
+    Setting("DINGTALK_MONTHLY_CALL_BUDGET", "monthly_call_budget", "5000", parse_positive_int, "Metered DingTalk "
+            "calls (pushes, card calls) the bot may spend per calendar month (README: AI cards and the API budget)"),
+    Setting("DINGTALK_CARD_TEMPLATE_ID", "card_template_id", "", _text, "AI card template id (unset = no cards)"),
+    Setting("DINGTALK_CARD_VARIABLES", "card_variables", "msgContent,flowStatus,msgTitle", _csv, "The card "
+            "template's variables: streamed text, status, title (the common AI card template's names)"),
+    Setting("CARD_UPDATE_INTERVAL", "card_update_interval", "1.5", _positive_float, "Seconds between two updates "
+            "of a streaming card (stretched when the month's spend runs ahead)"),
+    Setting("CARD_BACKOFF", "card_backoff", "1800", _non_negative_float, "Seconds cards pause after 3 failures"),
 )
 
 
@@ -317,6 +317,11 @@ class Config:
     shutdown_grace: float
     user_rate_limit: int
     status_port: int | None
+    monthly_call_budget: int
+    card_template_id: str
+    card_variables: tuple[str, ...]
+    card_update_interval: float
+    card_backoff: float
     # CodeBuddy CLI variables (CODEBUDDY_API_KEY, CODEBUDDY_BASE_URL, …) found in .env, passed to every run.
     cli_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # Values of CODEBUDDY_API_KEY / CODEBUDDY_AUTH_TOKEN (environment or .env): never shown to a chat.

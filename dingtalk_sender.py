@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import urllib3
@@ -34,6 +35,8 @@ GROUP_SEND_PATH = "/v1.0/robot/groupMessages/send"
 TOKEN_PATH = "/v1.0/oauth2/accessToken"
 OPEN_CONNECTION_PATH = "/v1.0/gateway/connections/open"
 BOT_TOPIC = "/v1.0/im/bot/messages/get"
+# What each metered OpenAPI call counts as in the monthly budget (api_budget.py; docs/wire-facts.md §7).
+METERED_KINDS = {BATCH_SEND_PATH: "batchSend", GROUP_SEND_PATH: "groupMessages"}
 
 # ---------------------------------------------------------------- values
 
@@ -222,16 +225,17 @@ class JsonHttp:
         retry = Retry(
             total=transport_retries, connect=transport_retries, read=transport_retries, status=transport_retries,
             backoff_factor=0.3, backoff_jitter=0.2, status_forcelist=(429, 500, 502, 503, 504),
-            allowed_methods=frozenset({"POST"}), respect_retry_after_header=True, raise_on_status=False,
+            allowed_methods=frozenset({"POST", "PUT"}), respect_retry_after_header=True, raise_on_status=False,
         )
         self._pool = urllib3.PoolManager(num_pools=8, maxsize=pool_size, retries=retry,
                                          timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))
 
-    def post_json(self, url: str, body: dict, headers: dict[str, str] | None = None) -> HttpReply:
-        """POST `body` as JSON; raises HttpError when no answer came (after the transport retries)."""
+    def post_json(self, url: str, body: dict, headers: dict[str, str] | None = None, *,
+                  method: str = "POST") -> HttpReply:
+        """POST (or `method`) `body` as JSON; raises HttpError when no answer came (after the transport retries)."""
         try:
             response = self._pool.request(
-                "POST", url, body=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+                method, url, body=json.dumps(body, ensure_ascii=False).encode("utf-8"),
                 headers={"Content-Type": "application/json", "Accept": "application/json", **(headers or {})})
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise HttpError(describe_network_error(url, exc)) from None
@@ -248,10 +252,11 @@ class JsonHttp:
 
 
 def open_stream_connection(http: JsonHttp, endpoint: str, client_id: str, client_secret: str,
-                           ua: str = "dingtalk-codebuddy-bot/1.0") -> tuple[dict | None, str]:
+                           ua: str = "dingtalk-codebuddy-bot/1.0", topics: tuple[str, ...] = (BOT_TOPIC,)
+                           ) -> tuple[dict | None, str]:
     """Ask the Stream gateway for a websocket endpoint and ticket: ({endpoint, ticket}, "") or (None, why not)."""
-    body = {"clientId": client_id, "clientSecret": client_secret,
-            "subscriptions": [{"type": "CALLBACK", "topic": BOT_TOPIC}], "ua": ua, "localIp": "127.0.0.1"}
+    body = {"clientId": client_id, "clientSecret": client_secret, "ua": ua, "localIp": "127.0.0.1",
+            "subscriptions": [{"type": "CALLBACK", "topic": topic} for topic in topics]}
     url = endpoint.rstrip("/") + OPEN_CONNECTION_PATH
     try:
         reply = http.post_json(url, body)
@@ -283,6 +288,8 @@ class DingTalkSender:
         self.tokens = AccessTokenProvider(self._http, self.endpoint, client_id, client_secret, clock=clock)
         self._stats_lock = threading.Lock()
         self.stats: dict[str, int] = {}
+        # The monthly call budget (api_budget.ApiBudget: record, limit_hit, push_allowed, take_limit_notice), if any.
+        self.meter: Any = None
 
     def stop(self) -> None:
         """Make retry waits give up at once (shutdown); undelivered results stay in the store."""
@@ -291,6 +298,12 @@ class DingTalkSender:
     def _count(self, key: str) -> None:
         with self._stats_lock:
             self.stats[key] = self.stats.get(key, 0) + 1
+
+    def record_metered(self, kind: str) -> None:
+        """Count one attempt of a metered OpenAPI call (push, card call, file up/download) against the budget."""
+        self._count(f"metered_{kind}")
+        if self.meter is not None:
+            self.meter.record(kind)
 
     # -- the seam
 
@@ -308,6 +321,8 @@ class DingTalkSender:
     def reply_webhook(self, route: Route, text: str, *, markdown: bool = False,
                       title: str = "CodeBuddy") -> Delivery:
         """POST `text` to the route's session webhook; a non-zero errcode is a failure (docs/wire-facts.md §2)."""
+        why = self.meter.take_limit_notice() if self.meter is not None else ""
+        text = f"{text}\n\n{why}" if why else text  # once, after DingTalk refused a metered call for the month
         log.info("准备发送消息，长度: %d 字符 user=%s", len(text), route.user_id)
         for part in split_message(text, WEBHOOK_MAX_BYTES - 64, utf8_json_cost):
             if markdown:
@@ -336,6 +351,9 @@ class DingTalkSender:
             return Delivery(ok=False, path=path_name, error="group route without conversation id", permanent=True)
         if not route.is_group and not route.user_id:
             return Delivery(ok=False, path=path_name, error="1:1 route without staff id", permanent=True)
+        if self.meter is not None and self.meter.limited():
+            return Delivery(ok=False, path=path_name, error="monthly API quota used up (ApiCountLimitForOrg): "
+                            "webhook only until the month turns")
         msg_key = "sampleMarkdown" if markdown else "sampleText"
         overhead = utf8_json_cost(json.dumps({"title": title, "text": "", "content": ""}, ensure_ascii=False))
         # A caller's window (a notice's short one) never exceeds DELIVERY_RETRY_WINDOW.
@@ -401,6 +419,7 @@ class DingTalkSender:
         """One POST: (None, the response body) when delivered, (the throttled user ids, …) when some must be
         retried (docs/wire-facts.md §3)."""
         token = self.tokens.get()
+        self.record_metered(METERED_KINDS.get(path, path))
         try:
             reply = self._http.post_json(self.endpoint + path, body, {"x-acs-dingtalk-access-token": token})
         except HttpError as exc:
@@ -420,6 +439,8 @@ class DingTalkSender:
         if "ApiCountLimitForOrg" in code:
             # Not now, but not never: the quota resets monthly, so the outbox tries again later (with backoff).
             log.error("钉钉 API 月度调用额度已用完 (%s)，本次不再重试", code)
+            if self.meter is not None:
+                self.meter.limit_hit()
             raise DeliveryError(detail, retryable=False, permanent=False)
         if "QpsLimit" in code:
             raise DeliveryError(detail, retryable=True, retry_after=max(1.0, reply.retry_after or 1.0))

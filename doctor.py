@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -16,6 +18,7 @@ from typing import TextIO
 
 from dotenv import dotenv_values
 
+from api_budget import describe_month
 from cli_setup import INSTALL_FIX, choose_cli, login_state
 from codebuddy_client import CodeBuddyClient, sandbox_from_config
 from config import EXAMPLE_VALUES, SETTINGS, Config, ConfigError, mask_secret, read_config
@@ -27,7 +30,7 @@ from dingtalk_sender import (
     JsonHttp,
     open_stream_connection,
 )
-from task_store import store_writable
+from task_store import SQLiteTaskStore, StoreError, store_writable
 
 OK_MARK, FAIL_MARK = "✓", "✗"
 DINGTALK_CREDENTIALS = ("DINGTALK_CLIENT_ID", "DINGTALK_CLIENT_SECRET")
@@ -89,6 +92,22 @@ def check_task_db(path: str) -> CheckResult:
         return CheckResult("task DB", ok, detail)
     ok, reason = store_writable(absolute)
     return CheckResult("task DB", ok, f"{absolute} is writable" if ok else f"not writable: {reason}")
+
+
+def check_api_budget(path: str, monthly_budget: int, now: float | None = None) -> CheckResult:
+    """This month's metered DingTalk calls (from the task DB) against DINGTALK_MONTHLY_CALL_BUDGET."""
+    absolute = os.path.abspath(path)
+    if path == ":memory:" or not os.path.exists(absolute):
+        return CheckResult("API budget", True, f"0 of {monthly_budget} metered calls this month (no task DB yet)")
+    try:
+        store = SQLiteTaskStore(absolute, read_only=True)
+        try:
+            line = describe_month(store, monthly_budget, time.time() if now is None else now)
+        finally:
+            store.close()
+    except (StoreError, sqlite3.Error) as exc:
+        return CheckResult("API budget", True, f"not counted yet ({type(exc).__name__}: {exc})")
+    return CheckResult("API budget", True, line)
 
 
 def check_running_bot(port: int, timeout: float = 3.0) -> CheckResult | None:
@@ -253,6 +272,7 @@ def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", o
     for check in (lambda: check_dingtalk(config, error), lambda: [check_cli(config, cli_timeout)],
                   lambda: [check_cli_login(config, environ)], lambda: [check_sandbox(config)],
                   lambda: [check_workspace(config.codebuddy_workdir)], lambda: [check_task_db(config.task_db)],
+                  lambda: [check_api_budget(config.task_db, config.monthly_call_budget)],
                   lambda: [check_log_file(config.log_file)]):
         for result in check():
             results.append(result)

@@ -66,6 +66,7 @@ class _Journal:
         self.tasks: dict[str, tuple[int, Task]] = {}  # the latest save of each task
         self.durations: list[_Entry] = []
         self.sessions: dict[str, tuple[int, str]] = {}
+        self.api_calls: list[_Entry] = []
 
     def add(self, method: str, args: tuple) -> None:
         self.last += 1
@@ -77,6 +78,8 @@ class _Journal:
             self.durations.append(entry)
         elif method == "set_session":
             self.sessions[args[0]] = (entry.seq, args[1])
+        elif method == "add_api_calls":
+            self.api_calls.append(entry)
 
     def to_write(self) -> list[_Entry]:
         """The entries, several saves of a task coalesced (which also keeps a long outage's memory small)."""
@@ -93,6 +96,7 @@ class _Journal:
         self.tasks = {k: v for k, v in self.tasks.items() if v[0] > done}
         self.durations = [e for e in self.durations if e.seq > done]
         self.sessions = {k: v for k, v in self.sessions.items() if v[0] > done}
+        self.api_calls = [e for e in self.api_calls if e.seq > done]
 
     def durations_of(self, keyword: str, user_id: str | None) -> list[float]:
         """The pending durations of a keyword class (and user), newest first."""
@@ -100,7 +104,27 @@ class _Journal:
                 if e.args[1] == keyword and (user_id is None or e.args[0] == user_id)]
 
 
-class JournaledStore:
+class _CallCounts:
+    """The month's metered DingTalk calls (api_budget.py), journaled like every other write."""
+
+    _lock: threading.Lock
+    _journal: _Journal
+    _backend: StoreBackend
+    _append: Callable[..., None]
+    _read: Callable[..., Any]
+
+    def add_api_calls(self, month: str, count: int) -> None:
+        """Journal `count` metered DingTalk calls in `month`."""
+        self._append("add_api_calls", month, count)
+
+    def api_calls(self, month: str) -> int:
+        """Metered DingTalk calls of `month`: the DB's count plus the journal's (a commit mid-read may count twice)."""
+        with self._lock:
+            pending = sum(e.args[1] for e in self._journal.api_calls if e.args[0] == month)
+        return pending + self._read(lambda: self._backend.api_calls(month), 0)
+
+
+class JournaledStore(_CallCounts):
     """A `TaskStore` whose writes reach `backend` through an in-memory journal, committed in order.
 
     The "store-writer" thread writes the journal shortly after each write (`flush_delay`), and retries with backoff

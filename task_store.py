@@ -51,6 +51,8 @@ class TaskRecords(Protocol):
     def session_for(self, conversation_key: str) -> str | None: ...
     def set_session(self, conversation_key: str, session_id: str) -> None: ...
     def purge(self, finished_before: float, seen_before: float) -> int: ...
+    def add_api_calls(self, month: str, count: int) -> None: ...  # metered DingTalk calls (api_budget.py)
+    def api_calls(self, month: str) -> int: ...
 
 
 class TaskStore(TaskRecords, Protocol):
@@ -97,6 +99,7 @@ class MemoryTaskStore:
         self._seen: dict[str, float] = {}
         self._durations: list[tuple[str, str, float, float]] = []
         self._sessions: dict[str, str] = {}
+        self._api_calls: dict[str, int] = {}
 
     def save(self, task: Task) -> None:
         with self._lock:
@@ -147,6 +150,14 @@ class MemoryTaskStore:
         with self._lock:
             self._sessions[conversation_key] = session_id
 
+    def add_api_calls(self, month: str, count: int) -> None:
+        with self._lock:
+            self._api_calls[month] = self._api_calls.get(month, 0) + count
+
+    def api_calls(self, month: str) -> int:
+        with self._lock:
+            return self._api_calls.get(month, 0)
+
     def purge(self, finished_before: float, seen_before: float) -> int:
         with self._lock:
             old = [k for k, t in self._tasks.items()
@@ -183,6 +194,7 @@ CREATE TABLE IF NOT EXISTS durations (user_id TEXT, keyword TEXT, seconds REAL, 
 CREATE INDEX IF NOT EXISTS durations_keyword_user ON durations (keyword, user_id, finished_at);
 CREATE INDEX IF NOT EXISTS durations_keyword_recent ON durations (keyword, finished_at);
 CREATE TABLE IF NOT EXISTS sessions (conversation_key TEXT PRIMARY KEY, session_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS api_calls (month TEXT PRIMARY KEY, calls INTEGER NOT NULL DEFAULT 0);
 """
 _TASK_COLUMNS = [f.name for f in Task.__dataclass_fields__.values()]
 
@@ -380,6 +392,16 @@ class SQLiteTaskStore:
 
     def set_session(self, conversation_key: str, session_id: str) -> None:
         self._write("INSERT OR REPLACE INTO sessions VALUES (?, ?)", (conversation_key, session_id))
+
+    def add_api_calls(self, month: str, count: int) -> None:
+        """Add `count` metered DingTalk calls to `month` ("2026-11")."""
+        self._write("INSERT INTO api_calls (month, calls) VALUES (?, ?) "
+                    "ON CONFLICT (month) DO UPDATE SET calls = calls + excluded.calls", (month, count))
+
+    def api_calls(self, month: str) -> int:
+        """Metered DingTalk calls counted in `month`."""
+        rows = self._query("SELECT calls FROM api_calls WHERE month = ?", (month,))
+        return int(rows[0][0]) if rows else 0
 
     def purge(self, finished_before: float, seen_before: float) -> int:
         finished = tuple(FINISHED_STATUSES)

@@ -2,7 +2,8 @@
 """A fake `codebuddy` CLI for tests: `-p --output-format stream-json`, driven by prompt directives.
 
 Directives anywhere in the prompt (combinable): [sleep=N] [spawn] [spawn-session] [fail] [error] [crash] [noresult]
-[big=N] [echo-env] [ignore-term]. Environment (CODEBUDDY_* like the real CLI's own variables, so the bot's
+[big=N] [echo-env] [ignore-term] [stream=N] (the answer in five assistant messages over N seconds, a Bash step
+mid-way). Environment (CODEBUDDY_* like the real CLI's own variables, so the bot's
 environment allowlist hands them on): CODEBUDDY_FAKE_LOG (append one JSON line per run; default
 $HOME/.fake-codebuddy/runs.jsonl, which is inside the run's sandbox), CODEBUDDY_FAKE_PIDS (pids of [spawn]
 children), CODEBUDDY_FAKE_ECHO (names for [echo-env]), CODEBUDDY_FAKE_STARTUP_DELAY (seconds before the init
@@ -239,6 +240,17 @@ def main() -> int:
         out({"type": "user", "session_id": session_id, "message": {"role": "user", "content": [
             {"type": "tool_result", "tool_use_id": tool_id, "content": ""}]}})
 
+    streamed: list[str] = []  # [stream=N]: the answer written in five assistant messages over N seconds
+    stream_match = re.search(r"\[stream=([0-9]*\.?[0-9]+)\]", prompt)
+    for number in range(1, 6) if stream_match else ():
+        time.sleep(float(stream_match.group(1)) / 5)
+        if number == 3:
+            step = {"type": "tool_use", "id": f"toolu_{number}", "name": "Bash", "input": {"command": "ls"}}
+            out({"type": "assistant", "session_id": session_id, "message": {"role": "assistant", "content": [step]}})
+        streamed.append(f"第{number}段: " + prompt.replace("[", "(").replace("]", ")"))
+        out({"type": "assistant", "session_id": session_id, "message": {
+            "role": "assistant", "content": [{"type": "text", "text": streamed[-1]}]}})
+
     if "[crash]" in prompt:
         sys.stderr.write("Traceback: boom\n")
         sys.stderr.flush()
@@ -252,7 +264,9 @@ def main() -> int:
                   "errors": [FAIL_ERROR]}
     else:
         big = re.search(r"\[big=(\d+)\]", prompt)
-        if big:
+        if streamed:
+            text = "\n\n".join(streamed)
+        elif big:
             text = big_text(int(big.group(1)))
         else:
             text = "回答: " + prompt
@@ -267,8 +281,9 @@ def main() -> int:
                 out({"type": "stream_event", "session_id": session_id, "event": {
                     "type": "content_block_delta", "index": 0,
                     "delta": {"type": "text_delta", "text": text[i:i + 200]}}})
-        out({"type": "assistant", "session_id": session_id, "message": {
-            "role": "assistant", "model": model, "content": [{"type": "text", "text": text}]}})
+        if not streamed:
+            out({"type": "assistant", "session_id": session_id, "message": {
+                "role": "assistant", "model": model, "content": [{"type": "text", "text": text}]}})
         result = {"type": "result", "subtype": "success", "is_error": False, "result": text}
     result.update({"session_id": session_id, "duration_ms": duration_ms, "num_turns": 1,
                    "total_cost_usd": 0, "usage": {}})

@@ -54,7 +54,8 @@ def test_answers_stream_into_cards_in_one_to_one_and_group_chats(standin, make_b
     by_space = {c.space.split("//")[1].split(".")[0]: c for c in done}
     assert by_space["IM_ROBOT"].space == "dtv1.card//IM_ROBOT.alice"
     assert by_space["IM_GROUP"].space == f"dtv1.card//IM_GROUP.{group.payload['conversationId']}"
-    for card, prompt in ((by_space["IM_ROBOT"], "[stream=3] 写一份报告"), (by_space["IM_GROUP"], "[stream=3] 群里的报告")):
+    for card, prompt in ((by_space["IM_ROBOT"], "[stream=3] 写一份报告"),
+                         (by_space["IM_GROUP"], "[stream=3] 群里的报告")):
         assert len(card.distinct_updates()) >= 3, card.streams  # the answer was watched being written
         assert card.shown() == answer_of(prompt) and card.status == "3"  # final text = the answer, finished
         assert card.streams[-1].finalize and not card.ignored_updates  # isFinalize first, then the status

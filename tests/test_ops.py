@@ -413,7 +413,7 @@ def test_status_port_serves_healthz_and_metrics(standin, make_bot):
 
     short = standin.send_bot_message("你好", sender_staff_id="u1")
     standin.wait_for(lambda: len(standin.webhook_posts(short.session)) >= 2)
-    standin.send_bot_message("生成报告: 本周", sender_staff_id="u2")
+    standin.send_bot_message("生成报告: 本周", sender_staff_id="u2", webhook_ttl_ms=1000)
     standin.wait_for(lambda: standin.batch_sends())
     bot.wait_log("任务结果已推送")
 

@@ -10,7 +10,7 @@ from api_budget import LIMIT_NOTICE, month_of
 from task_store import SQLiteTaskStore
 from tests.conftest import cli_runs, run_alive
 from tests.standin import BATCH_SEND_PATH
-from tests.standin_cards import CREATE_AND_DELIVER_PATH, TEMPLATE_ID, CardStandin
+from tests.standin_cards import TEMPLATE_ID, CardStandin
 
 pytestmark = pytest.mark.e2e
 

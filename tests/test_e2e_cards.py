@@ -8,7 +8,7 @@ import pytest
 
 from api_budget import LIMIT_NOTICE, month_of
 from task_store import SQLiteTaskStore
-from tests.conftest import cli_runs, run_alive
+from tests.conftest import CLI_START_TIMEOUT, cli_runs, run_alive
 from tests.standin import BATCH_SEND_PATH
 from tests.standin_cards import TEMPLATE_ID, CardStandin
 
@@ -161,3 +161,18 @@ def test_restart_mid_stream_ends_the_orphan_card_and_the_answer_arrives_once(sta
     assert rerun.track.endswith("-2") and rerun.shown() == answer
     time.sleep(0.5)
     assert not result_texts(standin, "第5段")  # the card carried the answer: no second copy
+
+
+@pytest.mark.real_cli
+def test_the_real_cli_streams_its_steps_and_answer_into_a_card(standin, real_bot, model_server):
+    cards = CardStandin(standin)
+    real_bot(**CARDS)
+    query = "分三步做 [bash:echo one] [bash:sleep 1] [bash:echo three]"
+    sent = standin.send_bot_message(query, sender_staff_id="rc-card")
+    card = finished_card(cards, standin, timeout=2 * CLI_START_TIMEOUT)[0]
+    answer = model_server.reply_for(model_server.chat_requests()[-1].body)["text"]
+    assert "tool done" in answer and card.status == "3" and card.shown() == answer.strip()
+    assert len(card.distinct_updates()) >= 3, card.streams  # each step showed while the CLI worked
+    assert sum("🔧 工具 Bash" in update for update in card.distinct_updates()) >= 2
+    assert not result_texts(standin, "tool done")  # the card carried the answer
+    assert standin.webhook_posts(sent.session)[0].text.startswith("收到任务")

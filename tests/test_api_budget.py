@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 import pytest
 
 from api_budget import LIMIT_NOTICE, ApiBudget, month_elapsed, month_of
+from delivery import Outbox
+from dingtalk_sender import Delivery, Route
 from store_journal import open_store
 from task_store import MemoryTaskStore, SQLiteTaskStore
 
@@ -99,3 +101,26 @@ def test_the_limit_notice_is_handed_out_once():
     budget.limit_hit()
     assert budget.take_limit_notice() == LIMIT_NOTICE
     assert budget.take_limit_notice() == ""
+
+
+class RecordingSender:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def send(self, route, text, **kwargs):
+        self.sent.append(text)
+        return Delivery(ok=True, path="webhook" if route.session_webhook else "batchSend")
+
+
+def test_near_the_budget_a_notice_is_not_pushed_but_still_goes_by_a_live_webhook():
+    store = MemoryTaskStore()
+    clock = Clock(at("2026-11-29 00:00"))
+    store.add_api_calls(month_of(clock.now), 96)
+    sender = RecordingSender()
+    outbox = Outbox(sender, clock=clock, mark_delivered=lambda t: None, mark_undeliverable=lambda t: None)
+    outbox.budget = ApiBudget(store, 100, clock=clock)
+    expired = Route("1", "u1", "cid")
+    alive = Route("1", "u1", "cid", session_webhook="http://hook", webhook_expires_ms=int(clock.now * 1000) + 600_000)
+    assert not outbox.notice(expired, "进度").result().ok
+    assert outbox.notice(alive, "进度").result().ok and sender.sent == ["进度"]
+    outbox.shutdown()

@@ -152,3 +152,13 @@ def test_only_the_owner_or_an_admin_may_press_stop_and_junk_is_ignored():
     assert manager.cancelled == ["t1", "t1"]
     assert action_ids({"userId": "u", "content": json.dumps({"cardPrivateData": {"actionIds": ["stop", 3]}})}) \
         == ("u", ["stop"])
+
+
+def test_a_progress_note_goes_onto_the_live_card_instead_of_a_message():
+    api = FakeApi()
+    cards = Cards(api, Budget(), interval=1, backoff=60)
+    live = task()
+    assert not cards.progress(live, "仍在处理中")  # no card: the caller sends the note as a message
+    card = cards.open(live)
+    assert cards.progress(live, "仍在处理中 (已用时 5 分钟)")
+    assert "仍在处理中 (已用时 5 分钟)" in cards.render(card, card.started + 300)

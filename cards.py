@@ -120,8 +120,9 @@ class Cards:
         self._changed(task_id, lambda card: setattr(card, "text", text))
 
     def step(self, task_id: str, step: str) -> None:
-        """A step the agent took ("工具 Bash")."""
-        self._changed(task_id, lambda card: card.steps.append(step))
+        """A step the agent took: tool calls ("工具 Bash") show above the text; the rest is the text itself."""
+        if step.startswith("工具"):
+            self._changed(task_id, lambda card: card.steps.append(step))
 
     def progress(self, task: Task, note: str) -> bool:
         """Show a progress note on the task's card; False when it has no live card (send a message instead)."""

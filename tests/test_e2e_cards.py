@@ -176,3 +176,17 @@ def test_the_real_cli_streams_its_steps_and_answer_into_a_card(standin, real_bot
     assert sum("🔧 工具 Bash" in update for update in card.distinct_updates()) >= 2
     assert not result_texts(standin, "tool done")  # the card carried the answer
     assert standin.webhook_posts(sent.session)[0].text.startswith("收到任务")
+
+
+@pytest.mark.real_cli
+def test_with_partial_messages_the_real_cli_streams_the_answer_word_by_word(standin, real_bot, model_server):
+    model_server.chunk_delay = 0.2  # the model writes its answer in deltas, 0.2 s apart
+    cards = CardStandin(standin)
+    real_bot(**CARDS, CODEBUDDY_EXTRA_ARGS="--include-partial-messages")
+    query = "一句比较长的回答请慢慢写出来好让卡片一段一段地显示"
+    standin.send_bot_message(query, sender_staff_id="rc-partial")
+    card = finished_card(cards, standin, timeout=2 * CLI_START_TIMEOUT)[0]
+    answer = f"回答: {query} (turn 1)"
+    assert card.shown() == answer and card.status == "3"
+    partial = [u for u in card.distinct_updates() if answer not in u]
+    assert partial, card.distinct_updates()  # part of the sentence showed before it was whole

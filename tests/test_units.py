@@ -321,8 +321,10 @@ def test_a_stopped_run_leaves_no_process_even_in_another_session(tmp_path):
 def test_answer_text_grows_with_partial_and_whole_assistant_messages() -> None:
     state = StreamState()
     lines = [
-        {"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "先"}}},
-        {"type": "stream_event", "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "看看"}}},
+        {"type": "stream_event",
+         "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "先"}}},
+        {"type": "stream_event",
+         "event": {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "看看"}}},
     ]
     for line in lines:
         parse_stream_line(json.dumps(line), state)

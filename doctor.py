@@ -94,11 +94,12 @@ def check_task_db(path: str) -> CheckResult:
     return CheckResult("task DB", ok, f"{absolute} is writable" if ok else f"not writable: {reason}")
 
 
-def check_api_budget(path: str, monthly_budget: int, now: float | None = None) -> CheckResult:
-    """This month's metered DingTalk calls (from the task DB) against DINGTALK_MONTHLY_CALL_BUDGET."""
+def api_budget_line(path: str, monthly_budget: int, now: float | None = None) -> str:
+    """This month's metered DingTalk calls (from the task DB) against DINGTALK_MONTHLY_CALL_BUDGET: information,
+    not a check (a spent budget is not a broken setup)."""
     absolute = os.path.abspath(path)
     if path == ":memory:" or not os.path.exists(absolute):
-        return CheckResult("API budget", True, f"0 of {monthly_budget} metered calls this month (no task DB yet)")
+        return f"· API budget: 0 of {monthly_budget} metered calls this month (no task DB yet)"
     try:
         store = SQLiteTaskStore(absolute, read_only=True)
         try:
@@ -106,8 +107,8 @@ def check_api_budget(path: str, monthly_budget: int, now: float | None = None) -
         finally:
             store.close()
     except (StoreError, sqlite3.Error) as exc:
-        return CheckResult("API budget", True, f"not counted yet ({type(exc).__name__}: {exc})")
-    return CheckResult("API budget", True, line)
+        return f"· API budget: not counted yet ({type(exc).__name__}: {exc})"
+    return f"· API budget: {line}"
 
 
 def check_running_bot(port: int, timeout: float = 3.0) -> CheckResult | None:
@@ -272,11 +273,11 @@ def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", o
     for check in (lambda: check_dingtalk(config, error), lambda: [check_cli(config, cli_timeout)],
                   lambda: [check_cli_login(config, environ)], lambda: [check_sandbox(config)],
                   lambda: [check_workspace(config.codebuddy_workdir)], lambda: [check_task_db(config.task_db)],
-                  lambda: [check_api_budget(config.task_db, config.monthly_call_budget)],
                   lambda: [check_log_file(config.log_file)]):
         for result in check():
             results.append(result)
             print(result.line(), file=out, flush=True)
+    print(api_budget_line(config.task_db, config.monthly_call_budget), file=out)
     if config.status_port is not None:
         running = check_running_bot(config.status_port)
         if running is None:

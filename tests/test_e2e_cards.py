@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+import doctor
 from api_budget import LIMIT_NOTICE, month_of
 from task_store import SQLiteTaskStore
 from tests.conftest import CLI_START_TIMEOUT, cli_runs, run_alive
@@ -144,6 +145,8 @@ def test_near_the_budget_no_card_is_started_and_answers_come_by_webhook(standin,
     assert answer in [r.text for r in standin.webhook_posts(sent.session)]
     bot.wait_log(r"接近预算，任务 \w+ 不使用卡片")
     assert stored_calls(bot) == 95
+    month = month_of(time.time())
+    assert doctor.api_budget_line(str(db), 100).startswith(f"· API budget: 95 of 100 metered calls in {month} (95%)")
 
 
 def test_restart_mid_stream_ends_the_orphan_card_and_the_answer_arrives_once(standin, make_bot):

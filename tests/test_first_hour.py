@@ -387,8 +387,7 @@ def test_check_on_a_bad_configuration_prints_the_settings_every_problem_and_ever
                         "MAX_WORKERS"]
     marks = [line.split(":")[0] for line in out.splitlines() if line.startswith(("✓", "✗"))]
     assert marks == ["✗ configuration", "✗ DingTalk access token", "✗ DingTalk Stream", "✓ CodeBuddy CLI",
-                     "✗ CodeBuddy login", "✓ sandbox", "✓ workspace", "✓ task DB", "✓ API budget",
-                     "✓ log file"]
+                     "✗ CodeBuddy login", "✓ sandbox", "✓ workspace", "✓ task DB", "✓ log file"]
     assert "✗ configuration: 5 settings to fix" in out
     assert ("✗ DingTalk access token: not tried: DINGTALK_CLIENT_ID and DINGTALK_CLIENT_SECRET not filled in"
             in out)

@@ -95,8 +95,9 @@ def test_check_passes_with_good_credentials_and_masks_the_secret(tmp_path, stand
     marks = [line for line in result.stdout.splitlines() if line.startswith(("✓", "✗"))]
     assert [m.split(":")[0] for m in marks] == ["✓ configuration", "✓ DingTalk access token", "✓ DingTalk Stream",
                                                 "✓ CodeBuddy CLI", "✓ CodeBuddy login", "✓ sandbox", "✓ workspace",
-                                                "✓ task DB", "✓ API budget", "✓ log file"]
+                                                "✓ task DB", "✓ log file"]
     assert "2.163.0 (fake)" in result.stdout
+    assert "· API budget: 0 of 5000 metered calls this month (no task DB yet)" in result.stdout  # not a check
     assert re.search(r"DINGTALK_CLIENT_ID\s+test-client-id\s+\[environment\]", result.stdout)
     assert re.search(r"SYNC_TIMEOUT\s+60.0\s+\[default\]", result.stdout)
     assert CLIENT_SECRET not in result.stdout + result.stderr

@@ -146,10 +146,10 @@ class AttachmentFetcher:
 
     def download_url(self, ref: AttachmentRef) -> str:
         """The short-lived URL of one attachment (a metered call); AttachmentError when refused."""
-        self.sender.record_metered("download")
-        try:
+        try:  # each attempt is a metered call
             body = self.sender.call_openapi(DOWNLOAD_PATH, {"downloadCode": ref.download_code,
-                                                            "robotCode": self.robot_code}, retry_window=30.0)
+                                                            "robotCode": self.robot_code}, kind="download",
+                                            retry_window=30.0)
         except DeliveryError as exc:
             raise AttachmentError(f"无法获取下载地址 ({exc})") from None
         url = body.get("downloadUrl")

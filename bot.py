@@ -38,6 +38,7 @@ import systemd_notify
 import task_table
 from async_task_manager import AsyncTaskManager
 from attachments import attachment_refs
+from card_wiring import CARD_CALLBACK_TOPIC, attach_budget_and_cards, card_handler, card_topics
 from chat import ChatApp, IncomingMessage
 from cluster import host_name, join_cluster, open_task_store
 from codebuddy_client import CodeBuddyClient
@@ -151,7 +152,7 @@ class StreamConnection:
     """
 
     def __init__(self, config: Config, intake: Intake, *,
-                 idle_timeout: float, backoff_max: float = 60.0) -> None:
+                 idle_timeout: float, backoff_max: float = 60.0, on_card: object = None) -> None:
         dingtalk_stream = _sdk()
         self.config = config
         self.idle_timeout = idle_timeout
@@ -159,6 +160,8 @@ class StreamConnection:
         self.client = dingtalk_stream.DingTalkStreamClient(
             dingtalk_stream.Credential(config.client_id, config.client_secret), logger=logging.getLogger("stream"))
         self.client.register_callback_handler(BOT_TOPIC, _stream_handler_class()(intake))
+        if on_card is not None:  # the stop button of AI cards (card_actions.py)
+            self.client.register_callback_handler(CARD_CALLBACK_TOPIC, on_card)
         self.client.pre_start()
         self.connected = False
         self.reconnects = 0
@@ -172,7 +175,7 @@ class StreamConnection:
         http = JsonHttp(pool_size=1, transport_retries=0)
         try:
             connection, error = open_stream_connection(http, self.config.openapi_endpoint, self.config.client_id,
-                                                       self.config.client_secret)
+                                                       self.config.client_secret, topics=card_topics(self.config))
         finally:
             http.close()
         if connection is None:
@@ -288,6 +291,7 @@ def build_app(config: Config, durations: DurationHistogram | None = None
     client, after_result, attachments = with_file_transfer(config, sender, CodeBuddyClient.from_config(config))
     client = TimedClient(client, durations or DurationHistogram())
     manager = AsyncTaskManager.from_config(config, client, sender, open_task_store(config), after_result)
+    attach_budget_and_cards(config, sender, manager)  # the monthly call budget; AI cards when a template is set
     return sender, client, manager, ChatApp(manager, config, attachments=attachments)
 
 
@@ -317,7 +321,8 @@ def run_daemon(config: Config) -> int:
 
     # One thread keeps message order; a batch's ACKs wait for its records to be written (or the store to be down).
     intake = Intake(on_data, lambda: manager.store.wait_written(INTAKE_ACK_WAIT), supervisor=manager.supervisor)
-    stream = StreamConnection(config, intake, idle_timeout=config.stream_idle_timeout)
+    stream = StreamConnection(config, intake, idle_timeout=config.stream_idle_timeout,
+                              on_card=card_handler(config, manager))
     notifier = systemd_notify.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
     status_server = start_status_server(config.status_port, StatusSources(
         manager=manager, sender=sender, client=client, stream=stream, store=manager.store,

@@ -39,15 +39,7 @@ CLI_SECRET_VARIABLES = ("CODEBUDDY_API_KEY", "CODEBUDDY_AUTH_TOKEN")
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # Built-in long-task keywords (case-insensitive substring match); LONG_TASK_KEYWORDS adds to these.
-SEED_LONG_TASK_KEYWORDS = (
-    "client analysis",
-    "分析公司",
-    "生成报告",
-    "详细分析",
-    "战略分析",
-    "市场调研",
-    "竞品分析",
-)
+SEED_LONG_TASK_KEYWORDS = ("client analysis", "分析公司", "生成报告", "详细分析", "战略分析", "市场调研", "竞品分析")
 
 # Limits of one DingTalk message (docs/wire-facts.md §2, §3).
 # The webhook limit is documented as ~20,000 characters; counting UTF-8 bytes keeps Chinese text safe too.
@@ -165,6 +157,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Names this process in /metrics and the task DB (unset: the hostname)"),
     Setting("LEASE_SECONDS", "lease_seconds", "30", positive_float,
             "PostgreSQL: seconds until a dead host's tasks move to another host"),
+    Setting("DINGTALK_MONTHLY_CALL_BUDGET", "monthly_call_budget", "5000", parse_positive_int, "Metered DingTalk "
+            "calls (pushes, card calls) the bot may spend per calendar month (README: AI cards and the API budget)"),
+    Setting("DINGTALK_CARD_TEMPLATE_ID", "card_template_id", "", any_text, "AI card template id (unset = no cards)"),
+    Setting("DINGTALK_CARD_VARIABLES", "card_variables", "msgContent,flowStatus,msgTitle", comma_list, "The card "
+            "template's variables: streamed text, status, title (the common AI card template's names)"),
+    Setting("CARD_UPDATE_INTERVAL", "card_update_interval", "1.5", positive_float, "Seconds between two updates "
+            "of a streaming card (stretched when the month's spend runs ahead)"),
+    Setting("CARD_BACKOFF", "card_backoff", "1800", non_negative_float, "Seconds cards pause after 3 failures"),
 )
 
 
@@ -212,6 +212,11 @@ class Config:
     max_files_out: int
     host_name: str
     lease_seconds: float
+    monthly_call_budget: int
+    card_template_id: str
+    card_variables: tuple[str, ...]
+    card_update_interval: float
+    card_backoff: float
     warm_sessions: int = 4
     warm_idle_seconds: float = 600.0
     approvals: bool = True

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
+from typing import Any
 
 import task_texts
 from dingtalk_sender import Delivery, Route
@@ -47,6 +48,8 @@ class Outbox:
         self._before_result: dict[str, list[Future]] = {}  # notices about a task still on their way
         self._retries: dict[str, tuple[Task, float, int]] = {}  # undelivered results: (task, due at, attempts)
         self._pending_deliveries: set[Future] = set()
+        self.budget: Any = None  # api_budget.ApiBudget: notices are not pushed near the monthly call budget
+        self.cards: Any = None  # cards.Cards when AI cards are on: results finalize the task's card
         self._notices = ThreadPoolExecutor(max_workers=32, thread_name_prefix="notice")
         self._deliveries = ThreadPoolExecutor(max_workers=8, thread_name_prefix="deliver")
 
@@ -76,6 +79,10 @@ class Outbox:
     def _send_notice(self, route: Route, text: str, allow_webhook: bool, task_id: str,
                      markdown: bool = False) -> Delivery:
         notice_log = TaskLogger(log, task_id or "-", route.user_id)
+        alive = allow_webhook and route.session_webhook_alive(self.clock() * 1000)
+        if not alive and self.budget is not None and not self.budget.push_allowed(urgent=False):
+            notice_log.warning("通知未推送: 本月钉钉接口调用接近预算，只推送任务结果")
+            return Delivery(ok=False, error="notice not pushed: monthly API budget")
         try:
             delivery = self.sender.send(route, text, allow_webhook=allow_webhook, markdown=markdown,
                                         retry_window=self.notice_retry_window)
@@ -110,25 +117,32 @@ class Outbox:
             earlier = list(self._before_result.get(task.id, ()))
         futures_wait(earlier, timeout=ACK_WAIT)  # the acknowledgement and notices go first (failures were logged)
         tlog = task_log(log, task)
-        try:
-            delivery = self.sender.send(task.route, task_texts.result(task, self.clock()),
-                                        markdown=task.status == SUCCEEDED, title="CodeBuddy 回复",
-                                        allow_webhook=not task.background)
+        text = task_texts.result(task, self.clock())
+        if self.cards is not None and self.cards.finish(task):
+            return self._delivered(task, "card")
+        try:  # the session webhook while it lives (free), for background results too; else a push
+            delivery = self.sender.send(task.route, text, markdown=task.status == SUCCEEDED,
+                                        title="CodeBuddy 回复")
         except Exception as exc:  # runs in a pool: an escaping exception would vanish unlogged
             tlog.exception("任务 %s 结果发送出错", task.id)
             delivery = Delivery(ok=False, error=type(exc).__name__)
         if delivery.ok:
-            with self._lock:
-                self._retries.pop(task.id, None)
-            self._mark_delivered(task)
-            self._written()  # a crash right after a delivery must not find the result undelivered and send it again
-            if delivery.path == "webhook":
-                tlog.info("任务结果已回复: %s", task.id)
-            else:
-                tlog.info("任务结果已推送: %s (%s)", task.id, delivery.path)
-            return True
+            return self._delivered(task, delivery.path)
         self._after_failure(task, delivery)
         return False
+
+    def _delivered(self, task: Task, path: str) -> bool:
+        """Record a result as delivered (by webhook, a push or its AI card)."""
+        tlog = task_log(log, task)
+        with self._lock:
+            self._retries.pop(task.id, None)
+        self._mark_delivered(task)
+        self._written()  # a crash right after a delivery must not find the result undelivered and send it again
+        if path == "webhook":
+            tlog.info("任务结果已回复: %s", task.id)
+        else:
+            tlog.info("任务结果已推送: %s (%s)", task.id, path)
+        return True
 
     def _after_failure(self, task: Task, delivery: Delivery) -> None:
         """Schedule the next delivery of a result, or give it up (permanent refusal, or too old)."""

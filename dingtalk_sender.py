@@ -11,19 +11,25 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
-import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
-import urllib3
-from urllib3.util.retry import Retry
-
 from config import HTTP_TIMEOUT, PUSH_MAX_BYTES, TOKEN_REFRESH_MARGIN, WEBHOOK_MAX_BYTES, replace_secrets
+
+# The HTTP layer, re-exported: callers import every DingTalk wire name from here.
+from dingtalk_http import (  # noqa: F401
+    BOT_TOPIC,
+    OPEN_CONNECTION_PATH,
+    HttpError,
+    HttpReply,
+    JsonHttp,
+    describe_network_error,
+    open_stream_connection,
+)
 from message_parts import split_message, utf8_json_cost
 
 log = logging.getLogger("dingtalk_sender")
@@ -32,8 +38,8 @@ log = logging.getLogger("dingtalk_sender")
 BATCH_SEND_PATH = "/v1.0/robot/oToMessages/batchSend"
 GROUP_SEND_PATH = "/v1.0/robot/groupMessages/send"
 TOKEN_PATH = "/v1.0/oauth2/accessToken"
-OPEN_CONNECTION_PATH = "/v1.0/gateway/connections/open"
-BOT_TOPIC = "/v1.0/im/bot/messages/get"
+# What each metered OpenAPI call counts as in the monthly budget (api_budget.py; docs/wire-facts.md §7).
+METERED_KINDS = {BATCH_SEND_PATH: "batchSend", GROUP_SEND_PATH: "groupMessages"}
 
 # ---------------------------------------------------------------- values
 
@@ -145,124 +151,6 @@ class AccessTokenProvider:
         return str(token), self._clock() + max(expire_in - self._margin, expire_in / 2)
 
 
-# ---------------------------------------------------------------- HTTP
-
-
-class HttpError(Exception):
-    """The request got no HTTP answer; the message names the host and the cause (see `describe_network_error`)."""
-
-
-# urllib3 starts its messages with the connection object ("HTTPConnection(host=…, port=…): "): the host is said once.
-_OBJECT_REPR = re.compile(r"(?:<[\w.]+ object at 0x[0-9a-f]+>|\w*(?:Connection|Pool)\w*\(host=[^)]*\)):?\s*")
-_URLLIB3_CAUSES = (  # most specific first: NewConnectionError is a ConnectTimeoutError, for compatibility
-    (urllib3.exceptions.NameResolutionError, "DNS lookup failed"),
-    (urllib3.exceptions.SSLError, "TLS handshake failed"),
-    (urllib3.exceptions.ProxyError, "the proxy failed"),
-    (urllib3.exceptions.NewConnectionError, "cannot connect"),
-    (urllib3.exceptions.ConnectTimeoutError, "connect timed out"),
-    (urllib3.exceptions.ReadTimeoutError, "no answer in time (read timeout)"),
-    (urllib3.exceptions.ProtocolError, "the connection broke off"),
-)
-
-
-def describe_network_error(url: str, exc: BaseException) -> str:
-    """Why `url` could not be reached, for a person: its host and port, then the cause (DNS, refused, TLS,
-    timeout, HTTP status) with the underlying error. urllib3's MaxRetryError is unwrapped to its `.reason`."""
-    parts = urlsplit(url)
-    port = parts.port or {"https": 443, "wss": 443}.get(parts.scheme, 80)
-    where = f"{parts.hostname or url}:{port}"
-    cause: BaseException = exc
-    if isinstance(cause, urllib3.exceptions.MaxRetryError) and cause.reason is not None:
-        cause = cause.reason
-    underlying = cause.__cause__ or cause.__context__
-    status = getattr(getattr(cause, "response", None), "status_code", None)  # websockets' InvalidStatus
-    what = next((text for kind, text in _URLLIB3_CAUSES if isinstance(cause, kind)), "")
-    if status is not None:
-        what = f"refused the connection: HTTP {status}"
-    elif isinstance(cause, socket.gaierror) or isinstance(underlying, socket.gaierror):
-        what = "DNS lookup failed"
-    elif isinstance(cause, ConnectionRefusedError) or isinstance(underlying, ConnectionRefusedError):
-        what = "connection refused"
-    elif isinstance(cause, ssl.SSLError):
-        what = "TLS handshake failed"
-    elif isinstance(cause, TimeoutError) and not what:
-        what = "timed out"
-    detail = _OBJECT_REPR.sub("", str(cause)).strip() or str(underlying or "")
-    return f"{where} {what or 'unreachable'} ({type(cause).__name__}{': ' + detail if detail else ''})"
-
-
-@dataclass(frozen=True)
-class HttpReply:
-    """An HTTP answer: status, the JSON object it carried ({} if none), and its headers."""
-
-    status: int
-    body: dict
-    headers: dict[str, str]
-    text: str
-
-    @property
-    def retry_after(self) -> float | None:
-        value = self.headers.get("retry-after")
-        try:
-            return max(0.0, float(value)) if value else None
-        except ValueError:
-            return None
-
-
-class JsonHttp:
-    """POSTs JSON through one urllib3 pool: timeouts on every call, and urllib3's `Retry` for POSTs on connection
-    errors, 429 and 5xx (honouring Retry-After). No proxy from the environment: DingTalk is reached directly.
-
-    urllib3 directly rather than `requests`: the same pool and Retry for about a millisecond less CPU per post,
-    which is most of the bot's cost per acknowledgement (BENCHMARKS.md).
-    """
-
-    def __init__(self, pool_size: int = 48, transport_retries: int = 2,
-                 timeout: tuple[float, float] = HTTP_TIMEOUT) -> None:
-        retry = Retry(
-            total=transport_retries, connect=transport_retries, read=transport_retries, status=transport_retries,
-            backoff_factor=0.3, backoff_jitter=0.2, status_forcelist=(429, 500, 502, 503, 504),
-            allowed_methods=frozenset({"POST"}), respect_retry_after_header=True, raise_on_status=False,
-        )
-        self._pool = urllib3.PoolManager(num_pools=8, maxsize=pool_size, retries=retry,
-                                         timeout=urllib3.Timeout(connect=timeout[0], read=timeout[1]))
-
-    def post_json(self, url: str, body: dict, headers: dict[str, str] | None = None) -> HttpReply:
-        """POST `body` as JSON; raises HttpError when no answer came (after the transport retries)."""
-        try:
-            response = self._pool.request(
-                "POST", url, body=json.dumps(body, ensure_ascii=False).encode("utf-8"),
-                headers={"Content-Type": "application/json", "Accept": "application/json", **(headers or {})})
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise HttpError(describe_network_error(url, exc)) from None
-        text = response.data.decode("utf-8", "replace")
-        try:
-            parsed = json.loads(text) if text else {}
-        except ValueError:
-            parsed = {}
-        return HttpReply(status=response.status, body=parsed if isinstance(parsed, dict) else {},
-                         headers={k.lower(): v for k, v in response.headers.items()}, text=text)
-
-    def close(self) -> None:
-        self._pool.clear()
-
-
-def open_stream_connection(http: JsonHttp, endpoint: str, client_id: str, client_secret: str,
-                           ua: str = "dingtalk-codebuddy-bot/1.0") -> tuple[dict | None, str]:
-    """Ask the Stream gateway for a websocket endpoint and ticket: ({endpoint, ticket}, "") or (None, why not)."""
-    body = {"clientId": client_id, "clientSecret": client_secret,
-            "subscriptions": [{"type": "CALLBACK", "topic": BOT_TOPIC}], "ua": ua, "localIp": "127.0.0.1"}
-    url = endpoint.rstrip("/") + OPEN_CONNECTION_PATH
-    try:
-        reply = http.post_json(url, body)
-    except HttpError as exc:
-        return None, f"unreachable: {exc}"
-    endpoint_url, ticket = reply.body.get("endpoint"), reply.body.get("ticket")
-    if reply.status != 200 or not endpoint_url or not ticket:
-        return None, f"HTTP {reply.status} {reply.body.get('code') or reply.text[:200]} from {urlsplit(url).netloc}"
-    return {"endpoint": str(endpoint_url), "ticket": str(ticket)}, ""
-
-
 class DingTalkSender:
     """Sends text to a `Route`. Thread-safe; every call has timeouts and a bounded retry window."""
 
@@ -283,6 +171,8 @@ class DingTalkSender:
         self.tokens = AccessTokenProvider(self._http, self.endpoint, client_id, client_secret, clock=clock)
         self._stats_lock = threading.Lock()
         self.stats: dict[str, int] = {}
+        # The monthly call budget (api_budget.ApiBudget: record, limit_hit, push_allowed, take_limit_notice), if any.
+        self.meter: Any = None
 
     def stop(self) -> None:
         """Make retry waits give up at once (shutdown); undelivered results stay in the store."""
@@ -293,13 +183,16 @@ class DingTalkSender:
             self.stats[key] = self.stats.get(key, 0) + 1
 
     def record_metered(self, kind: str) -> None:
-        """Count one metered OpenAPI call of `kind` (download, media_upload, file_send): the monthly budget."""
+        """Count one attempt of a metered OpenAPI call (push, card call, file up/download) against the budget."""
         self._count(f"metered_{kind}")
+        if self.meter is not None:
+            self.meter.record(kind)
 
-    def call_openapi(self, path: str, body: dict, *, retry_window: float | None = None) -> dict:
-        """POST `body` to an OpenAPI `path` with the pushes' retries: the response body, or DeliveryError."""
+    def call_openapi(self, path: str, body: dict, *, kind: str = "", retry_window: float | None = None) -> dict:
+        """POST `body` to an OpenAPI `path` with the pushes' retries, each attempt a metered call of `kind`: the
+        response body, or DeliveryError."""
         window = self.retry_window if retry_window is None else min(self.retry_window, retry_window)
-        return self._push_with_retry(path, body, self._clock() + window)
+        return self._push_with_retry(path, body, self._clock() + window, kind)
 
     # -- the seam
 
@@ -317,6 +210,8 @@ class DingTalkSender:
     def reply_webhook(self, route: Route, text: str, *, markdown: bool = False,
                       title: str = "CodeBuddy") -> Delivery:
         """POST `text` to the route's session webhook; a non-zero errcode is a failure (docs/wire-facts.md §2)."""
+        why = self.meter.take_limit_notice() if self.meter is not None else ""
+        text = f"{text}\n\n{why}" if why else text  # once, after DingTalk refused a metered call for the month
         log.info("准备发送消息，长度: %d 字符 user=%s", len(text), route.user_id)
         for part in split_message(text, WEBHOOK_MAX_BYTES - 64, utf8_json_cost):
             if markdown:
@@ -345,6 +240,9 @@ class DingTalkSender:
             return Delivery(ok=False, path=path_name, error="group route without conversation id", permanent=True)
         if not route.is_group and not route.user_id:
             return Delivery(ok=False, path=path_name, error="1:1 route without staff id", permanent=True)
+        if self.meter is not None and self.meter.limited():
+            return Delivery(ok=False, path=path_name, error="monthly API quota used up (ApiCountLimitForOrg): "
+                            "webhook only until the month turns")
         msg_key = "sampleMarkdown" if markdown else "sampleText"
         overhead = utf8_json_cost(json.dumps({"title": title, "text": "", "content": ""}, ensure_ascii=False))
         # A caller's window (a notice's short one) never exceeds DELIVERY_RETRY_WINDOW.
@@ -377,14 +275,14 @@ class DingTalkSender:
 
     # -- OpenAPI with retries
 
-    def _push_with_retry(self, path: str, body: dict, deadline: float) -> dict:
+    def _push_with_retry(self, path: str, body: dict, deadline: float, kind: str = "") -> dict:
         """POST until delivered (the response body) or DeliveryError once retrying is over."""
         attempt = 0
         refreshed = False
         while True:
             attempt += 1
             try:
-                pending, response = self._post_openapi(path, body)
+                pending, response = self._post_openapi(path, body, kind)
                 if pending is None:
                     return response
                 body = {**body, "userIds": pending}  # only the throttled users are retried
@@ -406,10 +304,11 @@ class DingTalkSender:
             if self._stop.wait(delay):
                 raise DeliveryError(f"stopping: {error}", retryable=True)
 
-    def _post_openapi(self, path: str, body: dict) -> tuple[list[str] | None, dict]:
+    def _post_openapi(self, path: str, body: dict, kind: str = "") -> tuple[list[str] | None, dict]:
         """One POST: (None, the response body) when delivered, (the throttled user ids, …) when some must be
         retried (docs/wire-facts.md §3)."""
         token = self.tokens.get()
+        self.record_metered(kind or METERED_KINDS.get(path, path))
         try:
             reply = self._http.post_json(self.endpoint + path, body, {"x-acs-dingtalk-access-token": token})
         except HttpError as exc:
@@ -429,6 +328,8 @@ class DingTalkSender:
         if "ApiCountLimitForOrg" in code:
             # Not now, but not never: the quota resets monthly, so the outbox tries again later (with backoff).
             log.error("钉钉 API 月度调用额度已用完 (%s)，本次不再重试", code)
+            if self.meter is not None:
+                self.meter.limit_hit()
             raise DeliveryError(detail, retryable=False, permanent=False)
         if "QpsLimit" in code:
             raise DeliveryError(detail, retryable=True, retry_after=max(1.0, reply.retry_after or 1.0))

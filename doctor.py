@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -16,6 +18,7 @@ from typing import TextIO
 
 from dotenv import dotenv_values
 
+from api_budget import describe_month
 from cli_setup import INSTALL_FIX, choose_cli, login_state
 from codebuddy_client import CodeBuddyClient, sandbox_from_config
 from config import EXAMPLE_VALUES, SETTINGS, Config, ConfigError, mask_secret, read_config
@@ -29,6 +32,7 @@ from dingtalk_sender import (
 )
 from sqlite_files import store_writable
 from store_admin import check_postgres
+from task_store import SQLiteTaskStore, StoreError
 from task_store_pg import is_postgres_url, safe_url
 
 OK_MARK, FAIL_MARK = "✓", "✗"
@@ -94,6 +98,23 @@ def check_task_db(path: str) -> CheckResult:
         return CheckResult("task DB", ok, detail)
     ok, reason = store_writable(absolute)
     return CheckResult("task DB", ok, f"{absolute} is writable" if ok else f"not writable: {reason}")
+
+
+def api_budget_line(path: str, monthly_budget: int, now: float | None = None) -> str:
+    """This month's metered DingTalk calls (from the task DB) against DINGTALK_MONTHLY_CALL_BUDGET: information,
+    not a check (a spent budget is not a broken setup)."""
+    absolute = os.path.abspath(path)
+    if path == ":memory:" or not os.path.exists(absolute):
+        return f"· API budget: 0 of {monthly_budget} metered calls this month (no task DB yet)"
+    try:
+        store = SQLiteTaskStore(absolute, read_only=True)
+        try:
+            line = describe_month(store, monthly_budget, time.time() if now is None else now)
+        finally:
+            store.close()
+    except (StoreError, sqlite3.Error) as exc:
+        return f"· API budget: not counted yet ({type(exc).__name__}: {exc})"
+    return f"· API budget: {line}"
 
 
 def check_running_bot(port: int, timeout: float = 3.0) -> CheckResult | None:
@@ -273,6 +294,7 @@ def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", o
     print(f"· warm sessions: up to {config.warm_sessions} CLI processes kept, ended after "
           f"{config.warm_idle_seconds:.0f} s idle; {approvals}"
           + ("" if config.status_port is not None else " (STATUS_PORT shows the live processes here)"), file=out)
+    print(api_budget_line(config.task_db, config.monthly_call_budget), file=out)
     if config.status_port is not None:
         running = check_running_bot(config.status_port)
         if running is None:

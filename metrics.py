@@ -172,6 +172,7 @@ def render_metrics(sources: StatusSources) -> str:
                "Deliveries that failed on a path (a failed webhook reply then falls back to a push).")
     for path in DELIVERY_PATHS:
         out.sample("dingtalk_bot_delivery_failures_total", sent.get(f"{path}_failed", 0), {"path": path})
+    render_api_budget(out, getattr(sources.sender, "meter", None))
     out.family("dingtalk_bot_token_fetches_total", "counter", "Access tokens fetched from DingTalk.")
     out.sample("dingtalk_bot_token_fetches_total", sources.sender.tokens.fetches)
     out.family("dingtalk_bot_stream_connected", "gauge", "1 while the DingTalk Stream websocket is connected.")
@@ -179,3 +180,21 @@ def render_metrics(sources: StatusSources) -> str:
     out.family("dingtalk_bot_stream_reconnects_total", "counter", "DingTalk Stream reconnect attempts.")
     out.sample("dingtalk_bot_stream_reconnects_total", sources.stream.reconnects)
     return out.text()
+
+
+def render_api_budget(out: Exposition, meter: Any) -> None:
+    """The month's metered DingTalk calls against DINGTALK_MONTHLY_CALL_BUDGET (api_budget.py), if counted."""
+    if meter is None:
+        return
+    month = meter.snapshot()
+    out.family("dingtalk_bot_api_calls_month", "gauge", "Metered DingTalk OpenAPI calls counted this calendar month "
+               "(the count survives restarts).")
+    out.sample("dingtalk_bot_api_calls_month", month["spent"], {"month": month["month"]})
+    out.family("dingtalk_bot_api_call_budget", "gauge", "DINGTALK_MONTHLY_CALL_BUDGET.")
+    out.sample("dingtalk_bot_api_call_budget", month["budget"])
+    out.family("dingtalk_bot_api_quota_exhausted", "gauge", "1 while DingTalk refuses metered calls this month "
+               "(ApiCountLimitForOrg): results go by session webhook only.")
+    out.sample("dingtalk_bot_api_quota_exhausted", 1 if month["limited"] else 0)
+    out.family("dingtalk_bot_api_calls_total", "counter", "Metered DingTalk calls since start, by kind.")
+    for kind, count in sorted(month["by_kind"].items()):
+        out.sample("dingtalk_bot_api_calls_total", count, {"kind": kind})

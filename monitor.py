@@ -73,9 +73,10 @@ class Monitor:
                 self.promote_to_background(task)
             for task in progress:
                 self.board.transition(task, last_progress_at=now)
-        for task in progress:
-            self.outbox.notice(task.route, task_texts.progress_note(task, now), task_id=task.id,
-                               allow_webhook=False)
+        for task in progress:  # on the task's AI card when it has one; else a message (webhook first)
+            note = task_texts.progress_note(task, now)
+            if self.outbox.cards is None or not self.outbox.cards.progress(task, note):
+                self.outbox.notice(task.route, note, task_id=task.id)
         for task, watchers in self.board.overdue_cancels(now, self.cancel_confirm_wait):
             for watcher in watchers:
                 watcher(task, False)

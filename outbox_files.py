@@ -325,9 +325,8 @@ class OutboxFiles:
             body["openConversationId"] = route.conversation_id
         else:
             body["userIds"] = [route.user_id]
-        self.sender.record_metered("file_send")
-        try:
-            self.sender.call_openapi(GROUP_SEND_PATH if route.is_group else BATCH_SEND_PATH, body,
+        try:  # each attempt is a metered call
+            self.sender.call_openapi(GROUP_SEND_PATH if route.is_group else BATCH_SEND_PATH, body, kind="file_send",
                                      retry_window=self.retry_window)
         except DeliveryError as exc:
             raise FileSendError(f"{route.push_path}: {str(exc).replace(media_id, media_id[:6] + '…')}") from None

@@ -9,11 +9,17 @@ import task_texts
 from delivery import Outbox
 from logs import task_log
 from seams import Client
-from task import ACTIVE_STATUSES, CANCELLED, FINISHED_STATUSES, QUEUED
+from task import ACTIVE_STATUSES, CANCELLED, FINISHED_STATUSES, QUEUED, Task
 from task_board import TaskBoard
 from task_store import TaskStore
 
 log = logging.getLogger("async_task_manager")
+
+
+def _end_orphan_card(outbox: Outbox, task: Task) -> None:
+    """A run cut off by a crash or restart may have left its AI card streaming: end it ("上一次回复处理中断")."""
+    if outbox.cards is not None:
+        outbox.cards.end_orphan(task)
 
 
 def recover(store: TaskStore, board: TaskBoard, outbox: Outbox, client: Client, only: set[str] | None = None) -> None:
@@ -25,18 +31,20 @@ def recover(store: TaskStore, board: TaskBoard, outbox: Outbox, client: Client, 
         with board.lock:
             board.adopt(task)
             task.background = True
+        _end_orphan_card(outbox, task)
         task_log(log, task).info("重新推送未送达的任务结果: %s", task.id)
         outbox.deliver_later(task)
     for task in [t for t in store.load(ACTIVE_STATUSES) if only is None or t.id in only]:  # issue 16
         board.adopt(task)
         tlog = task_log(log, task)
+        _end_orphan_card(outbox, task)
         leftovers = client.kill_leftovers(task.id)
         if leftovers:
             tlog.warning("已结束上次运行遗留的 %d 个 CLI 进程", leftovers)
         if task.cancel_requested:  # the user's cancel is final: never re-run
             board.fail(task.id, "已被用户取消", status=CANCELLED)
             board.mark_delivered(task)
-            outbox.notice(task.route, task_texts.cancelled(task), task_id=task.id, allow_webhook=False)
+            outbox.notice(task.route, task_texts.cancelled(task), task_id=task.id)
             continue
         if task.attempts >= 2:
             board.fail(task.id, "任务在重新执行时再次中断")
@@ -46,7 +54,7 @@ def recover(store: TaskStore, board: TaskBoard, outbox: Outbox, client: Client, 
         interrupted = task.started_at is not None  # it had started; otherwise it was still waiting
         board.transition(task, status=QUEUED, background=True)
         with board.lock:
-            outbox.acknowledge(task, task_texts.restarted(task, interrupted), allow_webhook=False)
+            outbox.acknowledge(task, task_texts.restarted(task, interrupted))
             board.enqueue(task)
         if interrupted:
             tlog.info("任务 %s 上次运行被中断，重新执行", task.id)

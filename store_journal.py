@@ -69,6 +69,7 @@ class _Journal:
         self.tasks: dict[str, tuple[int, Task]] = {}  # the latest save of each task
         self.durations: list[_Entry] = []
         self.sessions: dict[str, tuple[int, str]] = {}
+        self.api_calls: list[_Entry] = []
 
     def add(self, method: str, args: tuple) -> None:
         self.last += 1
@@ -80,6 +81,8 @@ class _Journal:
             self.durations.append(entry)
         elif method == "set_session":
             self.sessions[args[0]] = (entry.seq, args[1])
+        elif method == "add_api_calls":
+            self.api_calls.append(entry)
 
     def to_write(self) -> list[_Entry]:
         """The entries, several saves of a task coalesced (which also keeps a long outage's memory small)."""
@@ -96,6 +99,7 @@ class _Journal:
         self.tasks = {k: v for k, v in self.tasks.items() if v[0] > done}
         self.durations = [e for e in self.durations if e.seq > done]
         self.sessions = {k: v for k, v in self.sessions.items() if v[0] > done}
+        self.api_calls = [e for e in self.api_calls if e.seq > done]
 
     def durations_of(self, keyword: str, user_id: str | None) -> list[float]:
         """The pending durations of a keyword class (and user), newest first."""
@@ -119,8 +123,7 @@ class _BudgetCounters:
     def api_calls(self, month: str) -> int:
         """The month's API calls: the DB's counter plus the adds not yet written."""
         with self._lock:
-            pending = sum(e.args[1] for e in self._journal.entries
-                          if e.method == "add_api_calls" and e.args[0] == month)
+            pending = sum(e.args[1] for e in self._journal.api_calls if e.args[0] == month)
         return pending + self._read(lambda: self._backend.api_calls(month), 0)
 
 

@@ -77,10 +77,18 @@ class Workers:
         if task.background:
             tlog.info("后台任务开始执行: %s", task.id)
         session = self.session_for(task.conversation_key)
+        cards = self.outbox.cards  # AI cards (cards.py) when on: the answer streams into the task's card
+        card = cards.open(task) if cards is not None else None
+
+        def on_step(step: str) -> None:
+            self.board.transition(task, last_step=step)
+            if card is not None:
+                cards.step(task.id, step)
+
         result = self.client.run(task.prompt, conversation=task.conversation_key, session_id=session,
                                  timeout=self.task_timeout,
-                                 cancel_event=running.cancel_event, run_tag=task.id,
-                                 on_step=lambda step: self.board.transition(task, last_step=step),
+                                 cancel_event=running.cancel_event, run_tag=task.id, on_step=on_step,
+                                 on_text=(lambda text: cards.text(task.id, text)) if card is not None else None,
                                  ask=lambda request: self._ask(task, running, request))
         with self.board.lock:  # the outcome is decided once, against a cancel arriving at the same moment
             if result.cancelled and running.by_shutdown and not task.cancel_requested:
@@ -93,6 +101,8 @@ class Workers:
             elif result.cancelled:
                 self.board.fail(task.id, "已被用户取消", status=CANCELLED)
                 self.board.mark_delivered(task)  # the cancel's confirmation tells the user, not a result
+                if card is not None:
+                    cards.end(task, "已取消")
                 return
             elif result.timed_out:
                 self.board.fail(task.id, result.error, status=TIMED_OUT, duration=result.duration)

@@ -254,3 +254,12 @@ def real_bot(make_bot, model_server):
         return make_bot(**env)
 
     return factory
+
+
+def send_pushed(standin: DingTalkStandin, text: str, **fields):
+    """Send a background prompt whose result must be pushed: results go by the session webhook while it lives, so
+    it is expired once the acknowledgement went through it (the fake CLI sleeps a second first)."""
+    sent = standin.send_bot_message(text + " [sleep=1]", **fields)
+    standin.wait_for(lambda: standin.webhook_posts(sent.session))
+    standin.expire_webhook(sent.session)
+    return sent

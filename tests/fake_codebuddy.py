@@ -2,10 +2,11 @@
 """A fake `codebuddy` CLI for tests: `-p --output-format stream-json`, driven by prompt directives.
 
 Directives anywhere in the prompt (combinable): [sleep=N] [spawn] [spawn-session] [fail] [error] [crash] [noresult]
-[big=N] [echo-env] [ignore-term] [tool=NAME:COMMAND] (asks can_use_tool, runs COMMAND with sh if allowed) [ask=QUESTION]
-(AskUserQuestion). With `--input-format stream-json` it stays alive and takes one user message per stdin line (a turn
-each, echoed with --replay-user-messages), answers `initialize` and `interrupt` (the interrupted turn writes no
-result, and a running tool command is left to the bot, the worst case), and sends can_use_tool requests.
+[big=N] [echo-env] [ignore-term] [stream=N] (the answer in five assistant messages over N seconds, a Bash step
+mid-way) [tool=NAME:COMMAND] (asks can_use_tool, runs COMMAND with sh if allowed) [ask=QUESTION] (AskUserQuestion).
+With `--input-format stream-json` it stays alive and takes one user message per stdin line (a turn each, echoed with
+--replay-user-messages), answers `initialize` and `interrupt` (the interrupted turn writes no result, and a running
+tool command is left to the bot, the worst case), and sends can_use_tool requests.
 Environment (CODEBUDDY_* like the real CLI's own variables, so the bot's
 environment allowlist hands them on): CODEBUDDY_FAKE_LOG (append one JSON line per run; default
 $HOME/.fake-codebuddy/runs.jsonl, which is inside the run's sandbox), CODEBUDDY_FAKE_PIDS (pids of [spawn]
@@ -413,6 +414,19 @@ def run_prompt(prompt: str, argv: list[str], flags: dict[str, Any], write: Any, 
         tools_said.append(said)
 
     write_outbox(prompt)
+    streamed: list[str] = []  # [stream=N]: the answer written in five assistant messages over N seconds
+    stream_match = re.search(r"\[stream=([0-9]*\.?[0-9]+)\]", prompt)
+    for number in range(1, 6) if stream_match else ():
+        time.sleep(float(stream_match.group(1)) / 5)
+        if turn is not None and turn.interrupted.is_set():
+            return INTERRUPTED
+        if number == 3:
+            step = {"type": "tool_use", "id": f"toolu_{number}", "name": "Bash", "input": {"command": "ls"}}
+            out({"type": "assistant", "session_id": session_id, "message": {"role": "assistant", "content": [step]}})
+        streamed.append(f"第{number}段: " + prompt.replace("[", "(").replace("]", ")"))
+        out({"type": "assistant", "session_id": session_id, "message": {
+            "role": "assistant", "content": [{"type": "text", "text": streamed[-1]}]}})
+
     if "[crash]" in prompt:
         sys.stderr.write("Traceback: boom\n")
         sys.stderr.flush()
@@ -426,7 +440,9 @@ def run_prompt(prompt: str, argv: list[str], flags: dict[str, Any], write: Any, 
                   "errors": [FAIL_ERROR]}
     else:
         big = re.search(r"\[big=(\d+)\]", prompt)
-        if big:
+        if streamed:
+            text = "\n\n".join(streamed)
+        elif big:
             text = big_text(int(big.group(1)))
         else:
             text = "回答: " + prompt
@@ -442,8 +458,9 @@ def run_prompt(prompt: str, argv: list[str], flags: dict[str, Any], write: Any, 
                 out({"type": "stream_event", "session_id": session_id, "event": {
                     "type": "content_block_delta", "index": 0,
                     "delta": {"type": "text_delta", "text": text[i:i + 200]}}})
-        out({"type": "assistant", "session_id": session_id, "message": {
-            "role": "assistant", "model": model, "content": [{"type": "text", "text": text}]}})
+        if not streamed:
+            out({"type": "assistant", "session_id": session_id, "message": {
+                "role": "assistant", "model": model, "content": [{"type": "text", "text": text}]}})
         result = {"type": "result", "subtype": "success", "is_error": False, "result": text}
     result.update({"session_id": session_id, "duration_ms": duration_ms, "num_turns": 1,
                    "total_cost_usd": 0, "usage": {}})

@@ -252,6 +252,10 @@ class DingTalkStandin:
         self._port = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.files = FileRoutes(self)  # pictures and files (tests/standin_files.py)
+        # Hooks for stand-in extensions (tests/standin_cards.py): more routes by (method, path), and a gate every
+        # OpenAPI request passes first (the monthly quota): it returns an error response, or None to go on.
+        self.extra_routes: dict[tuple[str, str], Callable[..., Any]] = {}
+        self.gate: Callable[[str], tuple[int, dict[str, Any]] | None] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -744,8 +748,12 @@ class DingTalkStandin:
             GROUP_SEND_PATH: self._group_send,
             WEBHOOK_PATH: self._webhook,
         }
-        route = routes.get(request.path)
-        if route is None or request.method != "POST":
+        route = self.extra_routes.get((request.method, request.path)) or (
+            routes.get(request.path) if request.method == "POST" else None)
+        refused = self.gate(request.path) if self.gate is not None and route is not None else None
+        if refused is not None:
+            status, response = refused
+        elif route is None:
             status, response = 404, {"code": "NotFound", "message": f"no route {request.method} {request.path}"}
         elif not isinstance(body, dict):
             status, response = 400, {"code": "InvalidParameter", "message": "body must be a JSON object"}

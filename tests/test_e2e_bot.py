@@ -36,8 +36,9 @@ def test_short_prompt_is_acknowledged_then_answered_through_the_webhook(standin,
 
 def test_long_prompt_runs_in_background_and_is_pushed_with_the_token_header(standin, make_bot):
     bot = make_bot()
-    sent = standin.send_bot_message("请生成报告: Q3 销售 [sleep=0.5]", sender_staff_id="u2")
+    sent = standin.send_bot_message("请生成报告: Q3 销售 [sleep=1.5]", sender_staff_id="u2")
     ack = standin.wait_for(lambda: standin.webhook_posts(sent.session))[0]
+    standin.expire_webhook(sent.session)  # a live webhook would carry the result (free); expired: pushed
     assert "后台" in ack.text and "任务ID" in ack.text and "2-5 分钟" in ack.text
     push = standin.wait_for(lambda: standin.batch_sends())[0]
     assert push.user_ids == ["u2"] and push.msg_key == "sampleMarkdown"
@@ -51,7 +52,9 @@ def test_long_prompt_runs_in_background_and_is_pushed_with_the_token_header(stan
 
 def test_group_long_prompt_is_pushed_to_the_group_not_the_sender(standin, make_bot):
     make_bot()
-    sent = standin.send_bot_message("竞品分析: A vs B", sender_staff_id="u3", conversation_type="2")
+    sent = standin.send_bot_message("竞品分析: A vs B [sleep=1.5]", sender_staff_id="u3", conversation_type="2")
+    standin.wait_for(lambda: standin.webhook_posts(sent.session))
+    standin.expire_webhook(sent.session)
     push = standin.wait_for(lambda: standin.group_sends())[0]
     assert push.open_conversation_id == sent.payload["conversationId"]
     assert "回答:" in push.msg_param["text"] and "竞品分析" in push.msg_param["text"]
@@ -63,6 +66,7 @@ def test_short_prompt_past_sync_timeout_is_promoted_and_pushed(standin, make_bot
     sent = standin.send_bot_message("写个小脚本 [sleep=2.5]", sender_staff_id="u4")
     posts = replies(standin, sent, 2)
     assert "已转入后台继续执行" in posts[1]
+    standin.expire_webhook(sent.session)
     push = standin.wait_for(lambda: standin.batch_sends())[0]
     assert "回答: 写个小脚本" in push.msg_param["text"]
     assert len(standin.webhook_posts(sent.session)) == 2
@@ -140,7 +144,7 @@ def test_non_text_messages_get_a_clear_reply_and_audio_uses_recognition(standin,
 def test_thirty_messages_share_one_token_fetch(standin, make_bot):
     make_bot(MAX_WORKERS="4")
     for number in range(30):
-        standin.send_bot_message(f"生成报告 {number}", sender_staff_id=f"user{number % 5}")
+        standin.send_bot_message(f"生成报告 {number}", sender_staff_id=f"user{number % 5}", webhook_ttl_ms=1000)
     standin.wait_for(lambda: len(standin.batch_sends()) >= 30, timeout=60)
     assert standin.token_fetches == 1
 
@@ -160,7 +164,7 @@ def test_burst_is_acknowledged_while_workers_are_busy(standin, make_bot):
 
 def test_log_holds_phrases_but_never_the_secret_or_a_token(standin, make_bot):
     bot = make_bot()
-    standin.send_bot_message("生成报告 [error]", sender_staff_id="u11")
+    standin.send_bot_message("生成报告 [error]", sender_staff_id="u11", webhook_ttl_ms=1000)
     standin.wait_for(lambda: standin.batch_sends())
     bot.wait_log("任务结果已推送")
     assert bot.terminate() == 0

@@ -93,8 +93,8 @@ def test_the_log_has_every_seed_phrase_with_task_and_user(standin, make_bot):
     bot = make_bot()
     short = standin.send_bot_message("你好", sender_staff_id="u1")
     short_id = _task_id(replies(standin, short, 2)[0])
-    standin.send_bot_message("生成报告: 私聊", sender_staff_id="u2")
-    standin.send_bot_message("生成报告: 群里", sender_staff_id="u3", conversation_type="2")
+    standin.send_bot_message("生成报告: 私聊", sender_staff_id="u2", webhook_ttl_ms=1000)  # expired: pushed
+    standin.send_bot_message("生成报告: 群里", sender_staff_id="u3", conversation_type="2", webhook_ttl_ms=1000)
     standin.wait_for(lambda: standin.batch_sends() and standin.group_sends())
     bot.wait_log(r"任务结果已推送", count=2)
     assert bot.terminate() == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLIENT_SECRET, cli_runs, process_alive, replies, run_alive, wait_for_process
+from tests.conftest import CLIENT_SECRET, cli_runs, process_alive, replies, run_alive, send_pushed, wait_for_process
 from tests.standin import BATCH_SEND_PATH, BOT_TOPIC, GROUP_SEND_PATH, OPEN_PATH
 
 pytestmark = pytest.mark.e2e
@@ -20,6 +20,11 @@ pytestmark = pytest.mark.e2e
 def _push_texts(standin) -> list[str]:
     return [r.msg_param.get("text") or r.msg_param.get("content") or ""
             for r in standin.batch_sends() + standin.group_sends()]
+
+
+def _messages(standin) -> list[str]:
+    """Every message that reached a user: webhook replies (results go there while the webhook lives) and pushes."""
+    return [r.text or "" for r in standin.webhook_posts()] + _push_texts(standin)
 
 
 # ---------------------------------------------------------------- delivery
@@ -34,7 +39,7 @@ def _push_texts(standin) -> list[str]:
 def test_push_is_retried_until_delivered(standin, make_bot, status, body, headers):
     make_bot()
     standin.fail_next(BATCH_SEND_PATH, status=status, body=body, headers=headers, times=4)
-    standin.send_bot_message("生成报告 重试", sender_staff_id="u1")
+    send_pushed(standin, "生成报告 重试", sender_staff_id="u1")
     standin.wait_for(lambda: standin.batch_sends(), timeout=30)
     faulted = [r for r in standin.requests if r.path == BATCH_SEND_PATH and r.faulted]
     assert len(faulted) == 4 and len(standin.batch_sends()) == 1
@@ -46,7 +51,7 @@ def test_push_is_retried_until_delivered(standin, make_bot, status, body, header
 def test_flow_controlled_user_is_retried_alone(standin, make_bot):
     make_bot()
     standin.flow_control_next("u1", times=2)
-    standin.send_bot_message("生成报告 限流", sender_staff_id="u1")
+    send_pushed(standin, "生成报告 限流", sender_staff_id="u1")
     delivered = standin.wait_for(lambda: [r for r in standin.batch_sends() if "u1" in r.delivered_user_ids],
                                  timeout=20)
     assert len(delivered) == 1
@@ -58,7 +63,7 @@ def test_monthly_quota_is_not_retried_at_once_and_logged_loudly(standin, make_bo
     bot = make_bot()
     standin.fail_next(BATCH_SEND_PATH, status=403, times=50,
                       body={"code": "Forbidden.AccessDenied.ApiCountLimitForOrg", "message": "quota"})
-    standin.send_bot_message("生成报告 额度", sender_staff_id="u1")
+    send_pushed(standin, "生成报告 额度", sender_staff_id="u1")
     bot.wait_log("月度调用额度已用完")
     bot.wait_log(r"结果发送失败 \(60 秒后重试\)")  # later, with backoff: the quota resets monthly
     time.sleep(1)
@@ -69,17 +74,17 @@ def test_parameter_error_is_not_retried(standin, make_bot):
     bot = make_bot()
     standin.fail_next(BATCH_SEND_PATH, status=400, times=50,
                       body={"code": "invalidParameter.msgParam.invalid", "message": "bad"})
-    standin.send_bot_message("生成报告 参数", sender_staff_id="u1")
+    send_pushed(standin, "生成报告 参数", sender_staff_id="u1")
     bot.wait_log(r"结果发送失败 \(不再重试，已放弃: 钉钉拒绝且无法重试\).*invalidParameter")
     assert len([r for r in standin.requests if r.path == BATCH_SEND_PATH]) == 1
 
 
 def test_expired_token_is_refreshed_once_and_the_push_retried(standin, make_bot):
     make_bot()
-    standin.send_bot_message("生成报告 一", sender_staff_id="u1")
+    send_pushed(standin, "生成报告 一", sender_staff_id="u1")
     standin.wait_for(lambda: len(standin.batch_sends()) == 1)
     standin.invalidate_tokens()
-    standin.send_bot_message("生成报告 二", sender_staff_id="u1", conversation_type="2")
+    send_pushed(standin, "生成报告 二", sender_staff_id="u1", conversation_type="2")
     standin.wait_for(lambda: standin.group_sends())
     rejected = [r for r in standin.requests if r.path == GROUP_SEND_PATH and r.status == 401]
     assert len(rejected) == 1 and standin.token_fetches == 2
@@ -96,7 +101,7 @@ def test_webhook_errors_fall_back_to_push(standin, make_bot):
 
 def test_long_answer_is_split_with_code_fences_kept_intact(standin, make_bot):
     make_bot()
-    standin.send_bot_message("生成报告 [big=40000]", sender_staff_id="u1")
+    send_pushed(standin, "生成报告 [big=40000]", sender_staff_id="u1")
     pushes = standin.wait_for(lambda: len(standin.batch_sends()) >= 3 and standin.batch_sends(), timeout=20)
     time.sleep(0.5)
     parts = [r.msg_param["text"] for r in standin.batch_sends()]
@@ -175,9 +180,9 @@ def test_sigterm_stops_a_long_task_and_the_next_start_reruns_it(standin, make_bo
     assert bot.terminate(timeout=15) == 0
     assert time.monotonic() - started < 1 + 5
     assert not process_alive(child) and not run_alive(cli_runs(tmp_path)[0])
-    assert not [t for t in _push_texts(standin) if task_id in t]  # nobody was told anything false
+    assert not [t for t in _messages(standin) if task_id in t and not t.startswith("收到任务")]  # nothing false
     make_bot()
-    answer = standin.wait_for(lambda: [t for t in _push_texts(standin) if "回答: 生成报告 停机" in t], timeout=20)
+    answer = standin.wait_for(lambda: [t for t in _messages(standin) if "回答: 生成报告 停机" in t], timeout=20)
     assert len(answer) == 1
 
 
@@ -380,7 +385,7 @@ def test_tasks_queued_at_shutdown_run_after_the_restart(standin, make_bot):
     assert "排队中" in replies(standin, waiting, 1)[0]
     assert bot.terminate(timeout=15) == 0
     make_bot(MAX_WORKERS="1")
-    texts = standin.wait_for(lambda: (t := _push_texts(standin)) and any("回答: 排着队" in x for x in t) and t,
+    texts = standin.wait_for(lambda: (t := _messages(standin)) and any("回答: 排着队" in x for x in t) and t,
                              timeout=30)
     assert any(x.startswith("机器人已重启，你的任务继续排队执行") for x in texts)
     assert any(x.startswith("上次运行被中断，正在重新执行") for x in texts)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import doctor
+from tests.conftest import send_pushed
 from tests.standin import BATCH_SEND_PATH
 
 pytestmark = pytest.mark.e2e
@@ -99,7 +100,7 @@ def test_store_locked_by_another_process_for_15_s_loses_no_message(standin, make
         assert locker.stdout.readline() == b"locked\n"
         started = time.monotonic()
         messages = _send_during_fault(standin, "lock")
-        background = standin.send_bot_message("生成报告 锁住的时候", sender_staff_id="bg")
+        background = send_pushed(standin, "生成报告 锁住的时候", sender_staff_id="bg")
         _each_answered_once(standin, [*messages, during_run], timeout=14)
         standin.wait_for(lambda: [r for r in standin.batch_sends() if "bg" in r.user_ids], timeout=14)
         assert standin.webhook_posts(background.session)  # its acknowledgement
@@ -116,7 +117,8 @@ def test_store_locked_by_another_process_for_15_s_loses_no_message(standin, make
     assert len(_lines(bot, OUTAGE_START)) == 1 and len(_lines(bot, OUTAGE_END)) == 1
     assert _healthz(port)[1]["status"] == "ok"
     rows = _rows(db)
-    for prompt in ["[sleep=3] 跨越故障的任务", "生成报告 锁住的时候", *(f"你好 lock {n}" for n in range(3))]:
+    background_prompt = "生成报告 锁住的时候 [sleep=1]"
+    for prompt in ["[sleep=3] 跨越故障的任务", background_prompt, *(f"你好 lock {n}" for n in range(3))]:
         assert rows[prompt]["status"] == "succeeded" and rows[prompt]["delivered"] == 1, dict(rows[prompt])
     assert len([r for r in standin.batch_sends() if "bg" in r.user_ids]) == 1
     # And the bot goes on as before.
@@ -193,7 +195,7 @@ def test_start_up_fault_is_one_line_and_exit_2(make_bot, tmp_path, fault):
 def test_permanently_refused_push_is_given_up_shown_and_never_pushed_again(standin, make_bot):
     standin.mark_invalid_staff("gone")
     bot = make_bot()
-    sent = standin.send_bot_message("生成报告 送不到", sender_staff_id="gone")
+    sent = send_pushed(standin, "生成报告 送不到", sender_staff_id="gone")
     line = bot.wait_log("已放弃", timeout=20)[0]
     task_id = line.split("task=")[1].split()[0]
     status = standin.send_bot_message(f"/status {task_id}", sender_staff_id="gone")
@@ -214,12 +216,12 @@ def test_failing_push_is_retried_while_running_then_given_up(standin, make_bot):
     bot = make_bot(DELIVERY_RETRY_WINDOW="1", DELIVERY_GIVE_UP_HOURS="0.003", STATUS_PORT=str(port))  # 10.8 s
     # First: DingTalk is down for a few seconds, past one retry window; the result arrives without a restart.
     standin.fail_next(BATCH_SEND_PATH, status=503, body={"code": "ServiceUnavailable"}, times=4)
-    standin.send_bot_message("生成报告 稍后送达", sender_staff_id="late")
+    send_pushed(standin, "生成报告 稍后送达", sender_staff_id="late")
     standin.wait_for(lambda: [r for r in standin.batch_sends() if "late" in r.user_ids], timeout=30)
     assert bot.wait_log("秒后重试")
     # Then: it never comes back; the result is given up after DELIVERY_GIVE_UP_HOURS.
     standin.fail_next(BATCH_SEND_PATH, status=503, body={"code": "ServiceUnavailable"}, times=10_000)
-    standin.send_bot_message("生成报告 永远送不到", sender_staff_id="never")
+    send_pushed(standin, "生成报告 永远送不到", sender_staff_id="never")
     bot.wait_log("秒后重试.*task=", count=2, timeout=15)
     code, body = _healthz(port)
     assert code == 200 and body["status"] == "degraded" and "waiting for another delivery" in body["reasons"][-1]

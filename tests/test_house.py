@@ -81,6 +81,7 @@ def test_the_spine_imports_one_way():
     assert graph["warm_pool"] <= {"warm_sessions"} and graph["warm_sessions"] <= {"process_tree"}
     assert not graph["process_tree"]
     assert graph["cli_setup"] <= {"config"}
-    assert graph["dingtalk_sender"] <= {"config", "message_parts"} and not graph["message_parts"]
+    assert graph["dingtalk_sender"] <= {"config", "message_parts", "dingtalk_http"} and not graph["message_parts"]
+    assert graph["dingtalk_http"] <= {"config"}
     assert "bot" not in set().union(*graph.values())  # nothing imports the entry point
     assert "chat" not in graph["async_task_manager"]  # the task logic never sees the chat app

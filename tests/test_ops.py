@@ -30,11 +30,12 @@ import metrics
 import status_server
 import systemd_notify
 import task_table
+from api_budget import month_of
 from codebuddy_client import RunResult
 from dingtalk_sender import Route
 from task import Task
 from task_store import MemoryTaskStore, SQLiteTaskStore, StoreHealth
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT, cli_runs, fake_cli_env, run_alive
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT, cli_runs, fake_cli_env, run_alive, send_pushed
 
 BOT = str(ROOT / "bot.py")
 
@@ -98,6 +99,7 @@ def test_check_passes_with_good_credentials_and_masks_the_secret(tmp_path, stand
     assert "2.163.0 (fake)" in result.stdout
     assert "· warm sessions: up to 4 CLI processes kept, ended after 600 s idle; tools the mode does not allow are " \
            "asked of the sender (300 s to answer)" in result.stdout
+    assert "· API budget: 0 of 5000 metered calls this month (no task DB yet)" in result.stdout  # not a check
     assert re.search(r"DINGTALK_CLIENT_ID\s+test-client-id\s+\[environment\]", result.stdout)
     assert re.search(r"SYNC_TIMEOUT\s+60.0\s+\[default\]", result.stdout)
     assert CLIENT_SECRET not in result.stdout + result.stderr
@@ -244,7 +246,8 @@ def test_console_answers_short_and_long_prompts_status_and_cancel(tmp_path):
 
         console.say("请生成报告: Q3 销售 [sleep=0.3]")
         long_id = console.wait_for(r"已转入后台执行 \(任务ID: (\w+)\)").group(1)
-        console.wait_for(rf'^\[bot · push batchSend · markdown "CodeBuddy 回复"\] \*\*任务 {long_id} 已完成\*\*')
+        # A background result goes by the webhook while it lives (free), like the real sender's.
+        console.wait_for(rf'^\[bot · webhook · markdown "CodeBuddy 回复"\] \*\*任务 {long_id} 已完成\*\*')
 
         console.say("/status")
         console.wait_for(rf"^\[bot · webhook\] 任务 {long_id}: 已完成")
@@ -270,14 +273,14 @@ def test_console_answers_short_and_long_prompts_status_and_cancel(tmp_path):
     assert not run_alive(cli_runs(tmp_path)[2])
     assert "> 你好" in console.text and "> /cancel" in console.text
     log = (tmp_path / "logs" / "bot.log").read_text(encoding="utf-8")
-    assert "检测到长时间任务" in log and "任务结果已推送" in log
+    assert "检测到长时间任务" in log and "任务结果已回复" in log
 
 
 def test_console_end_of_input_waits_for_running_tasks(tmp_path):
     result = subprocess.run([sys.executable, BOT, "console", "--user", "alice"], cwd=tmp_path, env=_env(tmp_path),
                             input="生成报告 [sleep=1]\n/tasks\n", capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"\[bot · push batchSend · markdown \"CodeBuddy 回复\"\] \*\*任务 \w+ 已完成\*\*", result.stdout)
+    assert re.search(r"\[bot · webhook · markdown \"CodeBuddy 回复\"\] \*\*任务 \w+ 已完成\*\*", result.stdout)
     assert "最近的任务" in result.stdout
     assert cli_runs(tmp_path)[0]["prompt"] == "生成报告 [sleep=1]"
 
@@ -421,7 +424,7 @@ def test_status_port_serves_healthz_and_metrics(standin, make_bot):
 
     short = standin.send_bot_message("你好", sender_staff_id="u1")
     standin.wait_for(lambda: len(standin.webhook_posts(short.session)) >= 2)
-    standin.send_bot_message("生成报告: 本周", sender_staff_id="u2")
+    send_pushed(standin, "生成报告: 本周", sender_staff_id="u2")
     standin.wait_for(lambda: standin.batch_sends())
     bot.wait_log("任务结果已推送")
     again = standin.send_bot_message("再问一次", sender_staff_id="u1")
@@ -434,6 +437,10 @@ def test_status_port_serves_healthz_and_metrics(standin, make_bot):
     assert _value(samples, "dingtalk_bot_deliveries_total", path="batchSend") == 1
     assert _value(samples, "dingtalk_bot_delivery_failures_total", path="group") == 0
     assert _value(samples, "dingtalk_bot_token_fetches_total") == 1
+    assert _value(samples, "dingtalk_bot_api_calls_total", kind="batchSend") == 1  # the month's budget
+    assert _value(samples, "dingtalk_bot_api_calls_month", month=month_of(time.time())) == 1
+    assert _value(samples, "dingtalk_bot_api_call_budget") == 5000
+    assert _value(samples, "dingtalk_bot_api_quota_exhausted") == 0
     assert _value(samples, "dingtalk_bot_tasks", status="succeeded") == 3
     assert _value(samples, "dingtalk_bot_queue_length") == 0
     assert _value(samples, "dingtalk_bot_running_tasks") == 0

@@ -63,6 +63,7 @@ def test_long_task_answer_is_pushed_through_batch_send(standin, real_bot, model_
     sent = standin.send_bot_message("生成报告: 本周项目进展", sender_staff_id="rc-long")
     ack = standin.wait_for(lambda: standin.webhook_posts(sent.session))[0]
     assert "后台" in ack.text and "任务ID" in ack.text
+    standin.expire_webhook(sent.session)  # while it lives the result goes by the webhook (free); expired: pushed
     push = standin.wait_for(lambda: standin.batch_sends(), timeout=CLI_START_TIMEOUT)[0]
     assert push.user_ids == ["rc-long"] and push.msg_key == "sampleMarkdown"
     assert "回答: 生成报告: 本周项目进展 (turn 1)" in push.msg_param["text"]

@@ -22,6 +22,8 @@ log = logging.getLogger("async_task_manager")
 
 CancelWatcher = Callable[[Task, bool], None]  # (task, stopped): stopped False = still exiting after the wait
 
+ADMIT_WRITE_WAIT = 2.0  # seconds admission waits for the journal's earlier writes (issue 16)
+
 # The seed's name for a running task in the 状态更新 line, which operators grep for.
 LOGGED_STATUS = {RUNNING: "processing"}
 
@@ -201,10 +203,18 @@ class TaskBoard:
     def _next_admitted(self) -> Task | None:
         """The first queued task that may start here and (with `admit`, issue 16) given the other hosts' runs."""
         refused: set[str] = set()
+        flushed = False
         while True:
             queued = (self.tasks[t] for t in self.queue if t in self.tasks and t not in refused)
             task = next_runnable(queued, self._running_tasks(), self.limits)
-            if task is None or self.admit is None or self.admit(task, self._running_tasks()):
+            if task is None or self.admit is None:
+                return task
+            if not flushed:
+                # Admission writes the row as running directly; a save of it still waiting in the store's journal
+                # (its creation, "queued") would land after and hide the run from the other hosts.
+                self.store.wait_written(ADMIT_WRITE_WAIT)
+                flushed = True
+            if self.admit(task, self._running_tasks()):
                 return task
             refused.add(task.id)
 

@@ -208,7 +208,7 @@ class AsyncTaskManager:
             if on_ended is not None:
                 on_ended(task, True)
             return task
-        self.client.cancel(task.id)  # from this thread, at once, not at the run's next poll
+        self.client.cancel(task.id)  # the run sees the event within its poll and interrupts the CLI's turn
         task_log(log, task).info("任务 %s 正在取消 (执行中)", task.id)
         return task
 

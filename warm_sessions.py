@@ -139,7 +139,7 @@ class CliPipes:
         self._init_error = ""
         self.echoes_seen = 0
         self.last_output_at = self.started_at
-        self._quiet_needed = QUIET_BEFORE_TURN
+        self._quiet_needed = 0.0  # the first turn may follow `initialize` at once; later ones wait (see above)
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=_STDERR_TAIL_LINES)
         self._readers = [threading.Thread(target=self._read_stdout, daemon=True, name=f"cli-out-{proc.pid}"),
                          threading.Thread(target=self._read_stderr, daemon=True, name=f"cli-err-{proc.pid}")]

@@ -332,15 +332,17 @@ def throughput(kind: str, workdir: Path, tasks: int, window: int, users: int, fi
                 long_task = next_task % 10 == 9
                 text = f"{'生成报告 ' if long_task else ''}bench-{next_task}"
                 sent = standin.send_bot_message(text, sender_staff_id=f"tp{next_task % users}")
+                # A background result goes by the session webhook while it lives (issue 14), a push otherwise.
                 pushed = long_task and kind == "bot"
-                needed[next_task] = ("push", str(next_task)) if pushed else ("webhook", sent.session)
+                needed[next_task] = ("push", f"{next_task}|{sent.session}") if pushed else ("webhook", sent.session)
                 pending.add(next_task)
                 next_task += 1
             tracker.drain(timeout=0.02)
             for number in list(pending):
                 how, key = needed[number]
                 if how == "push":
-                    finished = key in tracker.pushes
+                    marker, session = key.split("|", 1)
+                    finished = marker in tracker.pushes or len(tracker.posts.get(session, ())) >= 2
                 else:
                     finished = len(tracker.posts.get(key, ())) >= (2 if kind == "bot" else 1)
                 if finished:
@@ -354,7 +356,7 @@ def throughput(kind: str, workdir: Path, tasks: int, window: int, users: int, fi
         cpu_first = marks[str(first_mark + 1000)][1] - cpu0
         cpu_last = cpu1 - marks[str(tasks - 1000)][1]
         counted = tasks - first_mark
-        pushed = sum(1 for how, _ in needed.values() if how == "push")
+        pushed = sum(1 for how, key in needed.values() if how == "push" and key.split("|", 1)[0] in tracker.pushes)
         return Throughput(tasks_per_second=counted / (t1 - 0.5 - t0), cpu_per_1000=(cpu1 - cpu0) / counted * 1000,
                           children_cpu_per_1000=(child1 - child0) / counted * 1000, rss_first_mb=rss0,
                           rss_last_mb=rss1, cpu_first_1000=cpu_first, cpu_last_1000=cpu_last,
@@ -623,11 +625,13 @@ def build_rows(r: dict) -> list[tuple[str, str, str, str, str, str]]:
                      f"{growth_b:.1f} MB ({tb.rss_first_mb:.0f} → {tb.rss_last_mb:.0f})",
                      f"{growth_a:.1f} MB ({ta.rss_first_mb:.0f} → {ta.rss_last_mb:.0f})", "", "< 30 MB",
                      verdict(growth_b < 30)))
-        rows.append((f"token fetches ({tb.pushed_results} pushes)", str(tb.token_fetches), str(ta.token_fetches), "",
-                     "1", verdict(tb.token_fetches == 1)))
-        per = tb.push_requests / max(1, tb.pushed_results)
-        rows.append(("push requests per pushed result", f"{per:.2f}", "n/a (never pushes)", "", "1.0",
-                     verdict(abs(per - 1.0) < 1e-9)))
+        long_tasks = tb.tasks // 10
+        rows.append((f"background results pushed (of {long_tasks}; the rest went by the live session webhook)",
+                     str(tb.pushed_results), "n/a (never pushes)", "", "0 while the webhook lives",
+                     verdict(tb.pushed_results == 0)))
+        rows.append((f"token fetches / push requests ({tb.pushed_results} pushed results)",
+                     f"{tb.token_fetches} / {tb.push_requests}", f"{ta.token_fetches} / 0", "", "≤ 1 / = pushed",
+                     verdict(tb.token_fetches <= 1 and tb.push_requests == tb.pushed_results)))
     if "cancel_bot" in r:
         cb, cf = r["cancel_bot"], r["cancel_floor"]
         rows.append((f"cancel: /cancel sent → the run's tool process gone, CLI kept warm (p50 / max of {len(cb)})",

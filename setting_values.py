@@ -18,35 +18,32 @@ class ConfigError(ValueError):
         super().__init__("; ".join(self.problems))
 
 
-def positive_float(name: str, raw: str) -> float:
+def _number(name: str, raw: str, kind: type, what: str, zero_allowed: bool) -> float | int:
+    """`raw` as `kind` (int or float), above 0 (or 0 or more); ConfigError naming `name` otherwise."""
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be greater than 0, got {raw!r}")
+        raise ConfigError(f"{name} must be {what}, got {raw!r}") from None
+    if value < 0 or (value == 0 and not zero_allowed):
+        raise ConfigError(f"{name} must be {'0 or more' if zero_allowed else 'greater than 0'}, got {raw!r}")
     return value
+
+
+def positive_float(name: str, raw: str) -> float:
+    return _number(name, raw, float, "a number of seconds", zero_allowed=False)
 
 
 def non_negative_float(name: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if value < 0:
-        raise ConfigError(f"{name} must be 0 or more, got {raw!r}")
-    return value
+    return _number(name, raw, float, "a number", zero_allowed=True)
 
 
 def parse_positive_int(name: str, raw: str) -> int:
     """`raw` as a whole number greater than 0; ConfigError naming `name` otherwise."""
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be greater than 0, got {raw!r}")
-    return value
+    return int(_number(name, raw, int, "a whole number", zero_allowed=False))
+
+
+def non_negative_int(name: str, raw: str) -> int:
+    return int(_number(name, raw, int, "a whole number", zero_allowed=True))
 
 
 def optional_port(name: str, raw: str) -> int | None:
@@ -58,16 +55,6 @@ def optional_port(name: str, raw: str) -> int | None:
         raise ConfigError(f"{name} must be a port number, got {raw!r}") from None
     if not 0 <= value <= 65535:
         raise ConfigError(f"{name} must be a port number, got {raw!r}")
-    return value
-
-
-def non_negative_int(name: str, raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
-    if value < 0:
-        raise ConfigError(f"{name} must be 0 or more, got {raw!r}")
     return value
 
 

@@ -369,9 +369,11 @@ class CodeBuddyClient:
             time.sleep(0.05)
 
     def _end_process(self, process: WarmProcess) -> None:
-        """Stop a process and everything its tools started, even in sessions of their own."""
+        """Stop a process and everything its tools started, even in sessions of their own (outside a sandbox: in
+        one, the jail's pid namespace ends with it, so no /proc scan is needed)."""
         process.stop(self.kill_grace)
-        self.kill_leftovers(process.tag)
+        if self.sandbox.name == "none":
+            self.kill_leftovers(process.tag)
 
     def _for_the_chat(self, result: RunResult, cannot_start: bool = False) -> RunResult:
         """A failure only the operator can fix (the CLI cannot sign in, or start) reads "ask the administrator" in

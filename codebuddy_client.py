@@ -369,8 +369,7 @@ class CodeBuddyClient:
             time.sleep(0.05)
 
     def _end_process(self, process: WarmProcess) -> None:
-        """Stop a process and everything its tools started, even in sessions of their own (outside a sandbox: in
-        one, the jail's pid namespace ends with it, so no /proc scan is needed)."""
+        """Stop a process and all its tools started (in a jail its pid namespace takes them; outside, its run tag)."""
         process.stop(self.kill_grace)
         if self.sandbox.name == "none":
             self.kill_leftovers(process.tag)

@@ -193,11 +193,12 @@ class CardStandin:
             return 400, {"code": "param.cardInstanceNotExist", "message": "card instance not found"}  # unverified
         return card
 
+    def _authorized_card(self, request: web.Request, body: dict[str, Any]) -> Card | tuple[int, dict[str, Any]]:
+        """The card a streaming or update call names, or the error DingTalk answers (token first, then the card)."""
+        return self._token_error(request) or self._card(body)
+
     async def _streaming(self, request: web.Request, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        error = self._token_error(request)
-        if error:
-            return error
-        card = self._card(body)
+        card = self._authorized_card(request, body)
         if isinstance(card, tuple):
             return card
         key, content = body.get("key"), body.get("content")
@@ -214,10 +215,7 @@ class CardStandin:
         return 200, {"success": True, "result": True}
 
     async def _update(self, request: web.Request, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        error = self._token_error(request)
-        if error:
-            return error
-        card = self._card(body)
+        card = self._authorized_card(request, body)
         if isinstance(card, tuple):
             return card
         params = (body.get("cardData") or {}).get("cardParamMap") if isinstance(body.get("cardData"), dict) else None

@@ -29,9 +29,9 @@ def children_by_parent(proc_root: str = "/proc") -> dict[int, list[int]]:
     return children
 
 
-def descendants(pid: int, proc_root: str = "/proc") -> list[int]:
-    """Pids of every process below `pid`."""
-    children = children_by_parent(proc_root)
+def descendants(pid: int, proc_root: str = "/proc", children: dict[int, list[int]] | None = None) -> list[int]:
+    """Pids of every process below `pid` (`children`: a `children_by_parent` already read, for several lookups)."""
+    children = children_by_parent(proc_root) if children is None else children
     found, todo = [], list(children.get(pid, []))
     while todo:
         child = todo.pop()

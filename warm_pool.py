@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import process_tree
 from warm_sessions import WarmProcess
 
 log = logging.getLogger("codebuddy_client")
@@ -151,9 +152,10 @@ class WarmPool:
         with self._lock:
             idle, busy = list(self._idle.values()), list(self._busy.values())
             hits, misses, evicted = self.hits, self.misses, sum(self.ended.values())
+        tree = process_tree.children_by_parent() if idle or busy else {}  # /proc read once for every process
         return {"live": len(idle) + len(busy), "idle": len(idle), "busy": len(busy), "capacity": self.capacity,
                 "hits": hits, "misses": misses, "ended": evicted,
-                "rss_bytes": sum(p.rss_bytes() for p in idle + busy)}
+                "rss_bytes": sum(p.rss_bytes(tree) for p in idle + busy)}
 
     def processes(self) -> list[WarmProcess]:
         """Every live process of the pool, idle or busy."""

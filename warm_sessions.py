@@ -381,9 +381,10 @@ class WarmProcess(CliPipes):
         for reader in self._readers:
             reader.join(timeout=2)
 
-    def rss_bytes(self) -> int:
-        """Resident memory of the process and everything below it."""
-        return process_tree.rss_bytes([self.proc.pid, *process_tree.descendants(self.proc.pid)])
+    def rss_bytes(self, children: dict[int, list[int]] | None = None) -> int:
+        """Resident memory of the process and everything below it (`children`: /proc's tree, if already read)."""
+        below = process_tree.descendants(self.proc.pid, children=children)
+        return process_tree.rss_bytes([self.proc.pid, *below])
 
 
 def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:

@@ -78,7 +78,7 @@ def test_the_spine_imports_one_way():
                                          "process_tree"}
     assert graph["sandbox"] <= {"config"}
     # The CLI's processes: the pool holds them, each speaks the protocol; neither knows tasks, chats or config.
-    assert graph["warm_pool"] <= {"warm_sessions"} and graph["warm_sessions"] <= {"process_tree"}
+    assert graph["warm_pool"] <= {"warm_sessions", "process_tree"} and graph["warm_sessions"] <= {"process_tree"}
     assert not graph["process_tree"]
     assert graph["cli_setup"] <= {"config"}
     assert graph["dingtalk_sender"] <= {"config", "message_parts", "dingtalk_http"} and not graph["message_parts"]

@@ -115,9 +115,10 @@ def test_a_task_is_admitted_only_while_its_user_and_conversation_have_room_on_ev
     assert b.admit(other_conversation, [], max_per_user=2)
     assert not b.admit(other_user, [other_user], max_per_user=1)  # u2 already runs once here
     assert b.admit(other_user, [], max_per_user=1)
-    with psycopg.connect(pg_url) as conn:  # admitted rows say running on b at once, before any journal write
-        rows = conn.execute("SELECT id, status, host FROM tasks WHERE host = 'b' ORDER BY id").fetchall()
-    assert rows == [("3" * 16, RUNNING, "b"), ("4" * 16, RUNNING, "b")]
+    with psycopg.connect(pg_url) as conn:  # admitted rows say running on b at once, before any journal write,
+        rows = conn.execute(  # with the run counted: a host killed right after admission still used an attempt
+            "SELECT id, status, host, attempts FROM tasks WHERE host = 'b' ORDER BY id").fetchall()
+    assert rows == [("3" * 16, RUNNING, "b", 1), ("4" * 16, RUNNING, "b", 1)]
     assert b.queued_count("u1") == 0
     store.save(_task(5))  # queued on host a: MAX_QUEUED_PER_USER counts it on every host
     assert store.wait_written(5) and b.queued_count("u1") == 1 and b.host_of(f"{5:016x}") == "a"

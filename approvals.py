@@ -67,12 +67,29 @@ def question_text(task: Task, request: ToolRequest, timeout: float) -> str:
     ])
 
 
+def card_question(request: ToolRequest) -> str:
+    """The line a task's AI card shows while the request waits (its buttons answer a tool request)."""
+    if request.is_question:
+        return "⏸ **CodeBuddy 在等你的回答** (见聊天消息，直接回复即可)"
+    return (f"⏸ **等待确认: 工具 {escape_markdown(request.tool_name)}** — "
+            f"{escape_markdown(shorten(request_detail(request), 120))}\n\n点「同意」或「拒绝」，或在聊天中回复")
+
+
+def card_outcome(request: ToolRequest, decision: Decision | None) -> str:
+    """The step a task's AI card keeps once the request was answered, refused or timed out."""
+    allowed = decision is not None and decision.allowed
+    if request.is_question:
+        return f"问题: {'已回答' if allowed else '未回答'}"
+    return f"工具 {escape_markdown(request.tool_name)}: {'已同意' if allowed else '已拒绝'}"
+
+
 @dataclass
 class Pending:
     """One question waiting for its answer."""
 
     task: Task
     request: ToolRequest
+    id: str = ""  # "<task id>-<n>": what an AI card's approve/deny buttons answer (card_actions.py)
     answered: threading.Event = field(default_factory=threading.Event)
     decision: Decision | None = None
 
@@ -91,19 +108,23 @@ class Approvals:
         self.asked = 0
         self.timed_out = 0
 
-    def ask(self, task: Task, request: ToolRequest, stop: threading.Event | None = None) -> Decision:
-        """Ask the task's sender and wait for the answer, `timeout` s, or `stop` (a cancel): deny on either."""
+    def ask(self, task: Task, request: ToolRequest, stop: threading.Event | None = None,
+            shown: Callable[[Pending], None] | None = None) -> Decision:
+        """Ask the task's sender and wait for the answer, `timeout` s, or `stop` (a cancel): deny on either.
+        `shown(pending)` runs once the question is asked (the task's AI card shows it, with buttons)."""
         if not self.enabled:
             return Decision(False, "tool approvals are off for this bot (APPROVALS=off); the permission mode "
                                    "does not allow this tool")
-        pending = Pending(task, request)
         with self._lock:
-            self._pending[task.conversation_key] = pending
             self.asked += 1
+            pending = Pending(task, request, id=f"{task.id}-{self.asked}")
+            self._pending[task.conversation_key] = pending
         tlog = task_log(log, task)
         tlog.info("任务 %s 等待用户确认: %s %s", task.id, request.tool_name, request_detail(request))
         try:
             self.send_question(task, question_text(task, request, self.timeout))
+            if shown is not None:
+                shown(pending)
             deadline = self.clock() + self.timeout
             while not pending.answered.wait(0.1):
                 if stop is not None and stop.is_set():
@@ -155,10 +176,34 @@ class Approvals:
                 log.warning("拒绝非发起人的确认: 任务 %s user=%s", pending.task.id, user_id)
                 return f"只有发起任务 {pending.task.id} 的人或管理员可以确认这个操作。"
             decision = Decision(True) if approve else Decision(False, "the user denied this tool use")
-        pending.decision = decision
-        pending.answered.set()
-        verb = "同意" if decision.allowed else "拒绝"
-        task_log(log, pending.task).info("任务 %s 的确认请求已被%s (user=%s)", pending.task.id, verb, user_id)
+        if not self._settle(pending, decision, user_id):
+            return None  # answered a moment ago (a button click): this message is an ordinary one
         if pending.request.is_question:
             return "" if decision.allowed else "好的，不回答这个问题。"
-        return f"已{verb}，任务 {pending.task.id} 继续执行。"
+        return f"已{'同意' if decision.allowed else '拒绝'}，任务 {pending.task.id} 继续执行。"
+
+    def click(self, question_id: str, user_id: str, is_admin: bool, approve: bool) -> str:
+        """An AI card's approve or deny button for the tool request `question_id`: "approved", "denied",
+        "refused" (not the sender nor an admin) or "ignored" (that question is not waiting any more)."""
+        with self._lock:
+            pending = next((p for p in self._pending.values() if p.id == question_id), None)
+        if pending is None or not question_id or pending.request.is_question or pending.answered.is_set():
+            return "ignored"
+        if user_id != pending.task.user_id and not is_admin:
+            log.warning("拒绝非发起人的卡片确认: 任务 %s user=%s", pending.task.id, user_id)
+            return "refused"
+        decision = Decision(True) if approve else Decision(False, "the user denied this tool use")
+        if not self._settle(pending, decision, user_id):
+            return "ignored"
+        return "approved" if approve else "denied"
+
+    def _settle(self, pending: Pending, decision: Decision, user_id: str) -> bool:
+        """Give the waiting question its answer, once (a message and a click can race): False if it had one."""
+        with self._lock:
+            if pending.answered.is_set():
+                return False
+            pending.decision = decision
+            pending.answered.set()
+        verb = "同意" if decision.allowed else "拒绝"
+        task_log(log, pending.task).info("任务 %s 的确认请求已被%s (user=%s)", pending.task.id, verb, user_id)
+        return True

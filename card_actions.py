@@ -1,7 +1,9 @@
-"""Button clicks on AI cards (Stream topic /v1.0/card/instances/callback): the stop button cancels the card's task.
+"""Button clicks on AI cards (Stream topic /v1.0/card/instances/callback): stop the card's task, or approve or deny
+the tool request it waits on.
 
 A click is untrusted input: only the card's id (`outTrackId`), the clicking user's staff id and the button's actionId
-are read; the task is found from the bot's own live cards, and only its owner or an admin may stop it.
+are read; the task and its waiting request are found from the bot's own live cards, and only the task's owner or an
+admin may stop it or answer.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 log = logging.getLogger("cards")
 
 STOP_ACTION = "stop"  # the actionId the card template's stop button sends (README: AI cards and the API budget)
+APPROVE_ACTION, DENY_ACTION = "approve", "deny"  # its approve and deny buttons (shown while a tool request waits)
 
 
 def action_ids(data: Any) -> tuple[str, list[str]]:
@@ -32,12 +35,15 @@ def action_ids(data: Any) -> tuple[str, list[str]]:
 
 
 def handle_card_callback(data: Any, cards: Any, manager: Any, admins: Iterable[str]) -> str:
-    """Act on one card callback; what was done, for the log and tests: "stopped", "refused" or "ignored"."""
+    """Act on one card callback; what was done, for the log and tests: "stopped", "approved", "denied",
+    "refused" or "ignored"."""
     user, actions = action_ids(data)
     track = data.get("outTrackId") if isinstance(data, dict) else None
-    if STOP_ACTION not in actions or not isinstance(track, str) or not user:
-        log.info("忽略卡片回调 (不是停止按钮或缺少字段) user=%s", user or "-")
+    if not isinstance(track, str) or not user or not ({STOP_ACTION, APPROVE_ACTION, DENY_ACTION} & set(actions)):
+        log.info("忽略卡片回调 (不是卡片按钮或缺少字段) user=%s", user or "-")
         return "ignored"
+    if STOP_ACTION not in actions:
+        return _answer_click(track, user, APPROVE_ACTION in actions, cards, manager, admins)
     task_id = cards.task_of(track)
     task = manager.get_task(task_id) if task_id else None
     if task is None or task.finished:
@@ -49,6 +55,17 @@ def handle_card_callback(data: Any, cards: Any, manager: Any, admins: Iterable[s
     log.info("卡片停止按钮: 用户 %s 取消任务 %s user=%s", user, task.id, task.user_id)
     manager.cancel(task.id)
     return "stopped"
+
+
+def _answer_click(track: str, user: str, approve: bool, cards: Any, manager: Any, admins: Iterable[str]) -> str:
+    """An approve or deny button: it answers the tool request whose buttons the card shows, nothing older."""
+    task_id, question = cards.shown_approval(track)
+    if task_id is None or not question:
+        log.info("卡片确认按钮: 没有等待确认的请求 user=%s", user)
+        return "ignored"
+    outcome = manager.workers.approvals.click(question, user, user in set(admins), approve)
+    log.info("卡片确认按钮: 任务 %s %s user=%s", task_id, outcome, user)
+    return outcome
 
 
 class _Ack:

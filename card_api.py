@@ -23,18 +23,19 @@ PROCESSING, INPUTTING, FINISHED, EXECUTING, FAILED = "1", "2", "3", "4", "5"
 
 @dataclass(frozen=True)
 class CardVariables:
-    """The template's variable names: the streamed markdown, the status and the title."""
+    """The template's variable names: the streamed markdown, the status, the title, and the id of the tool request
+    whose approve/deny buttons the card shows ("" hides them)."""
 
     content: str = "msgContent"
     status: str = "flowStatus"
     title: str = "msgTitle"
+    approval: str = "pendingApproval"
 
     @classmethod
     def from_names(cls, names: tuple[str, ...]) -> CardVariables:
-        """From DINGTALK_CARD_VARIABLES (content, status, title; missing ones keep their defaults)."""
-        defaults = cls()
-        values = list(names) + [defaults.content, defaults.status, defaults.title][len(names):]
-        return cls(*values[:3])
+        """From DINGTALK_CARD_VARIABLES (content, status, title, approval; missing ones keep their defaults)."""
+        defaults = [cls.content, cls.status, cls.title, cls.approval]
+        return cls(*(list(names) + defaults[len(names):])[:4])
 
 
 class CardApi:
@@ -108,8 +109,9 @@ class CardApi:
                 "cardUpdateOptions": {"updateCardDataByKey": True}}
         return self._call("PUT", INSTANCES_PATH, body, "card_update")[0]
 
-    def end(self, out_track_id: str, content: str, status: str) -> str:
+    def end(self, out_track_id: str, content: str, status: str, *, hide_buttons: bool = False) -> str:
         """Finish a card: the full text with isFinalize first (a plain update is ignored while a key streams),
-        then the status and the same text as card data."""
+        then the status (and, if approve/deny buttons were shown, their variable emptied)."""
         error = self.stream(out_track_id, content, finalize=True, error=status == FAILED)
-        return error or self.update(out_track_id, {self.variables.status: status})
+        values = {self.variables.status: status, **({self.variables.approval: ""} if hide_buttons else {})}
+        return error or self.update(out_track_id, values)

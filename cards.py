@@ -48,6 +48,9 @@ class LiveCard:
     text: str = ""
     steps: list[str] = field(default_factory=list)
     note: str = ""
+    question: str = ""  # the question a tool request waits on (approvals.py), shown above the elapsed time
+    approval: str = ""  # the id of that tool request: the card's approve/deny buttons show while it is set
+    approval_sent: str = ""  # what the card's approval variable says at DingTalk
     version: int = 0  # bumped on every change
     sent_version: int = 0
     in_flight: bool = False
@@ -128,11 +131,32 @@ class Cards:
         """Show a progress note on the task's card; False when it has no live card (send a message instead)."""
         return self._changed(task.id, lambda card: setattr(card, "note", note))
 
+    def ask(self, task_id: str, question_id: str, question: str) -> bool:
+        """Show what the task waits on, and (for a tool request, `question_id` set) the approve/deny buttons."""
+        def show(card: LiveCard) -> None:
+            card.question, card.approval = question, question_id
+        return self._changed(task_id, show)
+
+    def settled(self, task_id: str, outcome: str) -> None:
+        """The question was answered (or timed out): hide it and its buttons, keep `outcome` among the steps."""
+        def hide(card: LiveCard) -> None:
+            card.question, card.approval = "", ""
+            card.steps.append(outcome)
+        self._changed(task_id, hide)
+
+    def shown_approval(self, track: str) -> tuple[str | None, str]:
+        """(the task of card `track`, the tool request whose buttons DingTalk shows on it, "" for none)."""
+        with self._lock:
+            card = next((c for c in self._cards.values() if c.track == track), None)
+            return (card.task.id, card.approval_sent) if card is not None else (None, "")
+
     def render(self, card: LiveCard, now: float) -> str:
-        """What a streaming card shows: the latest steps, the answer so far, the elapsed time."""
+        """What a streaming card shows: the latest steps, the answer so far, a waiting question, the elapsed time."""
         parts = [f"🔧 {step}" for step in card.steps[-STEPS_SHOWN:]]
         if card.text:
             parts.append(card.text)
+        if card.question:
+            parts.append(card.question)
         parts.append(f"⏱ 已用时 {now - card.started:.0f} 秒" + (f" · {card.note}" if card.note else ""))
         return "\n\n".join(parts)
 
@@ -144,9 +168,10 @@ class Cards:
                 interval = self.budget.card_interval(self.interval)
                 now = self._clock()
                 with self._lock:
+                    # Buttons come and go at once (someone waits on them); text waits for the interval.
                     due = [card for card in self._cards.values()
-                           if card.state == "live" and not card.in_flight and card.version != card.sent_version
-                           and now - card.last_sent >= interval]
+                           if card.state == "live" and not card.in_flight and (card.approval != card.approval_sent or (
+                               card.version != card.sent_version and now - card.last_sent >= interval))]
                     for card in due:
                         card.in_flight = True
                 for card in due:
@@ -156,8 +181,11 @@ class Cards:
 
     def _send_update(self, card: LiveCard) -> None:
         with self._lock:
-            version, content = card.version, self.render(card, self._clock())
-        error = self.api.stream(card.track, content)
+            version, content, approval = card.version, self.render(card, self._clock()), card.approval
+            buttons, text = approval != card.approval_sent, version != card.sent_version
+        error = self.api.update(card.track, {self.api.variables.approval: approval}) if buttons else ""
+        if not error and text:
+            error = self.api.stream(card.track, content)
         with self._lock:
             card.in_flight = False
             card.last_sent = self._clock()
@@ -166,7 +194,8 @@ class Cards:
                 if card.errors >= 2:  # this card is broken: its answer goes as a message
                     card.state = "failed"
             else:
-                card.sent_version = max(card.sent_version, version)
+                card.approval_sent = approval
+                card.sent_version = max(card.sent_version, version) if text else card.sent_version
                 self.stats["updates"] += 1
             self._lock.notify_all()
         if error:
@@ -196,7 +225,7 @@ class Cards:
             content, status = task.result.strip() or "(CodeBuddy 没有返回内容)", FINISHED
         else:
             content, status = task_texts.result(task, self._wall_clock()), FAILED
-        error = self.api.end(card.track, content, status)
+        error = self.api.end(card.track, content, status, hide_buttons=bool(card.approval_sent))
         if error:
             tlog.warning("任务 %s 卡片结束失败，改用消息回复: %s", task.id, error)
             self.stats["fallbacks"] += 1
@@ -212,7 +241,7 @@ class Cards:
         """End the task's card in the failed state with `reason` (a cancel): no answer follows."""
         card = self._take(task.id)
         if card is not None and card.state == "live":
-            error = self.api.end(card.track, reason, FAILED)
+            error = self.api.end(card.track, reason, FAILED, hide_buttons=bool(card.approval_sent))
             if error:
                 task_log(log, task).warning("任务 %s 卡片结束失败: %s", task.id, error)
 

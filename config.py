@@ -160,8 +160,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DINGTALK_MONTHLY_CALL_BUDGET", "monthly_call_budget", "5000", parse_positive_int, "Metered DingTalk "
             "calls (pushes, card calls) the bot may spend per calendar month (README: AI cards and the API budget)"),
     Setting("DINGTALK_CARD_TEMPLATE_ID", "card_template_id", "", any_text, "AI card template id (unset = no cards)"),
-    Setting("DINGTALK_CARD_VARIABLES", "card_variables", "msgContent,flowStatus,msgTitle", comma_list, "The card "
-            "template's variables: streamed text, status, title (the common AI card template's names)"),
+    Setting("DINGTALK_CARD_VARIABLES", "card_variables", "msgContent,flowStatus,msgTitle,pendingApproval",
+            comma_list, "The card template's variables: streamed text, status, title (the common AI card template's "
+            "names), and the waiting tool request whose approve/deny buttons the card shows"),
     Setting("CARD_UPDATE_INTERVAL", "card_update_interval", "1.5", positive_float, "Seconds between two updates "
             "of a streaming card (stretched when the month's spend runs ahead)"),
     Setting("CARD_BACKOFF", "card_backoff", "1800", non_negative_float, "Seconds cards pause after 3 failures"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 
-from approvals import Approvals
+from approvals import Approvals, card_outcome, card_question
 from codebuddy_client import redact_secrets
 from delivery import Outbox
 from logs import task_log
@@ -63,14 +63,21 @@ class Workers:
     def _ask(self, task: Task, running: Running, request: ToolRequest) -> Decision:
         """The CLI asks to use a tool: ask the task's sender; the wait does not count as the task's running time."""
         since = self.board.clock()
+        cards = self.outbox.cards  # with AI cards the task's card shows the question, and buttons for a tool
         with self.board.lock:
             running.awaiting_since = since
+        decision = None
         try:
-            return self.approvals.ask(task, request, stop=running.cancel_event)
+            decision = self.approvals.ask(task, request, stop=running.cancel_event, shown=(
+                (lambda pending: cards.ask(task.id, "" if request.is_question else pending.id,
+                                           card_question(request))) if cards is not None else None))
+            return decision
         finally:
             with self.board.lock:
                 running.awaiting_since = None
                 running.waited += self.board.clock() - since
+            if cards is not None:
+                cards.settled(task.id, card_outcome(request, decision))
 
     def _run(self, task: Task, running: Running) -> None:
         tlog = task_log(log, task)

@@ -7,14 +7,19 @@ import json
 import threading
 import time
 
+from approvals import Approvals
 from card_actions import action_ids, handle_card_callback
+from card_api import CardVariables
 from cards import Cards
 from dingtalk_sender import Route
 from task import CANCELLED, RUNNING, SUCCEEDED, Task
+from warm_sessions import ToolRequest
 
 
 class FakeApi:
     """Records card calls; `fail` makes every call answer an error."""
+
+    variables = CardVariables()
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -32,8 +37,11 @@ class FakeApi:
     def stream(self, track, content, *, finalize=False, error=False):
         return self._record("stream", track, content, finalize, error)
 
-    def end(self, track, content, status):
-        return self._record("end", track, content, status)
+    def update(self, track, values):
+        return self._record("update", track, values)
+
+    def end(self, track, content, status, *, hide_buttons=False):
+        return self._record("end", track, content, status, *(("hide_buttons",) if hide_buttons else ()))
 
     def streams(self) -> list:
         with self.lock:
@@ -162,3 +170,47 @@ def test_a_progress_note_goes_onto_the_live_card_instead_of_a_message():
     card = cards.open(live)
     assert cards.progress(live, "仍在处理中 (已用时 5 分钟)")
     assert "仍在处理中 (已用时 5 分钟)" in cards.render(card, card.started + 300)
+
+
+class Workers:
+    def __init__(self, approvals: Approvals) -> None:
+        self.approvals = approvals
+
+
+def test_approve_and_deny_buttons_answer_only_the_request_the_card_shows_and_only_for_the_owner_or_an_admin():
+    api = FakeApi()
+    cards = Cards(api, Budget(), interval=60, backoff=60)
+    live = task(user="alice")
+    cards.open(live)
+    approvals = Approvals(lambda task, text: None, timeout=30)
+    manager = Manager(live)
+    manager.workers = Workers(approvals)
+    request = ToolRequest("Bash", {"command": "rm -rf build"})
+    decisions: list = []
+    asking = threading.Thread(target=lambda: decisions.append(approvals.ask(
+        live, request, shown=lambda pending: cards.ask(live.id, pending.id, "⏸ 等待确认"))))
+    assert handle_card_callback(callback("cb-t1-1", "alice", actions=("approve",)), cards, manager, []) == "ignored"
+    asking.start()
+    deadline = time.monotonic() + 5  # the buttons go out at once, not after the 60 s text interval
+    while cards.shown_approval("cb-t1-1")[1] == "" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    task_id, question = cards.shown_approval("cb-t1-1")
+    assert task_id == "t1" and question.startswith("t1-")
+    assert ("update", "cb-t1-1", {"pendingApproval": question}) in api.calls
+    assert any(c[0] == "stream" and "⏸ 等待确认" in c[2] for c in api.streams())
+    assert handle_card_callback(callback("cb-t1-1", "mallory", actions=("approve",)), cards, manager, []) \
+        == "refused"
+    assert approvals.click("t1-999", "alice", False, True) == "ignored"  # a request that is not waiting
+    assert handle_card_callback(callback("cb-t1-1", "boss", actions=("deny",)), cards, manager, ["boss"]) == "denied"
+    asking.join(5)
+    assert decisions and not decisions[0].allowed and "denied" in decisions[0].reason
+    assert approvals.answer("c", "alice", False, "同意") is None  # answered already: a later 同意 is a message
+    assert handle_card_callback(callback("cb-t1-1", "alice", actions=("approve",)), cards, manager, []) == "ignored"
+    cards.settled(live.id, "工具 Bash: 已拒绝")
+    live.status, live.result = SUCCEEDED, "done"
+    assert cards.finish(live)
+    hidden = [c for c in api.calls
+              if c[0] == "update" and c[2] == {"pendingApproval": ""} or c[0] == "end" and len(c) > 4]
+    assert hidden and api.calls[-1][:4] == ("end", "cb-t1-1", "done", "3")  # the buttons went before or at the end
+    assert manager.cancelled == []
+    cards.stop()

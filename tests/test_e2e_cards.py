@@ -88,6 +88,46 @@ def test_stop_button_cancels_for_the_owner_and_is_refused_for_anyone_else(standi
     assert not result_texts(standin, "第5段")
 
 
+def test_a_tool_request_puts_approve_and_deny_buttons_on_the_card_and_only_the_owner_may_press_them(
+        standin, make_bot, tmp_path):
+    cards = CardStandin(standin)
+    bot = make_bot(**CARDS)
+    group = {"conversation_type": "2", "conversation_id": "cidCardApprovals"}
+    standin.send_bot_message("建个文件 [tool=Bash:touch carded.txt && echo done]", sender_staff_id="owner",
+                             sender_nick="Olga", **group)
+    card = standin.wait_for(lambda: next((c for c in cards.card_list() if c.params.get("pendingApproval")), None),
+                            timeout=20, message="the card to show its approve/deny buttons")
+    question = card.params["pendingApproval"]
+    standin.wait_for(lambda: "等待确认: 工具 Bash" in card.shown(), message="the question on the card")
+    assert "touch carded.txt" in card.shown()
+
+    cards.send_card_callback(card.track, "mallory", action="approve")  # someone else in the group
+    bot.wait_log(r"拒绝非发起人的卡片确认: 任务 \w+ user=mallory")
+    time.sleep(0.5)
+    assert card.params["pendingApproval"] == question and card.status not in ("3", "5")  # still waiting
+    assert not list((tmp_path / "workspace").glob("conversations/*/workspace/carded.txt"))
+
+    cards.send_card_callback(card.track, "owner", action="approve")
+    bot.wait_log(r"任务 \w+ 的确认请求已被同意 \(user=owner\)")
+    finished_card(cards, standin)
+    assert "工具 Bash 已执行: touch carded.txt && echo done → done" in card.shown()
+    assert card.params["pendingApproval"] == "" and card.status == "3"  # the buttons went with the answer
+    assert list((tmp_path / "workspace").glob("conversations/*/workspace/carded.txt"))
+    cards.send_card_callback(card.track, "owner", action="deny")  # a late click on a finished card
+    bot.wait_log(r"卡片确认按钮: 没有等待确认的请求 user=owner")
+
+    standin.send_bot_message("再来 [tool=Bash:touch refused.txt]", sender_staff_id="owner", **group)
+    second = standin.wait_for(lambda: next((c for c in cards.card_list() if c.params.get("pendingApproval")
+                                            and c.track != card.track), None), timeout=20)
+    assert second.params["pendingApproval"] != question  # each request has its own id
+    cards.send_card_callback(second.track, "owner", action="deny")
+    finished_card(cards, standin, count=2)
+    assert "工具 Bash 被拒绝: the user denied this tool use" in second.shown()
+    assert "工具 Bash: 已拒绝" not in second.shown()  # the final card is the answer alone
+    assert not list((tmp_path / "workspace").glob("conversations/*/workspace/refused.txt"))
+    assert not result_texts(standin, "已执行")  # the answers were the cards, no extra messages
+
+
 def test_a_card_that_cannot_be_delivered_falls_back_to_one_markdown_answer(standin, make_bot):
     cards = CardStandin(standin)
     make_bot(**CARDS)

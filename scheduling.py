@@ -45,7 +45,8 @@ class Occupancy:
         if task.conversation_key in self.conversations or any(t.conversation_key == task.conversation_key
                                                                 for t in ahead):
             return HELD_BY_CONVERSATION
-        if self.per_user[task.user_id] >= self.limits.max_tasks_per_user:
+        mine_first = sum(1 for t in ahead if t.user_id == task.user_id and self.admits(t))  # they start first
+        if self.per_user[task.user_id] + mine_first >= self.limits.max_tasks_per_user:
             return HELD_BY_USER
         if self.workers + sum(1 for t in ahead if self.admits(t)) >= self.limits.max_workers:
             return HELD_BY_WORKERS

@@ -338,6 +338,8 @@ def test_the_waiting_reason_is_the_chat_the_users_limit_or_the_workers():
     assert occupancy.holdback(task("t4", "carol", "chat-c"), ahead=[task("t3", "bob", "chat-b")]) == HELD_BY_WORKERS
     assert occupancy.holdback(task("t5", "bob", "chat-b"), ahead=[task("t3", "bob", "chat-b")]) == \
         HELD_BY_CONVERSATION  # an earlier message of the chat waits: this one comes after it
+    # bob's message in another chat, while his first one waits to start (not running yet): his limit holds it.
+    assert occupancy.holdback(task("t7", "bob", "chat-e"), ahead=[task("t3", "bob", "chat-b")]) == HELD_BY_USER
     assert Occupancy(running + [task("r2", "bob", "chat-d")], limits).holdback(task("t6", "carol", "x")) == \
         HELD_BY_WORKERS
 

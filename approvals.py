@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from logs import task_log
 from task import Task
@@ -83,6 +84,31 @@ def card_outcome(request: ToolRequest, decision: Decision | None) -> str:
     return f"工具 {escape_markdown(request.tool_name)}: {'已同意' if allowed else '已拒绝'}"
 
 
+def verdict(owner: str, is_question: bool, user_id: str, is_admin: bool, text: str) -> str | None:
+    """What `text` from `user_id` says to a waiting request of `owner`'s task: "approve", "deny", "answer",
+    "decline" or "refused" (not the owner nor an admin); None when it is no answer (an ordinary message)."""
+    words = text.split()
+    first = words[0].lower() if words else ""
+    if is_question:
+        if user_id != owner:
+            return None  # someone else's message in the group: an ordinary prompt
+        if first in DENY_WORDS:
+            return "decline"
+        return None if text.startswith("/") else "answer"  # a command (/status, /cancel) while it waits
+    if first not in APPROVE_WORDS and first not in DENY_WORDS:
+        return None
+    if user_id != owner and not is_admin:
+        return "refused"
+    return "approve" if first in APPROVE_WORDS else "deny"
+
+
+def reply_for(kind: str, task_id: str) -> str:
+    """The chat reply to an answer of `verdict`'s kind ("" for none)."""
+    return {"refused": f"只有发起任务 {task_id} 的人或管理员可以确认这个操作。", "answer": "",
+            "decline": "好的，不回答这个问题。", "approve": f"已同意，任务 {task_id} 继续执行。",
+            "deny": f"已拒绝，任务 {task_id} 继续执行。"}[kind]
+
+
 @dataclass
 class Pending:
     """One question waiting for its answer."""
@@ -107,6 +133,9 @@ class Approvals:
         self._pending: dict[str, Pending] = {}  # by conversation key
         self.asked = 0
         self.timed_out = 0
+        # Several hosts (issue 16): the questions shared with them, so an answer reaching another host gets here
+        # (cluster_questions.SharedQuestions; None on one host).
+        self.remote: Any = None
 
     def ask(self, task: Task, request: ToolRequest, stop: threading.Event | None = None,
             shown: Callable[[Pending], None] | None = None) -> Decision:
@@ -122,6 +151,8 @@ class Approvals:
         tlog = task_log(log, task)
         tlog.info("任务 %s 等待用户确认: %s %s", task.id, request.tool_name, request_detail(request))
         try:
+            if self.remote is not None:
+                self.remote.asked(pending)
             self.send_question(task, question_text(task, request, self.timeout))
             if shown is not None:
                 shown(pending)
@@ -141,6 +172,8 @@ class Approvals:
             with self._lock:
                 if self._pending.get(task.conversation_key) is pending:
                     del self._pending[task.conversation_key]
+            if self.remote is not None:
+                self.remote.settled(pending)
 
     def waiting(self, conversation_key: str) -> Task | None:
         """The task waiting for an answer in this conversation, if any."""
@@ -150,37 +183,39 @@ class Approvals:
 
     def answer(self, conversation_key: str, user_id: str, is_admin: bool, text: str) -> str | None:
         """If `text` answers the question waiting in this conversation: take it and return the reply to show
-        ("" for none); None when the message is not an answer (it is handled as usual)."""
+        ("" for none); None when the message is not an answer (it is handled as usual). A question another host's
+        task waits on is answered there (`remote`)."""
         with self._lock:
             pending = self._pending.get(conversation_key)
-        if pending is None or pending.answered.is_set():
+        if pending is None:
+            return self.remote.answer(conversation_key, user_id, is_admin, text) if self.remote is not None else None
+        return self._answer(pending, user_id, is_admin, text)
+
+    def answer_relayed(self, question_id: str, user_id: str, is_admin: bool, text: str) -> None:
+        """An answer another host received for a question asked here: checked here again, as if it came here."""
+        with self._lock:
+            pending = next((p for p in self._pending.values() if p.id == question_id), None)
+        if pending is not None:
+            self._answer(pending, user_id, is_admin, text)
+
+    def _answer(self, pending: Pending, user_id: str, is_admin: bool, text: str) -> str | None:
+        if pending.answered.is_set():
             return None
-        words = text.split()
-        first = words[0].lower() if words else ""
-        approve, deny = first in APPROVE_WORDS, first in DENY_WORDS
-        owner = user_id == pending.task.user_id
-        if pending.request.is_question:
-            if not owner:
-                return None  # someone else's message in the group: an ordinary prompt
-            if deny:
-                decision = Decision(False, "the user declined to answer")
-            elif text.startswith("/"):
-                return None  # a command (/status, /cancel) while the question waits
-            else:
-                answers = {str(q.get("question")): text for q in pending.request.questions}
-                decision = Decision(True, updated_input={**pending.request.input, "answers": answers})
+        kind = verdict(pending.task.user_id, pending.request.is_question, user_id, is_admin, text)
+        if kind is None:
+            return None
+        if kind == "refused":
+            log.warning("拒绝非发起人的确认: 任务 %s user=%s", pending.task.id, user_id)
+            return reply_for(kind, pending.task.id)
+        if kind == "answer":
+            answers = {str(q.get("question")): text for q in pending.request.questions}
+            decision = Decision(True, updated_input={**pending.request.input, "answers": answers})
         else:
-            if not (approve or deny):
-                return None
-            if not (owner or is_admin):
-                log.warning("拒绝非发起人的确认: 任务 %s user=%s", pending.task.id, user_id)
-                return f"只有发起任务 {pending.task.id} 的人或管理员可以确认这个操作。"
-            decision = Decision(True) if approve else Decision(False, "the user denied this tool use")
+            decision = Decision(kind == "approve", "" if kind == "approve" else
+                                "the user declined to answer" if kind == "decline" else "the user denied this tool use")
         if not self._settle(pending, decision, user_id):
             return None  # answered a moment ago (a button click): this message is an ordinary one
-        if pending.request.is_question:
-            return "" if decision.allowed else "好的，不回答这个问题。"
-        return f"已{'同意' if decision.allowed else '拒绝'}，任务 {pending.task.id} 继续执行。"
+        return reply_for(kind, pending.task.id)
 
     def click(self, question_id: str, user_id: str, is_admin: bool, approve: bool) -> str:
         """An AI card's approve or deny button for the tool request `question_id`: "approved", "denied",

@@ -44,7 +44,8 @@ def handle_card_callback(data: Any, cards: Any, manager: Any, admins: Iterable[s
         return "ignored"
     if STOP_ACTION not in actions:
         return _answer_click(track, user, APPROVE_ACTION in actions, cards, manager, admins)
-    task_id = cards.task_of(track)
+    cluster = getattr(manager, "cluster", None)  # issue 16: the click may reach a host that does not run the task
+    task_id = cards.task_of(track) or (task_of_track(track) if cluster is not None else None)
     task = manager.get_task(task_id) if task_id else None
     if task is None or task.finished:
         log.info("卡片停止按钮: 任务已结束或不存在 user=%s", user)
@@ -53,13 +54,26 @@ def handle_card_callback(data: Any, cards: Any, manager: Any, admins: Iterable[s
         log.warning("卡片停止按钮被拒绝: 用户 %s 不是任务 %s 的发起人或管理员 user=%s", user, task.id, task.user_id)
         return "refused"
     log.info("卡片停止按钮: 用户 %s 取消任务 %s user=%s", user, task.id, task.user_id)
+    if cluster is not None and task.id not in manager.board.tasks:
+        return "stopped" if cluster.request_cancel(task.id) else "ignored"  # the host running it stops it
     manager.cancel(task.id)
     return "stopped"
+
+
+def task_of_track(track: str) -> str | None:
+    """The task id in a card id `cb-<task id>-<run>` (cards.out_track_id), None for another shape."""
+    task_id, _, run = track[3:].rpartition("-") if track.startswith("cb-") else ("", "", "")
+    return task_id if task_id and run.isdigit() else None
 
 
 def _answer_click(track: str, user: str, approve: bool, cards: Any, manager: Any, admins: Iterable[str]) -> str:
     """An approve or deny button: it answers the tool request whose buttons the card shows, nothing older."""
     task_id, question = cards.shown_approval(track)
+    remote = manager.workers.approvals.remote  # issue 16: the card may be another host's
+    if task_id is None and remote is not None and task_of_track(track):
+        outcome = remote.click(task_of_track(track), user, user in set(admins), approve)
+        log.info("卡片确认按钮: 任务 %s %s user=%s", task_of_track(track), outcome, user)
+        return outcome
     if task_id is None or not question:
         log.info("卡片确认按钮: 没有等待确认的请求 user=%s", user)
         return "ignored"

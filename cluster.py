@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 
 import task_texts
+from cluster_questions import SharedQuestions
 from config import Config
 from store_journal import JournaledStore, open_store
 from task import RUNNING, Task
@@ -58,7 +59,8 @@ class Cluster:
                  on_cancel: Callable[[str], None], on_task: Callable[[str], None] = lambda task_id: None,
                  connect_timeout: float = 5.0) -> None:
         self.url, self.host, self.lease = url, host, lease_seconds
-        self.on_takeover, self.on_cancel, self.on_task = on_takeover, on_cancel, on_task
+        self.on_takeover = on_takeover
+        self._listeners: dict[str, Callable[[str], None]] = {CANCEL_CHANNEL: on_cancel, TASK_CHANNEL: on_task}
         self._connect_timeout = max(1, int(connect_timeout))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -80,7 +82,12 @@ class Cluster:
                 self._conn.close()
             self._conn = None
 
-    def _execute(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def listen(self, channel: str, handler: Callable[[str], None]) -> None:
+        """Have `handler(payload)` called (on the listener thread) for each NOTIFY on `channel`; before `start`."""
+        self._listeners[channel] = handler
+
+    def execute(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """One statement on this host's connection: its rows ([] for none); psycopg.Error when the DB fails."""
         try:
             with self._lock:
                 cursor = self._connection().execute(sql, args)
@@ -92,21 +99,21 @@ class Cluster:
     def claim_at_start(self) -> set[str]:
         """The undone tasks this host restarts with: its own, unowned ones (a migrated DB) and expired ones."""
         self.renew()
-        rows = self._execute(f"UPDATE tasks SET host = %s, lease_until = {_NOW} + %s WHERE {_UNDONE} AND "
+        rows = self.execute(f"UPDATE tasks SET host = %s, lease_until = {_NOW} + %s WHERE {_UNDONE} AND "
                              f"(host = %s OR host IS NULL OR lease_until < {_NOW}) RETURNING id",
                              (self.host, self.lease, self.host))
         return {row[0] for row in rows}
 
     def renew(self) -> int:
         """Mark this host alive and extend the leases of every undone task it holds; how many."""
-        self._execute(f"INSERT INTO hosts VALUES (%s, {_NOW} + %s) ON CONFLICT (host) DO UPDATE SET "
+        self.execute(f"INSERT INTO hosts VALUES (%s, {_NOW} + %s) ON CONFLICT (host) DO UPDATE SET "
                       "alive_until = excluded.alive_until", (self.host, self.lease))
-        return len(self._execute(f"UPDATE tasks SET lease_until = {_NOW} + %s WHERE host = %s AND {_UNDONE} "
+        return len(self.execute(f"UPDATE tasks SET lease_until = {_NOW} + %s WHERE host = %s AND {_UNDONE} "
                                  "RETURNING id", (self.lease, self.host)))
 
     def take_over(self) -> dict[str, str]:
         """Take the undone tasks whose lease expired (their host is gone): {task id: the host it had}."""
-        rows = self._execute(
+        rows = self.execute(
             f"WITH expired AS (SELECT id, host FROM tasks WHERE host <> %s AND lease_until < {_NOW} AND {_UNDONE} "
             f"FOR UPDATE SKIP LOCKED) UPDATE tasks SET host = %s, lease_until = {_NOW} + %s FROM expired "
             "WHERE tasks.id = expired.id RETURNING tasks.id, expired.host", (self.host, self.host, self.lease))
@@ -116,10 +123,10 @@ class Cluster:
         """Ask whichever host holds an active task to cancel it: the host's name, None if the task is not active,
         "" if the DB cannot be reached."""
         try:
-            rows = self._execute("UPDATE tasks SET cancel_requested = 1 WHERE id = %s AND status IN ('queued', "
+            rows = self.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = %s AND status IN ('queued', "
                                  "'running') RETURNING host", (task_id,))
             if rows:
-                self._execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, task_id))
+                self.execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, task_id))
         except psycopg.Error as exc:
             log.error("任务 %s 取消请求失败 (%s)", task_id, " ".join(str(exc).split()))
             return ""
@@ -166,7 +173,7 @@ class Cluster:
         """The host that ran the conversation last (it holds its workspace) and whether it is alive;
         (None, False) for a new conversation or when the DB cannot say."""
         try:
-            rows = self._execute(f"SELECT c.host, coalesce(h.alive_until > {_NOW}, false) FROM conversation_hosts c "
+            rows = self.execute(f"SELECT c.host, coalesce(h.alive_until > {_NOW}, false) FROM conversation_hosts c "
                                  "LEFT JOIN hosts h ON h.host = c.host WHERE c.conversation_key = %s",
                                  (conversation_key,))
         except psycopg.Error as exc:
@@ -177,11 +184,11 @@ class Cluster:
     def hand_off(self, task_id: str, host: str) -> bool:
         """Give a queued task (its row written) of this host to `host` and wake it; False if it did not move."""
         try:
-            moved = self._execute(f"UPDATE tasks SET host = %s, lease_until = {_NOW} + %s WHERE id = %s AND "
+            moved = self.execute(f"UPDATE tasks SET host = %s, lease_until = {_NOW} + %s WHERE id = %s AND "
                                   "host = %s AND status = 'queued' RETURNING id",
                                   (host, self.lease, task_id, self.host))
             if moved:
-                self._execute("SELECT pg_notify(%s, %s)", (TASK_CHANNEL, task_id))
+                self.execute("SELECT pg_notify(%s, %s)", (TASK_CHANNEL, task_id))
         except psycopg.Error as exc:
             log.warning("任务 %s 交给主机 %s 失败 (%s)", task_id, host, " ".join(str(exc).split()))
             return False
@@ -190,7 +197,7 @@ class Cluster:
     def host_of(self, task_id: str) -> str | None:
         """The host holding a task (for /status); None if unknown or the DB cannot say."""
         try:
-            rows = self._execute("SELECT host FROM tasks WHERE id = %s", (task_id,))
+            rows = self.execute("SELECT host FROM tasks WHERE id = %s", (task_id,))
         except psycopg.Error as exc:
             log.warning("查询任务所在主机失败 %s (%s)", task_id, " ".join(str(exc).split()))
             return None
@@ -199,7 +206,7 @@ class Cluster:
     def queued_count(self, user_id: str) -> int | None:
         """How many of the user's tasks wait on any live host (MAX_QUEUED_PER_USER); None if the DB cannot say."""
         try:
-            rows = self._execute(f"SELECT count(*) FROM tasks WHERE user_id = %s AND status = 'queued' AND "
+            rows = self.execute(f"SELECT count(*) FROM tasks WHERE user_id = %s AND status = 'queued' AND "
                                  f"lease_until > {_NOW}", (user_id,))
         except psycopg.Error as exc:
             log.warning("查询排队任务数失败 user=%s (%s)", user_id, " ".join(str(exc).split()))
@@ -260,8 +267,8 @@ class Cluster:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout) as conn:
-                    conn.execute(f"LISTEN {CANCEL_CHANNEL}")
-                    conn.execute(f"LISTEN {TASK_CHANNEL}")
+                    for channel in self._listeners:
+                        conn.execute(f"LISTEN {channel}")
                     while not self._stop.is_set():
                         for notify in conn.notifies(timeout=0.5):
                             self._notified(notify.channel, notify.payload)
@@ -269,11 +276,11 @@ class Cluster:
                 log.error("集群取消通知连接中断 (%s)，稍后重连", " ".join(str(exc).split()))
                 self._stop.wait(_RETRY)
 
-    def _notified(self, channel: str, task_id: str) -> None:
+    def _notified(self, channel: str, payload: str) -> None:
         try:
-            (self.on_cancel if channel == CANCEL_CHANNEL else self.on_task)(task_id)
+            self._listeners[channel](payload)
         except Exception:
-            log.exception("处理集群通知失败 (%s): %s", channel, task_id)
+            log.exception("处理集群通知失败 (%s): %s", channel, payload[:80])
 
     def place(self, manager: Any, task: Task, expected: str) -> bool:
         """Conversation affinity for a new task: see `place_task`."""
@@ -360,6 +367,7 @@ def join_cluster(config: Config, manager: Any) -> Cluster | None:
         log.error("集群数据库不可用 (%s): %s", " ".join(str(exc).split()), safe_url(config.task_db))
         cluster.claim_pending = True
     manager.cluster = cluster
+    SharedQuestions(cluster, manager.workers.approvals).join()  # an answer may reach a host that did not ask
     limit = manager.board.limits.max_tasks_per_user
     manager.board.admit = lambda task, running: cluster.admit(task, running, limit)
     cluster.start()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from task import Task
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 TASK_COLUMNS = [f.name for f in Task.__dataclass_fields__.values()]
 FLAGS = ("background", "delivered", "cancel_requested", "undeliverable")  # booleans stored as 0/1
 
@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS sessions (conversation_key TEXT PRIMARY KEY, session_
 """,
     2: "CREATE TABLE IF NOT EXISTS api_calls (month TEXT PRIMARY KEY, calls INTEGER NOT NULL DEFAULT 0);",
     3: "",  # the PostgreSQL cluster tables; nothing for one host
+    4: "",  # the questions running tasks wait on, shared by the hosts (cluster_questions.py)
 }
 SQLITE_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
 
@@ -71,6 +72,13 @@ CREATE INDEX IF NOT EXISTS tasks_lease ON tasks (status, lease_until);
 CREATE TABLE IF NOT EXISTS conversation_hosts (conversation_key TEXT PRIMARY KEY, host TEXT NOT NULL,
     since DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS hosts (host TEXT PRIMARY KEY, alive_until DOUBLE PRECISION NOT NULL);
+""",
+    # Several hosts: the question a running task waits on, so an answer reaching another host gets to it.
+    4: """
+CREATE TABLE IF NOT EXISTS questions (id TEXT PRIMARY KEY, conversation_key TEXT NOT NULL, task_id TEXT NOT NULL,
+    host TEXT NOT NULL, owner TEXT NOT NULL, is_question INTEGER NOT NULL, asked_at DOUBLE PRECISION NOT NULL);
+CREATE INDEX IF NOT EXISTS questions_conversation ON questions (conversation_key);
+CREATE INDEX IF NOT EXISTS questions_task ON questions (task_id);
 """,
 }
 PG_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"

@@ -109,8 +109,10 @@ class CardStandin:
         """The newest card whose outTrackId names the task (the bot's ids are "cb-<task>-<run>")."""
         return next((c for c in reversed(self.card_list()) if f"-{task_id}-" in f"-{c.track}-"), None)
 
-    def send_card_callback(self, track: str, user_id: str, action: str = "stop") -> str:
-        """A button click on a card, as a Stream CALLBACK frame; the bot must have subscribed the topic."""
+    def send_card_callback(self, track: str, user_id: str, action: str = "stop", connection_id: str | None = None
+                           ) -> str:
+        """A button click on a card, as a Stream CALLBACK frame (to one connection at random, or the one named);
+        the bot must have subscribed the topic."""
         opened = [r for r in self.standin.requests if r.path == OPEN_PATH and r.status == 200]
         topics = [s.get("topic") for s in (opened[-1].body or {}).get("subscriptions", [])] if opened else []
         if CARD_TOPIC not in topics:
@@ -119,7 +121,7 @@ class CardStandin:
         data = {"outTrackId": track, "userId": user_id, "corpId": self.standin.corp_id, "type": "actionCallback",
                 "spaceType": "IM", "spaceId": card.space if card else "", "extension": "{}",
                 "content": json.dumps({"cardPrivateData": {"actionIds": [action], "params": {}}})}
-        return self.standin._send_frame("CALLBACK", CARD_TOPIC, data)
+        return self.standin._send_frame("CALLBACK", CARD_TOPIC, data, connection_id)
 
     # -- the quota
 

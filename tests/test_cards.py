@@ -130,9 +130,15 @@ def callback(track: str, user: object, actions: object = ("stop",)) -> dict:
                                                        else actions}})}
 
 
+class Workers:
+    def __init__(self, approvals: Approvals) -> None:
+        self.approvals = approvals
+
+
 class Manager:
     def __init__(self, live: Task) -> None:
         self.live, self.cancelled = live, []
+        self.workers = Workers(Approvals(lambda task, text: None, timeout=30))
 
     def get_task(self, task_id):
         return self.live if task_id == self.live.id else None
@@ -172,19 +178,13 @@ def test_a_progress_note_goes_onto_the_live_card_instead_of_a_message():
     assert "仍在处理中 (已用时 5 分钟)" in cards.render(card, card.started + 300)
 
 
-class Workers:
-    def __init__(self, approvals: Approvals) -> None:
-        self.approvals = approvals
-
-
 def test_approve_and_deny_buttons_answer_only_the_request_the_card_shows_and_only_for_the_owner_or_an_admin():
     api = FakeApi()
     cards = Cards(api, Budget(), interval=60, backoff=60)
     live = task(user="alice")
     cards.open(live)
-    approvals = Approvals(lambda task, text: None, timeout=30)
     manager = Manager(live)
-    manager.workers = Workers(approvals)
+    approvals = manager.workers.approvals
     request = ToolRequest("Bash", {"command": "rm -rf build"})
     decisions: list = []
     asking = threading.Thread(target=lambda: decisions.append(approvals.ask(

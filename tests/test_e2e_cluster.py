@@ -2,7 +2,8 @@
 one of their Stream connections at random (as DingTalk does): 300 messages of 30 users each answered once with
 MAX_TASKS_PER_USER and one run per conversation held across the processes, a msgId seen by two processes makes one
 task, a cancel sent to another process stops the task within a second, and a SIGKILLed process's running task is
-finished by another, answered once.
+finished by another, answered once; an answer to a tool request, an approve click and a stop click that reach
+another process get to the task waiting on them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import psycopg
 import pytest
 
 from tests.conftest import BotProcess, cli_runs
+from tests.standin_cards import TEMPLATE_ID, CardStandin
 
 pytestmark = pytest.mark.e2e
 
@@ -134,3 +136,52 @@ def test_a_follow_up_runs_on_the_host_holding_the_conversation_until_that_host_i
     assert any("之前在主机 host0 上运行" in text and "文件在新主机上不可用" in text for text in texts), texts
     assert _row(pg_url, "SELECT host FROM tasks WHERE prompt = '第三轮'") == [("host1",)]
     assert len(_answers(standin, "第三轮")) == 1
+
+
+def test_an_answer_or_a_card_click_that_reaches_another_process_gets_to_the_task_waiting_on_it(
+        standin, make_bot, tmp_path, pg_url):
+    cards = CardStandin(standin)
+    bots, connections = _cluster(make_bot, standin, tmp_path, pg_url, count=2, DINGTALK_CARD_TEMPLATE_ID=TEMPLATE_ID,
+                                 CARD_UPDATE_INTERVAL="0.3", ADMIN_USERS="boss")
+    here, there = connections
+    group = {"conversation_type": "2", "conversation_id": "cidClusterApprovals"}
+
+    def waiting_card(*, besides=()):
+        return standin.wait_for(lambda: next((c for c in cards.card_list() if c.params.get("pendingApproval")
+                                              and c.track not in besides), None), timeout=20)
+
+    def final_text(card) -> str:
+        return standin.wait_for(lambda: card.status == "3" and card.shown(), timeout=20)
+
+    standin.send_bot_message("建个文件 [tool=Bash:touch one.txt && echo one]", sender_staff_id="olga",
+                             connection_id=here, **group)
+    first = waiting_card()
+    refused = standin.send_bot_message("同意", sender_staff_id="mallory", connection_id=there, **group)
+    assert "只有发起任务" in standin.wait_for(lambda: standin.webhook_posts(refused.session), timeout=10)[0].text
+    approved = standin.send_bot_message("同意", sender_staff_id="olga", connection_id=there, **group)
+    assert "已同意" in standin.wait_for(lambda: standin.webhook_posts(approved.session), timeout=10)[-1].text
+    assert "工具 Bash 已执行: touch one.txt && echo one → one" in final_text(first)
+    bots[0].wait_log(r"任务 \w+ 的确认请求已被同意 \(user=olga\)")
+    bots[1].wait_log(r"拒绝非发起人的确认: 任务 \w+ user=mallory")
+
+    standin.send_bot_message("再来 [tool=Bash:touch two.txt && echo two]", sender_staff_id="olga",
+                             connection_id=here, **group)
+    second = waiting_card(besides=(first.track,))
+    cards.send_card_callback(second.track, "mallory", action="approve", connection_id=there)
+    bots[1].wait_log(r"拒绝非发起人的卡片确认: 任务 \w+ user=mallory")
+    cards.send_card_callback(second.track, "olga", action="approve", connection_id=there)
+    assert "工具 Bash 已执行: touch two.txt && echo two → two" in final_text(second)
+    assert sorted(p.name for p in (tmp_path / "workspace0").glob("conversations/*/workspace/*.txt")) == [
+        "one.txt", "two.txt"]  # both ran on host0, where the conversation lives
+
+    standin.send_bot_message("长任务 [stream=30]", sender_staff_id="olga", connection_id=here, **group)
+    third = standin.wait_for(lambda: next((c for c in cards.card_list() if c.distinct_updates()
+                                           and c.track not in (first.track, second.track)), None), timeout=20)
+    cards.send_card_callback(third.track, "olga", action="stop", connection_id=there)
+    standin.wait_for(lambda: third.status == "5", timeout=15, message="the card to end cancelled")
+    bots[0].wait_log(r"任务 \w+ 失败 \(cancelled\)")
+    # Neither 同意 became a task of its own, and the questions table is empty again.
+    assert _row(pg_url, "SELECT prompt, host FROM tasks ORDER BY created_at") == [
+        ("建个文件 [tool=Bash:touch one.txt && echo one]", "host0"),
+        ("再来 [tool=Bash:touch two.txt && echo two]", "host0"), ("长任务 [stream=30]", "host0")]
+    assert _row(pg_url, "SELECT count(*) FROM questions") == [(0,)]

@@ -3,7 +3,8 @@
 
 Directives anywhere in the prompt (combinable): [sleep=N] [spawn] [spawn-session] [fail] [error] [crash] [noresult]
 [big=N] [echo-env] [ignore-term] [stream=N] (the answer in five assistant messages over N seconds, a Bash step
-mid-way) [tool=NAME:COMMAND] (asks can_use_tool, runs COMMAND with sh if allowed) [ask=QUESTION] (AskUserQuestion).
+mid-way; [parts=N] for N messages instead of five) [tool=NAME:COMMAND] (asks can_use_tool, runs COMMAND with sh
+if allowed) [ask=QUESTION] (AskUserQuestion).
 With `--input-format stream-json` it stays alive and takes one user message per stdin line (a turn each, echoed with
 --replay-user-messages), answers `initialize` and `interrupt` (the interrupted turn writes no result, and a running
 tool command is left to the bot, the worst case), and sends can_use_tool requests.
@@ -414,10 +415,12 @@ def run_prompt(prompt: str, argv: list[str], flags: dict[str, Any], write: Any, 
         tools_said.append(said)
 
     write_outbox(prompt)
-    streamed: list[str] = []  # [stream=N]: the answer written in five assistant messages over N seconds
+    streamed: list[str] = []  # [stream=N]: the answer written in five (or [parts=N]) messages over N seconds
     stream_match = re.search(r"\[stream=([0-9]*\.?[0-9]+)\]", prompt)
-    for number in range(1, 6) if stream_match else ():
-        time.sleep(float(stream_match.group(1)) / 5)
+    parts_match = re.search(r"\[parts=(\d+)\]", prompt)
+    parts = max(1, int(parts_match.group(1))) if parts_match else 5
+    for number in range(1, parts + 1) if stream_match else ():
+        time.sleep(float(stream_match.group(1)) / parts)
         if turn is not None and turn.interrupted.is_set():
             return INTERRUPTED
         if number == 3:

@@ -25,6 +25,7 @@ log = logging.getLogger("async_task_manager")
 APPROVE_WORDS = ("同意", "/approve", "批准", "允许")
 DENY_WORDS = ("拒绝", "/deny", "不同意", "不允许")
 DETAIL_CHARS = 300  # of a command, path or question shown in the chat
+_NUMBERED = re.compile(r"^\s*(\d+)\s*[.、)）:：]\s*(.*)$")  # "1. …", "2、…", "3) …" in an answer to several questions
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]#|~<>])")  # what makes emphasis, code, links, headings, HTML
 
 
@@ -59,7 +60,8 @@ def question_text(task: Task, request: ToolRequest, timeout: float) -> str:
             if options:
                 line += " (" + " / ".join(escape_markdown(shorten(o, 60)) for o in options) + ")"
             lines.append(line)
-        lines += ["", f"{who}请直接回复你的答案 (回复「拒绝」则不回答)，{minutes}内未回复视为不回答。"]
+        several = "，多个问题请按编号逐行回答 (「1. …」换行「2. …」)" if len(request.questions) > 1 else ""
+        lines += ["", f"{who}请直接回复你的答案{several} (回复「拒绝」则不回答)，{minutes}内未回复视为不回答。"]
         return "\n".join(lines)
     return "\n".join([
         f"**CodeBuddy 请求使用工具 {escape_markdown(request.tool_name)}** (任务 {task.id})", "",
@@ -100,6 +102,23 @@ def verdict(owner: str, is_question: bool, user_id: str, is_admin: bool, text: s
     if user_id != owner and not is_admin:
         return "refused"
     return "approve" if first in APPROVE_WORDS else "deny"
+
+
+def split_answers(questions: list[str], text: str) -> dict[str, str]:
+    """Each question's answer: to several questions, a reply numbered line by line ("1. …", "2、…"; a line without a
+    number continues the answer above it) answers them one by one; any other reply answers each of them."""
+    numbered: dict[int, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        match = _NUMBERED.match(line)
+        if match and 1 <= int(match.group(1)) <= len(questions) and int(match.group(1)) not in numbered:
+            current = int(match.group(1))
+            numbered[current] = [match.group(2).strip()]
+        elif current is not None:
+            numbered[current].append(line.strip())
+    if len(questions) > 1 and sorted(numbered) == list(range(1, len(questions) + 1)):
+        return {q: "\n".join(numbered[n]).strip() for n, q in enumerate(questions, 1)}
+    return dict.fromkeys(questions, text)
 
 
 def reply_for(kind: str, task_id: str) -> str:
@@ -208,7 +227,7 @@ class Approvals:
             log.warning("拒绝非发起人的确认: 任务 %s user=%s", pending.task.id, user_id)
             return reply_for(kind, pending.task.id)
         if kind == "answer":
-            answers = {str(q.get("question")): text for q in pending.request.questions}
+            answers = split_answers([str(q.get("question")) for q in pending.request.questions], text)
             decision = Decision(True, updated_input={**pending.request.input, "answers": answers})
         else:
             decision = Decision(kind == "approve", "" if kind == "approve" else

@@ -4,7 +4,7 @@
 Directives anywhere in the prompt (combinable): [sleep=N] [spawn] [spawn-session] [fail] [error] [crash] [noresult]
 [big=N] [echo-env] [ignore-term] [stream=N] (the answer in five assistant messages over N seconds, a Bash step
 mid-way; [parts=N] for N messages instead of five) [tool=NAME:COMMAND] (asks can_use_tool, runs COMMAND with sh
-if allowed) [ask=QUESTION] (AskUserQuestion).
+if allowed) [ask=QUESTION] (AskUserQuestion; [ask=Q1|Q2] asks several at once).
 With `--input-format stream-json` it stays alive and takes one user message per stdin line (a turn each, echoed with
 --replay-user-messages), answers `initialize` and `interrupt` (the interrupted turn writes no result, and a running
 tool command is left to the bot, the worst case), and sends can_use_tool requests.
@@ -245,7 +245,8 @@ def use_tool(name: str, command: str, session_id: str, out: Any, turn: Turn | No
 def ask_user(question: str, session_id: str, out: Any, turn: Turn | None) -> str | None:
     """The agent asks the user a question (the AskUserQuestion tool, through can_use_tool)."""
     tool_id = "toolu_" + uuid.uuid4().hex[:12]
-    tool_input = {"questions": [{"question": question, "header": "问题", "options": [], "multiSelect": False}]}
+    asked = question.split("|")  # [ask=Q1|Q2]: one AskUserQuestion with several questions
+    tool_input = {"questions": [{"question": q, "header": "问题", "options": [], "multiSelect": False} for q in asked]}
     out({"type": "assistant", "session_id": session_id, "message": {"role": "assistant", "content": [
         {"type": "tool_use", "id": tool_id, "name": "AskUserQuestion", "input": tool_input}]}})
     if turn is None:
@@ -257,7 +258,7 @@ def ask_user(question: str, session_id: str, out: Any, turn: Turn | None) -> str
     if not decision.get("allowed"):
         return f"问题被拒绝: {decision.get('reason', '')}"
     answers = (decision.get("updatedInput") or {}).get("answers") or {}
-    return f"用户回答: {answers.get(question, '')}"
+    return "用户回答: " + " / ".join(f"{answers.get(q, '')}" for q in asked)
 def outbox_bytes(name: str, size: int) -> bytes:
     """The deterministic content [outbox=NAME:SIZE] writes (tests compare what arrives with it)."""
     seed = name.encode("utf-8") + b"\x00\xff"

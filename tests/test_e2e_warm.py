@@ -162,6 +162,15 @@ def test_a_question_from_the_agent_is_answered_by_the_senders_next_message(stand
     assert not runs_of(tmp_path, "PostgreSQL 吧")  # the answer was not run as a prompt of its own
 
 
+def test_several_questions_at_once_are_answered_one_by_one_by_a_numbered_reply(standin, make_bot, tmp_path):
+    make_bot()
+    sent = standin.send_bot_message("建表 [ask=用哪个数据库？|主键用什么？]", sender_staff_id="w9")
+    question = replies(standin, sent, 2)[1]
+    assert "1. 用哪个数据库？" in question and "2. 主键用什么？" in question and "按编号逐行回答" in question
+    standin.send_bot_message("1. PostgreSQL\n2. bigserial", sender_staff_id="w9")
+    assert "用户回答: PostgreSQL / bigserial" in replies(standin, sent, 3)[2]
+
+
 def test_approvals_off_denies_at_once(standin, make_bot, tmp_path):
     make_bot(APPROVALS="off")
     result = answer(standin, "跑 [tool=Bash:touch x.txt]", "w8")

@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 
 import task_texts
+from cluster_fence import DeliveryFence
 from cluster_questions import SharedQuestions
 from config import Config
 from store_journal import JournaledStore, open_store
@@ -68,6 +69,7 @@ class Cluster:
         self._conn: psycopg.Connection | None = None
         self._admit_off_until = 0.0  # monotonic: admission skips the DB until then (it was unreachable)
         self.claim_pending = False  # the start's claim failed: the lease thread retries it
+        self.renewed_at = float("-inf")  # monotonic: when the last successful renewal was sent
 
     # -- statements
 
@@ -106,10 +108,13 @@ class Cluster:
 
     def renew(self) -> int:
         """Mark this host alive and extend the leases of every undone task it holds; how many."""
+        sent = time.monotonic()  # the leases run from the DB's now, which is later: `renewed_at` errs on the safe side
         self.execute(f"INSERT INTO hosts VALUES (%s, {_NOW} + %s) ON CONFLICT (host) DO UPDATE SET "
-                      "alive_until = excluded.alive_until", (self.host, self.lease))
-        return len(self.execute(f"UPDATE tasks SET lease_until = {_NOW} + %s WHERE host = %s AND {_UNDONE} "
-                                 "RETURNING id", (self.lease, self.host)))
+                     "alive_until = excluded.alive_until", (self.host, self.lease))
+        renewed = self.execute(f"UPDATE tasks SET lease_until = {_NOW} + %s WHERE host = %s AND {_UNDONE} "
+                               "RETURNING id", (self.lease, self.host))
+        self.renewed_at = sent
+        return len(renewed)
 
     def take_over(self) -> dict[str, str]:
         """Take the undone tasks whose lease expired (their host is gone): {task id: the host it had}."""
@@ -368,6 +373,7 @@ def join_cluster(config: Config, manager: Any) -> Cluster | None:
         cluster.claim_pending = True
     manager.cluster = cluster
     SharedQuestions(cluster, manager.workers.approvals).join()  # an answer may reach a host that did not ask
+    manager.outbox.fence = DeliveryFence(cluster)  # a result goes out only while this host holds its task
     limit = manager.board.limits.max_tasks_per_user
     manager.board.admit = lambda task, running: cluster.admit(task, running, limit)
     cluster.start()

@@ -26,6 +26,7 @@ log = logging.getLogger("async_task_manager")
 ACK_WAIT = 30.0  # seconds a result waits for the notices about its task to go out first
 NOTICE_RETRY_WINDOW = 30.0  # seconds a notice keeps retrying: an acknowledgement is worthless much later
 RETRY_BACKOFF_MAX = 1800.0  # longest pause between two deliveries of an undelivered result
+FENCE_RETRY = 2.0  # seconds a result held by the fence (its holder unconfirmed) waits before it is tried again
 
 
 class Outbox:
@@ -50,6 +51,8 @@ class Outbox:
         self._pending_deliveries: set[Future] = set()
         self.budget: Any = None  # api_budget.ApiBudget: notices are not pushed near the monthly call budget
         self.cards: Any = None  # cards.Cards when AI cards are on: results finalize the task's card
+        # Several hosts: cluster_fence.DeliveryFence — send only while this host holds the task (None: one host).
+        self.fence: Callable[[Task], bool | None] | None = None
         self._notices = ThreadPoolExecutor(max_workers=32, thread_name_prefix="notice")
         self._deliveries = ThreadPoolExecutor(max_workers=8, thread_name_prefix="deliver")
 
@@ -117,6 +120,13 @@ class Outbox:
             earlier = list(self._before_result.get(task.id, ()))
         futures_wait(earlier, timeout=ACK_WAIT)  # the acknowledgement and notices go first (failures were logged)
         tlog = task_log(log, task)
+        held = self.fence(task) if self.fence is not None else True
+        if not held:
+            with self._lock:  # another host holds the task (False): its answer is not ours; unconfirmed (None): later
+                attempts = self._retries.pop(task.id, (task, 0.0, 0))[2]
+                if held is None:
+                    self._retries[task.id] = (task, self.clock() + FENCE_RETRY, attempts)
+            return False
         text = task_texts.result(task, self.clock())
         if self.cards is not None and self.cards.finish(task):
             return self._delivered(task, "card")

@@ -43,7 +43,10 @@ _SAVE_TASK = (f"INSERT INTO tasks ({_COLUMNS}, host, lease_until) "
               f"VALUES ({', '.join(f'%({c})s' for c in TASK_COLUMNS)}, "
               f"%(_host)s, CASE WHEN %(_host)s::text IS NULL THEN NULL ELSE {_NOW} + %(_lease)s::float8 END) "
               f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in TASK_COLUMNS if c != 'id')} "
-              "WHERE tasks.created_at IS NOT DISTINCT FROM excluded.created_at")
+              "WHERE tasks.created_at IS NOT DISTINCT FROM excluded.created_at "
+              # A host writes only the tasks it holds: once another took one over, the old host's late writes
+              # (a run it finished while cut off from the DB) do not overwrite the taker's (cluster_fence.py).
+              "AND (excluded.host IS NULL OR tasks.host IS NULL OR tasks.host = excluded.host)")
 
 
 def is_postgres_url(task_db: str) -> bool:
@@ -152,7 +155,12 @@ class PostgresTaskStore:
     def save(self, task: Task) -> None:
         """Insert the task's row, or update it if it exists. Never overwrites another task's row."""
         if not self._write(_SAVE_TASK, {**_task_to_row(task), **self._owner}):
-            task_log(log, task).error("任务ID冲突，数据库中已有另一任务 %s，未覆盖", task.id)
+            holder = self._query("SELECT host FROM tasks WHERE id = %s", (task.id,))
+            if holder and holder[0]["host"] not in (None, self._owner["_host"]):
+                task_log(log, task).warning("任务 %s 已由主机 %s 接管，本主机的状态更新未写入", task.id,
+                                            holder[0]["host"])
+            else:
+                task_log(log, task).error("任务ID冲突，数据库中已有另一任务 %s，未覆盖", task.id)
 
     def get(self, task_id: str) -> Task | None:
         rows = self._query(f"SELECT {_COLUMNS} FROM tasks WHERE id = %s", (task_id,))

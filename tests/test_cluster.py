@@ -9,6 +9,7 @@ import time
 import psycopg
 
 from cluster import Cluster
+from cluster_fence import DeliveryFence
 from dingtalk_sender import Route
 from store_journal import open_store
 from task import RUNNING, SUCCEEDED, Task
@@ -123,4 +124,36 @@ def test_a_task_is_admitted_only_while_its_user_and_conversation_have_room_on_ev
     store.save(_task(5))  # queued on host a: MAX_QUEUED_PER_USER counts it on every host
     assert store.wait_written(5) and b.queued_count("u1") == 1 and b.host_of(f"{5:016x}") == "a"
     b.stop()
+    store.close()
+
+
+def test_the_delivery_fence_lets_a_result_out_only_while_this_host_holds_its_task(pg_url):
+    store = open_store(pg_url, host="a")
+    store.save(_task(1, status=SUCCEEDED))
+    store.save(_task(2, status=SUCCEEDED))
+    assert store.wait_written(5)
+    a, b = _member(pg_url, "a", lease=3), _member(pg_url, "b", lease=3)
+    _expire(pg_url)
+    assert set(b.take_over()) == {f"{1:016x}", f"{2:016x}"}
+    fence = DeliveryFence(a)
+    assert fence(_task(1)) is False  # b took both: a must not answer them
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("UPDATE tasks SET host = 'a' WHERE id = %s", (f"{1:016x}",))
+        before = conn.execute("SELECT lease_until FROM tasks WHERE id = %s", (f"{1:016x}",)).fetchone()[0]
+    assert fence(_task(1)) is True
+    with psycopg.connect(pg_url) as conn:  # and its lease was extended: b cannot take it while a sends
+        assert conn.execute("SELECT lease_until FROM tasks WHERE id = %s", (f"{1:016x}",)).fetchone()[0] > before
+    assert fence(_task(3)) is True  # no row yet (still in a's journal): nobody else can hold it
+    assert fence.refused == 1
+
+    cut_off = Cluster("postgresql://nobody@127.0.0.1:1/none", "a", lease_seconds=3, on_takeover=lambda ids: None,
+                      on_cancel=lambda task_id: None, connect_timeout=1)
+    now = [100.0]
+    unreachable = DeliveryFence(cut_off, clock=lambda: now[0])
+    cut_off.renewed_at = 99.0  # renewed a second ago: the lease still holds
+    assert unreachable(_task(1)) is True
+    now[0] = 103.0  # past 0.8 of the lease since the renewal: maybe taken over, so wait for the DB
+    assert unreachable(_task(1)) is None
+    for member in (a, b):
+        member.stop()
     store.close()

@@ -3,7 +3,8 @@ one of their Stream connections at random (as DingTalk does): 300 messages of 30
 MAX_TASKS_PER_USER and one run per conversation held across the processes, a msgId seen by two processes makes one
 task, a cancel sent to another process stops the task within a second, and a SIGKILLed process's running task is
 finished by another, answered once; an answer to a tool request, an approve click and a stop click that reach
-another process get to the task waiting on them.
+another process get to the task waiting on them; a process cut off from the DB past its lease does not answer the
+task another process took over and answered.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import psycopg
 import pytest
 
 from tests.conftest import BotProcess, cli_runs
+from tests.pg_proxy import PgProxy
 from tests.standin_cards import TEMPLATE_ID, CardStandin
 
 pytestmark = pytest.mark.e2e
@@ -21,13 +23,15 @@ pytestmark = pytest.mark.e2e
 LEASE = "3"  # LEASE_SECONDS: a dead host's tasks move after this (30 in production)
 
 
-def _cluster(make_bot, standin, tmp_path, pg_url, count: int = 3, **settings: str
+def _cluster(make_bot, standin, tmp_path, pg_url, count: int = 3, task_dbs: tuple[str, ...] = (), **settings: str
              ) -> tuple[list[BotProcess], list[str]]:
-    """`count` bot processes, each with its own host name, workspace and log; their connection ids in order."""
+    """`count` bot processes, each with its own host name, workspace and log; their connection ids in order.
+    `task_dbs` gives the first ones another way to the DB (a proxy a test can cut)."""
     standin.several_connections = True
     bots, connections = [], []
     for number in range(count):
-        bots.append(make_bot(TASK_DB=pg_url, HOST_NAME=f"host{number}", LEASE_SECONDS=LEASE,
+        url = task_dbs[number] if number < len(task_dbs) else pg_url
+        bots.append(make_bot(TASK_DB=url, HOST_NAME=f"host{number}", LEASE_SECONDS=LEASE,
                              CODEBUDDY_WORKDIR=str(tmp_path / f"workspace{number}"),
                              LOG_FILE=str(tmp_path / "logs" / f"bot{number}.log"), **settings))
         connections.append(standin.wait_for(lambda: [c for c in standin.live_connections() if c not in connections],
@@ -112,6 +116,29 @@ def test_a_sigkilled_process_running_task_is_finished_by_another_and_answered_on
     assert len(_answers(standin, "接管")) == 1
     assert _row(pg_url, "SELECT host, status, delivered, attempts FROM tasks") == [("host1", "succeeded", 1, 2)]
     assert taken < float(LEASE) + 3, f"taken over {taken:.1f} s after the kill"
+
+
+def test_a_process_cut_off_from_the_db_does_not_answer_a_task_another_took_over(standin, make_bot, tmp_path, pg_url):
+    proxy = PgProxy(pg_url)
+    try:
+        bots, connections = _cluster(make_bot, standin, tmp_path, pg_url, count=2, task_dbs=(proxy.url,))
+        standin.send_bot_message("断网 [sleep=5]", sender_staff_id="cut", connection_id=connections[0])
+        standin.wait_for(lambda: _row(pg_url, "SELECT id FROM tasks WHERE status = 'running'"), timeout=20)
+        proxy.cut()  # host0 keeps running its task, but can neither renew its lease nor write
+        bots[1].wait_log("接管任务 .*: 主机 host0 的租约已过期", timeout=15)
+        standin.wait_for(lambda: _row(pg_url, "SELECT delivered FROM tasks WHERE host = 'host1' AND "
+                                      "status = 'succeeded'") == [(1,)], timeout=30)  # host1's re-run answered
+        time.sleep(1.0)
+        assert len(_answers(standin, "断网")) == 1  # host0's run ended earlier, and held its result back
+        bots[0].wait_log("任务 \\w+ 的结果暂缓发送: 无法向任务数据库确认本主机仍持有该任务", timeout=5)
+        proxy.restore()
+        bots[0].wait_log("任务 \\w+ 已由主机 host1 接管，本主机不发送它的结果", timeout=20)
+        bots[0].wait_log("任务 \\w+ 已由主机 host1 接管，本主机的状态更新未写入", timeout=20)
+        time.sleep(1.0)
+        assert len(_answers(standin, "断网")) == 1
+        assert _row(pg_url, "SELECT host, status, delivered, attempts FROM tasks") == [("host1", "succeeded", 1, 2)]
+    finally:
+        proxy.close()
 
 
 def test_a_follow_up_runs_on_the_host_holding_the_conversation_until_that_host_is_gone(standin, make_bot, tmp_path,

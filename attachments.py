@@ -11,6 +11,7 @@ user's next prompt in that chat; sent with text (richText), they go into that pr
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import logging
@@ -242,9 +243,16 @@ class PendingAttachments:
         self.clock = clock
         self.ttl = ttl
         self._lock = threading.Lock()
+        # The records on disk, so the look every prompt takes (`take`) touches no file when there is none: the ones
+        # a restart finds, then the ones `add` writes.
+        self._known = set(glob.glob(os.path.join(glob.escape(workspaces.root), "conversations", "*", "pending-*.json")))
 
-    def _path(self, conversation_key: str, user_id: str) -> str:
-        base = os.path.dirname(self.workspaces.dirs_for(conversation_key).workspace)
+    def _path(self, conversation_key: str, user_id: str, *, create: bool = False) -> str:
+        """The user's record in this chat; `create` makes the conversation's directories (every prompt looks
+        here, and only an attachment needs them: creating them on each look cost the intake thread most of a
+        prompt's handling time)."""
+        base = (os.path.dirname(self.workspaces.dirs_for(conversation_key).workspace) if create
+                else self.workspaces.base_for(conversation_key))
         return os.path.join(base, f"pending-{hashlib.sha256(user_id.encode()).hexdigest()[:24]}.json")
 
     def _read(self, path: str) -> list[dict]:
@@ -261,20 +269,24 @@ class PendingAttachments:
 
     def add(self, conversation_key: str, user_id: str, saved: Iterable[Saved]) -> None:
         """Keep `saved` for the user's next prompt in this chat."""
-        path = self._path(conversation_key, user_id)
+        path = self._path(conversation_key, user_id, create=True)
         with self._lock:
             entries = self._read(path) + [{**asdict(item), "at": self.clock()} for item in saved]
             temporary = f"{path}.{os.getpid()}.tmp"
             with open(temporary, "w", encoding="utf-8") as handle:
                 json.dump(entries[-MAX_PER_MESSAGE * 2:], handle, ensure_ascii=False)
             os.replace(temporary, path)
+            self._known.add(path)
 
     def take(self, conversation_key: str, user_id: str) -> list[Saved]:
         """The attachments waiting for this user's prompt in this chat (forgotten once taken)."""
         path = self._path(conversation_key, user_id)
         with self._lock:
+            if path not in self._known:
+                return []
+            self._known.discard(path)
             entries = self._read(path)
-            if os.path.exists(path):
+            if os.path.exists(path):  # an expired or unreadable record goes too
                 os.unlink(path)
         return [Saved(str(e.get("kind")), str(e.get("name")), str(e.get("path")), int(e.get("size", 0)))
                 for e in entries]

@@ -75,9 +75,13 @@ class Workspaces:
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
 
+    def base_for(self, conversation_key: str) -> str:
+        """The directory holding the conversation's workspace and CLI home (not created: see `dirs_for`)."""
+        return os.path.join(self.root, "conversations", conversation_dir_name(conversation_key or "-"))
+
     def dirs_for(self, conversation_key: str) -> ConversationDirs:
         """The conversation's directories, created (0700) on first use."""
-        base = os.path.join(self.root, "conversations", conversation_dir_name(conversation_key or "-"))
+        base = self.base_for(conversation_key)
         dirs = ConversationDirs(os.path.join(base, "workspace"), os.path.join(base, "home"))
         for path in (self.root, os.path.dirname(base), base, dirs.workspace, dirs.home):
             os.makedirs(path, mode=0o700, exist_ok=True)

@@ -63,6 +63,13 @@ def test_pending_attachments_are_per_user_and_chat_used_once_and_expire(tmp_path
     pending.add("chat", "alice", [item])
     now[0] += 61
     assert pending.take("chat", "alice") == []
+    assert not list(tmp_path.glob("conversations/*/pending-*.json"))  # the expired record went with the look
+
+    pending.add("chat", "alice", [item])
+    restarted = PendingAttachments(Workspaces(str(tmp_path)), clock=lambda: now[0], ttl=60)
+    assert restarted.take("chat", "alice") == [item]  # the promise survives a restart
+    assert restarted.take("nobody-wrote-here", "alice") == []
+    assert len(list((tmp_path / "conversations").iterdir())) == 1  # a look creates no conversation directory
 
 
 def _outbox(tmp_path: Path, sender=None, **limits) -> tuple[OutboxFiles, Path]:

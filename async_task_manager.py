@@ -215,7 +215,8 @@ class AsyncTaskManager:
     # ------------------------------------------------------------ start, restart and shutdown
 
     def start(self) -> None:
-        """Start the worker threads and the monitor (promotion, progress notes, cleanup)."""
+        """Start the worker threads, the notice threads and the monitor (promotion, progress notes, cleanup)."""
+        self.outbox.prestart()
         self.workers.start()
         self.monitor.start()
 

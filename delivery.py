@@ -56,6 +56,18 @@ class Outbox:
         self._notices = ThreadPoolExecutor(max_workers=32, thread_name_prefix="notice")
         self._deliveries = ThreadPoolExecutor(max_workers=8, thread_name_prefix="deliver")
 
+    def prestart(self, timeout: float = 5.0) -> None:
+        """Start every notice thread now: a burst of messages otherwise starts them one by one on the intake
+        thread, each start a hand-off of the GIL while acknowledgements wait."""
+        size = self._notices._max_workers
+        ready = threading.Barrier(size + 1)
+        for _ in range(size):
+            self._notices.submit(ready.wait, timeout)
+        try:
+            ready.wait(timeout)
+        except threading.BrokenBarrierError:
+            log.warning("通知线程未能全部预先启动")
+
     # -- notices
 
     def notice(self, route: Route, text: str, *, task_id: str = "", allow_webhook: bool = True,

@@ -154,8 +154,7 @@ class OutboxFiles:
     def _stage_dir(self, conversation_key: str, task_id: str) -> str:
         if not _TASK_ID.match(task_id):
             raise ValueError(f"not a task id: {task_id!r}")
-        base = os.path.dirname(self.workspaces.dirs_for(conversation_key).workspace)
-        return os.path.join(base, STAGE_DIR, task_id)
+        return os.path.join(self.workspaces.base_for(conversation_key), STAGE_DIR, task_id)  # made when a file comes
 
     # -- when the run ends
 

@@ -184,6 +184,9 @@ class Cards:
             version, content, approval = card.version, self.render(card, self._clock()), card.approval
             buttons, text = approval != card.approval_sent, version != card.sent_version
         error = self.api.update(card.track, {self.api.variables.approval: approval}) if buttons else ""
+        if buttons and not error:
+            with self._lock:
+                card.approval_sent = approval  # shown, even if the text update after it fails
         if not error and text:
             error = self.api.stream(card.track, content)
         with self._lock:
@@ -194,7 +197,6 @@ class Cards:
                 if card.errors >= 2:  # this card is broken: its answer goes as a message
                     card.state = "failed"
             else:
-                card.approval_sent = approval
                 card.sent_version = max(card.sent_version, version) if text else card.sent_version
                 self.stats["updates"] += 1
             self._lock.notify_all()

@@ -285,7 +285,8 @@ class Cluster:
         try:
             self._listeners[channel](payload)
         except Exception:
-            log.exception("处理集群通知失败 (%s): %s", channel, payload[:80])
+            shown = payload if len(payload) <= 32 else f"{len(payload)} 字节"  # a task id, never an answer's text
+            log.exception("处理集群通知失败 (%s): %s", channel, shown)
 
     def place(self, manager: Any, task: Task, expected: str) -> bool:
         """Conversation affinity for a new task: see `place_task`."""

@@ -200,6 +200,12 @@ class Approvals:
             pending = self._pending.get(conversation_key)
         return pending.task if pending is not None else None
 
+    def is_waiting(self, task: Task) -> bool:
+        """Whether `task` waits for its sender's answer, here or (`remote`) on the host running it."""
+        if getattr(self.waiting(task.conversation_key), "id", None) == task.id:
+            return True
+        return self.remote is not None and self.remote.waits(task.id)
+
     def answer(self, conversation_key: str, user_id: str, is_admin: bool, text: str) -> str | None:
         """If `text` answers the question waiting in this conversation: take it and return the reply to show
         ("" for none); None when the message is not an answer (it is handled as usual). A question another host's

@@ -255,8 +255,7 @@ class ChatApp:
             hold = self.manager.board.hold_reason(task)
             lines.append(task_texts.waiting_status(hold, self.manager.queue_position(task.id),
                                                    self.config.max_tasks_per_user))
-        if task.status == RUNNING and getattr(
-                self.manager.workers.approvals.waiting(task.conversation_key), "id", None) == task.id:
+        if task.status == RUNNING and self.manager.workers.approvals.is_waiting(task):
             lines.append("等待你的确认: 回复「同意」或「拒绝」 (计时暂停)")
         if task.status == RUNNING:
             if self.manager.cluster is not None:  # issue 16: several hosts share the tasks

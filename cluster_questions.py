@@ -104,6 +104,10 @@ class SharedQuestions:
         relayed = self._relay({"id": question, "user": user_id, "admin": is_admin, "approve": approve})
         return "relayed" if relayed else "ignored"
 
+    def waits(self, task_id: str) -> bool:
+        """Whether a task another live host runs waits for an answer (`/status` asked here)."""
+        return self._waiting("q.task_id = %s AND q.host <> %s", (task_id, self.cluster.host)) is not None
+
     def _waiting(self, where: str, args: tuple) -> tuple[Any, ...] | None:
         try:
             rows = self.cluster.execute(f"SELECT q.id, q.task_id, q.owner, q.is_question FROM questions q WHERE "

@@ -183,6 +183,8 @@ def test_an_answer_or_a_card_click_that_reaches_another_process_gets_to_the_task
     standin.send_bot_message("建个文件 [tool=Bash:touch one.txt && echo one]", sender_staff_id="olga",
                              connection_id=here, **group)
     first = waiting_card()
+    status = standin.send_bot_message("/status", sender_staff_id="olga", connection_id=there, **group)
+    assert "等待你的确认" in standin.wait_for(lambda: standin.webhook_posts(status.session), timeout=10)[0].text
     refused = standin.send_bot_message("同意", sender_staff_id="mallory", connection_id=there, **group)
     assert "只有发起任务" in standin.wait_for(lambda: standin.webhook_posts(refused.session), timeout=10)[0].text
     approved = standin.send_bot_message("同意", sender_staff_id="olga", connection_id=there, **group)

@@ -36,7 +36,7 @@ def action_ids(data: Any) -> tuple[str, list[str]]:
 
 def handle_card_callback(data: Any, cards: Any, manager: Any, admins: Iterable[str]) -> str:
     """Act on one card callback; what was done, for the log and tests: "stopped", "approved", "denied",
-    "refused" or "ignored"."""
+    "relayed" (to the host whose task waits), "refused" or "ignored"."""
     user, actions = action_ids(data)
     track = data.get("outTrackId") if isinstance(data, dict) else None
     if not isinstance(track, str) or not user or not ({STOP_ACTION, APPROVE_ACTION, DENY_ACTION} & set(actions)):

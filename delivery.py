@@ -26,6 +26,7 @@ log = logging.getLogger("async_task_manager")
 ACK_WAIT = 30.0  # seconds a result waits for the notices about its task to go out first
 NOTICE_RETRY_WINDOW = 30.0  # seconds a notice keeps retrying: an acknowledgement is worthless much later
 RETRY_BACKOFF_MAX = 1800.0  # longest pause between two deliveries of an undelivered result
+NOTICE_THREADS = 32  # notices (acknowledgements first) sent at once
 FENCE_RETRY = 2.0  # seconds a result held by the fence (its holder unconfirmed) waits before it is tried again
 
 
@@ -53,15 +54,14 @@ class Outbox:
         self.cards: Any = None  # cards.Cards when AI cards are on: results finalize the task's card
         # Several hosts: cluster_fence.DeliveryFence — send only while this host holds the task (None: one host).
         self.fence: Callable[[Task], bool | None] | None = None
-        self._notices = ThreadPoolExecutor(max_workers=32, thread_name_prefix="notice")
+        self._notices = ThreadPoolExecutor(max_workers=NOTICE_THREADS, thread_name_prefix="notice")
         self._deliveries = ThreadPoolExecutor(max_workers=8, thread_name_prefix="deliver")
 
     def prestart(self, timeout: float = 5.0) -> None:
         """Start every notice thread now: a burst of messages otherwise starts them one by one on the intake
         thread, each start a hand-off of the GIL while acknowledgements wait."""
-        size = self._notices._max_workers
-        ready = threading.Barrier(size + 1)
-        for _ in range(size):
+        ready = threading.Barrier(NOTICE_THREADS + 1)
+        for _ in range(NOTICE_THREADS):
             self._notices.submit(ready.wait, timeout)
         try:
             ready.wait(timeout)

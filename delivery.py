@@ -1,18 +1,21 @@
 """Getting words to the user off the caller's thread: acknowledgements, notices and task results.
 
 Notices and results go out on thread pools of their own, never on a CLI worker or the stream's event loop.
-A task's result waits for the notices about it sent before it (acknowledgement, "moved to the background").
+One chat's notices go out in the order they were made; a task's result waits for the notices about it sent
+before it (acknowledgement, "moved to the background").
 Notices get a short retry budget; a result that cannot be delivered is tried again while the bot runs, with
 backoff, and given up after `give_up_after` seconds (or at once when DingTalk refuses it for good).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
+from functools import partial
 from typing import Any
 
 import task_texts
@@ -48,6 +51,7 @@ class Outbox:
         self.notice_retry_window = notice_retry_window
         self._lock = threading.Lock()
         self._before_result: dict[str, list[Future]] = {}  # notices about a task still on their way
+        self._chats: dict[tuple[str, str], collections.deque] = {}  # notices waiting for a chat's earlier ones
         self._retries: dict[str, tuple[Task, float, int]] = {}  # undelivered results: (task, due at, attempts)
         self._pending_deliveries: set[Future] = set()
         self.budget: Any = None  # api_budget.ApiBudget: notices are not pushed near the monthly call budget
@@ -74,14 +78,45 @@ class Outbox:
                markdown: bool = False) -> Future:
         """Send a notice (command answer, refusal, progress note) to a chat, off the calling thread.
 
-        With a `task_id`, that task's result will not overtake it.
+        One chat's notices go out one after another, in the order they were made (two acknowledgements in a row
+        arrive in that order); different chats' at once. With a `task_id`, that task's result will not overtake it.
         """
-        future = self._notices.submit(self._send_notice, route, text, allow_webhook, task_id, markdown)
+        future: Future = Future()
+        chat = (route.conversation_type, route.conversation_id if route.is_group else route.user_id)
+        job = (future, partial(self._send_notice, route, text, allow_webhook, task_id, markdown))
+        with self._lock:
+            queue = self._chats.setdefault(chat, collections.deque())
+            queue.append(job)  # after that chat's notices still going out, if any
+            first = len(queue) == 1
+        if first:
+            try:
+                self._notices.submit(self._send_in_order, chat)
+            except RuntimeError:  # shut down
+                with self._lock:
+                    self._chats.pop(chat, None)
+                raise
         if task_id:
             with self._lock:
                 self._before_result.setdefault(task_id, []).append(future)
             future.add_done_callback(lambda done: self._forget_notice(task_id, done))
         return future
+
+    def _send_in_order(self, chat: tuple[str, str]) -> None:
+        """Send the chat's notices, the ones made meanwhile too, on this thread, until none is left."""
+        while True:
+            with self._lock:
+                future, send = self._chats[chat][0]
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(send())
+                except BaseException as exc:  # _send_notice logs its own failures; this is the unexpected rest
+                    future.set_exception(exc)
+            with self._lock:
+                queue = self._chats[chat]
+                queue.popleft()
+                if not queue:
+                    del self._chats[chat]
+                    return
 
     def _forget_notice(self, task_id: str, done: Future) -> None:
         with self._lock:
@@ -213,4 +248,8 @@ class Outbox:
     def shutdown(self) -> None:
         """Drop what has not started; nothing new is sent."""
         self._notices.shutdown(wait=False, cancel_futures=True)
+        with self._lock:  # what no thread will send now: cancelled, so nothing waits for it
+            waiting = [future for queue in self._chats.values() for future, _ in queue]
+        for future in waiting:
+            future.cancel()
         self._deliveries.shutdown(wait=False, cancel_futures=True)

@@ -12,7 +12,8 @@ from dotenv import dotenv_values
 from async_task_manager import AsyncTaskManager
 from codebuddy_client import StreamState, new_session_id, parse_stream_line, redact_secrets, result_from_stream
 from config import EXAMPLE_VALUES, SEED_LONG_TASK_KEYWORDS, ConfigError, load_config, read_config
-from dingtalk_sender import AccessTokenProvider, Route
+from delivery import Outbox
+from dingtalk_sender import AccessTokenProvider, Delivery, Route
 from message_parts import split_message, utf8_json_cost
 from store_journal import open_store
 from task import Task
@@ -332,3 +333,30 @@ def test_answer_text_grows_with_partial_and_whole_assistant_messages() -> None:
     parse_stream_line(json.dumps({"type": "assistant", "message": {"content": [{"type": "text", "text": "结论"}]}}),
                       state)
     assert state.answer_text == "先看看代码。\n\n结论"
+
+
+def test_one_chats_notices_go_out_in_order_while_another_chat_is_not_held_up():
+    sent: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    slow_chat_started = threading.Event()
+
+    class Sender:
+        def send(self, route, text, **_):
+            if route.user_id == "slow":
+                slow_chat_started.set()
+                time.sleep(0.02 * (3 - int(text) % 3))  # later notices would finish first if sent at once
+            with lock:
+                sent.append((route.user_id, text))
+            return Delivery(ok=True, path="webhook")
+
+    outbox = Outbox(Sender(), clock=time.time, mark_delivered=lambda t: None, mark_undeliverable=lambda t: None)
+    outbox.prestart()
+    slow, other = Route("1", "slow", "cid-slow"), Route("1", "other", "cid-other")
+    futures = [outbox.notice(slow, str(n)) for n in range(12)]
+    assert slow_chat_started.wait(5)
+    assert outbox.notice(other, "x").result(timeout=5).ok
+    with lock:  # the other chat's notice did not wait for the slow chat's twelve
+        assert ("other", "x") in sent and len([s for s in sent if s[0] == "slow"]) < 12
+    assert all(f.result(timeout=10).ok for f in futures)
+    assert [text for user, text in sent if user == "slow"] == [str(n) for n in range(12)]
+    outbox.shutdown()

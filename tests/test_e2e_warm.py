@@ -82,8 +82,8 @@ def test_the_cap_holds_under_ten_conversations_and_evicted_ones_resume_from_disk
 def test_idle_end_a_killed_process_and_a_restart_all_keep_the_conversation(standin, make_bot, tmp_path):
     bot = make_bot(WARM_IDLE_SECONDS="1")
     answer(standin, "一 记住苹果", "w3")
-    bot.wait_log(r"结束 CodeBuddy 进程 \d+: 空闲超过 1 秒", timeout=40)
-    assert cli_processes(tmp_path) == {}
+    bot.wait_log(r"结束 CodeBuddy 进程 \d+: 空闲超过 1 秒", timeout=40)  # logged as the stop begins
+    wait_until(lambda: cli_processes(tmp_path) == {}, message="the idle process to exit")
     assert "earlier: 一 记住苹果" in answer(standin, "二 空闲之后", "w3")
 
     [cli] = wait_until(lambda: list(cli_processes(tmp_path)))

@@ -1,8 +1,8 @@
 """Getting words to the user off the caller's thread: acknowledgements, notices and task results.
 
 Notices and results go out on thread pools of their own, never on a CLI worker or the stream's event loop.
-One chat's notices go out in the order they were made; a task's result waits for the notices about it sent
-before it (acknowledgement, "moved to the background").
+One person's notices in one chat go out in the order they were made; a task's result waits for the notices about
+it sent before it (acknowledgement, "moved to the background").
 Notices get a short retry budget; a result that cannot be delivered is tried again while the bot runs, with
 backoff, and given up after `give_up_after` seconds (or at once when DingTalk refuses it for good).
 """
@@ -51,7 +51,7 @@ class Outbox:
         self.notice_retry_window = notice_retry_window
         self._lock = threading.Lock()
         self._before_result: dict[str, list[Future]] = {}  # notices about a task still on their way
-        self._chats: dict[tuple[str, str], collections.deque] = {}  # notices waiting for a chat's earlier ones
+        self._chats: dict[tuple[str, str], collections.deque] = {}  # (group, user): notices waiting for earlier ones
         self._retries: dict[str, tuple[Task, float, int]] = {}  # undelivered results: (task, due at, attempts)
         self._pending_deliveries: set[Future] = set()
         self.budget: Any = None  # api_budget.ApiBudget: notices are not pushed near the monthly call budget
@@ -78,11 +78,12 @@ class Outbox:
                markdown: bool = False) -> Future:
         """Send a notice (command answer, refusal, progress note) to a chat, off the calling thread.
 
-        One chat's notices go out one after another, in the order they were made (two acknowledgements in a row
-        arrive in that order); different chats' at once. With a `task_id`, that task's result will not overtake it.
+        One person's notices in one chat go out one after another, in the order they were made (their two
+        acknowledgements in a row arrive in that order); everyone else's at once, so a notice DingTalk is slow to take
+        holds up nobody else in a busy group. With a `task_id`, that task's result will not overtake it.
         """
         future: Future = Future()
-        chat = (route.conversation_type, route.conversation_id if route.is_group else route.user_id)
+        chat = (route.conversation_id if route.is_group else "", route.user_id)
         job = (future, partial(self._send_notice, route, text, allow_webhook, task_id, markdown))
         with self._lock:
             queue = self._chats.setdefault(chat, collections.deque())
@@ -102,7 +103,7 @@ class Outbox:
         return future
 
     def _send_in_order(self, chat: tuple[str, str]) -> None:
-        """Send the chat's notices, the ones made meanwhile too, on this thread, until none is left."""
+        """Send one person's notices in one chat, those made meanwhile too, on this thread, until none is left."""
         while True:
             with self._lock:
                 future, send = self._chats[chat][0]

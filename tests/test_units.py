@@ -335,7 +335,7 @@ def test_answer_text_grows_with_partial_and_whole_assistant_messages() -> None:
     assert state.answer_text == "先看看代码。\n\n结论"
 
 
-def test_one_chats_notices_go_out_in_order_while_another_chat_is_not_held_up():
+def test_one_persons_notices_in_a_chat_go_out_in_order_while_nobody_else_is_held_up():
     sent: list[tuple[str, str]] = []
     lock = threading.Lock()
     slow_chat_started = threading.Event()
@@ -351,11 +351,11 @@ def test_one_chats_notices_go_out_in_order_while_another_chat_is_not_held_up():
 
     outbox = Outbox(Sender(), clock=time.time, mark_delivered=lambda t: None, mark_undeliverable=lambda t: None)
     outbox.prestart()
-    slow, other = Route("1", "slow", "cid-slow"), Route("1", "other", "cid-other")
+    slow, other = Route("2", "slow", "cidGroup"), Route("2", "other", "cidGroup")  # two people in one group
     futures = [outbox.notice(slow, str(n)) for n in range(12)]
     assert slow_chat_started.wait(5)
     assert outbox.notice(other, "x").result(timeout=5).ok
-    with lock:  # the other chat's notice did not wait for the slow chat's twelve
+    with lock:  # the other person's notice did not wait for the slow one's twelve
         assert ("other", "x") in sent and len([s for s in sent if s[0] == "slow"]) < 12
     assert all(f.result(timeout=10).ok for f in futures)
     assert [text for user, text in sent if user == "slow"] == [str(n) for n in range(12)]

@@ -33,13 +33,12 @@ from cluster_questions import SharedQuestions
 from config import Config
 from store_journal import JournaledStore, open_store
 from task import RUNNING, Task
-from task_store_pg import _SAVE_TASK, _task_to_row, is_postgres_url, safe_url
+from task_store_pg import _SAVE_TASK, DB_NOW, _task_to_row, is_postgres_url, safe_url
 
 log = logging.getLogger("cluster")
 
 CANCEL_CHANNEL = "bot_cancel"
 TASK_CHANNEL = "bot_task"  # a task handed to the host holding its conversation
-_NOW = "extract(epoch FROM clock_timestamp())"
 _UNDONE = "delivered = 0 AND undeliverable = 0"  # a task a host still has to run or deliver
 _RETRY = 1.0  # seconds between attempts while the DB cannot be reached
 
@@ -101,17 +100,17 @@ class Cluster:
     def claim_at_start(self) -> set[str]:
         """The undone tasks this host restarts with: its own, unowned ones (a migrated DB) and expired ones."""
         self.renew()
-        rows = self.execute(f"UPDATE tasks SET host = %s, lease_until = {_NOW} + %s WHERE {_UNDONE} AND "
-                             f"(host = %s OR host IS NULL OR lease_until < {_NOW}) RETURNING id",
+        rows = self.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE {_UNDONE} AND "
+                             f"(host = %s OR host IS NULL OR lease_until < {DB_NOW}) RETURNING id",
                              (self.host, self.lease, self.host))
         return {row[0] for row in rows}
 
     def renew(self) -> int:
         """Mark this host alive and extend the leases of every undone task it holds; how many."""
         sent = time.monotonic()  # the leases run from the DB's now, which is later: `renewed_at` errs on the safe side
-        self.execute(f"INSERT INTO hosts VALUES (%s, {_NOW} + %s) ON CONFLICT (host) DO UPDATE SET "
+        self.execute(f"INSERT INTO hosts VALUES (%s, {DB_NOW} + %s) ON CONFLICT (host) DO UPDATE SET "
                      "alive_until = excluded.alive_until", (self.host, self.lease))
-        renewed = self.execute(f"UPDATE tasks SET lease_until = {_NOW} + %s WHERE host = %s AND {_UNDONE} "
+        renewed = self.execute(f"UPDATE tasks SET lease_until = {DB_NOW} + %s WHERE host = %s AND {_UNDONE} "
                                "RETURNING id", (self.lease, self.host))
         self.renewed_at = sent
         return len(renewed)
@@ -119,8 +118,8 @@ class Cluster:
     def take_over(self) -> dict[str, str]:
         """Take the undone tasks whose lease expired (their host is gone): {task id: the host it had}."""
         rows = self.execute(
-            f"WITH expired AS (SELECT id, host FROM tasks WHERE host <> %s AND lease_until < {_NOW} AND {_UNDONE} "
-            f"FOR UPDATE SKIP LOCKED) UPDATE tasks SET host = %s, lease_until = {_NOW} + %s FROM expired "
+            f"WITH expired AS (SELECT id, host FROM tasks WHERE host <> %s AND lease_until < {DB_NOW} AND {_UNDONE} "
+            f"FOR UPDATE SKIP LOCKED) UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s FROM expired "
             "WHERE tasks.id = expired.id RETURNING tasks.id, expired.host", (self.host, self.host, self.lease))
         return {row[0]: row[1] for row in rows}
 
@@ -157,14 +156,14 @@ class Cluster:
                                  ("user:" + task.user_id, "conversation:" + task.conversation_key))
                     users, conversations = conn.execute(
                         "SELECT count(*) FILTER (WHERE user_id = %s), count(*) FILTER (WHERE conversation_key = %s) "
-                        f"FROM tasks WHERE status = 'running' AND host <> %s AND lease_until > {_NOW} AND id <> %s",
+                        f"FROM tasks WHERE status = 'running' AND host <> %s AND lease_until > {DB_NOW} AND id <> %s",
                         (task.user_id, task.conversation_key, self.host, task.id)).fetchone()
                     if conversations or mine + users >= max_per_user:
                         return False
                     conn.execute(_SAVE_TASK, row)
-                    conn.execute(f"UPDATE tasks SET host = %s, lease_until = {_NOW} + %s WHERE id = %s",
+                    conn.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE id = %s",
                                  (self.host, self.lease, task.id))
-                    conn.execute(f"INSERT INTO conversation_hosts VALUES (%s, %s, {_NOW}) ON CONFLICT "
+                    conn.execute(f"INSERT INTO conversation_hosts VALUES (%s, %s, {DB_NOW}) ON CONFLICT "
                                  "(conversation_key) DO UPDATE SET host = excluded.host, since = excluded.since",
                                  (task.conversation_key, self.host))
             return True
@@ -178,7 +177,7 @@ class Cluster:
         """The host that ran the conversation last (it holds its workspace) and whether it is alive;
         (None, False) for a new conversation or when the DB cannot say."""
         try:
-            rows = self.execute(f"SELECT c.host, coalesce(h.alive_until > {_NOW}, false) FROM conversation_hosts c "
+            rows = self.execute(f"SELECT c.host, coalesce(h.alive_until > {DB_NOW}, false) FROM conversation_hosts c "
                                  "LEFT JOIN hosts h ON h.host = c.host WHERE c.conversation_key = %s",
                                  (conversation_key,))
         except psycopg.Error as exc:
@@ -189,7 +188,7 @@ class Cluster:
     def hand_off(self, task_id: str, host: str) -> bool:
         """Give a queued task (its row written) of this host to `host` and wake it; False if it did not move."""
         try:
-            moved = self.execute(f"UPDATE tasks SET host = %s, lease_until = {_NOW} + %s WHERE id = %s AND "
+            moved = self.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE id = %s AND "
                                   "host = %s AND status = 'queued' RETURNING id",
                                   (host, self.lease, task_id, self.host))
             if moved:
@@ -212,7 +211,7 @@ class Cluster:
         """How many of the user's tasks wait on any live host (MAX_QUEUED_PER_USER); None if the DB cannot say."""
         try:
             rows = self.execute(f"SELECT count(*) FROM tasks WHERE user_id = %s AND status = 'queued' AND "
-                                 f"lease_until > {_NOW}", (user_id,))
+                                 f"lease_until > {DB_NOW}", (user_id,))
         except psycopg.Error as exc:
             log.warning("查询排队任务数失败 user=%s (%s)", user_id, " ".join(str(exc).split()))
             return None

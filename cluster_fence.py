@@ -19,10 +19,9 @@ from typing import Any
 import psycopg
 
 from task import Task
+from task_store_pg import DB_NOW
 
 log = logging.getLogger("cluster")
-
-_NOW = "extract(epoch FROM clock_timestamp())"
 
 
 class DeliveryFence:
@@ -38,7 +37,7 @@ class DeliveryFence:
     def __call__(self, task: Task) -> bool | None:
         cluster = self.cluster
         try:
-            if cluster.execute(f"UPDATE tasks SET lease_until = {_NOW} + %s WHERE id = %s AND host = %s RETURNING id",
+            if cluster.execute(f"UPDATE tasks SET lease_until = {DB_NOW} + %s WHERE id = %s AND host = %s RETURNING id",
                                (cluster.lease, task.id, cluster.host)):
                 return True
             rows = cluster.execute("SELECT host FROM tasks WHERE id = %s", (task.id,))

@@ -22,12 +22,12 @@ from typing import Any
 import psycopg
 
 from approvals import Approvals, Pending, reply_for, verdict
+from task_store_pg import DB_NOW
 
 log = logging.getLogger("cluster")
 
 ANSWER_CHANNEL = "bot_answer"
-_LIVE_HOST = ("EXISTS (SELECT 1 FROM hosts h WHERE h.host = q.host AND "
-              "h.alive_until > extract(epoch FROM clock_timestamp()))")
+_LIVE_HOST = f"EXISTS (SELECT 1 FROM hosts h WHERE h.host = q.host AND h.alive_until > {DB_NOW})"
 RELAYED_CHARS = 2000  # of an answer's text: a NOTIFY payload holds under 8,000 bytes
 
 

@@ -38,10 +38,10 @@ DB_ERRORS = (psycopg.Error,)  # a DB that is down, slow or refusing: expected, l
 URL_PREFIXES = ("postgresql://", "postgres://")
 _COLUMNS = ", ".join(TASK_COLUMNS)  # not *: the cluster's columns (host, lease_until) are not Task fields
 # A new row belongs to the host that made it, with a lease (cluster.py renews it); later saves leave both alone.
-_NOW = "extract(epoch FROM clock_timestamp())"  # the DB's clock: every host's leases are measured by one clock
+DB_NOW = "extract(epoch FROM clock_timestamp())"  # the DB's clock: every host's leases are measured by one clock
 _SAVE_TASK = (f"INSERT INTO tasks ({_COLUMNS}, host, lease_until) "
               f"VALUES ({', '.join(f'%({c})s' for c in TASK_COLUMNS)}, "
-              f"%(_host)s, CASE WHEN %(_host)s::text IS NULL THEN NULL ELSE {_NOW} + %(_lease)s::float8 END) "
+              f"%(_host)s, CASE WHEN %(_host)s::text IS NULL THEN NULL ELSE {DB_NOW} + %(_lease)s::float8 END) "
               f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in TASK_COLUMNS if c != 'id')} "
               "WHERE tasks.created_at IS NOT DISTINCT FROM excluded.created_at "
               # A host writes only the tasks it holds: once another took one over, the old host's late writes

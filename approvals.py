@@ -218,10 +218,13 @@ class Approvals:
 
     def answer_relayed(self, question_id: str, user_id: str, is_admin: bool, text: str) -> None:
         """An answer another host received for a question asked here: checked here again, as if it came here."""
-        with self._lock:
-            pending = next((p for p in self._pending.values() if p.id == question_id), None)
+        pending = self._by_id(question_id)
         if pending is not None:
             self._answer(pending, user_id, is_admin, text)
+
+    def _by_id(self, question_id: str) -> Pending | None:
+        with self._lock:
+            return next((p for p in self._pending.values() if p.id == question_id), None)
 
     def _answer(self, pending: Pending, user_id: str, is_admin: bool, text: str) -> str | None:
         if pending.answered.is_set():
@@ -245,8 +248,7 @@ class Approvals:
     def click(self, question_id: str, user_id: str, is_admin: bool, approve: bool) -> str:
         """An AI card's approve or deny button for the tool request `question_id`: "approved", "denied",
         "refused" (not the sender nor an admin) or "ignored" (that question is not waiting any more)."""
-        with self._lock:
-            pending = next((p for p in self._pending.values() if p.id == question_id), None)
+        pending = self._by_id(question_id)
         if pending is None or not question_id or pending.request.is_question or pending.answered.is_set():
             return "ignored"
         if user_id != pending.task.user_id and not is_admin:

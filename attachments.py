@@ -251,9 +251,10 @@ class PendingAttachments:
         """The user's record in this chat; `create` makes the conversation's directories (every prompt looks
         here, and only an attachment needs them: creating them on each look cost the intake thread most of a
         prompt's handling time)."""
-        base = (os.path.dirname(self.workspaces.dirs_for(conversation_key).workspace) if create
-                else self.workspaces.base_for(conversation_key))
-        return os.path.join(base, f"pending-{hashlib.sha256(user_id.encode()).hexdigest()[:24]}.json")
+        if create:
+            self.workspaces.dirs_for(conversation_key)
+        name = f"pending-{hashlib.sha256(user_id.encode()).hexdigest()[:24]}.json"
+        return os.path.join(self.workspaces.base_for(conversation_key), name)
 
     def _read(self, path: str) -> list[dict]:
         try:

@@ -70,9 +70,10 @@ def _answer_click(track: str, user: str, approve: bool, cards: Any, manager: Any
     """An approve or deny button: it answers the tool request whose buttons the card shows, nothing older."""
     task_id, question = cards.shown_approval(track)
     remote = manager.workers.approvals.remote  # issue 16: the card may be another host's
-    if task_id is None and remote is not None and task_of_track(track):
-        outcome = remote.click(task_of_track(track), user, user in set(admins), approve)
-        log.info("卡片确认按钮: 任务 %s %s user=%s", task_of_track(track), outcome, user)
+    elsewhere = task_of_track(track) if task_id is None and remote is not None else None
+    if elsewhere:
+        outcome = remote.click(elsewhere, user, user in set(admins), approve)
+        log.info("卡片确认按钮: 任务 %s %s user=%s", elsewhere, outcome, user)
         return outcome
     if task_id is None or not question:
         log.info("卡片确认按钮: 没有等待确认的请求 user=%s", user)

@@ -147,8 +147,11 @@ class Cards:
     def shown_approval(self, track: str) -> tuple[str | None, str]:
         """(the task of card `track`, the tool request whose buttons DingTalk shows on it, "" for none)."""
         with self._lock:
-            card = next((c for c in self._cards.values() if c.track == track), None)
+            card = self._by_track(track)
             return (card.task.id, card.approval_sent) if card is not None else (None, "")
+
+    def _by_track(self, track: str) -> LiveCard | None:
+        return next((card for card in self._cards.values() if card.track == track), None)
 
     def render(self, card: LiveCard, now: float) -> str:
         """What a streaming card shows: the latest steps, the answer so far, a waiting question, the elapsed time."""
@@ -261,7 +264,8 @@ class Cards:
     def task_of(self, track: str) -> str | None:
         """The id of the running task whose card is `track` (a button click names the card)."""
         with self._lock:
-            return next((task_id for task_id, card in self._cards.items() if card.track == track), None)
+            card = self._by_track(track)
+            return card.task.id if card is not None else None
 
     def _failed(self) -> None:
         with self._lock:

@@ -4,7 +4,7 @@ It wires the rooms of a task's life together — `routing` (background or not), 
 the one transition point), `scheduling` (who may start), `workers` (CLI runs), `monitor` (promotion,
 progress notes, clean-up) and `delivery` (acknowledgements, notices, results) — and handles what spans
 them: intake, sessions, cancel, restart recovery and shutdown. The outside is reached only through the
-two seams in `seams.py`: a client with `run(...) -> RunResult` and a sender with `send(...) -> Delivery`.
+two seams in `tasks/seams.py`: a client with `run(...) -> RunResult` and a sender with `send(...) -> Delivery`.
 """
 
 from __future__ import annotations
@@ -14,22 +14,21 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import recovery
-import task_texts
 from codebuddy_client import new_session_id
+from common.logs import task_log
+from common.supervision import Supervisor
 from config import MEMORY_RETENTION_SECONDS, SEED_LONG_TASK_KEYWORDS, Config
-from delivery import Outbox
 from dingtalk_sender import Route
-from logs import task_log
-from monitor import Monitor
-from routing import Router
-from scheduling import Limits
-from seams import Client, Sender
-from supervision import Supervisor
-from task import CANCELLED, NO_KEYWORD, QUEUED, Task
-from task_board import CancelWatcher, TaskBoard
-from task_store import MemoryTaskStore, TaskStore
-from workers import Workers
+from store.task_store import MemoryTaskStore, TaskStore
+from tasks import recovery, texts
+from tasks.admission import Limits
+from tasks.board import CancelWatcher, TaskBoard
+from tasks.delivery import Outbox
+from tasks.monitor import Monitor
+from tasks.routing import Router
+from tasks.seams import Client, Sender
+from tasks.task import CANCELLED, NO_KEYWORD, QUEUED, Task
+from tasks.workers import Workers
 
 log = logging.getLogger("async_task_manager")
 
@@ -167,9 +166,9 @@ class AsyncTaskManager:
             return task
         with self.board.lock:  # acknowledged before a worker can take it: the answer never overtakes the ack
             position = self.board.enqueue(task)
-            waiting = task_texts.waiting_note(self.board.hold_reason(task), position,
+            waiting = texts.waiting_note(self.board.hold_reason(task), position,
                                              self.board.limits.max_tasks_per_user)
-            self.outbox.acknowledge(task, task_texts.acknowledgement(task, waiting, expected))
+            self.outbox.acknowledge(task, texts.acknowledgement(task, waiting, expected))
         if background:
             task_log(log, task).info("异步任务已启动: %s", task.id)
         return task

@@ -2,9 +2,9 @@
 
 Where a message goes:
   DingTalk Stream frame → `StreamConnection` (own connect/receive loop, here)
-  → `BotStreamHandler.process` hands the frame to the intake thread (intake.py), ACKs once it is recorded (ms)
+  → `BotStreamHandler.process` hands the frame to the intake thread (dingtalk/intake.py), ACKs once it is recorded (ms)
   → `incoming_from_callback` turns it into the neutral `IncomingMessage`
-  → `ChatApp.handle` (chat.py): access checks, rate limit, dedup, chat commands
+  → `ChatApp.handle` (chat/app.py): access checks, rate limit, dedup, chat commands
   → `AsyncTaskManager.submit` (async_task_manager.py): acknowledgement, queue, CLI run, delivery
   → `CodeBuddyClient.run` (codebuddy_client.py) and `DingTalkSender.send` (dingtalk_sender.py).
 
@@ -25,23 +25,19 @@ from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 from urllib.parse import quote_plus
 
-import dependencies  # noqa: F401  (first: a missing package is one line saying to install, not a traceback)
+import ops.dependencies  # noqa: F401  (first: a missing package is one line saying to install, not a traceback)
 
 import websockets
 import websockets.exceptions  # the SDK uses websockets.exceptions without importing it (docs/wire-facts.md §1)
 
-import command_line
-import console
-import doctor
-import health
-import systemd_notify
-import task_table
 from async_task_manager import AsyncTaskManager
-from attachments import attachment_refs
-from card_wiring import CARD_CALLBACK_TOPIC, attach_budget_and_cards, card_handler, card_topics
-from chat import ChatApp, IncomingMessage
-from cluster import host_name, join_cluster, open_task_store
+from cards.wiring import CARD_CALLBACK_TOPIC, attach_budget_and_cards, card_handler, card_topics
+from chat import console
+from chat.app import ChatApp, IncomingMessage
+from cluster.hosts import host_name, join_cluster, open_task_store
 from codebuddy_client import CodeBuddyClient
+from common.logs import log_destination, output_handlers, setup_logging, stop_logging
+from common.supervision import install_exception_hooks
 from config import (
     HTTP_TIMEOUT,
     Config,
@@ -50,16 +46,22 @@ from config import (
     read_config,
     setting_default,
 )
+from dingtalk.intake import Intake, settle
 from dingtalk_sender import BOT_TOPIC, DingTalkSender, JsonHttp, describe_network_error, open_stream_connection
-from file_transfer import with_file_transfer
-from intake import Intake, settle
-from logs import log_destination, output_handlers, setup_logging, stop_logging
-from metrics import DurationHistogram, TimedClient
-from startup import config_failure, load_local_config, report_cli, sandbox_problem
-from status_server import StatusSources, start_status_server
-from store_admin import migrate_store
-from supervision import install_exception_hooks
-from task_store import StoreError
+from files.attachments import attachment_refs
+from files.wiring import with_file_transfer
+from ops import (
+    command_line,
+    doctor,
+    health,
+    systemd_notify,
+    task_table,
+)
+from ops.metrics import DurationHistogram, TimedClient
+from ops.startup import config_failure, load_local_config, report_cli, sandbox_problem
+from ops.status_server import StatusSources, start_status_server
+from ops.store_admin import migrate_store
+from store.task_store import StoreError
 
 __all__ = ["main", "run_daemon", "setup_logging"]
 
@@ -160,7 +162,7 @@ class StreamConnection:
         self.client = dingtalk_stream.DingTalkStreamClient(
             dingtalk_stream.Credential(config.client_id, config.client_secret), logger=logging.getLogger("stream"))
         self.client.register_callback_handler(BOT_TOPIC, _stream_handler_class()(intake))
-        if on_card is not None:  # the stop button of AI cards (card_actions.py)
+        if on_card is not None:  # the stop button of AI cards (cards/actions.py)
             self.client.register_callback_handler(CARD_CALLBACK_TOPIC, on_card)
         self.client.pre_start()
         self.connected = False

@@ -2,7 +2,7 @@
 
 The CLI runs with `-p --output-format stream-json`, the prompt on stdin (so a prompt starting with `-` is
 never a flag and nothing goes through a shell), in its conversation's workspace with an allowlisted environment,
-inside the sandbox (sandbox.py), in its own process group so a timeout or a cancel can stop it and every child
+inside the sandbox (codebuddy/sandbox.py), in its own process group so a timeout or a cancel can stop it and every child
 it started. Success is only a `result` line with `is_error: false` (docs/wire-facts.md §4).
 """
 
@@ -20,12 +20,12 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-import process_tree
-from cli_setup import choose_cli, operator_problem
+from codebuddy import process_tree
+from codebuddy.cli_setup import choose_cli, operator_problem
+from codebuddy.sandbox import Bubblewrap, NoSandbox, Sandbox, Workspaces, run_environment
+from codebuddy.warm_pool import WarmPool
+from codebuddy.warm_sessions import PROTOCOL_FLAGS, Ask, TurnOutcome, WarmProcess, deny_all
 from config import KILL_GRACE, SETTINGS, Config, bot_files, replace_secrets
-from sandbox import Bubblewrap, NoSandbox, Sandbox, Workspaces, run_environment
-from warm_pool import WarmPool
-from warm_sessions import PROTOCOL_FLAGS, Ask, TurnOutcome, WarmProcess, deny_all
 
 log = logging.getLogger("codebuddy_client")
 
@@ -171,7 +171,7 @@ def sandbox_from_config(config: Config) -> Sandbox:
 
 
 class CodeBuddyClient:
-    """Runs prompts through the CLI, each conversation in its own warm process (warm_pool.py). Thread-safe."""
+    """Runs prompts through the CLI, each conversation in its own warm process (codebuddy/warm_pool.py). Thread-safe."""
 
     def __init__(self, binary: str, workdir: str, *, model: str = "", extra_args: Iterable[str] = (),
                  permission_mode: str = "acceptEdits", timeout: float = 1800.0, kill_grace: float = 3.0,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-from setting_values import (  # noqa: F401 (ConfigError and parse_positive_int are used through config)
+from common.setting_values import (  # noqa: F401 (ConfigError and parse_positive_int are used through config)
     ConfigError,
     absolute_paths,
     any_text,

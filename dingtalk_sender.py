@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from config import HTTP_TIMEOUT, PUSH_MAX_BYTES, TOKEN_REFRESH_MARGIN, WEBHOOK_MAX_BYTES, replace_secrets
 
 # The HTTP layer, re-exported: callers import every DingTalk wire name from here.
-from dingtalk_http import (  # noqa: F401
+from dingtalk.json_http import (  # noqa: F401
     BOT_TOPIC,
     OPEN_CONNECTION_PATH,
     HttpError,
@@ -30,7 +30,7 @@ from dingtalk_http import (  # noqa: F401
     describe_network_error,
     open_stream_connection,
 )
-from message_parts import split_message, utf8_json_cost
+from dingtalk.message_parts import split_message, utf8_json_cost
 
 log = logging.getLogger("dingtalk_sender")
 
@@ -38,7 +38,7 @@ log = logging.getLogger("dingtalk_sender")
 BATCH_SEND_PATH = "/v1.0/robot/oToMessages/batchSend"
 GROUP_SEND_PATH = "/v1.0/robot/groupMessages/send"
 TOKEN_PATH = "/v1.0/oauth2/accessToken"
-# What each metered OpenAPI call counts as in the monthly budget (api_budget.py; docs/wire-facts.md §7).
+# What each metered OpenAPI call counts as in the monthly budget (dingtalk/api_budget.py; docs/wire-facts.md §7).
 METERED_KINDS = {BATCH_SEND_PATH: "batchSend", GROUP_SEND_PATH: "groupMessages"}
 
 # ---------------------------------------------------------------- values

@@ -390,8 +390,8 @@ def cancel_latency(workdir: Path, rounds: int) -> tuple[list[float], list[float]
         standin.stop()
     # The floor: the same kind of CLI process (in the sandbox the bot's settings choose, speaking the same protocol),
     # its turn interrupted from here.
+    from codebuddy.sandbox import Workspaces
     from codebuddy_client import sandbox_from_config
-    from sandbox import Workspaces
 
     config = bench_config(workdir / "floor", sandbox=BOT_SETTINGS.get("CODEBUDDY_SANDBOX", "bwrap"))
     sandbox = sandbox_from_config(config)
@@ -429,8 +429,8 @@ def cancel_latency(workdir: Path, rounds: int) -> tuple[list[float], list[float]
 def recovery(workdir: Path, undelivered: int) -> tuple[float, float, float]:
     """Start → first (and last) re-pushed result with `undelivered` finished, undelivered tasks in the DB."""
     from dingtalk_sender import Route
-    from task import SUCCEEDED, Task
-    from task_store import SQLiteTaskStore
+    from store.task_store import SQLiteTaskStore
+    from tasks.task import SUCCEEDED, Task
 
     workdir.mkdir(parents=True, exist_ok=True)
     store = SQLiteTaskStore(str(workdir / "tasks.db"))

@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import process_tree  # noqa: E402
-from cli_setup import wheel_cli  # noqa: E402
+from codebuddy import process_tree  # noqa: E402
+from codebuddy.cli_setup import wheel_cli  # noqa: E402
 from codebuddy_client import CodeBuddyClient, new_session_id, sandbox_from_config  # noqa: E402
 from config import load_config  # noqa: E402
 from tests.fake_model_server import FakeModelServer  # noqa: E402

@@ -1,7 +1,7 @@
 """A fake OpenAI-compatible model server for the real CodeBuddy CLI, on 127.0.0.1 (random port).
 
 Point the CLI at it with `CODEBUDDY_BASE_URL=<server.base_url>` (and any `CODEBUDDY_API_KEY`). What the
-real CLI 2.163.0 asks (observed, see tests/test_real_cli.py): only `POST {base}/chat/completions` with
+real CLI 2.163.0 asks (observed, see tests/real_cli/test_real_cli.py): only `POST {base}/chat/completions` with
 `"stream": true` and `stream_options.include_usage`, one request per model turn, the whole conversation
 in `messages` (system prompt first; user text wrapped in `<user_query>…</user_query>`; tool results as
 `role: "tool"` messages). The answer is `chat.completion.chunk` SSE ending with `data: [DONE]`.

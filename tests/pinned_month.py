@@ -19,7 +19,7 @@ from pathlib import Path
 def main() -> None:
     share, script, args = float(sys.argv[1]), sys.argv[3], sys.argv[4:]
     sys.path[0] = str(Path(script).resolve().parent)  # as `python bot.py` would have it
-    api_budget = importlib.import_module("api_budget")
+    api_budget = importlib.import_module("dingtalk.api_budget")
     api_budget.month_elapsed = lambda wall_time: share
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")

@@ -15,7 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from store_journal import JournaledStore, open_backend, open_store
+from store.journal import JournaledStore, open_backend, open_store
 
 _HOLDER = """
 import sqlite3, sys

@@ -12,12 +12,12 @@ from dotenv import dotenv_values
 from async_task_manager import AsyncTaskManager
 from codebuddy_client import StreamState, new_session_id, parse_stream_line, redact_secrets, result_from_stream
 from config import EXAMPLE_VALUES, SEED_LONG_TASK_KEYWORDS, ConfigError, load_config, read_config
-from delivery import Outbox
+from dingtalk.message_parts import split_message, utf8_json_cost
 from dingtalk_sender import AccessTokenProvider, Delivery, Route
-from message_parts import split_message, utf8_json_cost
-from store_journal import open_store
-from task import Task
-from task_store import MemoryTaskStore, SQLiteTaskStore
+from store.journal import open_store
+from store.task_store import MemoryTaskStore, SQLiteTaskStore
+from tasks.delivery import Outbox
+from tasks.task import Task
 from tests.conftest import ROOT
 
 BASE_ENV = {"DINGTALK_CLIENT_ID": "id", "DINGTALK_CLIENT_SECRET": "secret"}

@@ -1,0 +1,1 @@
+"""Several bot processes on one PostgreSQL task DB: leases, takeover, the delivery fence and shared questions."""

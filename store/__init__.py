@@ -1,0 +1,1 @@
+"""Where tasks live across restarts: the store contract, memory, SQLite, PostgreSQL, the journal and the schema."""

@@ -1,0 +1,159 @@
+"""The cluster's statements on a real PostgreSQL: leases, a takeover that never gives one task to two hosts, a start
+that claims only this host's tasks, and cancels that reach every host."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+from cluster.fence import DeliveryFence
+from cluster.hosts import Cluster
+from dingtalk_sender import Route
+from store.journal import open_store
+from tasks.task import RUNNING, SUCCEEDED, Task
+
+
+def _task(number: int, **fields) -> Task:
+    return Task(id=f"{number:016x}", user_id="u1", user_name="U", conversation_key="c", route=Route("1", "u1", "c"),
+                prompt=f"p{number}", created_at=float(number), **fields)
+
+
+def _member(url: str, host: str, lease: float = 30.0, cancels: list[str] | None = None) -> Cluster:
+    return Cluster(url, host, lease_seconds=lease, on_takeover=lambda ids: None,
+                   on_cancel=(cancels.append if cancels is not None else lambda task_id: None))
+
+
+def _expire(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        conn.execute("UPDATE tasks SET lease_until = lease_until - 3600")
+
+
+def test_expired_tasks_are_taken_by_exactly_one_of_several_racing_hosts(pg_url):
+    store = open_store(pg_url, host="dead")
+    for number in range(200):
+        store.save(_task(number, status=RUNNING))
+    store.save(_task(999, status=SUCCEEDED, delivered=True))  # done: nobody takes it
+    assert store.wait_written(10)
+    store.close()
+    members = [_member(pg_url, f"host{n}") for n in range(4)]
+    assert all(not member.take_over() for member in members)  # leases still live
+    _expire(pg_url)
+    taken: dict[str, list[str]] = {}
+    start = threading.Barrier(len(members))
+
+    def race(member: Cluster) -> None:
+        start.wait()
+        taken[member.host] = list(member.take_over())
+
+    threads = [threading.Thread(target=race, args=(member,)) for member in members]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    every = [task_id for ids in taken.values() for task_id in ids]
+    assert sorted(every) == sorted(f"{n:016x}" for n in range(200))  # each once, the finished one not at all
+    with psycopg.connect(pg_url) as conn:
+        owners = dict(conn.execute("SELECT id, host FROM tasks").fetchall())
+    assert all(owners[task_id] == host for host, ids in taken.items() for task_id in ids)
+    for member in members:
+        member.stop()
+
+
+def test_renewed_leases_are_not_taken_and_a_start_claims_only_its_own_or_expired_tasks(pg_url):
+    mine, other = open_store(pg_url, host="a"), open_store(pg_url, host="b")
+    mine.save(_task(1))
+    other.save(_task(2))
+    assert mine.wait_written(5) and other.wait_written(5)
+    a, b = _member(pg_url, "a", lease=0.5), _member(pg_url, "b", lease=0.5)
+    assert a.claim_at_start() == {f"{1:016x}"}  # b's task is b's while its lease holds
+    time.sleep(0.6)
+    assert b.renew() == 1  # b is alive: its lease moves on
+    assert a.take_over() == {}
+    time.sleep(0.6)  # b stopped renewing
+    assert a.take_over() == {f"{2:016x}": "b"} and a.host_of(f"{2:016x}") == "a"
+    for store in (mine, other):
+        store.close()
+    a.stop()
+    b.stop()
+
+
+def test_a_cancel_request_marks_the_task_and_reaches_every_listening_host(pg_url):
+    store = open_store(pg_url, host="a")
+    store.save(_task(7, status=RUNNING))
+    store.save(_task(8, status=SUCCEEDED))
+    assert store.wait_written(5)
+    heard_a, heard_b = [], []
+    a, b = _member(pg_url, "a", cancels=heard_a), _member(pg_url, "b", cancels=heard_b)
+    a.start()
+    b.start()
+    time.sleep(0.5)  # both LISTEN
+    assert b.request_cancel(f"{8:016x}") is None  # finished: nothing to cancel
+    sent = time.monotonic()
+    assert b.request_cancel(f"{7:016x}") == "a"
+    while not (heard_a and heard_b) and time.monotonic() - sent < 5:
+        time.sleep(0.01)
+    assert heard_a == heard_b == [f"{7:016x}"] and time.monotonic() - sent < 1.0
+    assert store.get(f"{7:016x}").cancel_requested
+    a.stop()
+    b.stop()
+    store.close()
+
+
+def test_a_task_is_admitted_only_while_its_user_and_conversation_have_room_on_every_host(pg_url):
+    store = open_store(pg_url, host="a")
+    store.save(_task(1, status=RUNNING))  # u1 runs in conversation "c" on host a
+    assert store.wait_written(5)
+    b = _member(pg_url, "b")
+    same_conversation = _task(2)
+    other_conversation = Task(id="3" * 16, user_id="u1", user_name="U", conversation_key="c2",
+                              route=Route("1", "u1", "c2"), prompt="p", created_at=3.0)
+    other_user = Task(id="4" * 16, user_id="u2", user_name="V", conversation_key="c3", route=Route("1", "u2", "c3"),
+                      prompt="p", created_at=4.0)
+    assert not b.admit(same_conversation, [], max_per_user=5)  # one run per conversation, across hosts
+    assert not b.admit(other_conversation, [], max_per_user=1)  # u1's one run is on host a
+    assert b.admit(other_conversation, [], max_per_user=2)
+    assert not b.admit(other_user, [other_user], max_per_user=1)  # u2 already runs once here
+    assert b.admit(other_user, [], max_per_user=1)
+    with psycopg.connect(pg_url) as conn:  # admitted rows say running on b at once, before any journal write,
+        rows = conn.execute(  # with the run counted: a host killed right after admission still used an attempt
+            "SELECT id, status, host, attempts FROM tasks WHERE host = 'b' ORDER BY id").fetchall()
+    assert rows == [("3" * 16, RUNNING, "b", 1), ("4" * 16, RUNNING, "b", 1)]
+    assert b.queued_count("u1") == 0
+    store.save(_task(5))  # queued on host a: MAX_QUEUED_PER_USER counts it on every host
+    assert store.wait_written(5) and b.queued_count("u1") == 1 and b.host_of(f"{5:016x}") == "a"
+    b.stop()
+    store.close()
+
+
+def test_the_delivery_fence_lets_a_result_out_only_while_this_host_holds_its_task(pg_url):
+    store = open_store(pg_url, host="a")
+    store.save(_task(1, status=SUCCEEDED))
+    store.save(_task(2, status=SUCCEEDED))
+    assert store.wait_written(5)
+    a, b = _member(pg_url, "a", lease=3), _member(pg_url, "b", lease=3)
+    _expire(pg_url)
+    assert set(b.take_over()) == {f"{1:016x}", f"{2:016x}"}
+    fence = DeliveryFence(a)
+    assert fence(_task(1)) is False  # b took both: a must not answer them
+    with psycopg.connect(pg_url) as conn:
+        conn.execute("UPDATE tasks SET host = 'a' WHERE id = %s", (f"{1:016x}",))
+        before = conn.execute("SELECT lease_until FROM tasks WHERE id = %s", (f"{1:016x}",)).fetchone()[0]
+    assert fence(_task(1)) is True
+    with psycopg.connect(pg_url) as conn:  # and its lease was extended: b cannot take it while a sends
+        assert conn.execute("SELECT lease_until FROM tasks WHERE id = %s", (f"{1:016x}",)).fetchone()[0] > before
+    assert fence(_task(3)) is True  # no row yet (still in a's journal): nobody else can hold it
+    assert fence.refused == 1
+
+    cut_off = Cluster("postgresql://nobody@127.0.0.1:1/none", "a", lease_seconds=3, on_takeover=lambda ids: None,
+                      on_cancel=lambda task_id: None, connect_timeout=1)
+    now = [100.0]
+    unreachable = DeliveryFence(cut_off, clock=lambda: now[0])
+    cut_off.renewed_at = 99.0  # renewed a second ago: the lease still holds
+    assert unreachable(_task(1)) is True
+    now[0] = 103.0  # past 0.8 of the lease since the renewal: maybe taken over, so wait for the DB
+    assert unreachable(_task(1)) is None
+    for member in (a, b):
+        member.stop()
+    store.close()

@@ -1,0 +1,1 @@
+"""Tests of codebuddy/: the sandbox's parts."""

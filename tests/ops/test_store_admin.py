@@ -1,0 +1,80 @@
+"""Operating a PostgreSQL task DB: `bot.py check`'s database line and `bot.py migrate-store` from SQLite, for real."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import time
+
+from config import bot_files
+from dingtalk_sender import Route
+from ops import doctor
+from ops.store_admin import check_postgres
+from store.journal import open_store
+from store.postgres import PostgresTaskStore
+from store.schema import SCHEMA_VERSION
+from tasks.task import SUCCEEDED, Task
+from tests.conftest import ROOT
+
+
+def _bot(tmp_path, *argv: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DINGTALK_", "CODEBUDDY_", "TASK_DB"))}
+    return subprocess.run([sys.executable, str(ROOT / "bot.py"), *argv], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def test_check_says_the_database_answers_its_schema_version_and_the_clock_skew(pg_url):
+    ok, detail = check_postgres(pg_url)
+    assert ok and f"migrates it to {SCHEMA_VERSION} at start" in detail  # empty: the bot creates it
+    PostgresTaskStore(pg_url).close()
+    result = doctor.check_task_db(pg_url)
+    assert result.ok and f"schema version {SCHEMA_VERSION}; clock skew" in result.detail, result.detail
+    ok, detail = check_postgres(pg_url, clock=lambda: time.time() + 30)  # this host's clock 30 s ahead
+    assert not ok and "+30" in detail and "NTP" in detail
+
+
+def test_check_of_an_unreachable_database_fails_without_showing_the_password(pg_server):
+    ok, detail = check_postgres(f"postgresql://bot:pw-XYZ-secret@127.0.0.1:{pg_server.port + 1}/tasks", timeout=1)
+    assert not ok and "cannot be reached" in detail and "pw-XYZ-secret" not in detail
+
+
+def test_migrate_store_copies_a_sqlite_db_into_postgres_once(tmp_path, pg_url):
+    path = tmp_path / "tasks.db"
+    store = open_store(str(path))
+    for number in range(3):
+        store.save(Task(id=f"{number:016x}", user_id="u1", user_name="U", conversation_key="c",
+                        route=Route("1", "u1", "c"), prompt=f"p{number}", created_at=float(number), status=SUCCEEDED))
+    store.remember_message("m1", time.time())
+    store.set_session("c", "s1")
+    store.record_duration("u1", "报告", 42.0, time.time())
+    store.add_api_calls("2026-11", 17)
+    store.close()
+
+    result = _bot(tmp_path, "migrate-store", str(path), "--to", pg_url)
+    assert result.returncode == 0, result.stderr
+    assert "copied 3 tasks, 1 seen_messages, 1 durations, 1 sessions, 1 api_calls" in result.stdout
+    target = open_store(pg_url)
+    assert [t.prompt for t in target.load()] == ["p0", "p1", "p2"] and target.session_for("c") == "s1"
+    assert target.durations("报告") == [42.0] and target.api_calls("2026-11") == 17
+    assert not target.remember_message("m1", time.time())  # a redelivery after the move is still caught
+    target.close()
+
+    again = _bot(tmp_path, "migrate-store", str(path), "--to", pg_url)
+    assert again.returncode == 1 and "already holds 3 task(s)" in again.stderr
+    elsewhere = _bot(tmp_path, "migrate-store", str(path), "--to", str(tmp_path / "other.db"))
+    assert elsewhere.returncode == 1 and "postgresql://" in elsewhere.stderr
+
+
+def test_check_never_prints_the_database_password(tmp_path, pg_server):
+    url = f"postgresql://bot:pw-SHOWN-nowhere@127.0.0.1:{pg_server.port}/tasks"
+    env = {"TASK_DB": url, "DINGTALK_CLIENT_ID": "id", "DINGTALK_CLIENT_SECRET": "secret", "CODEBUDDY_BIN": "true",
+           "DINGTALK_OPENAPI_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens: no request leaves the machine
+    out = io.StringIO()
+    doctor.run_check(env, dotenv_path=None, out=out, cli_timeout=5)
+    text = out.getvalue()
+    assert "pw-SHOWN-nowhere" not in text and "postgresql://bot:***@127.0.0.1" in text
+    assert "✗ task DB" in text  # no such database and no such user: said, without the password
+    # Nor does it reach a CLI run's sandbox arguments (visible to every local user in the process list).
+    assert not any("pw-SHOWN-nowhere" in path for path in bot_files(url, "", str(tmp_path / "w")))

@@ -1,0 +1,1 @@
+"""Tests of store/: every backend against one contract, the journal."""

@@ -1,0 +1,148 @@
+"""Both store backends: schema versions created and migrated at start, the org's API budget counter, and the
+PostgreSQL store shared by several processes (one msgId makes one task; concurrent budget adds all count).
+
+PostgreSQL here is a real server (tests/pg_fixture.py); SQLite a real file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import psycopg
+import pytest
+
+from dingtalk_sender import Route
+from store.journal import open_store
+from store.postgres import PostgresTaskStore, safe_url
+from store.schema import SCHEMA_VERSION, SQLITE_STEPS, StoreError
+from store.task_store import MemoryTaskStore
+from tasks.task import Task
+
+FAST = {"busy_timeout": 0.2, "backoff": 0.05, "max_backoff": 0.2}
+
+
+def _task(task_id: str) -> Task:
+    return Task(id=task_id, user_id="u1", user_name="U", conversation_key="c", route=Route("1", "u1", "c"),
+                prompt="p", created_at=1000.0)
+
+
+def test_a_new_db_is_created_at_the_current_schema_version_and_reopening_keeps_it(target):
+    store = target.backend()
+    assert store.schema_version() == SCHEMA_VERSION
+    store.close()
+    again = target.backend()
+    assert again.schema_version() == SCHEMA_VERSION and target.rows("SELECT version FROM schema_version") == [
+        (SCHEMA_VERSION,)]
+    again.close()
+
+
+def test_a_db_made_by_a_newer_bot_is_refused_with_one_line(target):
+    target.backend().close()
+    if target.kind == "sqlite":
+        db = sqlite3.connect(target.url)
+        db.execute("UPDATE schema_version SET version = 99")
+        db.commit()
+        db.close()
+    else:
+        with psycopg.connect(target.url) as conn:
+            conn.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(StoreError) as caught:
+        target.backend()
+    assert "schema version 99, newer than this bot's" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_sqlite_db_from_before_the_version_table_is_migrated_and_keeps_its_tasks(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(SQLITE_STEPS[1])  # what the bot made before schema versions (no api_calls either)
+    db.execute("INSERT INTO sessions VALUES ('c', 's')")
+    db.commit()
+    db.close()
+    store = open_store(str(path), **FAST)
+    assert store.session_for("c") == "s"
+    store.add_api_calls("2026-11", 3)
+    assert store.wait_written(5) and store.api_calls("2026-11") == 3
+    store.close()
+    assert sqlite3.connect(path).execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_api_calls_are_counted_per_month_by_every_store():
+    memory = MemoryTaskStore()
+    memory.add_api_calls("2026-11", 2)
+    memory.add_api_calls("2026-11", 5)
+    assert memory.api_calls("2026-11") == 7 and memory.api_calls("2026-12") == 0
+
+
+def test_api_calls_added_by_several_processes_at_once_all_count(target):
+    stores = [target.open(**FAST) for _ in range(3)]  # each one like a bot process of its own
+
+    def add(store) -> None:
+        for _ in range(40):
+            store.add_api_calls("2026-11", 1)
+        assert store.wait_written(5)
+
+    threads = [threading.Thread(target=add, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(store.api_calls("2026-11") == 120 for store in stores)
+    for store in stores:
+        store.close()
+    assert target.rows("SELECT calls FROM api_calls") == [(120,)]
+
+
+def test_one_msgid_delivered_to_several_processes_is_new_to_exactly_one(pg_url):
+    stores = [open_store(pg_url, **FAST) for _ in range(3)]
+    winners: dict[str, list[int]] = {}
+    start = threading.Barrier(len(stores))
+    now = time.time()
+
+    def take(number: int) -> None:
+        start.wait()
+        for message in range(60):
+            if stores[number].remember_message(f"msg-{message}", now):
+                winners.setdefault(f"msg-{message}", []).append(number)
+
+    threads = [threading.Thread(target=take, args=(number,)) for number in range(len(stores))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(winners) == sorted(f"msg-{m}" for m in range(60))
+    assert all(len(hosts) == 1 for hosts in winners.values()), winners
+    for store in stores:
+        store.close()
+
+
+def test_a_task_saved_by_one_process_is_read_by_another(pg_url):
+    writer, reader = open_store(pg_url, **FAST), open_store(pg_url, **FAST)
+    writer.save(_task("ab" * 8))
+    assert writer.wait_written(5)
+    assert reader.get("ab" * 8).prompt == "p" and [t.id for t in reader.recent_for_user("u1", 5)] == ["ab" * 8]
+    writer.close()
+    reader.close()
+
+
+def test_an_unreachable_postgres_is_one_line_without_the_password(pg_server):
+    url = f"postgresql://bot:s3cret-pw@127.0.0.1:{pg_server.port + 1}/tasks"
+    started = time.monotonic()
+    with pytest.raises(StoreError) as caught:
+        PostgresTaskStore(url, connect_timeout=1.0)
+    message = str(caught.value)
+    assert "s3cret-pw" not in message and "bot:***@127.0.0.1" in message and "\n" not in message
+    assert "start PostgreSQL" in message and time.monotonic() - started < 10
+    assert safe_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_read_only_postgres_creates_nothing_and_refuses_writes(pg_url):
+    with pytest.raises(StoreError, match="no tasks table"):
+        PostgresTaskStore(pg_url, read_only=True)
+    PostgresTaskStore(pg_url).close()
+    reader = PostgresTaskStore(pg_url, read_only=True)
+    with pytest.raises(StoreError, match="read-only"):
+        reader.save(_task("cd" * 8))
+    assert reader.count() == 0
+    reader.close()

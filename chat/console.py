@@ -11,11 +11,13 @@ from collections.abc import Callable
 from typing import TextIO
 
 from async_task_manager import AsyncTaskManager
-from chat.app import ChatApp, IncomingMessage
+from chat.app import ChatApp
 from codebuddy_client import CodeBuddyClient
 from config import KILL_GRACE, Config
-from dingtalk_sender import Delivery, Route
-from store.task_store import MemoryTaskStore
+from dingtalk.incoming import IncomingMessage
+from dingtalk.route import Route
+from dingtalk_sender import Delivery
+from store.memory import MemoryTaskStore
 
 
 class ConsoleSender:

@@ -31,7 +31,7 @@ from cluster.fence import DeliveryFence
 from cluster.questions import SharedQuestions
 from config import Config
 from store.journal import JournaledStore, open_store
-from store.postgres import _SAVE_TASK, DB_NOW, _task_to_row, is_postgres_url, safe_url
+from store.postgres import DB_NOW, SAVE_TASK, is_postgres_url, safe_url, task_to_row
 from tasks import texts
 from tasks.task import RUNNING, Task
 
@@ -146,7 +146,7 @@ class Cluster:
         mine = sum(1 for t in running_here if t.user_id == task.user_id)
         # The row says what the run will say once it starts (the board then writes it again): a host killed
         # before that second write still leaves a run counted, so a task crashing twice is failed, not re-run forever.
-        row = {**_task_to_row(replace(task, status=RUNNING, attempts=task.attempts + 1)), "_host": self.host,
+        row = {**task_to_row(replace(task, status=RUNNING, attempts=task.attempts + 1)), "_host": self.host,
                "_lease": self.lease}
         try:
             with self._lock:
@@ -160,7 +160,7 @@ class Cluster:
                         (task.user_id, task.conversation_key, self.host, task.id)).fetchone()
                     if conversations or mine + users >= max_per_user:
                         return False
-                    conn.execute(_SAVE_TASK, row)
+                    conn.execute(SAVE_TASK, row)
                     conn.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE id = %s",
                                  (self.host, self.lease, task.id))
                     conn.execute(f"INSERT INTO conversation_hosts VALUES (%s, %s, {DB_NOW}) ON CONFLICT "

@@ -17,8 +17,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, Protocol
 
-from codebuddy_client import redact_secrets
-from config import replace_secrets
+from common.redaction import redact_secrets, replace_secrets
 
 log = logging.getLogger("bot")
 

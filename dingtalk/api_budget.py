@@ -37,7 +37,7 @@ LIMIT_NOTICE = ("（提示：本组织本月的钉钉开放接口调用额度已
 
 
 class CallCounts(Protocol):
-    """The task store's two calls that keep the month's count (task_store.TaskRecords)."""
+    """The task store's two calls that keep the month's count (store.base.TaskRecords)."""
 
     def add_api_calls(self, month: str, count: int) -> None: ...
     def api_calls(self, month: str) -> int: ...

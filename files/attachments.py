@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import threading
 import time
@@ -30,29 +29,17 @@ import urllib3
 
 from codebuddy.sandbox import Workspaces
 from config import HTTP_TIMEOUT
+from dingtalk.incoming import KIND_LABELS, MAX_PER_MESSAGE, AttachmentRef, file_extension
 from dingtalk_sender import DeliveryError, DingTalkSender, describe_network_error
 
 log = logging.getLogger("attachments")
 
 DOWNLOAD_PATH = "/v1.0/robot/messageFiles/download"
 ATTACHMENTS_DIR = "attachments"
-KIND_LABELS = {"picture": "图片", "file": "文件", "video": "视频"}
-MAX_PER_MESSAGE = 10  # attachments taken from one message (a richText may carry many pictures)
 PENDING_TTL = 24 * 3600.0  # seconds attachments sent without text wait for the next prompt
 DOWNLOAD_TIMEOUT = 120.0  # seconds one download may take in all
 _CHUNK = 64 * 1024
 _IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpg"), (b"GIF8", "gif"), (b"BM", "bmp"))
-_EXTENSION = re.compile(r"^[A-Za-z0-9]{1,8}$")
-_UNSAFE_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
-
-
-@dataclass(frozen=True)
-class AttachmentRef:
-    """One attachment a message announced: its kind, its download code and the name to show (sanitised)."""
-
-    kind: str  # picture, file or video
-    download_code: str
-    name: str
 
 
 @dataclass(frozen=True)
@@ -67,40 +54,6 @@ class Saved:
 
 class AttachmentError(Exception):
     """A download failed; the message says why, fit for the chat."""
-
-
-def display_name(raw: object, fallback: str, limit: int = 80) -> str:
-    """A file name fit to show: no path separators or control characters, not hidden, at most `limit` chars."""
-    name = _UNSAFE_NAME_CHARS.sub("_", raw if isinstance(raw, str) else "").strip(" .")
-    if len(name) > limit:
-        stem, dot, ext = name.rpartition(".")
-        name = (stem[:limit - len(ext) - 2] + "…." + ext) if dot and len(ext) <= 8 else name[:limit]
-    return name or fallback
-
-
-def _extension(name: str) -> str:
-    ext = name.rpartition(".")[2] if "." in name else ""
-    return ext.lower() if _EXTENSION.match(ext) else ""
-
-
-def attachment_refs(data: dict) -> tuple[AttachmentRef, ...]:
-    """The attachments of a bot-message callback's raw `data` (picture, file, video, pictures in a richText)."""
-    msgtype, content = data.get("msgtype"), data.get("content")
-    if not isinstance(content, dict):
-        return ()
-    refs: list[AttachmentRef] = []
-    if msgtype in KIND_LABELS and isinstance(content.get("downloadCode"), str) and content["downloadCode"]:
-        video_ext = content.get("videoType") if isinstance(content.get("videoType"), str) else ""
-        fallback = {"picture": "图片", "file": "文件", "video": f"视频.{_extension('v.' + video_ext) or 'mp4'}"}
-        refs.append(AttachmentRef(msgtype, content["downloadCode"], display_name(content.get("fileName"),
-                                                                                 fallback[msgtype])))
-    elif msgtype == "richText" and isinstance(content.get("richText"), list):
-        for item in content["richText"]:
-            # downloadCode, never pictureDownloadCode (which can give HTTP 500: docs/wire-facts.md §6)
-            if isinstance(item, dict) and item.get("type") == "picture" and isinstance(item.get("downloadCode"), str) \
-                    and item["downloadCode"]:
-                refs.append(AttachmentRef("picture", item["downloadCode"], "图片"))
-    return tuple(refs[:MAX_PER_MESSAGE])
 
 
 def human_size(size: int) -> str:
@@ -198,7 +151,7 @@ class AttachmentFetcher:
             os.close(ws_fd)
         try:
             size, head = self._stream(response, partial, dir_fd, deadline)
-            ext = _extension(ref.name)
+            ext = file_extension(ref.name)
             if ref.kind == "picture":
                 ext = next((kind for magic, kind in _IMAGE_MAGIC if head.startswith(magic)), ext or "png")
             final = token + (f".{ext}" if ext else "")

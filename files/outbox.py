@@ -35,9 +35,11 @@ import urllib3
 from codebuddy.sandbox import Workspaces
 from codebuddy_client import RunResult
 from common.logs import TaskLogger
-from config import HTTP_TIMEOUT, replace_secrets
+from common.redaction import replace_secrets
+from config import HTTP_TIMEOUT
+from dingtalk.incoming import display_name
 from dingtalk_sender import BATCH_SEND_PATH, GROUP_SEND_PATH, DeliveryError, DingTalkSender, describe_network_error
-from files.attachments import display_name, human_size
+from files.attachments import human_size
 from tasks.task import Task
 
 log = logging.getLogger("outbox_files")

@@ -20,7 +20,8 @@ from dotenv import dotenv_values
 
 from codebuddy.cli_setup import INSTALL_FIX, choose_cli, login_state
 from codebuddy_client import CodeBuddyClient, sandbox_from_config
-from config import EXAMPLE_VALUES, SETTINGS, Config, ConfigError, mask_secret, read_config
+from common.redaction import mask_secret
+from config import EXAMPLE_VALUES, SETTINGS, Config, ConfigError, read_config
 from dingtalk.api_budget import describe_month
 from dingtalk_sender import (
     OPEN_CONNECTION_PATH,
@@ -32,8 +33,8 @@ from dingtalk_sender import (
 )
 from ops.store_admin import check_postgres
 from store.postgres import is_postgres_url, safe_url
-from store.sqlite_files import store_writable
-from store.task_store import SQLiteTaskStore, StoreError
+from store.schema import StoreError
+from store.sqlite import SQLiteTaskStore, store_writable
 
 OK_MARK, FAIL_MARK = "✓", "✗"
 DINGTALK_CREDENTIALS = ("DINGTALK_CLIENT_ID", "DINGTALK_CLIENT_SECRET")

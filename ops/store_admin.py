@@ -20,8 +20,7 @@ import psycopg
 
 from store.postgres import PostgresTaskStore, is_postgres_url, safe_url
 from store.schema import SCHEMA_VERSION, StoreError
-from store.sqlite_files import read_only_uri
-from store.task_store import SQLiteTaskStore
+from store.sqlite import SQLiteTaskStore, read_only_uri
 
 MAX_CLOCK_SKEW = 2.0  # seconds; leases last LEASE_SECONDS (30): a few seconds' skew already shortens them
 

@@ -18,7 +18,7 @@ from typing import TextIO
 from common.logs import escape_controls
 from store.postgres import PostgresTaskStore, is_postgres_url, safe_url
 from store.schema import StoreError
-from store.task_store import SQLiteTaskStore
+from store.sqlite import SQLiteTaskStore
 from tasks.task import FINISHED_STATUSES, SUCCEEDED, Task
 
 

@@ -17,8 +17,9 @@ from dataclasses import replace
 from typing import Any, NamedTuple, TypeVar
 
 from config import DEDUP_TTL_SECONDS
+from store.base import StoreBackend, StoreHealth
 from store.postgres import DB_ERRORS, PostgresTaskStore, is_postgres_url
-from store.task_store import SQLiteTaskStore, StoreBackend, StoreHealth
+from store.sqlite import SQLiteTaskStore
 from tasks.task import Task
 
 log = logging.getLogger("task_store")

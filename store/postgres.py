@@ -20,6 +20,7 @@ from psycopg_pool import ConnectionPool
 
 from common.logs import task_log
 from config import DEDUP_TTL_SECONDS
+from store.base import task_from_row, task_to_row
 from store.schema import (
     PG_MIGRATION_LOCK,
     PG_STEPS,
@@ -29,7 +30,6 @@ from store.schema import (
     StoreError,
     newer_than_known,
 )
-from store.task_store import _task_from_row, _task_to_row
 from tasks.task import FINISHED_STATUSES, Task
 
 log = logging.getLogger("task_store")
@@ -39,7 +39,7 @@ URL_PREFIXES = ("postgresql://", "postgres://")
 _COLUMNS = ", ".join(TASK_COLUMNS)  # not *: the cluster's columns (host, lease_until) are not Task fields
 # A new row belongs to the host that made it, with a lease (cluster/hosts.py renews it); later saves leave both alone.
 DB_NOW = "extract(epoch FROM clock_timestamp())"  # the DB's clock: every host's leases are measured by one clock
-_SAVE_TASK = (f"INSERT INTO tasks ({_COLUMNS}, host, lease_until) "
+SAVE_TASK = (f"INSERT INTO tasks ({_COLUMNS}, host, lease_until) "
               f"VALUES ({', '.join(f'%({c})s' for c in TASK_COLUMNS)}, "
               f"%(_host)s, CASE WHEN %(_host)s::text IS NULL THEN NULL ELSE {DB_NOW} + %(_lease)s::float8 END) "
               f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in TASK_COLUMNS if c != 'id')} "
@@ -154,7 +154,7 @@ class PostgresTaskStore:
 
     def save(self, task: Task) -> None:
         """Insert the task's row, or update it if it exists. Never overwrites another task's row."""
-        if not self._write(_SAVE_TASK, {**_task_to_row(task), **self._owner}):
+        if not self._write(SAVE_TASK, {**task_to_row(task), **self._owner}):
             holder = self._query("SELECT host FROM tasks WHERE id = %s", (task.id,))
             if holder and holder[0]["host"] not in (None, self._owner["_host"]):
                 task_log(log, task).warning("任务 %s 已由主机 %s 接管，本主机的状态更新未写入", task.id,
@@ -164,7 +164,7 @@ class PostgresTaskStore:
 
     def get(self, task_id: str) -> Task | None:
         rows = self._query(f"SELECT {_COLUMNS} FROM tasks WHERE id = %s", (task_id,))
-        return _task_from_row(rows[0]) if rows else None
+        return task_from_row(rows[0]) if rows else None
 
     def load(self, statuses: Iterable[str] | None = None, undelivered_only: bool = False) -> list[Task]:
         sql, args = f"SELECT {_COLUMNS} FROM tasks WHERE true", []
@@ -173,7 +173,7 @@ class PostgresTaskStore:
             args.append(list(statuses))
         if undelivered_only:
             sql += " AND delivered = 0"
-        return [_task_from_row(r) for r in self._query(sql + " ORDER BY created_at", tuple(args))]
+        return [task_from_row(r) for r in self._query(sql + " ORDER BY created_at", tuple(args))]
 
     def recent_for_user(self, user_id: str | None, limit: int) -> list[Task]:
         if user_id is None:
@@ -181,7 +181,7 @@ class PostgresTaskStore:
         else:
             rows = self._query(f"SELECT {_COLUMNS} FROM tasks WHERE user_id = %s ORDER BY created_at DESC LIMIT %s",
                                (user_id, limit))
-        return [_task_from_row(r) for r in rows]
+        return [task_from_row(r) for r in rows]
 
     def recent_messages(self, since: float) -> dict[str, float]:
         """msgIds seen since `since`, with when."""

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from common.logs import task_log
 from config import DEDUP_TTL_SECONDS, MEMORY_RETENTION_SECONDS
-from dingtalk_sender import Route
-from store.task_store import TaskStore
+from dingtalk.route import Route
+from store.base import TaskStore
 from tasks.admission import Limits, Occupancy, next_runnable
 from tasks.routing import Router
 from tasks.task import FAILED, NO_KEYWORD, RUNNING, STATUS_LABELS, SUCCEEDED, TIMED_OUT, Task

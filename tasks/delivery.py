@@ -19,7 +19,8 @@ from functools import partial
 from typing import Any
 
 from common.logs import TaskLogger, task_log
-from dingtalk_sender import Delivery, Route
+from dingtalk.route import Route
+from dingtalk_sender import Delivery
 from tasks import texts
 from tasks.seams import Sender
 from tasks.task import SUCCEEDED, Task

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from common.logs import task_log
-from store.task_store import TaskStore
+from store.base import TaskStore
 from tasks import texts
 from tasks.board import TaskBoard
 from tasks.delivery import Outbox

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterable
 
 from config import DEFAULT_EXPECTED_DURATION, SEED_LONG_TASK_KEYWORDS
-from store.task_store import TaskStore
+from store.base import TaskStore
 from tasks.task import NO_KEYWORD, Task
 
 _HISTORY = 10  # a user's last keyword-less runs that decide whether their next prompt goes to the background

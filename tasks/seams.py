@@ -12,7 +12,8 @@ from typing import Protocol
 
 from codebuddy.warm_sessions import Decision, ToolRequest
 from codebuddy_client import RunResult
-from dingtalk_sender import Delivery, Route
+from dingtalk.route import Route
+from dingtalk_sender import Delivery
 
 
 class Client(Protocol):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dingtalk_sender import Route
+from dingtalk.route import Route
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, TIMED_OUT = (
     "queued", "running", "succeeded", "failed", "cancelled", "timed_out")

@@ -6,8 +6,8 @@ import logging
 from collections.abc import Callable, Iterable
 
 from codebuddy.warm_sessions import Decision, ToolRequest
-from codebuddy_client import redact_secrets
 from common.logs import task_log
+from common.redaction import redact_secrets
 from common.supervision import Supervisor
 from tasks.approvals import Approvals, card_outcome, card_question
 from tasks.board import Running, TaskBoard

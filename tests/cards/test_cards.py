@@ -11,7 +11,7 @@ from cards.actions import action_ids, handle_card_callback
 from cards.api import CardVariables
 from cards.task_cards import Cards
 from codebuddy.warm_sessions import ToolRequest
-from dingtalk_sender import Route
+from dingtalk.route import Route
 from tasks.approvals import Approvals
 from tasks.task import CANCELLED, RUNNING, SUCCEEDED, Task
 

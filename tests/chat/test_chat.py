@@ -8,11 +8,12 @@ import time
 import pytest
 
 from async_task_manager import AsyncTaskManager
-from chat.app import ChatApp, IncomingMessage
+from chat.app import ChatApp
 from chat.rate_limits import RateLimits
 from config import load_config
+from dingtalk.incoming import IncomingMessage
 from dingtalk_sender import Delivery
-from store.task_store import MemoryTaskStore
+from store.memory import MemoryTaskStore
 
 GROUP_A, GROUP_B = "cidGroupA+/==", "cidGroupB+/=="
 

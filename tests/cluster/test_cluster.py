@@ -10,7 +10,7 @@ import psycopg
 
 from cluster.fence import DeliveryFence
 from cluster.hosts import Cluster
-from dingtalk_sender import Route
+from dingtalk.route import Route
 from store.journal import open_store
 from tasks.task import RUNNING, SUCCEEDED, Task
 

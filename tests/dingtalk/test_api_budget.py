@@ -8,9 +8,11 @@ from datetime import UTC, datetime
 import pytest
 
 from dingtalk.api_budget import LIMIT_NOTICE, ApiBudget, month_elapsed, month_of
-from dingtalk_sender import Delivery, Route
+from dingtalk.route import Route
+from dingtalk_sender import Delivery
 from store.journal import open_store
-from store.task_store import MemoryTaskStore, SQLiteTaskStore
+from store.memory import MemoryTaskStore
+from store.sqlite import SQLiteTaskStore
 from tasks.delivery import Outbox
 
 

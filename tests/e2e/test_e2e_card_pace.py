@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from dingtalk.api_budget import month_of
-from store.task_store import SQLiteTaskStore
+from store.sqlite import SQLiteTaskStore
 from tests.conftest import ROOT
 from tests.standin_cards import INSTANCES_PATH, TEMPLATE_ID, Card, CardStandin
 

@@ -8,7 +8,7 @@ import pytest
 
 from dingtalk.api_budget import LIMIT_NOTICE, month_of
 from ops import doctor
-from store.task_store import SQLiteTaskStore
+from store.sqlite import SQLiteTaskStore
 from tests.conftest import CLI_START_TIMEOUT, cli_runs, run_alive
 from tests.standin import BATCH_SEND_PATH
 from tests.standin_cards import TEMPLATE_ID, CardStandin

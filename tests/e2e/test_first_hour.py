@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from codebuddy.cli_setup import CliChoice, choose_cli
-from dingtalk_sender import HttpError, JsonHttp, Route, open_stream_connection
-from store.task_store import SQLiteTaskStore
+from dingtalk.route import Route
+from dingtalk_sender import HttpError, JsonHttp, open_stream_connection
+from store.sqlite import SQLiteTaskStore
 from tasks.admission import HELD_BY_CONVERSATION, HELD_BY_USER, HELD_BY_WORKERS, Limits, Occupancy
 from tasks.task import Task
 from tests.conftest import CLI_START_TIMEOUT, CLIENT_ID, CLIENT_SECRET, ROOT, fake_cli_env, real_cli_path, replies

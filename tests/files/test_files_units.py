@@ -9,16 +9,10 @@ from pathlib import Path
 import urllib3
 
 from codebuddy.sandbox import Workspaces
-from dingtalk_sender import DingTalkSender, Route
-from files.attachments import (
-    AttachmentFetcher,
-    AttachmentRef,
-    PendingAttachments,
-    Saved,
-    attachment_refs,
-    display_name,
-    prompt_with,
-)
+from dingtalk.incoming import AttachmentRef, attachment_refs, display_name
+from dingtalk.route import Route
+from dingtalk_sender import DingTalkSender
+from files.attachments import AttachmentFetcher, PendingAttachments, Saved, prompt_with
 from files.outbox import OutboxFiles
 from tasks.task import Task
 from tests.standin_files import DOWNLOAD_PATH, UPLOAD_PATH

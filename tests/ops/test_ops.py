@@ -27,9 +27,11 @@ import pytest
 from chat import console
 from codebuddy_client import RunResult
 from dingtalk.api_budget import month_of
-from dingtalk_sender import Route
+from dingtalk.route import Route
 from ops import doctor, metrics, status_server, systemd_notify, task_table
-from store.task_store import MemoryTaskStore, SQLiteTaskStore, StoreHealth
+from store.base import StoreHealth
+from store.memory import MemoryTaskStore
+from store.sqlite import SQLiteTaskStore
 from tasks.task import Task
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT, cli_runs, fake_cli_env, run_alive, send_pushed
 

@@ -9,7 +9,7 @@ import sys
 import time
 
 from config import bot_files
-from dingtalk_sender import Route
+from dingtalk.route import Route
 from ops import doctor
 from ops.store_admin import check_postgres
 from store.journal import open_store

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from dingtalk_sender import Route
+from dingtalk.route import Route
 from ops import task_table
 from tasks.task import Task
 from tests.conftest import ROOT

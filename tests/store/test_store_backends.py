@@ -13,11 +13,11 @@ import time
 import psycopg
 import pytest
 
-from dingtalk_sender import Route
+from dingtalk.route import Route
 from store.journal import open_store
+from store.memory import MemoryTaskStore
 from store.postgres import PostgresTaskStore, safe_url
 from store.schema import SCHEMA_VERSION, SQLITE_STEPS, StoreError
-from store.task_store import MemoryTaskStore
 from tasks.task import Task
 
 FAST = {"busy_timeout": 0.2, "backoff": 0.05, "max_backoff": 0.2}

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 
 from dingtalk.intake import Intake
-from dingtalk_sender import Route
+from dingtalk.route import Route
 from store.journal import LOST, READ_FAILED, RECOVERED, STILL_FAILING, WRITE_FAILED, JournaledStore, open_store
-from store.task_store import SQLiteTaskStore, StoreError
+from store.schema import StoreError
+from store.sqlite import SQLiteTaskStore
 from tasks import board as task_board
 from tasks.admission import Limits
 from tasks.routing import Router

@@ -7,7 +7,7 @@ import threading
 import time
 
 from codebuddy.warm_sessions import ASK_QUESTION_TOOL, ToolRequest
-from dingtalk_sender import Route
+from dingtalk.route import Route
 from tasks.approvals import Approvals, question_text, split_answers, verdict
 from tasks.task import RUNNING, Task
 

@@ -15,9 +15,10 @@ from types import SimpleNamespace
 from async_task_manager import AsyncTaskManager
 from codebuddy_client import RunResult
 from common.supervision import Supervisor, install_exception_hooks
-from dingtalk_sender import Delivery, Route
+from dingtalk.route import Route
+from dingtalk_sender import Delivery
 from ops import health, systemd_notify
-from store.task_store import MemoryTaskStore
+from store.memory import MemoryTaskStore
 from tasks.task import CANCELLED, QUEUED, RUNNING, SUCCEEDED
 
 ROUTE = Route("1", "u1", "", "", 0)

@@ -1,186 +1,125 @@
-"""Where tasks live across restarts: the store protocols, an in-memory store and the SQLite backend with its schema.
+"""The SQLite task store: one file, created 0600, its schema migrated, opened read-only for the operator's tools.
 
-The task logic sees only `TaskStore`; the daemon's is a `store_journal.JournaledStore` around `SQLiteTaskStore`.
-`task_store_pg.PostgresTaskStore` is the other backend (TASK_DB=postgresql://…), with the same `StoreBackend` methods.
+`ops/doctor.py` uses `store_writable` to see whether the file takes a write.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
-from typing import Protocol
+from urllib.parse import quote
 
 from common.logs import task_log
-from dingtalk_sender import Route
-from store.schema import FLAGS as _FLAGS
-from store.schema import TASK_COLUMNS, StoreError
-from store.sqlite_files import create_file, migrate, open_error, read_only_uri
+from store.base import task_from_row, task_to_row
+from store.schema import (
+    FLAGS,
+    SCHEMA_VERSION,
+    SQLITE_STEPS,
+    SQLITE_VERSION_TABLE,
+    TASK_COLUMNS,
+    StoreError,
+    newer_than_known,
+)
 from tasks.task import FINISHED_STATUSES, Task
 
 log = logging.getLogger("task_store")
 
 
-@dataclass(frozen=True)
-class StoreHealth:
-    """Whether the store is writing: `ok`, else why not, how many records wait in memory, and since when."""
-
-    ok: bool
-    reason: str = ""
-    pending: int = 0
-    since: float | None = None  # wall-clock time the outage began
-
-
-class TaskRecords(Protocol):
-    """The reads and writes every store has."""
-
-    def save(self, task: Task) -> None: ...
-    def get(self, task_id: str) -> Task | None: ...
-    def load(self, statuses: Iterable[str] | None = None, undelivered_only: bool = False) -> list[Task]: ...
-    def recent_for_user(self, user_id: str | None, limit: int) -> list[Task]: ...
-    def remember_message(self, msg_id: str, now: float) -> bool: ...
-    def record_duration(self, user_id: str, keyword: str, seconds: float, now: float) -> None: ...
-    def durations(self, keyword: str, user_id: str | None = None, limit: int = 50) -> list[float]: ...
-    def session_for(self, conversation_key: str) -> str | None: ...
-    def set_session(self, conversation_key: str, session_id: str) -> None: ...
-    def purge(self, finished_before: float, seen_before: float) -> int: ...
-    def add_api_calls(self, month: str, count: int) -> None: ...  # the org's monthly API budget: atomic increment
-    def api_calls(self, month: str) -> int: ...
-
-
-class TaskStore(TaskRecords, Protocol):
-    """What the task logic sees: tasks, dedup keys, durations and conversation sessions across restarts."""
-
-    def wait_written(self, timeout: float) -> bool: ...  # True once what was written before is committed
-    def health(self) -> StoreHealth: ...  # never touches the DB: for /healthz
-    def close(self) -> None: ...
+def migrate(db: sqlite3.Connection, path: str) -> None:
+    """Bring the DB's schema to SCHEMA_VERSION in one transaction (docs: store/schema.py)."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute(SQLITE_VERSION_TABLE)
+        row = db.execute("SELECT version FROM schema_version").fetchone()
+        version = row[0] if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(newer_than_known(version, path))
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in filter(str.strip, SQLITE_STEPS[step].split(";")):
+                db.execute(statement)
+        present = {row[1] for row in db.execute("PRAGMA table_info(tasks)")}
+        for name in TASK_COLUMNS:  # a DB made by an older version gains the columns of newer Task fields
+            if name not in present:
+                default = " DEFAULT 0" if name in FLAGS else ""
+                db.execute(f"ALTER TABLE tasks ADD COLUMN {name}{' INTEGER' if default else ''}{default}")
+        db.execute("DELETE FROM schema_version")
+        db.execute("INSERT INTO schema_version VALUES (?)", (max(version, SCHEMA_VERSION),))
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
 
 
-class StoreBackend(TaskRecords, Protocol):
-    """Where a `JournaledStore` writes: the same calls, synchronous, plus the recent msgIds and a transaction."""
-
-    def recent_messages(self, since: float) -> dict[str, float]: ...
-    def transaction(self) -> contextlib.AbstractContextManager: ...
-    def close(self) -> None: ...
+def _why(exc: BaseException) -> str:
+    """An exception as a few words on one line."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
 
 
+def open_error(absolute: str, exc: sqlite3.Error) -> StoreError:
+    """The one-line StoreError for a SQLite error met while opening `absolute`."""
+    why = _why(exc)
+    if "not a database" in why:
+        return StoreError(f"TASK_DB {absolute} is not a SQLite database (corrupt?): move it away or point TASK_DB "
+                          "elsewhere")
+    if "full" in why:
+        return StoreError(f"TASK_DB {absolute} cannot be written ({why}): free some space on its disk or point TASK_DB "
+                          "elsewhere")
+    if "locked" in why or "busy" in why:
+        return StoreError(f"TASK_DB {absolute} is held by another process ({why}): stop that process (another bot?) "
+                          "or point TASK_DB elsewhere")
+    return StoreError(f"TASK_DB {absolute} cannot be opened ({why}): make the file and its directory readable and "
+                      "writable for this user, or point TASK_DB elsewhere")
 
 
-def _task_to_row(task: Task) -> dict:
-    row = dict(task.__dict__)  # not dataclasses.asdict: it deep-copies, and this runs on every transition
-    row["route"] = json.dumps(task.route.__dict__, ensure_ascii=False)
-    for name in _FLAGS:
-        row[name] = int(row[name])
-    return row
+def create_file(absolute: str) -> None:
+    """Create the DB file (and its directory), the bot's alone: 0600 (the WAL files follow its mode)."""
+    directory = os.path.dirname(absolute)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        why = "a file is in the way" if isinstance(exc, FileExistsError) else _why(exc)
+        raise StoreError(f"TASK_DB {absolute}: cannot create its directory {directory} ({why}): create it, writable "
+                         "for this user, or point TASK_DB elsewhere") from exc
+    try:
+        os.close(os.open(absolute, os.O_CREAT | os.O_RDWR, 0o600))
+    except OSError as exc:
+        raise StoreError(f"TASK_DB {absolute} cannot be opened for reading and writing ({_why(exc)}): fix its "
+                         "permissions or point TASK_DB elsewhere") from exc
 
 
-def _task_from_row(row: dict) -> Task:
-    values = dict(row)
-    values["route"] = Route(**json.loads(values["route"]))
-    for name in _FLAGS:
-        values[name] = bool(values[name])
-    return Task(**values)
+def read_only_uri(absolute: str) -> str:
+    # A read-only connection to a WAL database creates -wal and -shm files if they are missing (owned by whoever
+    # ran it, possibly root); without them every row is in the main file, which `immutable` reads as it is.
+    if os.path.exists(absolute + "-wal") and os.path.exists(absolute + "-shm"):
+        return f"file:{quote(absolute)}?mode=ro"
+    return f"file:{quote(absolute)}?mode=ro&immutable=1"
 
 
-class MemoryTaskStore:
-    """A store that forgets everything on exit: for unit tests and the console (every write is done at once)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._tasks: dict[str, Task] = {}
-        self._seen: dict[str, float] = {}
-        self._durations: list[tuple[str, str, float, float]] = []
-        self._sessions: dict[str, str] = {}
-        self._api_calls: dict[str, int] = {}
-
-    def save(self, task: Task) -> None:
-        with self._lock:
-            self._tasks[task.id] = replace(task)
-
-    def get(self, task_id: str) -> Task | None:
-        with self._lock:
-            task = self._tasks.get(task_id)
-            return replace(task) if task else None
-
-    def load(self, statuses: Iterable[str] | None = None, undelivered_only: bool = False) -> list[Task]:
-        wanted = set(statuses) if statuses is not None else None
-        with self._lock:
-            tasks = [replace(t) for t in self._tasks.values()
-                     if (wanted is None or t.status in wanted) and not (undelivered_only and t.delivered)]
-        return sorted(tasks, key=lambda t: t.created_at)
-
-    def recent_for_user(self, user_id: str | None, limit: int) -> list[Task]:
-        with self._lock:
-            tasks = [replace(t) for t in self._tasks.values() if user_id is None or t.user_id == user_id]
-        return sorted(tasks, key=lambda t: t.created_at, reverse=True)[:limit]
-
-    def recent_messages(self, since: float) -> dict[str, float]:
-        with self._lock:
-            return {k: v for k, v in self._seen.items() if v >= since}
-
-    def remember_message(self, msg_id: str, now: float) -> bool:
-        with self._lock:
-            if msg_id in self._seen:
-                return False
-            self._seen[msg_id] = now
-            return True
-
-    def record_duration(self, user_id: str, keyword: str, seconds: float, now: float) -> None:
-        with self._lock:
-            self._durations.append((user_id, keyword, seconds, now))
-
-    def durations(self, keyword: str, user_id: str | None = None, limit: int = 50) -> list[float]:
-        with self._lock:
-            rows = [d for d in self._durations if d[1] == keyword and (user_id is None or d[0] == user_id)]
-        return [d[2] for d in rows[-limit:]]
-
-    def session_for(self, conversation_key: str) -> str | None:
-        with self._lock:
-            return self._sessions.get(conversation_key)
-
-    def set_session(self, conversation_key: str, session_id: str) -> None:
-        with self._lock:
-            self._sessions[conversation_key] = session_id
-
-    def add_api_calls(self, month: str, count: int) -> None:
-        with self._lock:
-            self._api_calls[month] = self._api_calls.get(month, 0) + count
-
-    def api_calls(self, month: str) -> int:
-        with self._lock:
-            return self._api_calls.get(month, 0)
-
-    def purge(self, finished_before: float, seen_before: float) -> int:
-        with self._lock:
-            old = [k for k, t in self._tasks.items()
-                   if t.finished and (t.delivered or t.undeliverable) and (t.finished_at or 0) < finished_before]
-            for key in old:
-                del self._tasks[key]
-            self._seen = {k: v for k, v in self._seen.items() if v >= seen_before}
-            return len(old)
-
-    def transaction(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def wait_written(self, timeout: float) -> bool:
-        return True
-
-    def health(self) -> StoreHealth:
-        return StoreHealth(ok=True)
-
-    def close(self) -> None:
-        pass
+def store_writable(path: str, timeout: float = 2.0) -> tuple[bool, str]:
+    """Whether the SQLite task DB at `path` exists and takes a write lock; (ok, reason when not)."""
+    if path == ":memory:":
+        return True, ""
+    absolute = os.path.abspath(path)
+    if not os.path.exists(absolute):
+        return False, f"{absolute} does not exist"
+    try:
+        db = sqlite3.connect(f"file:{quote(absolute)}?mode=rw", uri=True, timeout=timeout, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or directory
+            db.execute("ROLLBACK")
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        return False, f"{absolute}: {exc}"
+    return True, ""
 
 
-
-
-# A task's first save inserts its row, later ones update it. Not INSERT OR REPLACE: a task whose id collides with
-# another's (another created_at) changes no row, so it never overwrites one.
 _SAVE_TASK = (f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) VALUES ({', '.join(':' + c for c in TASK_COLUMNS)}) "
               f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in TASK_COLUMNS if c != 'id')} "
               "WHERE tasks.created_at IS excluded.created_at")
@@ -260,12 +199,12 @@ class SQLiteTaskStore:
 
     def save(self, task: Task) -> None:
         """Insert the task's row, or update it if it exists. Never overwrites another task's row."""
-        if not self._write(_SAVE_TASK, _task_to_row(task)).rowcount:
+        if not self._write(_SAVE_TASK, task_to_row(task)).rowcount:
             task_log(log, task).error("任务ID冲突，数据库中已有另一任务 %s，未覆盖", task.id)
 
     def get(self, task_id: str) -> Task | None:
         rows = self._query("SELECT * FROM tasks WHERE id = ?", (task_id,))
-        return _task_from_row(dict(rows[0])) if rows else None
+        return task_from_row(dict(rows[0])) if rows else None
 
     def load(self, statuses: Iterable[str] | None = None, undelivered_only: bool = False) -> list[Task]:
         sql, args = "SELECT * FROM tasks WHERE 1=1", []
@@ -275,7 +214,7 @@ class SQLiteTaskStore:
             args += wanted
         if undelivered_only:
             sql += " AND delivered = 0"
-        return [_task_from_row(dict(r)) for r in self._query(sql + " ORDER BY created_at", tuple(args))]
+        return [task_from_row(dict(r)) for r in self._query(sql + " ORDER BY created_at", tuple(args))]
 
     def recent_for_user(self, user_id: str | None, limit: int) -> list[Task]:
         if user_id is None:
@@ -283,7 +222,7 @@ class SQLiteTaskStore:
         else:
             rows = self._query("SELECT * FROM tasks WHERE user_id = ? ORDER BY created_at DESC LIMIT ?",
                                (user_id, limit))
-        return [_task_from_row(dict(r)) for r in rows]
+        return [task_from_row(dict(r)) for r in rows]
 
     def recent_messages(self, since: float) -> dict[str, float]:
         """msgIds seen since `since`, with when (a day of them: the dedup set a JournaledStore keeps in memory)."""

@@ -1,5 +1,5 @@
 """The README stays true: its two set-up commands (the first one run on a fresh clone, the second one by CI, byte for
-byte), every `bot.py` command and flag it shows, and its DingTalk app section."""
+byte), every `bot.py` command and flag it and docs/ show, its DingTalk app section, its length, and its links."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ from tests.conftest import CLI_START_TIMEOUT, CLIENT_ID, CLIENT_SECRET, real_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MAX_README_LINES = 300
 
 
 def _section(title: str) -> str:
@@ -49,24 +51,59 @@ def _help(*args: str) -> str:
                           timeout=30, check=True).stdout
 
 
-def test_every_bot_command_in_the_readme_runs_with_the_venv_python():
-    for line in README.splitlines():
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_bot_command_shown_runs_with_the_venv_python(page):
+    for line in page.read_text(encoding="utf-8").splitlines():
         for interpreter in re.findall(r"(\S+) bot\.py\b", line):
             if "activate" in line or "outside the venv" in line:
                 continue  # "`. .venv/bin/activate` once, then `python bot.py …`"; "(`python3 bot.py`) stops"
-            assert interpreter.strip("`(") in (".venv/bin/python", "…"), line
+            assert interpreter.strip("`(") in (".venv/bin/python", "…"), f"{page.name}: {line}"
 
 
-def test_every_bot_command_and_flag_in_the_readme_exists():
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_bot_command_and_flag_shown_exists(page):
     commands = set(re.findall(r"^[ ]{4}([\w-]+)(?:[ ]{2,}\S|$)", _help().split("commands:", 1)[1], re.M))
     assert {"run", "check", "tasks", "console"} <= commands
-    used = re.findall(r"bot\.py ((?:run|check|tasks|console|[a-z][a-z-]*))((?: \[?--[\w-]+(?: \w+)?\]?)*)", README)
-    assert used
+    text = page.read_text(encoding="utf-8")
+    used = re.findall(r"bot\.py ((?:run|check|tasks|console|[a-z][a-z-]*))((?: \[?--[\w-]+(?: \w+)?\]?)*)", text)
+    if page.name == "README.md":
+        assert used
     for command, flags in used:
-        assert command in commands, f"README uses `bot.py {command}`: no such command"
+        assert command in commands, f"{page.name} uses `bot.py {command}`: no such command"
         known = _help(command)
         for flag in re.findall(r"--[\w-]+", flags):
-            assert flag in known, f"README uses `bot.py {command} {flag}`: no such flag"
+            assert flag in known, f"{page.name} uses `bot.py {command} {flag}`: no such flag"
+
+
+# ---------------------------------------------------------------- short, and every page it points to there
+
+
+def test_readme_is_at_most_300_lines():
+    assert len(README.splitlines()) <= MAX_README_LINES, "move a section to docs/ and link it from the README"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's id of a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)  # a `# comment` is no heading
+    return {_anchor(heading) for heading in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_relative_link_names_a_file_that_exists(page):
+    text = re.sub(r"```.*?```|`[^`\n]*`", "", page.read_text(encoding="utf-8"), flags=re.S)  # code is no link
+    links = [target for target in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", target)]
+    if page.name == "README.md":
+        assert "docs/architecture.md" in links
+    for target in links:
+        path, _, anchor = target.partition("#")
+        linked = (page.parent / path).resolve() if path else page
+        assert linked.is_file(), f"{page.name} links to {target}: no such file"
+        if anchor and linked.suffix == ".md":
+            assert anchor in _anchors(linked), f"{page.name} links to {target}: no such heading there"
 
 
 def test_the_dingtalk_app_section_goes_from_an_empty_console_to_a_bot_that_answers():

@@ -8,7 +8,7 @@ Where a message goes:
   → `AsyncTaskManager.submit` (async_task_manager.py): acknowledgement, queue, CLI run, delivery
   → `CodeBuddyClient.run` (codebuddy_client.py) and `DingTalkSender.send` (dingtalk_sender.py).
 
-Run `python bot.py --help` for the commands; README.md's "How a message flows" has the whole house.
+Run `python bot.py --help` for the commands; docs/architecture.md has the whole house.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Every setting and default of the bot, read from the environment (or a `.env` file) in one place.
 
 `config.py` is the only module that reads the environment. `SETTINGS` is the single table of variables:
-`.env.example` and the README's configuration table are checked against it by a test.
+`.env.example` and the settings table in docs/configuration.md are checked against it by a test.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LEASE_SECONDS", "lease_seconds", "30", positive_float,
             "PostgreSQL: seconds until a dead host's tasks move to another host"),
     Setting("DINGTALK_MONTHLY_CALL_BUDGET", "monthly_call_budget", "5000", parse_positive_int, "Metered DingTalk "
-            "calls (pushes, card calls) the bot may spend per calendar month (README: AI cards and the API budget)"),
+            "calls (pushes, card calls) the bot may spend per calendar month (docs/cards-and-budget.md)"),
     Setting("DINGTALK_CARD_TEMPLATE_ID", "card_template_id", "", any_text, "AI card template id (unset = no cards)"),
     Setting("DINGTALK_CARD_VARIABLES", "card_variables", "msgContent,flowStatus,msgTitle,pendingApproval",
             comma_list, "The card template's variables: streamed text, status, title (the common AI card template's "

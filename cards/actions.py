@@ -16,7 +16,7 @@ from typing import Any
 
 log = logging.getLogger("cards")
 
-STOP_ACTION = "stop"  # the actionId the card template's stop button sends (README: AI cards and the API budget)
+STOP_ACTION = "stop"  # the actionId the card template's stop button sends (docs/cards-and-budget.md)
 APPROVE_ACTION, DENY_ACTION = "approve", "deny"  # its approve and deny buttons (shown while a tool request waits)
 
 

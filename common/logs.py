@@ -1,6 +1,6 @@
 """How the bot logs: the line format, the log file, secret redaction, and the ` task=… user=…` context.
 
-Operators grep these lines (README "Logs"): one event per line, ending with ` task=<id> user=<uid>` when it
+Operators grep these lines (docs/operations.md, "Logs"): one event per line, ending with ` task=<id> user=<uid>` when it
 is about a task. `TaskLogger` writes that ending, so no call site formats it by hand. `OneLineFormatter` escapes
 control characters, so text from outside (CLI stderr, DingTalk errors) can neither split nor forge a line.
 """

@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `bot.py`."""
     parser = argparse.ArgumentParser(
         prog="bot.py", description="DingTalk ⇄ CodeBuddy bot. Settings come from .env and the environment "
-        "(the environment wins); README.md lists them all.")
+        "(the environment wins); docs/configuration.md lists them all.")
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     commands.add_parser("run", help="run the daemon: connect to DingTalk Stream and answer messages (default)",
                         description="Run the daemon until SIGTERM/SIGINT. Under systemd (Type=notify) it sends "

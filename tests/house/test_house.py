@@ -1,4 +1,5 @@
-"""The house rules of issue 10: small modules, one sentence each, imports at the top, one way, no cycles."""
+"""The house rules: the spine alone at the top, a package per concern, floors imported one way (docs/architecture.md),
+small modules with one sentence each, imports at the top, no cycles."""
 
 from __future__ import annotations
 
@@ -86,21 +87,76 @@ def test_module_imports_have_no_cycles():
         visit(name, ())
 
 
-def test_the_spine_imports_one_way():
+# The floors, lowest first (docs/architecture.md). A module imports only from its own floor — its own side of it,
+# where a floor has sides that never import each other — or from the floors below. The most specific name wins:
+# `tasks.task` (the task model) stands below `store`, the rest of `tasks` (the engine) above it.
+FLOORS: tuple[tuple[tuple[str, ...], ...], ...] = (
+    (("common",),),
+    (("config",),),
+    (("dingtalk", "dingtalk_sender"), ("codebuddy", "codebuddy_client")),
+    (("tasks.task",),),
+    (("store",),),
+    (("tasks", "async_task_manager"),),
+    (("cards",), ("files",), ("cluster",)),
+    (("chat",),),
+    (("ops",),),
+    (("bot",),),
+)
+
+
+def floor_of(name: str) -> tuple[int, int]:
+    """(floor, side) of a module: the longest name in FLOORS that is the module or one of its packages."""
+    best: tuple[int, tuple[int, int]] | None = None
+    for floor, sides in enumerate(FLOORS):
+        for side, prefixes in enumerate(sides):
+            for prefix in prefixes:
+                if (name == prefix or name.startswith(prefix + ".")) and (best is None or len(prefix) > best[0]):
+                    best = (len(prefix), (floor, side))
+    assert best is not None, f"{name} stands on no floor: give its package a place in FLOORS (docs/architecture.md)"
+    return best[1]
+
+
+def wrong_way_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that goes up a floor or across to another side of the same floor."""
+    wrong = []
+    for name, imported in sorted(graph.items()):
+        here = floor_of(name)
+        for other in sorted(imported):
+            there = floor_of(other)
+            if there[0] > here[0] or (there[0] == here[0] and there[1] != here[1]):
+                wrong.append(f"{name} → {other}")
+    return wrong
+
+
+def test_every_import_goes_down_the_floors():
+    assert not wrong_way_imports(_graph())
+
+
+def test_the_floor_rule_catches_an_import_up_or_across():
     graph = _graph()
-    assert graph["config"] <= {"common.setting_values", "common.redaction"} and not graph["common.setting_values"]
-    assert graph["codebuddy_client"] <= {"config", "common.redaction", "codebuddy.sandbox", "codebuddy.cli_setup",
-                                         "codebuddy.warm_pool",
-                                         "codebuddy.warm_sessions", "codebuddy.process_tree"}
-    assert graph["codebuddy.sandbox"] <= {"config"}
+    assert wrong_way_imports({**graph, "store.base": graph["store.base"] | {"tasks.board"}}) == [
+        "store.base → tasks.board"]
+    assert wrong_way_imports({**graph, "cards.api": graph["cards.api"] | {"files.outbox"}}) == [
+        "cards.api → files.outbox"]
+    assert wrong_way_imports({**graph, "dingtalk.route": {"codebuddy.sandbox"}}) == [
+        "dingtalk.route → codebuddy.sandbox"]
+
+
+def test_only_the_spine_stands_at_the_top():
+    assert sorted(path.stem for path in ROOT.glob("*.py")) == sorted(SPINE)
+
+
+@pytest.mark.parametrize("package", PACKAGES, ids=lambda p: p.name)
+def test_a_package_init_is_a_docstring_naming_its_concern(package):
+    tree = _tree(package / "__init__.py")
+    assert ast.get_docstring(tree), f"{package.name}/__init__.py names no concern"
+    assert len(tree.body) == 1, f"{package.name}/__init__.py holds more than its docstring (no re-exports)"
+
+
+def test_the_cli_processes_and_the_wire_helpers_know_nothing_above_them():
+    graph = _graph()
     # The CLI's processes: the pool holds them, each speaks the protocol; neither knows tasks, chats or config.
     assert graph["codebuddy.warm_pool"] <= {"codebuddy.warm_sessions", "codebuddy.process_tree"}
     assert graph["codebuddy.warm_sessions"] <= {"codebuddy.process_tree"}
-    assert not graph["codebuddy.process_tree"]
-    assert graph["codebuddy.cli_setup"] <= {"config"}
-    assert graph["dingtalk_sender"] <= {"config", "common.redaction", "dingtalk.message_parts", "dingtalk.json_http",
-                                        "dingtalk.route"}
-    assert not graph["dingtalk.message_parts"]
-    assert graph["dingtalk.json_http"] <= {"config"}
-    assert "bot" not in set().union(*graph.values())  # nothing imports the entry point
-    assert not any(name.startswith("chat.") for name in graph["async_task_manager"])  # tasks never see the chat
+    assert not graph["codebuddy.process_tree"] and not graph["dingtalk.message_parts"]
+    assert not graph["common.setting_values"] and not graph["dingtalk.route"]

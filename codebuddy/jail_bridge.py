@@ -10,6 +10,7 @@ same stdin and stdout); the child dies with it and holds none of its pipes. With
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import os
 import signal
@@ -22,9 +23,10 @@ MAX_CONNECTIONS = 128  # the proxy caps a run lower; this only keeps the bridge'
 PR_SET_PDEATHSIG = 1
 
 
-def copy(src: socket.socket, dst: socket.socket, done: threading.Semaphore | None) -> None:
-    """Copy src to dst until src ends, then pass the end on; if dst is gone, keep reading src so its peer can still
-    read what came back (closing a TCP socket with unread data resets the connection and loses the answer)."""
+def copy(src: socket.socket, dst: socket.socket, finished: threading.Semaphore, drain: bool) -> None:
+    """Copy src to dst until src ends, then pass the end on. If dst fails: with `drain` (the client's side) keep
+    reading src so the client can still read the proxy's answer (closing a TCP socket with unread input resets it);
+    without, end both directions at once."""
     view = memoryview(bytearray(BUFFER))
     open_dst = True
     try:
@@ -33,32 +35,36 @@ def copy(src: socket.socket, dst: socket.socket, done: threading.Semaphore | Non
                 try:
                     dst.sendall(view[:received])
                 except OSError:
+                    if not drain:
+                        raise
                     open_dst = False
         if open_dst:
             dst.shutdown(socket.SHUT_WR)
     except OSError:
-        pass
+        for sock in (src, dst):  # wakes the other direction's recv; closing alone would not
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
     finally:
-        if done:  # the second direction to finish closes both sockets
-            if not done.acquire(blocking=False):
-                src.close()
-                dst.close()
+        if not finished.acquire(blocking=False):  # the second direction to end closes both sockets
+            src.close()
+            dst.close()
 
 
 def bridge(client: socket.socket, unix_path: str, slots: threading.BoundedSemaphore) -> None:
     """Forward one accepted TCP connection to a new connection on the Unix socket, both ways."""
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         upstream.connect(unix_path)
     except OSError:
+        upstream.close()
         client.close()
         slots.release()
         return
     finished = threading.Semaphore(1)
-    other = threading.Thread(target=copy, args=(upstream, client, finished), daemon=True)
-    other.start()
-    copy(client, upstream, finished)
-    other.join()
+    answers = threading.Thread(target=copy, args=(upstream, client, finished, False), daemon=True)
+    answers.start()
+    copy(client, upstream, finished, True)
+    answers.join()
     slots.release()
 
 

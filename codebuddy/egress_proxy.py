@@ -160,16 +160,18 @@ class _Lane:
         self.view = memoryview(bytearray(BUFFER))
         self.pending = memoryview(first)
         self.eof = self.done = False
-        self.count = 0
+        self.sent = 0  # bytes delivered to dst, the request or response head as rewritten included
 
     def step(self) -> None:
         """Move what can move now: a few buffers' worth, then let the other direction have a turn."""
         for _ in range(8):
             if self.pending:
                 try:
-                    self.pending = self.pending[self.dst.send(self.pending):]
+                    sent = self.dst.send(self.pending)
                 except BlockingIOError:
                     return
+                self.pending = self.pending[sent:]
+                self.sent += sent
             elif self.eof:
                 break
             else:
@@ -177,7 +179,6 @@ class _Lane:
                     received = self.src.recv_into(self.view)
                 except BlockingIOError:
                     return
-                self.count += received
                 if not received:
                     self.eof = True
                     self.pending = memoryview(self.heads.flush() if self.heads else b"")
@@ -310,7 +311,7 @@ class EgressProxy:
                     listener.active[client] = [client]
             if busy:
                 log.warning("egress %s: too many connections, answered 503", listener.label)
-                self._answer(client, 503, "too many connections through the bot's proxy for this run; try again")
+                self._answer(client, 503, "too many connections through the bot's proxy for this run; try again", 0)
                 client.close()
                 continue
             threading.Thread(target=self._serve, args=(listener, client), daemon=True,
@@ -361,8 +362,8 @@ class EgressProxy:
                 for sock in listener.active.pop(client, [client]):
                     sock.close()
                 if lanes:
-                    self._counters["bytes_up"] += lanes[0].count
-                    self._counters["bytes_down"] += lanes[1].count
+                    self._counters["bytes_up"] += lanes[0].sent
+                    self._counters["bytes_down"] += lanes[1].sent
 
     def _connect(self, verdict: Verdict, port: int) -> socket.socket:
         error: OSError = OSError("no address")
@@ -394,10 +395,18 @@ class EgressProxy:
         self._answer(client, status, text)
 
     @staticmethod
-    def _answer(client: socket.socket, status: int, text: str) -> None:
+    def _answer(client: socket.socket, status: int, text: str, linger: float = 2.0) -> None:
+        """Send a short answer, then read what the client still sends for up to `linger` seconds (0: what is there
+        already): closing a socket with unread input makes the peer's read fail, and the answer would be lost."""
         body = f"{text}\n".encode()
         head = (f"HTTP/1.1 {status} {_STATUS[status]}\r\nContent-Type: text/plain; charset=utf-8\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        deadline = time.monotonic() + linger
         with contextlib.suppress(OSError):
             client.settimeout(5)
             client.sendall(head.encode("ascii") + body)
+            client.shutdown(socket.SHUT_WR)
+            for _ in range(64):  # at most 4 MiB of a refused upload
+                client.settimeout(max(0.0, deadline - time.monotonic()))
+                if not client.recv(MAX_HEAD):
+                    break

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 
 from codebuddy import process_tree
 from codebuddy.cli_setup import choose_cli, operator_problem
+from codebuddy.egress import EgressPolicy
+from codebuddy.jail_network import JailNetwork
 from codebuddy.sandbox import Bubblewrap, NoSandbox, Sandbox, Workspaces, run_environment
 from codebuddy.warm_pool import WarmPool
 from codebuddy.warm_sessions import PROTOCOL_FLAGS, Ask, TurnOutcome, WarmProcess, deny_all
@@ -143,12 +145,38 @@ def result_from_stream(state: StreamState, returncode: int | None, stderr_tail: 
     return RunResult(ok=False, error="CLI ended without a result" + (f": {detail}" if detail else ""), **common)
 
 
+def follow_event(event: dict, state: StreamState, on_step: Callable[[str], None] | None,
+                 on_text: Callable[[str], None] | None) -> None:
+    """Fold one stream-json event into `state` and tell the callbacks of a new step or more answer text."""
+    text_before = state.answer_text
+    step = fold_event(event, state)
+    try:  # a progress callback must never break the run
+        if step and on_step is not None:
+            on_step(step)
+        if on_text is not None and state.answer_text != text_before:
+            on_text(state.answer_text)
+    except Exception:
+        log.exception("progress callback failed")
+
+
 def sandbox_from_config(config: Config) -> Sandbox:
     """The sandbox CODEBUDDY_SANDBOX names, hiding the bot's own files from every run."""
     if config.codebuddy_sandbox == "none":
         return NoSandbox()
     return Bubblewrap(choose_cli(config.codebuddy_bin).path, read_only=config.codebuddy_sandbox_paths,
-                      hidden=bot_files(config.task_db, config.log_file, config.codebuddy_workdir))
+                      hidden=bot_files(config.task_db, config.log_file, config.codebuddy_workdir),
+                      network=jail_network_from_config(config))
+
+
+def jail_network_from_config(config: Config) -> JailNetwork | None:
+    """Each run's own network namespace with the egress proxy as its way out (CODEBUDDY_EGRESS=off: the host's
+    network, as before); raises ValueError naming the setting of a bad policy."""
+    if config.codebuddy_egress == "off":
+        return None
+    base_url = {**os.environ, **dict(config.cli_env)}.get("CODEBUDDY_BASE_URL", "")
+    policy = EgressPolicy.from_settings(config.codebuddy_egress, config.codebuddy_egress_allow,
+                                        config.codebuddy_egress_deny, base_url)
+    return JailNetwork(policy, base_url=base_url)
 
 
 class CodeBuddyClient:
@@ -180,6 +208,8 @@ class CodeBuddyClient:
         self._running: dict[str, WarmProcess] = {}  # by run tag (the task id)
         self._running_lock = threading.Lock()
         self._operator_told: set[str] = set()  # operator-side problems logged since the last good run
+        if getattr(self.sandbox, "network", None) is not None:  # its refusals are logged with their task
+            self.sandbox.network.on_refusal = self.egress_refused
 
     @classmethod
     def from_config(cls, config: Config) -> CodeBuddyClient:
@@ -286,7 +316,7 @@ class CodeBuddyClient:
         try:
             outcome, cancelled, timed_out = process.turn(
                 prompt, limit=limit, cancel_event=cancel_event, ask=ask or deny_all, poll=self.poll_interval,
-                on_event=lambda event: self._follow(event, state, on_step, on_text))
+                on_event=lambda event: follow_event(event, state, on_step, on_text))
             keep = outcome.ended and not outcome.process_died and not any(
                 e.get("type") == "error" for e in outcome.events)
             if cancelled or timed_out:
@@ -303,12 +333,14 @@ class CodeBuddyClient:
         tag = self.tag_prefix + uuid.uuid4().hex[:12]
         try:
             dirs = self.workspaces.dirs_for(conversation)
-            argv, cwd = self.sandbox.command(self.command(session_id), dirs)
+            argv, cwd = self.sandbox.command(self.command(session_id), dirs, run_id=tag)
             proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=cwd, env=self.run_env(self.sandbox.home(dirs), tag), start_new_session=True,
+                cwd=cwd, env={**self.run_env(self.sandbox.home(dirs), tag), **self.sandbox.environment()},
+                start_new_session=True,
             )
         except OSError as exc:
+            self.sandbox.release(tag)
             if reserved:
                 self.pool.unreserve()
             failure = RunResult(ok=False, error=f"无法启动 CodeBuddy CLI ({self.binary}): {exc.strerror or exc}")
@@ -325,19 +357,6 @@ class CodeBuddyClient:
             return process, RunResult(ok=False, error=f"CLI exited with code {process.proc.poll()}: {detail}")
         return process, None
 
-    @staticmethod
-    def _follow(event: dict, state: StreamState, on_step: Callable[[str], None] | None,
-                on_text: Callable[[str], None] | None) -> None:
-        text_before = state.answer_text
-        step = fold_event(event, state)
-        try:  # a progress callback must never break the run
-            if step and on_step is not None:
-                on_step(step)
-            if on_text is not None and state.answer_text != text_before:
-                on_text(state.answer_text)
-        except Exception:
-            log.exception("progress callback failed")
-
     def _stop_tools(self, process: WarmProcess, wait: float = 2.0) -> bool:
         """After an interrupt: end what the turn's tools left running; True once nothing is left."""
         deadline = self.clock() + wait
@@ -352,6 +371,7 @@ class CodeBuddyClient:
     def _end_process(self, process: WarmProcess) -> None:
         """Stop a process and all its tools started (in a jail its pid namespace takes them; outside, its run tag)."""
         process.stop(self.kill_grace)
+        self.sandbox.release(process.tag)
         if self.sandbox.name == "none":
             self.kill_leftovers(process.tag)
 
@@ -373,6 +393,12 @@ class CodeBuddyClient:
             log.error("%s (CLI: %s; 同类失败不再重复记录)", problem.operator_text, result.error)
         return replace(result, error=problem.user_text)
 
+    def egress_refused(self, process_tag: str, host: str, reason: str) -> None:
+        """The egress proxy refused `host` to a run (once per process and host): logged with the task it serves."""
+        with self._running_lock:  # the task the process serves now
+            task_id = next((tag for tag, process in self._running.items() if process.tag == process_tag), "-")
+        log.warning("网络请求被拒绝: %s: %s task=%s", host, reason, task_id)
+
     def cancel(self, run_tag: str) -> bool:
         """Whether the run tagged `run_tag` is in progress; the run itself interrupts its turn once the caller has
         set its `cancel_event` (within `poll_interval`)."""
@@ -387,8 +413,10 @@ class CodeBuddyClient:
         self.pool.start_reaper(min(30.0, self.pool.idle_seconds / 4))
 
     def close(self) -> None:
-        """End every idle warm process (shutdown)."""
+        """End every idle warm process (shutdown), then the egress proxy."""
         self.pool.stop_all()
+        if getattr(self.sandbox, "network", None) is not None:
+            self.sandbox.network.close()
 
     def kill_orphans(self) -> int:
         """SIGKILL every process a previous run of this bot (same workspaces) left behind, e.g. after a crash."""

@@ -20,6 +20,7 @@ from common.setting_values import (  # noqa: F401 (ConfigError and parse_positiv
     any_text,
     cli_args,
     comma_list,
+    egress_mode,
     log_level_name,
     non_negative_float,
     non_negative_int,
@@ -107,6 +108,13 @@ SETTINGS: tuple[Setting, ...] = (
             "bwrap: every run in a bubblewrap jail; none: no isolation (trusted users only)"),
     Setting("CODEBUDDY_SANDBOX_PATHS", "codebuddy_sandbox_paths", "", absolute_paths,
             "Comma-separated host paths runs may also read (e.g. a toolchain in /opt)"),
+    Setting("CODEBUDDY_EGRESS", "codebuddy_egress", "public", egress_mode,
+            "Where a jailed run may connect, through the bot's egress proxy: public (public addresses, ports 80 and "
+            "443), model (the model endpoint only) or off (the host's network, no namespace: trusted users only)"),
+    Setting("CODEBUDDY_EGRESS_ALLOW", "codebuddy_egress_allow", "", any_text,
+            "Comma-separated destinations runs may also reach, even private ones: host, host:port, *.suffix, CIDR"),
+    Setting("CODEBUDDY_EGRESS_DENY", "codebuddy_egress_deny", "", any_text,
+            "Comma-separated destinations runs may never reach (same forms; the model endpoint stays allowed)"),
     Setting("SYNC_TIMEOUT", "sync_timeout", "60", positive_float,
             "Seconds a short task may run before it moves to the background"),
     Setting("TASK_TIMEOUT", "task_timeout", "1800", positive_float,
@@ -190,6 +198,9 @@ class Config:
     codebuddy_permission_mode: str
     codebuddy_sandbox: str
     codebuddy_sandbox_paths: tuple[str, ...]
+    codebuddy_egress: str
+    codebuddy_egress_allow: str
+    codebuddy_egress_deny: str
     sync_timeout: float
     task_timeout: float
     long_task_keywords: tuple[str, ...]

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import os
-import signal
+import select
 import socket
 import sys
 import threading
 
 BUFFER = 256 * 1024
 MAX_CONNECTIONS = 128  # the proxy caps a run lower; this only keeps the bridge's own threads bounded
-PR_SET_PDEATHSIG = 1
 
 
 def copy(src: socket.socket, dst: socket.socket, finished: threading.Semaphore, drain: bool) -> None:
@@ -50,11 +48,26 @@ def copy(src: socket.socket, dst: socket.socket, finished: threading.Semaphore, 
             dst.close()
 
 
-def bridge(client: socket.socket, unix_path: str, slots: threading.BoundedSemaphore) -> None:
-    """Forward one accepted TCP connection to a new connection on the Unix socket, both ways."""
+def open_tunnel(upstream: socket.socket, target: str) -> bool:
+    """Ask the proxy for a CONNECT tunnel to `target` (HOST:PORT); True once it answered 200."""
+    upstream.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head and len(head) < 16384:
+        chunk = upstream.recv(4096)
+        if not chunk:
+            return False
+        head += chunk
+    return head.split(b" ", 2)[1:2] == [b"200"] and head.endswith(b"\r\n\r\n")
+
+
+def bridge(client: socket.socket, unix_path: str, slots: threading.BoundedSemaphore, tunnel: str = "") -> None:
+    """Forward one accepted TCP connection to a new connection on the Unix socket, both ways (through a CONNECT
+    tunnel to `tunnel` first, for a client that does not use the proxy: the CLI goes direct to a loopback model)."""
     upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         upstream.connect(unix_path)
+        if tunnel and not open_tunnel(upstream, tunnel):
+            raise OSError("the proxy refused the tunnel")
     except OSError:
         upstream.close()
         client.close()
@@ -68,25 +81,39 @@ def bridge(client: socket.socket, unix_path: str, slots: threading.BoundedSemaph
     slots.release()
 
 
-def serve(listener: socket.socket, unix_path: str) -> None:
+def serve(listener: socket.socket, unix_path: str, slots: threading.BoundedSemaphore, tunnel: str = "") -> None:
     """Accept on the TCP listener forever, one pair of threads per connection."""
-    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
     while True:
         client, _ = listener.accept()
         if not slots.acquire(blocking=False):
             client.close()
             continue
-        threading.Thread(target=bridge, args=(client, unix_path, slots), daemon=True).start()
+        threading.Thread(target=bridge, args=(client, unix_path, slots, tunnel), daemon=True).start()
 
 
-def die_with_parent(parent: int) -> None:
-    """Ask the kernel to kill this process when its parent (the command) exits."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # not Linux: the bridge outlives the command until the jail ends
-    if os.getppid() != parent:  # the parent ended before the request took hold
-        os._exit(0)
+def bind(address: str) -> socket.socket:
+    """A TCP listener on HOST:PORT (an IPv6 host in brackets or bare)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind((host, int(port)))
+    listener.listen(128)
+    return listener
+
+
+def serve_all(listener: socket.socket, tunnels: list[tuple[socket.socket, str]], unix_path: str) -> None:
+    """Serve the proxy listener and each tunnel listener (one thread each), sharing one connection cap."""
+    slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+    for tunnel_listener, target in tunnels:
+        threading.Thread(target=serve, args=(tunnel_listener, unix_path, slots, target), daemon=True).start()
+    serve(listener, unix_path, slots)
+
+
+def end_with(parent_exit: int) -> None:
+    """End this process as soon as the command's process does (`parent_exit`: a pidfd of it)."""
+    select.select([parent_exit], [], [])
+    os._exit(0)
 
 
 def main(argv: list[str]) -> int:
@@ -99,29 +126,38 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="jail_bridge.py")
     parser.add_argument("--listen", required=True, help="HOST:PORT on the jail's loopback")
     parser.add_argument("--unix", required=True, help="the proxy's Unix socket, as the jail sees it")
+    parser.add_argument("--tunnel", action="append", default=[],
+                        help="HOST:PORT on the jail's loopback tunnelled (CONNECT) to the same HOST:PORT via the proxy")
     args = parser.parse_args(argv)
-    host, _, port = args.listen.rpartition(":")
-    host = host.strip("[]")
-    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((host, int(port)))
-    listener.listen(128)
+    listener = bind(args.listen)
+    tunnels = [(bind(target), target) for target in args.tunnel]
     if not command:
-        serve(listener, args.unix)
+        serve_all(listener, tunnels, args.unix)
         return 0
-    parent = os.getpid()
-    if os.fork() == 0:
+    # The bridge is not the command's child: forked twice, it is nobody's tool (a turn's clean-up ends every
+    # process below the CLI), and it ends when the command's process does (a pidfd of it).
+    parent_exit = os.pidfd_open(os.getpid())
+    first = os.fork()
+    if first == 0:
         try:
-            die_with_parent(parent)
-            devnull = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):  # the bot waits for EOF on the command's pipes: hold none of them
-                os.dup2(devnull, fd)
-            serve(listener, args.unix)
+            if os.fork() == 0:
+                devnull = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):  # the bot waits for EOF on the command's pipes: hold none of them
+                    os.dup2(devnull, fd)
+                threading.Thread(target=end_with, args=(parent_exit,), daemon=True).start()
+                serve_all(listener, tunnels, args.unix)
         finally:
             os._exit(0)
+    os.waitpid(first, 0)
+    os.close(parent_exit)
     listener.close()
-    os.execvp(command[0], command)
-    return 127  # not reached: execvp raises if the command cannot start
+    for tunnel_listener, _ in tunnels:
+        tunnel_listener.close()
+    try:
+        os.execvp(command[0], command)
+    except OSError as exc:  # worded as bwrap words it, which the bot recognises (codebuddy/cli_setup.py)
+        print(f"bwrap: execvp {command[0]}: {exc.strerror}", file=sys.stderr)
+    return 127
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from codebuddy.jail_network import JailNetwork
+
 # Where a sandboxed run finds its conversation's directories (the same for every conversation, so the CLI's
 # per-cwd session files stay where the next run of that conversation looks for them).
 SANDBOX_WORKSPACE = "/workspace"
@@ -113,7 +115,9 @@ class Sandbox(Protocol):
     name: str
 
     def home(self, dirs: ConversationDirs) -> str: ...
-    def command(self, argv: list[str], dirs: ConversationDirs) -> tuple[list[str], str]: ...
+    def command(self, argv: list[str], dirs: ConversationDirs, run_id: str = "") -> tuple[list[str], str]: ...
+    def environment(self) -> dict[str, str]: ...  # variables every run gets on top of the allowlisted ones
+    def release(self, run_id: str) -> None: ...  # the run's process has ended: free what `command` opened for it
     def probe(self, timeout: float = 15.0) -> str: ...
 
 
@@ -125,8 +129,14 @@ class NoSandbox:
     def home(self, dirs: ConversationDirs) -> str:
         return dirs.home
 
-    def command(self, argv: list[str], dirs: ConversationDirs) -> tuple[list[str], str]:
+    def command(self, argv: list[str], dirs: ConversationDirs, run_id: str = "") -> tuple[list[str], str]:
         return list(argv), dirs.workspace
+
+    def environment(self) -> dict[str, str]:
+        return {}
+
+    def release(self, run_id: str) -> None:
+        pass
 
     def probe(self, timeout: float = 15.0) -> str:
         return ""
@@ -137,16 +147,18 @@ def _under(path: str, parent: str) -> bool:
 
 
 class Bubblewrap:
-    """CODEBUDDY_SANDBOX=bwrap: each run in its own bubblewrap jail (mount, pid, IPC and UTS namespaces)."""
+    """CODEBUDDY_SANDBOX=bwrap: each run in its own bubblewrap jail (mount, pid, IPC and UTS namespaces, and with
+    `network` its own network namespace whose one way out is the bot's egress proxy)."""
 
     name = "bwrap"
 
     def __init__(self, cli_binary: str, *, hidden: Iterable[str] = (), read_only: Iterable[str] = (),
-                 bwrap: str = "bwrap") -> None:
+                 bwrap: str = "bwrap", network: JailNetwork | None = None) -> None:
         self.bwrap = shutil.which(bwrap) or bwrap  # looked up once, on the bot's PATH
         self.cli_binary = cli_binary
         self.hidden = tuple(dict.fromkeys(os.path.abspath(p) for p in hidden if p))
         self.read_only = tuple(dict.fromkeys(os.path.abspath(p) for p in read_only if p))
+        self.network = network
 
     def home(self, dirs: ConversationDirs) -> str:
         return SANDBOX_HOME
@@ -175,15 +187,27 @@ class Bubblewrap:
             args += ["--ro-bind-try", directory, directory]
         return args
 
-    def command(self, argv: list[str], dirs: ConversationDirs) -> tuple[list[str], str]:
-        """`bwrap … -- argv`, run from the conversation's workspace mounted at /workspace."""
+    def command(self, argv: list[str], dirs: ConversationDirs, run_id: str = "") -> tuple[list[str], str]:
+        """`bwrap … -- argv`, run from the conversation's workspace mounted at /workspace; with a network and a
+        `run_id`, in its own network namespace behind the bridge to the egress proxy (`release(run_id)` after)."""
+        network: list[str] = []
+        if self.network is not None:
+            network = self.network.open(run_id) if run_id else ["--unshare-net"]
+            argv = self.network.wrap(argv) if run_id else argv
         # --unshare-user and --cap-drop ALL: a bot running as root must not hand the run root's capabilities
         # (with CAP_SYS_ADMIN and CAP_MKNOD it could mount the host's disk inside the jail).
         return [self.bwrap, "--die-with-parent", "--new-session", "--unshare-user", "--cap-drop", "ALL",
                 "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "codebuddy",
-                *self._mounts(),
+                *network, *self._mounts(),  # the system paths and the covers of the bot's files come last
                 "--bind", dirs.workspace, SANDBOX_WORKSPACE, "--bind", dirs.home, SANDBOX_HOME,
                 "--chdir", SANDBOX_WORKSPACE, "--", *argv], dirs.workspace
+
+    def environment(self) -> dict[str, str]:
+        return self.network.environment() if self.network is not None else {}
+
+    def release(self, run_id: str) -> None:
+        if self.network is not None and run_id:
+            self.network.close_run(run_id)
 
     def probe(self, timeout: float = 15.0) -> str:
         """Start one empty jail; "" when it works, else what went wrong and how to fix it."""

@@ -105,6 +105,15 @@ def sandbox_name(name: str, raw: str) -> str:
     return raw
 
 
+_EGRESS_MODES = ("public", "model", "off")
+
+
+def egress_mode(name: str, raw: str) -> str:
+    if raw.lower() not in _EGRESS_MODES:
+        raise ConfigError(f"{name} must be one of {', '.join(_EGRESS_MODES)}, got {raw!r}")
+    return raw.lower()
+
+
 def absolute_paths(name: str, raw: str) -> tuple[str, ...]:
     paths = comma_list(name, raw)
     for path in paths:

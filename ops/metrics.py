@@ -156,6 +156,14 @@ def render_metrics(sources: StatusSources) -> str:
     out.sample("dingtalk_bot_warm_runs_total", warm["misses"], {"result": "miss"})
     out.family("dingtalk_bot_warm_ended_total", "counter", "Warm CLI processes ended (evicted, idle, crashed, …).")
     out.sample("dingtalk_bot_warm_ended_total", warm["ended"])
+    network = getattr(getattr(sources.client, "sandbox", None), "network", None)
+    if network is not None:  # each jailed run's egress proxy (codebuddy/jail_network.py)
+        egress = network.stats()
+        out.family("dingtalk_bot_egress_connections_total", "counter", "Connections runs opened through the proxy.")
+        out.sample("dingtalk_bot_egress_connections_total", egress["connections"])
+        out.family("dingtalk_bot_egress_refusals_total", "counter",
+                   "Destinations the network policy refused to runs (CODEBUDDY_EGRESS, _ALLOW, _DENY).")
+        out.sample("dingtalk_bot_egress_refusals_total", egress["refusals"])
     out.family("dingtalk_bot_task_duration_seconds", "histogram", "Duration of CodeBuddy CLI runs, by outcome.")
     for outcome in OUTCOMES:
         cumulative, total, count = sources.durations.snapshot(outcome)

@@ -35,7 +35,10 @@ def config_failure(error: ConfigError) -> str:
 
 def sandbox_problem(config: Config) -> str:
     """Probe the sandbox every run starts in, once: "" when it works, else the start-up error saying why."""
-    sandbox = sandbox_from_config(config)
+    try:
+        sandbox = sandbox_from_config(config)
+    except ValueError as exc:  # a bad CODEBUDDY_EGRESS_ALLOW or _DENY entry
+        return f"配置错误: {exc}"
     problem = sandbox.probe()
     if problem:
         return f"配置错误: CodeBuddy 沙箱不可用 (CODEBUDDY_SANDBOX={sandbox.name}): {problem}"

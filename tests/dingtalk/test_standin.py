@@ -370,10 +370,8 @@ def test_fake_cli_ends_promptly_on_sigterm(tmp_path: Path) -> None:
     proc.stdin.write("long [sleep=30]")
     proc.stdin.close()
     assert json.loads(proc.stdout.readline())["subtype"] == "init"
-    started = time.monotonic()
     os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(5)
-    assert time.monotonic() - started < 2
+    proc.wait(10)  # it was sleeping 30 s: ending within 10 is ending on the signal, whatever the machine's load
 
 
 def test_fake_cli_ignore_term_and_spawn_need_group_kill(tmp_path: Path) -> None:

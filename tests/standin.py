@@ -183,6 +183,7 @@ class _State:
     flow_controlled: dict[str, int] = field(default_factory=dict)
     invalid_staff: set[str] = field(default_factory=set)
     records: list[Recorded] = field(default_factory=list)
+    in_flight: list[str] = field(default_factory=list)  # paths of HTTP requests received and not yet answered
     acks: list[tuple[str | None, dict[str, Any], float]] = field(default_factory=list)
 
 
@@ -352,6 +353,11 @@ class DingTalkStandin:
         """Snapshot of ACK frames from clients: (frame message id, ack dict, monotonic time)."""
         with self._lock:
             return list(self._state.acks)
+
+    def in_flight(self, path: str) -> int:
+        """How many requests to `path` the stand-in has received and not answered yet (a delayed one, say)."""
+        with self._lock:
+            return self._state.in_flight.count(path)
 
     def webhook_posts(self, session: str | None = None) -> list[Recorded]:
         """Webhook replies that were accepted (errcode 0), optionally for one session."""
@@ -729,6 +735,15 @@ class DingTalkStandin:
             self._state.acks.append((frame_id, ack, time.monotonic()))
 
     async def _handle_http(self, request: web.Request) -> web.StreamResponse:
+        with self._lock:
+            self._state.in_flight.append(request.path)
+        try:
+            return await self._answer_http(request)
+        finally:
+            with self._lock:
+                self._state.in_flight.remove(request.path)
+
+    async def _answer_http(self, request: web.Request) -> web.StreamResponse:
         arrived = time.monotonic()
         raw = (await request.read()).decode("utf-8", errors="replace")
         try:

@@ -150,10 +150,10 @@ def test_thirty_messages_share_one_token_fetch(standin, make_bot):
 
 
 def test_burst_is_acknowledged_while_workers_are_busy(standin, make_bot):
-    make_bot(MAX_WORKERS="2", MAX_TASKS_PER_USER="2")
+    bot = make_bot(MAX_WORKERS="2", MAX_TASKS_PER_USER="2")
     for number in range(2):
         standin.send_bot_message(f"生成报告 [sleep=20] {number}", sender_staff_id=f"busy{number}")
-    time.sleep(0.5)
+    bot.wait_log("后台任务开始执行", count=2)  # both workers are busy
     burst = [standin.send_bot_message(f"问题 {n}", sender_staff_id=f"user{n % 10}") for n in range(50)]
     start = time.monotonic()
     standin.wait_for(lambda: all(standin.webhook_posts(s.session) for s in burst), timeout=20)

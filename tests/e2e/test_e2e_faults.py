@@ -372,10 +372,12 @@ def test_sigterm_ends_the_bot_while_the_gateway_hangs(make_bot):
     silent.listen(8)  # accepts connections in the kernel, never answers
     try:
         bot = make_bot(connect=False, DINGTALK_OPENAPI_ENDPOINT=f"http://127.0.0.1:{silent.getsockname()[1]}")
-        time.sleep(1.5)
+        silent.settimeout(20)
+        hanging, _ = silent.accept()  # the bot's request is in, and will never be answered
         started = time.monotonic()
         assert bot.terminate(timeout=15) == 0
         assert time.monotonic() - started < 3 + 5
+        hanging.close()
     finally:
         silent.close()
 

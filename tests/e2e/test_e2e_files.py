@@ -69,6 +69,12 @@ def _runs_of(tmp_path: Path, marker: str) -> list[dict]:
     return [run for run in cli_runs(tmp_path) if marker in run["prompt"]]
 
 
+def _runs_in_conversation(tmp_path: Path, sent) -> list[dict]:
+    """The fake CLI's runs in `sent`'s conversation only (other tests' conversations share the bot)."""
+    home = Path(Workspaces(str(tmp_path / "workspace")).dirs_for(sent.payload["conversationId"]).home)
+    return cli_runs(home)
+
+
 # ---------------------------------------------------------------- in
 
 
@@ -78,11 +84,12 @@ def test_a_picture_and_a_file_sent_alone_arrive_byte_identical_and_the_next_prom
     assert _texts(standin, picture, 1)[0] == "已收到 图片.png，请告诉我要做什么。"
     document = send_file(standin, XLSX, "../../etc/季度 report.xlsx", sender_staff_id="pic-user")
     assert _texts(standin, document, 1)[0] == "已收到 _.._etc_季度 report.xlsx，请告诉我要做什么。"
-    assert not _runs_of(tmp_path, "attachments/")  # nothing ran yet: they wait for the words
+    assert _runs_in_conversation(tmp_path, document) == []  # nothing ran yet: they wait for the words
 
     question = standin.send_bot_message("这两个附件里有什么？", sender_staff_id="pic-user")
     answer = _texts(standin, question, 2)[1]
     run = standin.wait_for(lambda: _runs_of(tmp_path, "这两个附件里有什么？"))[0]
+    assert _runs_in_conversation(tmp_path, question) == [run]  # the words started the conversation's first run
     saved = re.findall(r"- (attachments/[\w.-]+) \((图片|文件) ([^,]+), ([^)]+)\)", run["prompt"])
     assert [(kind, name) for _, kind, name, _ in saved] == [("图片", "图片.png"),
                                                            ("文件", "_.._etc_季度 report.xlsx")]
@@ -95,11 +102,16 @@ def test_a_picture_and_a_file_sent_alone_arrive_byte_identical_and_the_next_prom
     again = standin.send_bot_message("再问一次", sender_staff_id="pic-user")
     _texts(standin, again, 2)
     assert "attachments/" not in _runs_of(tmp_path, "再问一次")[0]["prompt"]
+    # This test's downloads (found by their codes: other tests share the bot): one per attachment, by
+    # downloadCode, never pictureDownloadCode (which DingTalk answers with a 500).
+    codes = {sent.payload["content"]["downloadCode"]: sent for sent in (picture, document)}
+    downloads = [r for r in standin.requests if r.path == DOWNLOAD_PATH and isinstance(r.body, dict)
+                 and r.body.get("downloadCode") in codes.keys() | {picture.payload["content"]["pictureDownloadCode"]}]
+    assert sorted(r.body["downloadCode"] for r in downloads) == sorted(codes)
+    assert all(r.status == 200 for r in downloads)
     # The download URLs (they grant access) never reach the log in full.
-    urls = [r.response["downloadUrl"] for r in standin.requests if r.path == DOWNLOAD_PATH and r.status == 200]
-    assert len(urls) == 2 and all(url.split("?")[0] not in bot.log_text() for url in urls)
-    # downloadCode was used, never pictureDownloadCode (which DingTalk answers with a 500).
-    assert all(r.status == 200 for r in standin.requests if r.path == DOWNLOAD_PATH)
+    urls = [r.response["downloadUrl"] for r in downloads]
+    assert all(url.split("?")[0] not in bot.log_text() for url in urls)
 
 
 def test_a_question_sent_while_its_picture_still_downloads_waits_for_it(files_bot):
@@ -179,8 +191,9 @@ def test_files_written_to_outbox_reach_a_one_to_one_chat_as_file_and_picture_mes
     bot.wait_log("文件已发送: page.html.zip", count=1)
     standin.wait_for(lambda: len(os.listdir(outbox / "sent")) == 3)
     assert sorted(os.listdir(outbox)) == ["sent"]
-    assert not standin.batch_sends() or all(r.msg_key in ("sampleFile", "sampleImageMsg")
-                                            for r in standin.batch_sends())
+    # Only file and picture messages were pushed for this user (its text went by the session webhook).
+    assert all(r.msg_key in ("sampleFile", "sampleImageMsg") for r in standin.batch_sends()
+               if "out-user" in r.user_ids)
     assert all(upload.media_id not in bot.log_text() for _, upload in messages)  # media ids never logged
     argv = _runs_of(tmp_path, "写个报告")[0]["argv"]  # CodeBuddy was told where to leave files
     assert "outbox/" in argv[argv.index("--append-system-prompt") + 1]

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -43,10 +43,12 @@ db.execute("ROLLBACK")
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _status_port(bot) -> int:
+    """The port the bot's status server bound (STATUS_PORT=0: the OS picks a free one as it binds), from its log:
+    the status line of the bot's latest start (one log file may hold several)."""
+    starts = len(bot.wait_log("启动 DingTalk CodeBuddy 机器人"))
+    line = bot.wait_log(r"状态服务已启动: http://127\.0\.0\.1:\d+/", count=starts)[-1]
+    return int(re.search(r"127\.0\.0\.1:(\d+)/", line).group(1))
 
 
 def _healthz(port: int) -> tuple[int, dict]:
@@ -89,8 +91,8 @@ def _each_answered_once(standin, messages, timeout: float = 30.0) -> None:
 
 
 def test_store_locked_by_another_process_for_15_s_loses_no_message(standin, make_bot, tmp_path):
-    port = _free_port()
-    bot = make_bot(STATUS_PORT=str(port))
+    bot = make_bot(STATUS_PORT="0")
+    port = _status_port(bot)
     db = tmp_path / "data" / "tasks.db"
     # A run that is going when the lock is taken: the worker's saves (running, succeeded, delivered) fail.
     during_run = standin.send_bot_message("[sleep=3] 跨越故障的任务", sender_staff_id="w1")
@@ -144,9 +146,9 @@ def test_store_on_a_full_filesystem_loses_no_message(standin, make_bot, tmp_path
     # The bot runs in a mount namespace of its own where `small` is a 4 MB tmpfs; the test reaches that
     # filesystem through /proc/<pid>/root.
     mount = f"mount -t tmpfs -o size=4m tmpfs {small} && exec \"$@\""
-    port = _free_port()
-    bot = make_bot(TASK_DB=str(small / "tasks.db"), STATUS_PORT=str(port),
+    bot = make_bot(TASK_DB=str(small / "tasks.db"), STATUS_PORT="0",
                    _WRAP=json.dumps(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount, "sh"]))
+    port = _status_port(bot)
     inside = Path(f"/proc/{bot.proc.pid}/root") / str(small).lstrip("/")
     before = standin.send_bot_message("你好 满之前", sender_staff_id="a")
     _each_answered_once(standin, [before])
@@ -212,8 +214,8 @@ def test_permanently_refused_push_is_given_up_shown_and_never_pushed_again(stand
 
 
 def test_failing_push_is_retried_while_running_then_given_up(standin, make_bot):
-    port = _free_port()
-    bot = make_bot(DELIVERY_RETRY_WINDOW="1", DELIVERY_GIVE_UP_HOURS="0.003", STATUS_PORT=str(port))  # 10.8 s
+    bot = make_bot(DELIVERY_RETRY_WINDOW="1", DELIVERY_GIVE_UP_HOURS="0.003", STATUS_PORT="0")  # 10.8 s
+    port = _status_port(bot)
     # First: DingTalk is down for a few seconds, past one retry window; the result arrives without a restart.
     standin.fail_next(BATCH_SEND_PATH, status=503, body={"code": "ServiceUnavailable"}, times=4)
     send_pushed(standin, "生成报告 稍后送达", sender_staff_id="late")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 import time
 
 import pytest
@@ -17,6 +18,13 @@ def _task_id(text: str) -> str:
     match = re.search(r"任务ID: (\w+)", text)
     assert match, text
     return match.group(1)
+
+
+def _last_step(tmp_path, task_id: str) -> str:
+    """The last step the bot recorded for a task, as its task DB holds it ("" before any)."""
+    with sqlite3.connect(f"file:{tmp_path / 'data' / 'tasks.db'}?mode=ro", uri=True) as conn:
+        row = conn.execute("SELECT last_step FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    return (row[0] or "") if row else ""
 
 
 def _pushes_for(standin, task_id: str) -> list[str]:
@@ -44,9 +52,9 @@ def test_help_tasks_and_status_commands_in_1to1_and_group(standin, make_bot, con
 
 
 def test_commands_answer_at_once_while_every_worker_is_busy(standin, make_bot):
-    make_bot(MAX_WORKERS="1")
+    bot = make_bot(MAX_WORKERS="1")
     standin.send_bot_message("生成报告 [sleep=20]", sender_staff_id="busy")
-    time.sleep(0.5)
+    bot.wait_log("后台任务开始执行")  # the one worker is busy
     sent = standin.send_bot_message("/tasks", sender_staff_id="busy")
     start = time.monotonic()
     reply = replies(standin, sent, 1)[0]
@@ -54,9 +62,9 @@ def test_commands_answer_at_once_while_every_worker_is_busy(standin, make_bot):
 
 
 def test_queue_positions_with_one_worker(standin, make_bot):
-    make_bot(MAX_WORKERS="1")
+    bot = make_bot(MAX_WORKERS="1")
     standin.send_bot_message("生成报告 [sleep=20]", sender_staff_id="u1")
-    time.sleep(0.5)
+    bot.wait_log("后台任务开始执行")  # the one worker is busy
     second = replies(standin, standin.send_bot_message("问题二", sender_staff_id="u2"), 1)[0]
     third = replies(standin, standin.send_bot_message("问题三", sender_staff_id="u3"), 1)[0]
     assert "第 1 位" in second and "第 2 位" in third
@@ -65,9 +73,9 @@ def test_queue_positions_with_one_worker(standin, make_bot):
 
 
 def test_cancel_a_queued_task_it_never_runs(standin, make_bot, tmp_path):
-    make_bot(MAX_WORKERS="1")
+    bot = make_bot(MAX_WORKERS="1")
     standin.send_bot_message("生成报告 [sleep=20]", sender_staff_id="u1")
-    time.sleep(0.5)
+    bot.wait_log("后台任务开始执行")  # the one worker is busy
     queued = standin.send_bot_message("排队的问题", sender_staff_id="u2")
     task_id = _task_id(replies(standin, queued, 1)[0])
     reply = replies(standin, standin.send_bot_message("/cancel", sender_staff_id="u2"), 1)[0]
@@ -224,23 +232,27 @@ def test_prediction_sends_a_keywordless_prompt_to_the_background_after_its_class
 
 def test_a_user_runs_at_most_max_tasks_per_user_at_once(standin, make_bot, tmp_path):
     make_bot(MAX_WORKERS="4", MAX_TASKS_PER_USER="1")
-    standin.send_bot_message("私聊任务 [sleep=1.5]", sender_staff_id="u1")
+    first = standin.send_bot_message("生成报告 私聊任务 [sleep=60]", sender_staff_id="u1")
+    first_id = _task_id(replies(standin, first, 1)[0])
     group = standin.send_bot_message("群里的任务", sender_staff_id="u1", conversation_type="2")
     other = standin.send_bot_message("别人的任务", sender_staff_id="u2", conversation_type="2",
                                      conversation_id="cidOTHERgroup==")
     assert "排队中" in replies(standin, group, 1)[0]
-    replies(standin, group, 2)
-    replies(standin, other, 2)
-    starts = {run["prompt"]: run["start"] for run in cli_runs(tmp_path)}
-    assert starts["群里的任务"] - starts["私聊任务 [sleep=1.5]"] >= 1.4  # waited for u1's first task
-    assert starts["别人的任务"] - starts["私聊任务 [sleep=1.5]"] < 1.0  # another user did not wait
+    assert "回答: 别人的任务" in replies(standin, other, 2)[1]  # another user did not wait…
+    assert not [run for run in cli_runs(tmp_path) if run["prompt"] == "群里的任务"]  # …u1's second task does
+    cancelled_at = time.time()
+    replies(standin, standin.send_bot_message(f"/cancel {first_id}", sender_staff_id="u1"), 1)
+    standin.wait_for(lambda: [p for p in standin.webhook_posts(group.session) if "回答: 群里的任务" in (p.text or "")],
+                     timeout=15)
+    [run] = [run for run in cli_runs(tmp_path) if run["prompt"] == "群里的任务"]
+    assert run["start"] >= cancelled_at  # it ran once u1's first task was gone
 
 
-def test_status_of_a_running_task_names_its_last_step_and_expected_remaining_time(standin, make_bot):
+def test_status_of_a_running_task_names_its_last_step_and_expected_remaining_time(standin, make_bot, tmp_path):
     make_bot()
     sent = standin.send_bot_message("生成报告 [sleep=20]", sender_staff_id="u1")
     task_id = _task_id(replies(standin, sent, 1)[0])
-    time.sleep(0.8)
+    standin.wait_for(lambda: _last_step(tmp_path, task_id), timeout=15, message="the run's first step")
     status = replies(standin, standin.send_bot_message("/status", sender_staff_id="u1"), 1)[0]
     assert status.startswith(f"任务 {task_id}: 执行中")
     assert "最近步骤: 工具 Bash" in status and "预计剩余时间: 同类任务通常需要 2-5 分钟" in status

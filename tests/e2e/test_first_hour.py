@@ -15,6 +15,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -150,10 +152,13 @@ def test_a_trial_run_without_log_file_logs_to_stderr_and_writes_no_log_file(tmp_
 # ---------------------------------------------------------------- 3. connection failures: the host and the cause
 
 
-def _free_port() -> int:
+@contextmanager
+def _refusing_port() -> Iterator[int]:
+    """A loopback port that refuses connections while held: bound and never listening, so no other process (a
+    parallel test's server, say) can take it meanwhile."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        yield sock.getsockname()[1]
 
 
 def _failure(http: JsonHttp, url: str) -> str:
@@ -164,10 +169,10 @@ def _failure(http: JsonHttp, url: str) -> str:
 
 def test_connection_failures_name_the_host_and_the_cause(standin):
     http = JsonHttp(pool_size=1, transport_retries=0, timeout=(0.5, 0.5))
-    closed = _free_port()
-    assert _failure(http, f"http://127.0.0.1:{closed}/x").startswith(
-        f"127.0.0.1:{closed} connection refused (NewConnectionError: Failed to establish a new connection: "
-        "[Errno 111] Connection refused)")
+    with _refusing_port() as closed:
+        assert _failure(http, f"http://127.0.0.1:{closed}/x").startswith(
+            f"127.0.0.1:{closed} connection refused (NewConnectionError: Failed to establish a new connection: "
+            "[Errno 111] Connection refused)")
     tls = _failure(http, standin.base_url.replace("http://", "https://") + "/v1.0/oauth2/accessToken")
     assert tls.startswith(f"127.0.0.1:{standin.base_url.rsplit(':', 1)[1]} TLS handshake failed (SSLError: ")
     with socket.socket() as silent:  # accepts the connection, never answers
@@ -212,11 +217,11 @@ def test_check_names_a_dns_failure_with_its_host(tmp_path):
 
 
 def test_the_daemon_logs_the_host_and_cause_of_each_failed_connection(standin, make_bot):
-    closed = _free_port()
-    bot = make_bot(connect=False, DINGTALK_OPENAPI_ENDPOINT=f"http://127.0.0.1:{closed}")
-    line = bot.wait_log("连接钉钉 Stream 失败")[0]
-    assert f"连接钉钉 Stream 失败: unreachable: 127.0.0.1:{closed} connection refused" in line
-    bot.terminate()
+    with _refusing_port() as closed:
+        bot = make_bot(connect=False, DINGTALK_OPENAPI_ENDPOINT=f"http://127.0.0.1:{closed}")
+        line = bot.wait_log("连接钉钉 Stream 失败")[0]
+        assert f"连接钉钉 Stream 失败: unreachable: 127.0.0.1:{closed} connection refused" in line
+        bot.terminate()
     standin.fail_next("/connect", status=403, body={"code": "Forbidden"})
     bot = make_bot()  # the first websocket is refused, the reconnect succeeds
     line = bot.wait_log("钉钉 Stream 连接中断")[0]

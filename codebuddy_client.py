@@ -20,12 +20,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from codebuddy import process_tree
-from codebuddy.cli_setup import choose_cli, operator_problem
+from codebuddy.cli_setup import OperatorNotices, choose_cli
 from codebuddy.egress import EgressPolicy
+from codebuddy.jail_limits import JailLimits
 from codebuddy.jail_network import JailNetwork
+from codebuddy.run_limits import RunLimits
 from codebuddy.sandbox import Bubblewrap, NoSandbox, Sandbox, Workspaces, run_environment
 from codebuddy.warm_pool import WarmPool
-from codebuddy.warm_sessions import PROTOCOL_FLAGS, Ask, TurnOutcome, WarmProcess, deny_all
+from codebuddy.warm_sessions import CLI_MARKER, PROTOCOL_FLAGS, Ask, TurnOutcome, WarmProcess, deny_all
 from config import KILL_GRACE, SETTINGS, Config, bot_files
 
 log = logging.getLogger("codebuddy_client")
@@ -165,7 +167,13 @@ def sandbox_from_config(config: Config) -> Sandbox:
         return NoSandbox()
     return Bubblewrap(choose_cli(config.codebuddy_bin).path, read_only=config.codebuddy_sandbox_paths,
                       hidden=bot_files(config.task_db, config.log_file, config.codebuddy_workdir),
-                      network=jail_network_from_config(config))
+                      network=jail_network_from_config(config), limits=JailLimits(run_limits_from_config(config)))
+
+
+def run_limits_from_config(config: Config) -> RunLimits:
+    """RUN_MAX_PROCS, RUN_MEMORY_MB, RUN_TMP_MB and WORKSPACE_MAX_MB; runs at nice 10."""
+    return RunLimits(max_procs=config.run_max_procs, memory_mb=config.run_memory_mb, tmp_mb=config.run_tmp_mb,
+                     workspace_max_mb=config.workspace_max_mb)
 
 
 def jail_network_from_config(config: Config) -> JailNetwork | None:
@@ -207,7 +215,7 @@ class CodeBuddyClient:
         self.tag_prefix = "w" + hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()[:10] + "-"
         self._running: dict[str, WarmProcess] = {}  # by run tag (the task id)
         self._running_lock = threading.Lock()
-        self._operator_told: set[str] = set()  # operator-side problems logged since the last good run
+        self._operator = OperatorNotices()  # operator-side problems logged since the last good run
         if getattr(self.sandbox, "network", None) is not None:  # its refusals are logged with their task
             self.sandbox.network.on_refusal = self.egress_refused
 
@@ -275,6 +283,9 @@ class CodeBuddyClient:
         clock = clock or self.clock
         started = clock()
         session_id = session_id or new_session_id()
+        refusal = self.sandbox.refusal(self.workspaces.dirs_for(conversation))
+        if refusal:  # the conversation's workspace is full: no turn until files are deleted (or /new)
+            return RunResult(ok=False, error=refusal, session_id=session_id)
         state = StreamState()
         process = self.pool.take(conversation, session_id)
         reused = process is not None
@@ -283,7 +294,7 @@ class CodeBuddyClient:
                 process, failure = self._start(conversation, session_id)
                 if failure is not None or process is None:
                     failure = failure or RunResult(ok=False, error="CLI did not start")
-                    return self._for_the_chat(replace(failure, duration=clock() - started), cannot_start=True)
+                    return self._operator.for_the_chat(replace(failure, duration=clock() - started), cannot_start=True)
             outcome, cancelled, timed_out, keep = self._turn(process, prompt, run_tag, limit, cancel_event, ask,
                                                              state, on_step, on_text)
             if reused and outcome.process_died and not outcome.echoed and not (cancelled or timed_out):
@@ -302,7 +313,10 @@ class CodeBuddyClient:
         result = result_from_stream(state, returncode, "\n".join(process.stderr_tail),
                                     clock() - started - outcome.waited, timed_out=timed_out,
                                     cancelled=cancelled, limit=limit)
-        return self._for_the_chat(result)
+        reason = self.sandbox.limit_reason(process.tag)
+        if reason:  # the run met a limit (memory, processes): say which, in one line
+            result = replace(result, **({"text": f"{result.text}\n\n{reason}"} if result.ok else {"error": reason}))
+        return self._operator.for_the_chat(result)
 
     def _turn(self, process: WarmProcess, prompt: str, run_tag: str, limit: float,
               cancel_event: threading.Event | None, ask: Ask | None, state: StreamState,
@@ -321,6 +335,8 @@ class CodeBuddyClient:
                 e.get("type") == "error" for e in outcome.events)
             if cancelled or timed_out:
                 keep = outcome.interrupted and self._stop_tools(process)
+            cli = process_tree.cli_pid(process.proc.pid, CLI_MARKER)
+            keep = self.sandbox.end_turn(process.tag, cli) and keep  # nothing of the turn outlives it
             return outcome, cancelled, timed_out, keep
         finally:
             with self._running_lock:
@@ -337,9 +353,9 @@ class CodeBuddyClient:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 cwd=cwd, env={**self.run_env(self.sandbox.home(dirs), tag), **self.sandbox.environment()},
-                start_new_session=True,
+                start_new_session=True, preexec_fn=self.sandbox.preexec(tag, dirs),
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:  # a limit the preexec could not set: no unbounded run
             self.sandbox.release(tag)
             if reserved:
                 self.pool.unreserve()
@@ -374,24 +390,6 @@ class CodeBuddyClient:
         self.sandbox.release(process.tag)
         if self.sandbox.name == "none":
             self.kill_leftovers(process.tag)
-
-    def _for_the_chat(self, result: RunResult, cannot_start: bool = False) -> RunResult:
-        """A failure only the operator can fix (the CLI cannot sign in, or start) reads "ask the administrator" in
-        the chat; the CLI's own words and the operator's fix are logged once, not for every task, until a run
-        succeeds again."""
-        if result.ok:
-            with self._running_lock:
-                self._operator_told.clear()
-            return result
-        problem = operator_problem(result.error, cannot_start)
-        if problem is None:
-            return result
-        with self._running_lock:
-            first = problem.kind not in self._operator_told
-            self._operator_told.add(problem.kind)
-        if first:
-            log.error("%s (CLI: %s; 同类失败不再重复记录)", problem.operator_text, result.error)
-        return replace(result, error=problem.user_text)
 
     def egress_refused(self, process_tag: str, host: str, reason: str) -> None:
         """The egress proxy refused `host` to a run (once per process and host): logged with the task it serves."""

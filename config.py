@@ -115,6 +115,14 @@ SETTINGS: tuple[Setting, ...] = (
             "Comma-separated destinations runs may also reach, even private ones: host, host:port, *.suffix, CIDR"),
     Setting("CODEBUDDY_EGRESS_DENY", "codebuddy_egress_deny", "", any_text,
             "Comma-separated destinations runs may never reach (same forms; the model endpoint stays allowed)"),
+    Setting("RUN_MAX_PROCS", "run_max_procs", "256", parse_positive_int,
+            "Processes one jailed CLI process and its tools may have at once (pids cgroup, or RLIMIT_NPROC)"),
+    Setting("RUN_MEMORY_MB", "run_memory_mb", "2048", parse_positive_int,
+            "Memory of one jailed run, CLI included (memory cgroup); over it the run's process is ended"),
+    Setting("RUN_TMP_MB", "run_tmp_mb", "512", parse_positive_int, "Size of a jailed run's private /tmp"),
+    Setting("WORKSPACE_MAX_MB", "workspace_max_mb", "1024", parse_positive_int,
+            "Disk a conversation's workspace and CLI home may use; when full, its runs are refused until files "
+            "are deleted or /new"),
     Setting("SYNC_TIMEOUT", "sync_timeout", "60", positive_float,
             "Seconds a short task may run before it moves to the background"),
     Setting("TASK_TIMEOUT", "task_timeout", "1800", positive_float,
@@ -201,6 +209,10 @@ class Config:
     codebuddy_egress: str
     codebuddy_egress_allow: str
     codebuddy_egress_deny: str
+    run_max_procs: int
+    run_memory_mb: int
+    run_tmp_mb: int
+    workspace_max_mb: int
     sync_timeout: float
     task_timeout: float
     long_task_keywords: tuple[str, ...]

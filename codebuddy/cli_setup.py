@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import logging
 import os
 import re
 import shutil
 import stat
+import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
 
 from config import EXAMPLE_VALUES, setting_default
+
+log = logging.getLogger("codebuddy_client")
+R = TypeVar("R", bound=Any)
 
 WHEEL_PACKAGE = "codebuddy_agent_sdk"
 WHEEL_BINARY = os.path.join("bin", "codebuddy-headless")
@@ -121,3 +127,29 @@ def operator_problem(error: str, cannot_start: bool = False) -> OperatorProblem 
     if cannot_start or _CANNOT_START.search(error):
         return INSTALL_PROBLEM
     return LOGIN_PROBLEM if _AUTH_FAILURE.search(error) else None
+
+
+class OperatorNotices:
+    """Failures only the operator can fix, each logged once until a run succeeds again (`result`: a RunResult,
+    any dataclass with `ok` and `error`). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._told: set[str] = set()
+
+    def for_the_chat(self, result: R, cannot_start: bool = False) -> R:
+        """A failure only the operator can fix (the CLI cannot sign in, or start) reads "ask the administrator"
+        in the chat; the CLI's own words and the operator's fix are logged once, not for every task."""
+        if result.ok:
+            with self._lock:
+                self._told.clear()
+            return result
+        problem = operator_problem(result.error, cannot_start)
+        if problem is None:
+            return result
+        with self._lock:
+            first = problem.kind not in self._told
+            self._told.add(problem.kind)
+        if first:
+            log.error("%s (CLI: %s; 同类失败不再重复记录)", problem.operator_text, result.error)
+        return replace(result, error=problem.user_text)

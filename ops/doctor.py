@@ -19,7 +19,8 @@ from typing import TextIO
 from dotenv import dotenv_values
 
 from codebuddy.cli_setup import INSTALL_FIX, choose_cli, login_state
-from codebuddy_client import CodeBuddyClient, sandbox_from_config
+from codebuddy.run_limits import detect as detect_limits
+from codebuddy_client import CodeBuddyClient, run_limits_from_config, sandbox_from_config
 from common.redaction import mask_secret
 from config import EXAMPLE_VALUES, SETTINGS, Config, ConfigError, read_config
 from dingtalk.api_budget import describe_month
@@ -226,6 +227,17 @@ def check_sandbox(config: Config) -> CheckResult:
                                         "jail")
 
 
+def run_wall_lines(config: Config) -> list[str]:
+    """Under the sandbox line: the run's network and each resource limit, ✓ enforced or ✗ not (and why)."""
+    if config.codebuddy_egress == "off":
+        network = "  ✗ network: CODEBUDDY_EGRESS=off: runs share the host's network (its loopback, the intranet)"
+    else:
+        allow = f", also {config.codebuddy_egress_allow}" if config.codebuddy_egress_allow else ""
+        network = (f"  ✓ network: a namespace per run, out only through the bot's egress proxy "
+                   f"(CODEBUDDY_EGRESS={config.codebuddy_egress}{allow})")
+    return [network, *("  " + line for line in detect_limits().check_lines(run_limits_from_config(config)))]
+
+
 def describe_settings(config: Config, environ: Mapping[str, str], dotenv_path: str | None,
                       problems: tuple[str, ...] = ()) -> list[str]:
     """One line per setting: name, value (secrets masked) and where it came from; a setting with a problem shows
@@ -291,6 +303,8 @@ def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", o
         for result in check():
             results.append(result)
             print(result.line(), file=out, flush=True)
+            if result.name == "sandbox" and config.codebuddy_sandbox != "none":
+                print("\n".join(run_wall_lines(config)), file=out, flush=True)
     approvals = "APPROVALS=off: tools the mode does not allow are denied"
     if config.approvals:
         approvals = f"tools the mode does not allow are asked of the sender ({config.approval_timeout:.0f} s to answer)"

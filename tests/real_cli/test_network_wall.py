@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from tests.conftest import CLI_START_TIMEOUT
+from tests.conftest import CLI_START_TIMEOUT, wait_for_process
 
 pytestmark = [pytest.mark.real_cli, pytest.mark.e2e]
 
@@ -89,3 +89,49 @@ def test_a_run_cannot_read_the_bots_own_metrics(standin, real_bot):
     output = answer.split("Stdout:", 1)[1]
     assert "P-end" in output and "dingtalk_bot_" not in answer and BLOCKED_LINE in output, answer
     assert bot.proc.poll() is None
+
+
+def test_python_urllib_and_a_host_abstract_socket_are_out_of_reach(standin, real_bot, host_services):
+    secret_port, _ = host_services
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind("\0dingtalk-bot-wall-test")  # an abstract socket of the host's network namespace
+    listener.listen(1)
+    try:
+        real_bot()
+        output = _output(standin, "netwall4", (
+            f"python3 -c \"import urllib.request as u; print(u.urlopen('http://127.0.0.1:{secret_port}/', "
+            "timeout=5).read())\" 2>&1 | tail -n 1; "
+            "python3 -c \"import socket; s = socket.socket(socket.AF_UNIX); s.connect('\\0dingtalk-bot-wall-test'); "
+            "print('connected')\" 2>&1 | tail -n 1; echo P-end"))
+    finally:
+        listener.close()
+    assert "P-end" in output and SECRET not in output, output
+    assert "HTTP Error 403" in output, output  # urllib honours the proxy variables: the policy's answer
+    assert "ConnectionRefusedError" in output and "connected" not in output.replace("ConnectionRefused", ""), output
+
+
+def test_one_run_cannot_reach_another_runs_listening_port(standin, real_bot, tmp_path):
+    real_bot()
+    standin.send_bot_message("[bash:timeout 60 python3 -m http.server 8765 --bind 127.0.0.1 > /dev/null 2>&1]",
+                             sender_staff_id="netwall-server")
+    wait_for_process(tmp_path, ["python3", "-m", "http.server", "8765", "--bind", "127.0.0.1"],
+                     timeout=CLI_START_TIMEOUT)
+    output = _output(standin, "netwall-client", "curl -sS --max-time 5 --noproxy '*' http://127.0.0.1:8765/; "
+                                                "curl -sS --max-time 5 http://127.0.0.1:8765/; echo P-end")
+    assert "P-end" in output and "Directory listing" not in output, output
+    assert "Couldn't connect" in output and BLOCKED_LINE in output, output
+
+
+def test_in_a_mode_that_asks_for_the_shell_an_approved_shell_meets_the_same_wall(standin, real_bot, host_services):
+    secret_port, _ = host_services
+    real_bot(CODEBUDDY_PERMISSION_MODE="acceptEdits", APPROVAL_TIMEOUT="20")
+    sent = standin.send_bot_message(f"探测 [bash:curl -sS --max-time 5 http://127.0.0.1:{secret_port}/; echo P-end]",
+                                    sender_staff_id="netwall5")
+    standin.wait_for(lambda: any("CodeBuddy 请求使用工具 Bash" in p.text for p in standin.webhook_posts(sent.session)),
+                     timeout=CLI_START_TIMEOUT, message="the Bash approval question")
+    approve = standin.send_bot_message("同意", sender_staff_id="netwall5")
+    standin.wait_for(lambda: standin.webhook_posts(approve.session), timeout=20)
+    posts = standin.wait_for(lambda: [p for p in standin.webhook_posts(sent.session) if "回答:" in p.text],
+                             timeout=CLI_START_TIMEOUT)
+    output = posts[0].text.split("Stdout:", 1)[1]
+    assert "P-end" in output and SECRET not in output and BLOCKED_LINE in output, output

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import unquote
 
 # Things that look like credentials in CLI error text: (pattern, replacement keeping any label).
@@ -104,3 +104,18 @@ def mask_dsn_passwords(dsn: str) -> str:
     for start, end, _ in sorted(_password_spans(dsn), reverse=True):
         dsn = dsn[:start] + "***" + dsn[end:]
     return dsn
+
+
+class RedactedStream:
+    """A text stream writing through `replace_secrets`: for command output that quotes settings, paths or tasks
+    (`check`, `tasks`). A secret is caught when one write holds it whole, as a print() of a line does."""
+
+    def __init__(self, stream: TextIO, secrets: Iterable[str]) -> None:
+        self._stream = stream
+        self._secrets = tuple(secret for secret in secrets if secret)
+
+    def write(self, text: str) -> int:
+        return self._stream.write(replace_secrets(text, self._secrets))
+
+    def flush(self) -> None:
+        self._stream.flush()

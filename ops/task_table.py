@@ -12,10 +12,12 @@ import os
 import sys
 import time
 import unicodedata
+from collections.abc import Iterable
 from datetime import datetime
 from typing import TextIO
 
 from common.logs import escape_controls
+from common.redaction import RedactedStream, dsn_passwords
 from store.postgres import PostgresTaskStore, is_postgres_url, safe_url
 from store.schema import StoreError
 from store.sqlite import SQLiteTaskStore
@@ -90,21 +92,23 @@ def select_tasks(store: SQLiteTaskStore | PostgresTaskStore, *, user: str | None
 
 
 def print_tasks(db_path: str, *, user: str | None = None, status: str | None = None, limit: int = 20,
-                out: TextIO | None = None, now: float | None = None) -> int:
-    """`python bot.py tasks`: a table of tasks from the task DB (a file or a postgresql:// URL); 1 if there is none."""
-    out = out or sys.stdout
+                out: TextIO | None = None, now: float | None = None, secrets: Iterable[str] = ()) -> int:
+    """`python bot.py tasks`: a table of tasks from the task DB (a file or a postgresql:// URL); 1 if there is none.
+    `secrets` (and the DB's password) are shown as *** wherever they appear: in a prompt, a reason or the DB's name."""
+    secrets = (*secrets, *dsn_passwords(db_path))
+    out, err = RedactedStream(out or sys.stdout, secrets), RedactedStream(sys.stderr, secrets)
     store: SQLiteTaskStore | PostgresTaskStore
     if is_postgres_url(db_path):
         absolute = safe_url(db_path)
         try:
             store = PostgresTaskStore(db_path, read_only=True, pool_size=1, connect_timeout=5.0)
         except StoreError as exc:
-            print(str(exc), file=sys.stderr)
+            print(str(exc), file=err)
             return 1
     else:
         absolute = os.path.abspath(db_path)
         if not os.path.isfile(absolute):
-            print(f"no task DB at {absolute} (set TASK_DB, or run the bot once)", file=sys.stderr)
+            print(f"no task DB at {safe_url(absolute)} (set TASK_DB, or run the bot once)", file=err)
             return 1
         store = SQLiteTaskStore(absolute, read_only=True)
     try:
@@ -116,5 +120,5 @@ def print_tasks(db_path: str, *, user: str | None = None, status: str | None = N
         return 0
     print(format_task_table(tasks, time.time() if now is None else now), file=out)
     more = f"; {total - len(tasks)} more (--limit {total} shows them all)" if total > len(tasks) else ""
-    print(f"{len(tasks)} task(s), newest first, from {absolute}{more}", file=out)
+    print(f"{len(tasks)} task(s), newest first, from {safe_url(absolute)}{more}", file=out)
     return 0

@@ -17,7 +17,7 @@ from datetime import datetime
 from typing import TextIO
 
 from common.logs import escape_controls
-from common.redaction import RedactedStream, dsn_passwords
+from common.redaction import RedactedStream, dsn_passwords, replace_secrets
 from store.postgres import PostgresTaskStore, is_postgres_url, safe_url
 from store.schema import StoreError
 from store.sqlite import SQLiteTaskStore
@@ -69,15 +69,18 @@ def failure_reason(task: Task) -> str:
     return reason
 
 
-def format_task_table(tasks: list[Task], now: float) -> str:
-    """Tasks as an aligned text table (Chinese prompts count as two columns)."""
+def format_task_table(tasks: list[Task], now: float, secrets: Iterable[str] = ()) -> str:
+    """Tasks as an aligned text table (Chinese prompts count as two columns), each of `secrets` shown as ***."""
+    secrets = tuple(secrets)
     header = ("ID", "STATUS", "USER", "CREATED", "ELAPSED", "MODE", "DELIVERED", "REASON", "PROMPT")
     rows = [header]
     for task in tasks:
+        # Replaced before the cells are cut: a secret cut at the column's end would show its first characters.
+        reason, prompt = (replace_secrets(text, secrets) for text in (failure_reason(task), task.prompt))
         rows.append((escape_controls(task.id), escape_controls(task.status), escape_controls(task.user_id),
                      local_time(task.created_at), format_duration(task.elapsed(now)),
                      "background" if task.background else "sync", "yes" if task.delivered else "no",
-                     _clip(failure_reason(task), 40) or "-", _clip(task.prompt, 40)))
+                     _clip(reason, 40) or "-", _clip(prompt, 40)))
     widths = [max(_display_width(row[column]) for row in rows) for column in range(len(header))]
     return "\n".join("  ".join(_pad(cell, widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
 
@@ -118,7 +121,7 @@ def print_tasks(db_path: str, *, user: str | None = None, status: str | None = N
     if not tasks:
         print("no tasks", file=out)
         return 0
-    print(format_task_table(tasks, time.time() if now is None else now), file=out)
+    print(format_task_table(tasks, time.time() if now is None else now, secrets), file=out)
     more = f"; {total - len(tasks)} more (--limit {total} shows them all)" if total > len(tasks) else ""
     print(f"{len(tasks)} task(s), newest first, from {safe_url(absolute)}{more}", file=out)
     return 0

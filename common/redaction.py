@@ -3,6 +3,7 @@ the passwords of a PostgreSQL connection string found and masked."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -89,13 +90,15 @@ def _password_spans(dsn: str) -> list[tuple[int, int, str]]:
 
 
 def dsn_passwords(dsn: str) -> tuple[str, ...]:
-    """The passwords of a PostgreSQL connection string (URL or key=value), each as written and as decoded, for the
-    bot's list of secrets (those shorter than MIN_SECRET_CHARS left out); () when it holds none."""
+    """The passwords of a PostgreSQL connection string (URL or key=value), each as written and as decoded, and as
+    repr() and JSON would quote those (a password may hold quotes and backslashes), for the bot's list of secrets
+    (those shorter than MIN_SECRET_CHARS left out); () when it holds none."""
     found: dict[str, None] = {}
     for start, end, decoded in _password_spans(dsn):
         for form in (dsn[start:end], decoded):
-            if len(form) >= MIN_SECRET_CHARS:
-                found.setdefault(form, None)
+            for shown in (form, repr(form)[1:-1], json.dumps(form, ensure_ascii=False)[1:-1]):
+                if len(shown) >= MIN_SECRET_CHARS:
+                    found.setdefault(shown, None)
     return tuple(found)
 
 

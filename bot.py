@@ -29,6 +29,7 @@ from chat.app import ChatApp
 from cluster.hosts import host_name, join_cluster, open_task_store
 from codebuddy_client import CodeBuddyClient
 from common.logs import log_destination, output_handlers, setup_logging, stop_logging
+from common.redaction import dsn_passwords, redact_secrets
 from common.supervision import install_exception_hooks
 from config import (
     Config,
@@ -151,19 +152,21 @@ def main(argv: list[str] | None = None) -> int:
         return doctor.run_check(os.environ)
     if command == "tasks":  # reads the task DB only: a half-filled .env does not stop it
         config = read_config(os.environ)[0]
+        db = args.db or config.task_db
         try:
-            return task_table.print_tasks(args.db or config.task_db, user=args.user, status=args.status,
-                                          limit=args.limit)
+            return task_table.print_tasks(db, user=args.user, status=args.status, limit=args.limit,
+                                          secrets=config.secrets)
         except StoreError as exc:
-            return startup_failure(f"任务数据库无法打开: {exc}")
+            return startup_failure(f"任务数据库无法打开: {exc}", (*config.secrets, *dsn_passwords(db)))
     if command == "migrate-store":  # needs the target only: a half-filled .env does not stop it
         return migrate_store(args.sqlite_path, args.to or read_config(os.environ)[0].task_db)
     try:
         config = load_config() if command == "run" else load_local_config(os.environ)
     except ConfigError as exc:
+        secrets = read_config(os.environ)[0].secrets  # the problems may quote a value: the secrets that were read
         if command == "run":  # the operator greps the log: the reason goes there too
-            setup_logging(os.environ.get("LOG_FILE") or setting_default("LOG_FILE"), "INFO")
-        return startup_failure(config_failure(exc))
+            setup_logging(os.environ.get("LOG_FILE") or setting_default("LOG_FILE"), "INFO", secrets)
+        return startup_failure(config_failure(exc), secrets)
     # On a terminal the log lines show there too; the console shows only warnings (lines would drown the chat).
     handler = setup_logging(config.log_file, config.log_level, config.secrets, echo=sys.stderr.isatty(),
                             writer_thread=command == "run",
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     install_exception_hooks()
     problem = sandbox_problem(config)
     if problem:
-        return startup_failure(problem)
+        return startup_failure(problem, config.secrets)
     report_cli(config)
     if command == "console":
         if not isinstance(handler, logging.FileHandler):
@@ -181,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_daemon(config)
     except StoreError as exc:
-        return startup_failure(f"任务数据库无法打开: {exc}")
+        return startup_failure(f"任务数据库无法打开: {exc}", config.secrets)
 
 
-def startup_failure(message: str) -> int:
-    """A start-up error: one message on stderr and one line in the log; exit code 2 (systemd does not restart)."""
+def startup_failure(message: str, secrets: tuple[str, ...] = ()) -> int:
+    """A start-up error: one message on stderr and one line in the log, `secrets` and anything token-like shown as
+    ***; exit code 2 (systemd does not restart)."""
+    message = redact_secrets(message, secrets)
     to_file = any(isinstance(handler, logging.FileHandler) for handler in output_handlers())
     if not (to_file and _logs_to_stderr()):  # a terminal that echoes the log shows the logged line instead
         print(message, file=sys.stderr)

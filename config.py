@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-from common.redaction import mask_secret
+from common.redaction import dsn_passwords, mask_secret
 from common.setting_values import (  # noqa: F401 (ConfigError and parse_positive_int are used through config)
     ConfigError,
     absolute_paths,
@@ -254,7 +254,7 @@ class Config:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every secret value the bot holds: replaced by *** in anything it logs or sends."""
-        return tuple(s for s in (self.client_secret, *self.cli_secrets) if s)
+        return tuple(s for s in (self.client_secret, *self.cli_secrets, *dsn_passwords(self.task_db)) if s)
 
     @property
     def all_long_task_keywords(self) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from common.redaction import replace_secrets
+from common.redaction import replace_secrets, replace_secrets_in
 from config import HTTP_TIMEOUT, PUSH_MAX_BYTES, TOKEN_REFRESH_MARGIN, WEBHOOK_MAX_BYTES
 
 # The HTTP layer, re-exported: callers import every DingTalk wire name from here.
@@ -134,7 +134,7 @@ class DingTalkSender:
                  timeout: tuple[float, float] = HTTP_TIMEOUT, stop_event: threading.Event | None = None,
                  secrets: tuple[str, ...] = ()) -> None:
         self.endpoint = endpoint.rstrip("/")
-        # Exact secret values (app secret, CLI key) replaced by *** in every text sent: an answer may quote them.
+        # Exact secret values (app secret, CLI key, task DB password) replaced by *** in every text sent (`redact`).
         self._secrets = tuple(s for s in secrets if s)
         self.robot_code = robot_code
         self.retry_window = retry_window
@@ -162,18 +162,22 @@ class DingTalkSender:
         if self.meter is not None:
             self.meter.record(kind)
 
+    def redact(self, value: Any) -> Any:
+        """`value` (a text, or a JSON body) with every secret the bot holds replaced by ***. Everything this bot sends
+        to DingTalk passes here: webhook replies, pushes, other OpenAPI bodies and card calls (cards/api.py)."""
+        return replace_secrets_in(value, self._secrets)
+
     def call_openapi(self, path: str, body: dict, *, kind: str = "", retry_window: float | None = None) -> dict:
         """POST `body` to an OpenAPI `path` with the pushes' retries, each attempt a metered call of `kind`: the
         response body, or DeliveryError."""
         window = self.retry_window if retry_window is None else min(self.retry_window, retry_window)
-        return self._push_with_retry(path, body, self._clock() + window, kind)
+        return self._push_with_retry(path, self.redact(body), self._clock() + window, kind)
 
     # -- the seam
 
     def send(self, route: Route, text: str, *, markdown: bool = False, title: str = "CodeBuddy",
              allow_webhook: bool = True, retry_window: float | None = None) -> Delivery:
         """Deliver `text` to `route`: the session webhook while alive, else an OpenAPI push."""
-        text = replace_secrets(text, self._secrets)
         if route.path_for(allow_webhook, self._wall_clock() * 1000) == "webhook":
             delivery = self.reply_webhook(route, text, markdown=markdown, title=title)
             if delivery.ok:
@@ -184,6 +188,7 @@ class DingTalkSender:
     def reply_webhook(self, route: Route, text: str, *, markdown: bool = False,
                       title: str = "CodeBuddy") -> Delivery:
         """POST `text` to the route's session webhook; a non-zero errcode is a failure (docs/wire-facts.md §2)."""
+        text, title = self.redact(text), self.redact(title)  # before the split: a secret cut in two would pass
         why = self.meter.take_limit_notice() if self.meter is not None else ""
         text = f"{text}\n\n{why}" if why else text  # once, after DingTalk refused a metered call for the month
         log.info("准备发送消息，长度: %d 字符 user=%s", len(text), route.user_id)
@@ -209,6 +214,7 @@ class DingTalkSender:
     def push(self, route: Route, text: str, *, markdown: bool = False, title: str = "CodeBuddy",
              retry_window: float | None = None) -> Delivery:
         """Push `text` through the OpenAPI (batchSend for 1:1, groupMessages/send for groups)."""
+        text, title = self.redact(text), self.redact(title)  # before the split: a secret cut in two would pass
         path_name = route.push_path
         if route.is_group and not route.conversation_id:
             return Delivery(ok=False, path=path_name, error="group route without conversation id", permanent=True)

@@ -51,6 +51,7 @@ class CardApi:
 
     def _call(self, method: str, path: str, body: dict, kind: str) -> tuple[str, dict]:
         """One metered call (a second one only after DingTalk refused the token): ("", body) or (why, body)."""
+        body = self.sender.redact(body)  # every card text (the streamed answer, title, question) without secrets
         for attempt in (1, 2):
             try:
                 token = self.sender.tokens.get()

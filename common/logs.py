@@ -64,7 +64,7 @@ def task_log(logger: logging.Logger, task: _HasIds) -> TaskLogger:
 
 
 class RedactingFilter(logging.Filter):
-    """Removes the client secret and anything token-like from every log line."""
+    """Removes the bot's secrets and anything token-like from every log line, its traceback and its stack."""
 
     def __init__(self, secrets: tuple[str, ...]) -> None:
         super().__init__()
@@ -79,11 +79,29 @@ class RedactingFilter(logging.Filter):
             cleaned = replace_secrets(message, self._secrets)
         if cleaned != message:
             record.msg, record.args = cleaned, ()
+        # The traceback is formatted here, once, so every handler (and the writer thread) writes the redacted one.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_secrets(record.exc_text, self._secrets)
+        if record.stack_info:
+            record.stack_info = redact_secrets(record.stack_info, self._secrets)
         return True
 
 
 class OneLineFormatter(logging.Formatter):
-    """The log format, with the message on one line: control characters escaped, the traceback left as it is."""
+    """The log format, with the message on one line: control characters escaped, the traceback left as it is (but
+    for the secrets: a handler without the RedactingFilter still writes none)."""
+
+    def __init__(self, fmt: str | None = None, datefmt: str | None = None, secrets: tuple[str, ...] = ()) -> None:
+        super().__init__(fmt, datefmt)
+        self._secrets = tuple(s for s in secrets if s)
+
+    def formatException(self, ei: Any) -> str:
+        return redact_secrets(super().formatException(ei), self._secrets)
+
+    def formatStack(self, stack_info: str) -> str:
+        return redact_secrets(super().formatStack(stack_info), self._secrets)
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)
@@ -129,7 +147,7 @@ def setup_logging(log_file: str, level: str, secrets: tuple[str, ...] = (), *, e
                   echo_level: str = "DEBUG", writer_thread: bool = False) -> logging.Handler:
     """Log to `log_file` (WatchedFileHandler, so logrotate works), or to stderr when it is "" or cannot be opened
     (said once). `echo`: lines going to a file also go to stderr (at `echo_level` and up), for a terminal."""
-    formatter = OneLineFormatter(LOG_FORMAT, LOG_DATEFMT)
+    formatter = OneLineFormatter(LOG_FORMAT, LOG_DATEFMT, secrets)
     fallback_reason = ""
     handler: logging.Handler = logging.StreamHandler(sys.stderr)
     if log_file:

@@ -21,7 +21,7 @@ from dotenv import dotenv_values
 from codebuddy.cli_setup import INSTALL_FIX, choose_cli, login_state
 from codebuddy.run_limits import detect as detect_limits
 from codebuddy_client import CodeBuddyClient, run_limits_from_config, sandbox_from_config
-from common.redaction import mask_secret
+from common.redaction import RedactedStream, mask_secret
 from config import EXAMPLE_VALUES, SETTINGS, Config, ConfigError, read_config
 from dingtalk.api_budget import describe_month
 from dingtalk_sender import (
@@ -287,8 +287,9 @@ def check_dingtalk(config: Config, error: ConfigError | None) -> list[CheckResul
 def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", out: TextIO | None = None,
               cli_timeout: float = 20.0) -> int:
     """`python bot.py check`: print the settings and every ✓/✗ check, whatever fails; 0 only if all passed."""
-    out = out or sys.stdout
     config, error = read_config(environ, dotenv_path)
+    # Settings, paths and errors may quote a secret (a DSN's password in TASK_DB, a key pasted into the wrong setting).
+    out = RedactedStream(out or sys.stdout, config.secrets)
     print("Settings (.env and the environment; the environment wins):", file=out)
     for line in describe_settings(config, environ, dotenv_path, error.problems if error else ()):
         print(line, file=out)

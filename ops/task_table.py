@@ -12,10 +12,12 @@ import os
 import sys
 import time
 import unicodedata
+from collections.abc import Iterable
 from datetime import datetime
 from typing import TextIO
 
 from common.logs import escape_controls
+from common.redaction import RedactedStream, dsn_passwords, replace_secrets
 from store.postgres import PostgresTaskStore, is_postgres_url, safe_url
 from store.schema import StoreError
 from store.sqlite import SQLiteTaskStore
@@ -67,15 +69,18 @@ def failure_reason(task: Task) -> str:
     return reason
 
 
-def format_task_table(tasks: list[Task], now: float) -> str:
-    """Tasks as an aligned text table (Chinese prompts count as two columns)."""
+def format_task_table(tasks: list[Task], now: float, secrets: Iterable[str] = ()) -> str:
+    """Tasks as an aligned text table (Chinese prompts count as two columns), each of `secrets` shown as ***."""
+    secrets = tuple(secrets)
     header = ("ID", "STATUS", "USER", "CREATED", "ELAPSED", "MODE", "DELIVERED", "REASON", "PROMPT")
     rows = [header]
     for task in tasks:
+        # Replaced before the cells are cut: a secret cut at the column's end would show its first characters.
+        reason, prompt = (replace_secrets(text, secrets) for text in (failure_reason(task), task.prompt))
         rows.append((escape_controls(task.id), escape_controls(task.status), escape_controls(task.user_id),
                      local_time(task.created_at), format_duration(task.elapsed(now)),
                      "background" if task.background else "sync", "yes" if task.delivered else "no",
-                     _clip(failure_reason(task), 40) or "-", _clip(task.prompt, 40)))
+                     _clip(reason, 40) or "-", _clip(prompt, 40)))
     widths = [max(_display_width(row[column]) for row in rows) for column in range(len(header))]
     return "\n".join("  ".join(_pad(cell, widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
 
@@ -90,21 +95,23 @@ def select_tasks(store: SQLiteTaskStore | PostgresTaskStore, *, user: str | None
 
 
 def print_tasks(db_path: str, *, user: str | None = None, status: str | None = None, limit: int = 20,
-                out: TextIO | None = None, now: float | None = None) -> int:
-    """`python bot.py tasks`: a table of tasks from the task DB (a file or a postgresql:// URL); 1 if there is none."""
-    out = out or sys.stdout
+                out: TextIO | None = None, now: float | None = None, secrets: Iterable[str] = ()) -> int:
+    """`python bot.py tasks`: a table of tasks from the task DB (a file or a postgresql:// URL); 1 if there is none.
+    `secrets` (and the DB's password) are shown as *** wherever they appear: in a prompt, a reason or the DB's name."""
+    secrets = (*secrets, *dsn_passwords(db_path))
+    out, err = RedactedStream(out or sys.stdout, secrets), RedactedStream(sys.stderr, secrets)
     store: SQLiteTaskStore | PostgresTaskStore
     if is_postgres_url(db_path):
         absolute = safe_url(db_path)
         try:
             store = PostgresTaskStore(db_path, read_only=True, pool_size=1, connect_timeout=5.0)
         except StoreError as exc:
-            print(str(exc), file=sys.stderr)
+            print(str(exc), file=err)
             return 1
     else:
         absolute = os.path.abspath(db_path)
         if not os.path.isfile(absolute):
-            print(f"no task DB at {absolute} (set TASK_DB, or run the bot once)", file=sys.stderr)
+            print(f"no task DB at {safe_url(absolute)} (set TASK_DB, or run the bot once)", file=err)
             return 1
         store = SQLiteTaskStore(absolute, read_only=True)
     try:
@@ -114,7 +121,7 @@ def print_tasks(db_path: str, *, user: str | None = None, status: str | None = N
     if not tasks:
         print("no tasks", file=out)
         return 0
-    print(format_task_table(tasks, time.time() if now is None else now), file=out)
+    print(format_task_table(tasks, time.time() if now is None else now, secrets), file=out)
     more = f"; {total - len(tasks)} more (--limit {total} shows them all)" if total > len(tasks) else ""
-    print(f"{len(tasks)} task(s), newest first, from {absolute}{more}", file=out)
+    print(f"{len(tasks)} task(s), newest first, from {safe_url(absolute)}{more}", file=out)
     return 0

@@ -12,13 +12,13 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterable, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from common.logs import task_log
+from common.redaction import dsn_passwords, mask_dsn_passwords, replace_secrets
 from config import DEDUP_TTL_SECONDS
 from store.base import task_from_row, task_to_row
 from store.schema import (
@@ -55,13 +55,10 @@ def is_postgres_url(task_db: str) -> bool:
 
 
 def safe_url(url: str) -> str:
-    """The URL without its password, for log lines and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    """The URL (or key=value DSN) with every password in it shown as ***: in the user info, a `password=` query
+    parameter or a `password=` key, percent-encoded or not, holding `?`, `#` or `@` or not. For log lines, errors,
+    `check` and `tasks`."""
+    return mask_dsn_passwords(url)
 
 
 class PostgresTaskStore:
@@ -97,7 +94,8 @@ class PostgresTaskStore:
             raise
         except Exception as exc:
             self._pool.close()
-            why = " ".join(str(exc).split()) or type(exc).__name__
+            # libpq quotes a connection string it cannot parse: the password must not ride along.
+            why = replace_secrets(" ".join(str(exc).split()), dsn_passwords(url)) or type(exc).__name__
             raise StoreError(f"TASK_DB {self.path} cannot be opened ({why}): start PostgreSQL, check the URL, the "
                              "user's password and that the database exists, or point TASK_DB elsewhere") from exc
 

@@ -33,7 +33,7 @@ from config import Config
 from store.journal import JournaledStore, open_store
 from store.postgres import DB_NOW, SAVE_TASK, is_postgres_url, safe_url, task_to_row
 from tasks import texts
-from tasks.task import RUNNING, Task
+from tasks.task import FINISHED_STATUSES, RUNNING, Task
 
 log = logging.getLogger("cluster")
 
@@ -136,11 +136,12 @@ class Cluster:
             return ""
         return (rows[0][0] or "?") if rows else None
 
-    def admit(self, task: Task, running_here: list[Task], max_per_user: int) -> bool:
+    def admit(self, task: Task, running_here: list[Task], max_per_user: int) -> bool | None:
         """Whether `task` may start here, counting the other hosts' runs too: its user below `max_per_user` runs in
         all and its conversation running nowhere. If so the row says running on this host before the lock is let
         go (one transaction under an advisory lock per user and per conversation, always taken in that order).
-        While the DB is unreachable every task is admitted (limits per host) and it is tried again 5 s later."""
+        While the DB is unreachable every task is admitted (limits per host) and it is tried again 5 s later.
+        None: the row is no longer this host's to run (another host took it over, or it has ended)."""
         if time.monotonic() < self._admit_off_until:
             return True
         mine = sum(1 for t in running_here if t.user_id == task.user_id)
@@ -154,6 +155,12 @@ class Cluster:
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s)), pg_advisory_xact_lock(hashtext(%s))",
                                  ("user:" + task.user_id, "conversation:" + task.conversation_key))
+                    owner = conn.execute("SELECT host, status FROM tasks WHERE id = %s FOR UPDATE",
+                                         (task.id,)).fetchone()
+                    # A host that took this task over while this one stalled runs (and answers) it: never twice.
+                    if owner is not None and (owner[0] not in (None, self.host) or owner[1] in FINISHED_STATUSES):
+                        log.warning("任务 %s 已由主机 %s 接管 (%s)，本机不再运行", task.id, owner[0], owner[1])
+                        return None
                     users, conversations = conn.execute(
                         "SELECT count(*) FILTER (WHERE user_id = %s), count(*) FILTER (WHERE conversation_key = %s) "
                         f"FROM tasks WHERE status = 'running' AND host <> %s AND lease_until > {DB_NOW} AND id <> %s",

@@ -177,3 +177,22 @@ def test_the_delivery_fence_lets_a_result_out_only_while_this_host_holds_its_tas
     for member in (a, b):
         member.stop()
     store.close()
+
+
+def test_a_stalled_host_does_not_take_back_a_task_another_host_took_over_and_answered(pg_url):
+    store = open_store(pg_url, host="a")
+    queued = _task(9)
+    store.save(queued)  # queued on host a, which then stalls past its lease
+    assert store.wait_written(5)
+    with psycopg.connect(pg_url) as conn:  # host b took it over and answered it
+        conn.execute("UPDATE tasks SET host = 'b', status = %s WHERE id = %s", (SUCCEEDED, queued.id))
+    a = _member(pg_url, "a")
+    assert a.admit(queued, [], max_per_user=5) is None  # not a's to run any more: never run (and answered) twice
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT host, status FROM tasks WHERE id = %s", (queued.id,)).fetchone() == ("b",
+                                                                                                        SUCCEEDED)
+    mine = _task(10)
+    store.save(mine)
+    assert store.wait_written(5)
+    assert a.admit(mine, [], max_per_user=5) is True  # its own queued task it still starts
+    store.close()

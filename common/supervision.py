@@ -37,7 +37,8 @@ def install_exception_hooks() -> None:
             sys.__excepthook__(exc_type, exc, tb)
             return
         log.critical("未捕获的异常，程序退出", exc_info=(exc_type, exc, tb))
-        sys.__excepthook__(exc_type, exc, tb)
+        # The traceback went to the log, redacted; the raw one (secrets in its values) does not go to stderr.
+        print(f"未捕获的异常，程序退出: {exc_type.__name__} (the traceback is in the log)", file=sys.stderr)
 
     threading.excepthook = thread_hook
     sys.excepthook = main_hook

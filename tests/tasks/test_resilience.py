@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -20,6 +22,7 @@ from dingtalk_sender import Delivery
 from ops import health, systemd_notify
 from store.memory import MemoryTaskStore
 from tasks.task import CANCELLED, QUEUED, RUNNING, SUCCEEDED
+from tests.conftest import ROOT
 
 ROUTE = Route("1", "u1", "", "", 0)
 
@@ -124,6 +127,22 @@ def test_uncaught_exceptions_in_plain_threads_reach_the_log(caplog):
         threading.excepthook = previous
     record = next(r for r in caplog.records if "线程 stray 未捕获的异常" in r.getMessage())
     assert record.exc_info and record.exc_info[0] is ZeroDivisionError
+
+
+def test_an_uncaught_main_thread_exception_is_logged_redacted_and_not_printed_raw(tmp_path):
+    secret = "main-thread-secret-77Qz"
+    script = (
+        "import logging, sys\n"
+        "from common.logs import setup_logging\n"
+        "from common.supervision import install_exception_hooks\n"
+        f"setup_logging({str(tmp_path / 'bot.log')!r}, 'INFO', ({secret!r},), echo=False)\n"
+        "install_exception_hooks()\n"
+        f"raise RuntimeError('connect failed with password ' + {secret!r})\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert secret not in done.stderr and "RuntimeError (the traceback is in the log)" in done.stderr, done.stderr
+    logged = (tmp_path / "bot.log").read_text(encoding="utf-8")
+    assert "未捕获的异常，程序退出" in logged and "Traceback" in logged and secret not in logged, logged
 
 
 # ---------------------------------------------------------------- delivery: retries, give-up, order

@@ -21,6 +21,7 @@ import pytest
 
 from codebuddy import cli_output, tool_requests
 from codebuddy.cli_output import FLOOD_MESSAGE, LineQueue, OutputGauge
+from codebuddy.warm_pool import WarmPool
 from codebuddy.warm_sessions import Decision, ToolRequest, WarmProcess
 
 MIB = 1 << 20
@@ -248,13 +249,18 @@ def test_an_endless_stderr_line_is_cut_and_ends_the_turn(cli):
 
 def test_lines_written_while_no_turn_runs_fill_the_queue_and_the_process_is_not_reused(cli):
     piped, process = cli()
+    pool = WarmPool(2, 600, stop=lambda process: None)
+    assert pool.reserve()
+    pool.started(process, reserved=True)
+    pool.give_back(process, keep=True)  # idle, warm
     piped.write({"type": "assistant", "message": {"content": [{"type": "text", "text": "x" * 100}]}}
                 for _ in range(cli_output.MAX_QUEUED_LINES + 10))
     deadline = time.monotonic() + 10
     while process.alive() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not process.alive() and "waiting" in process.flood
-    outcome, seen = run_turn(process)
+    assert pool.take("c", "s") is None and pool.ended["输出异常"] == 1
+    outcome, seen = run_turn(process)  # even a turn given it anyway ends at once, in one line
     assert outcome.flooded and seen == [{"type": "error", "error": FLOOD_MESSAGE}]
 
 

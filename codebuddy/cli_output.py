@@ -2,7 +2,7 @@
 
 A tool in the jail runs as the CLI's own uid and can write into the CLI's stdout and stderr (`/proc/<pid>/fd/1`), so
 nothing read from them may make the bot hold more memory, start more threads or do more work than these caps allow
-(docs/warm-sessions.md, "The channel back from the jail").
+(docs/warm-sessions.md, "The channel back from the jail is untrusted").
 """
 
 from __future__ import annotations

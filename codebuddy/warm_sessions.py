@@ -4,8 +4,10 @@ ended when idle, asking the caller before a tool the permission mode does not al
 A process runs `codebuddy -p --input-format stream-json --output-format stream-json --verbose
 --replay-user-messages --session-id <id>` inside the conversation's sandbox and reads one JSON message per stdin
 line: a user turn, or a control request (`initialize`, `interrupt`). It answers the CLI's own control requests
-(`can_use_tool`) through the `ask` callable of the turn in progress. A turn ends with its `result` line, or,
-after an `interrupt`, with the `interrupted` control response (the real CLI writes no result for it).
+(`can_use_tool`) through the `ask` callable of the turn in progress, one at a time. A turn ends with its `result`
+line, or, after an `interrupt`, with the `interrupted` control response (the real CLI writes no result for it). What
+the process writes is untrusted (a tool can write into the CLI's stdout): codebuddy/cli_output.py caps it, and a
+flood ends the turn and the process.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import select
 import signal
 import subprocess
 import threading
@@ -24,6 +27,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from codebuddy import process_tree
+from codebuddy.cli_output import FLOOD_MESSAGE, LineQueue, OutputGauge, read_line, read_stderr_line
+from codebuddy.tool_requests import ASK_QUESTION_TOOL as ASK_QUESTION_TOOL  # `X as X`: callers import these from here
+from codebuddy.tool_requests import Ask as Ask
+from codebuddy.tool_requests import Decision as Decision
+from codebuddy.tool_requests import ToolDesk
+from codebuddy.tool_requests import ToolRequest as ToolRequest
+from codebuddy.tool_requests import deny_all as deny_all
 
 log = logging.getLogger("codebuddy_client")
 
@@ -36,65 +46,25 @@ INTERRUPT_GRACE = 2.0  # seconds an interrupted turn may take to end before the 
 QUIET_BEFORE_TURN = 0.25
 QUIET_AFTER_INTERRUPT = 1.0
 START_TIMEOUT = 60.0  # seconds for the CLI to answer `initialize`
+SEND_TIMEOUT = 10.0  # seconds a line may take to go into the CLI's stdin (it reads at once unless it is stopped)
 _STDERR_TAIL_LINES = 20
+TURN_EVENTS_KEPT = 100  # the last lines of a turn kept in its outcome (the callback sees them all)
+_ID_CHARS = 200  # of an unsupported request's id and subtype, echoed back
 CLI_MARKER = "--replay-user-messages"  # in the CLI's argv, not in its tools' (finds the CLI inside the sandbox)
-ASK_QUESTION_TOOL = "AskUserQuestion"
-
-
-@dataclass(frozen=True)
-class ToolRequest:
-    """The CLI asks whether it may use a tool (`can_use_tool`), or asks the user a question (AskUserQuestion)."""
-
-    tool_name: str
-    input: dict
-    tool_use_id: str = ""
-    reason: str = ""  # the CLI's decision_reason or blocked_path, when it gives one
-
-    @property
-    def is_question(self) -> bool:
-        return self.tool_name == ASK_QUESTION_TOOL
-
-    @property
-    def questions(self) -> list[dict]:
-        """The questions of an AskUserQuestion request (each a dict with `question` and maybe `options`)."""
-        found = self.input.get("questions") if isinstance(self.input, dict) else None
-        return [q for q in found if isinstance(q, dict) and q.get("question")] if isinstance(found, list) else []
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The answer to a `ToolRequest`: allowed (maybe with changed input, e.g. a question's answers) or not, why."""
-
-    allowed: bool
-    reason: str = ""
-    updated_input: dict | None = None
-
-    def wire(self, request: ToolRequest) -> dict:
-        """The `response` of the control response the CLI expects."""
-        if self.allowed:
-            return {"allowed": True, "updatedInput": self.updated_input if self.updated_input is not None
-                    else request.input, "tool_use_id": request.tool_use_id}
-        return {"allowed": False, "reason": self.reason or "denied", "tool_use_id": request.tool_use_id}
-
-
-Ask = Callable[[ToolRequest], Decision]
-
-
-def deny_all(request: ToolRequest) -> Decision:
-    """What a run without anyone to ask answers (APPROVALS=off): the permission mode decides alone."""
-    return Decision(False, "permission prompts are off for this bot (APPROVALS=off)")
 
 
 @dataclass
 class TurnOutcome:
     """How a turn ended, in stream terms (the client turns it into a RunResult)."""
 
-    events: list[dict] = field(default_factory=list)  # the turn's output lines, result last if there was one
-    ended: bool = False  # a result or an interrupted response arrived
+    # the turn's last output lines, result (or the flood's error) last if there was one
+    events: collections.deque[dict] = field(default_factory=lambda: collections.deque(maxlen=TURN_EVENTS_KEPT))
+    ended: bool = False  # a result or an interrupted response arrived, or the output was a flood
     interrupted: bool = False
     process_died: bool = False
     waited: float = 0.0  # seconds spent waiting for `ask` answers
     echoed: bool = False  # the CLI took the prompt (its echo came back)
+    flooded: bool = False  # the output broke a cap of cli_output.py: the turn and the process end
 
 
 def user_message(text: str, session_id: str) -> dict:
@@ -116,8 +86,9 @@ def _echoed_text(event: dict) -> str | None:
 
 
 class CliPipes:
-    """The pipes of one CLI process in stream-json mode: lines written, lines read and sorted (events for the turn,
-    tool requests answered through the turn's `ask`, the `initialize` answer), stderr's tail."""
+    """The pipes of one CLI process in stream-json mode: lines written, lines read and sorted (lines for the turn,
+    tool requests answered one at a time through the turn's `ask`, the `initialize` answer), stderr's tail, and
+    the caps on what it writes (a flood ends the process)."""
 
     def __init__(self, proc: subprocess.Popen, *, conversation: str, session_id: str, tag: str,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -129,12 +100,15 @@ class CliPipes:
         self.started_at = clock()
         self.last_used = self.started_at
         self.turns = 0
-        self._events: queue.Queue[dict | None] = queue.Queue()
+        self._lines = LineQueue()
+        self._gauge = OutputGauge(clock)
+        self.flood = ""  # why the output was a flood, once it was one: the process is then ended, never reused
+        self._flood_lock = threading.Lock()
         self._write_lock = threading.Lock()
-        self._ask: Ask = deny_all
-        self._ask_lock = threading.Lock()
-        self._waited = 0.0
-        self._waiting_since: float | None = None
+        self._input_stuck = False  # a write to its stdin timed out (see _send)
+        if proc.stdin is not None:
+            os.set_blocking(proc.stdin.fileno(), False)  # so a write can give up (_send)
+        self._desk = ToolDesk(self._send, self._flooded, clock, name=f"cli-ask-{proc.pid}")
         self._initialized = threading.Event()
         self._init_error = ""
         self.echoes_seen = 0
@@ -153,57 +127,92 @@ class CliPipes:
         return self.proc.pid
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return not self.flood and not self._input_stuck and self.proc.poll() is None
 
     # -- the pipes
 
     def _send(self, message: dict) -> bool:
-        line = (json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8", "replace")
-        with self._write_lock:
-            try:
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(line)
-                self.proc.stdin.flush()
-                return True
-            except (BrokenPipeError, OSError, ValueError):
-                return False  # the process is gone; its reader reports the end
+        """Write one line to the CLI's stdin within SEND_TIMEOUT; False when it is gone or stopped reading (a CLI a
+        tool has stopped, say: its input is then left alone, and the process is not reused)."""
+        data = memoryview((json.dumps(message, ensure_ascii=False) + "\n").encode("utf-8", "replace"))
+        deadline = time.monotonic() + SEND_TIMEOUT  # real time, whatever clock the turns are measured with
+        if not self._write_lock.acquire(timeout=SEND_TIMEOUT):
+            return False
+        try:
+            while data and not self._input_stuck:
+                try:
+                    data = data[os.write(self.proc.stdin.fileno(), data):]
+                except BlockingIOError:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or not select.select([], [self.proc.stdin], [], remaining)[1]:
+                        self._input_stuck = True
+            return not data
+        except (OSError, ValueError, AttributeError):
+            return False  # the process is gone; its reader reports the end
+        finally:
+            self._write_lock.release()
 
     def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
         try:
-            for raw in self.proc.stdout:
+            while not self.flood:
+                raw, too_long = read_line(self.proc.stdout)
+                if not raw:
+                    break
+                self.last_output_at = self.clock()
+                why = f"a line longer than {len(raw) - 1} bytes" if too_long else self._gauge.count(len(raw))
+                if why:
+                    self._flooded(why)
+                    break
                 try:
-                    event = json.loads(raw.decode("utf-8", "replace"))
+                    event = json.loads(raw)
                 except ValueError:
                     continue
                 if isinstance(event, dict):
-                    self._dispatch(event)
+                    self._dispatch(event, raw)
         except (OSError, ValueError):
             pass
         finally:
             self._initialized.set()
-            self._events.put(None)
+            self._lines.end()
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         try:
-            for raw in self.proc.stderr:
+            while not self.flood:
+                raw = read_stderr_line(self.proc.stderr, self._count_stderr)
+                if not raw:
+                    break
                 self.stderr_tail.append(raw.decode("utf-8", "replace").rstrip())
         except (OSError, ValueError):
             pass
 
-    def _dispatch(self, event: dict) -> None:
-        self.last_output_at = self.clock()
+    def _count_stderr(self, size: int) -> None:
+        why = self._gauge.count(size)
+        if why:
+            self._flooded(f"stderr: {why}")
+
+    def _flooded(self, why: str) -> None:
+        """The output broke a cap: stop reading it, end the process (its turn ends with FLOOD_MESSAGE); logged once."""
+        with self._flood_lock:
+            if self.flood:
+                return
+            self.flood = why
+        self._desk.close()
+        log.warning("CodeBuddy 进程 %d 输出异常，已结束: %s", self.proc.pid, why)
+        _signal_group(self.proc, signal.SIGKILL)
+
+    def _dispatch(self, event: dict, raw: bytes) -> None:
         kind = event.get("type")
         if kind == "control_request":
-            request = event.get("request") or {}
+            request = event.get("request") if isinstance(event.get("request"), dict) else {}
+            request_id = str(event.get("request_id", ""))
             if request.get("subtype") == "can_use_tool":
-                threading.Thread(target=self._answer_tool, args=(str(event.get("request_id", "")), request),
-                                 daemon=True, name=f"cli-ask-{self.proc.pid}").start()
+                self._desk.request(request_id, request)
             else:  # hooks, MCP: nothing of ours registered them
-                self._send({"type": "control_response", "response": {
-                    "subtype": "error", "request_id": event.get("request_id", ""),
-                    "error": f"unsupported control request {request.get('subtype')!r}"}})
+                self._desk.refuse({"type": "control_response", "response": {
+                    "subtype": "error", "request_id": request_id[:_ID_CHARS],
+                    "error": f"unsupported control request {str(request.get('subtype'))[:_ID_CHARS]!r}"}})
             return
         if kind == "control_response":
             response = event.get("response") or {}
@@ -214,33 +223,12 @@ class CliPipes:
                 return
         if kind == "error" and not self._initialized.is_set():
             self._init_error = str(event.get("error") or event.get("message") or "unknown error")
-        self._events.put(event)
-
-    def _answer_tool(self, request_id: str, raw: dict) -> None:
-        request = ToolRequest(tool_name=str(raw.get("tool_name") or "?"),
-                              input=raw.get("input") if isinstance(raw.get("input"), dict) else {},
-                              tool_use_id=str(raw.get("tool_use_id") or ""),
-                              reason=str(raw.get("decision_reason") or raw.get("blocked_path") or ""))
-        with self._ask_lock:
-            ask = self._ask
-            self._waiting_since = self.clock()
-        try:
-            decision = ask(request)
-        except Exception as exc:  # an answer must always go back, or the CLI waits forever
-            log.exception("tool approval failed")
-            decision = Decision(False, f"approval failed: {exc}")
-        finally:
-            with self._ask_lock:
-                if self._waiting_since is not None:
-                    self._waited += self.clock() - self._waiting_since
-                self._waiting_since = None
-        self._send({"type": "control_response", "response": {"subtype": "success", "request_id": request_id,
-                                                             "response": decision.wire(request)}})
+        if not self._lines.put(raw):
+            self._flooded(f"more than {self._lines.max_lines} lines or {self._lines.max_bytes >> 20} MiB waiting")
 
     def waited(self) -> float:
         """Seconds this turn has spent waiting for answers to tool requests (including one waiting now)."""
-        with self._ask_lock:
-            return self._waited + (self.clock() - self._waiting_since if self._waiting_since is not None else 0.0)
+        return self._desk.waited()
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> str:
         """Wait for the CLI to answer `initialize`: "" when it did, else why it did not."""
@@ -248,7 +236,9 @@ class CliPipes:
             return f"the CLI did not answer initialize within {timeout:.0f} s"
         if self._init_error:
             return self._init_error
-        return "" if self.alive() or not self._events.empty() else "the CLI exited at start"
+        if self.flood:
+            return FLOOD_MESSAGE
+        return "" if self.alive() or not self._lines.empty() else "the CLI exited at start"
 
 class WarmProcess(CliPipes):
     """One CLI process in stream-json mode, for one conversation and session: its turns (one at a time), interrupt,
@@ -261,26 +251,33 @@ class WarmProcess(CliPipes):
         """Send `prompt` and follow its turn to the end, a cancel or `limit` seconds (time waiting for `ask`
         answers not counted). Returns (outcome, cancelled, timed_out); `on_event` sees each line of the turn."""
         self._wait_quiet()
-        self._drain()  # leftovers of an earlier turn (a late line after its result) are not this turn's
-        with self._ask_lock:
-            self._ask = ask
-            self._waited = 0.0
+        self._lines.clear()  # leftovers of an earlier turn (a late line after its result) are not this turn's
         self.turns += 1
+        self._desk.open_turn(ask)
+        self._gauge.new_turn()
         outcome = TurnOutcome()
         started = self.clock()
-        if not self._send(user_message(prompt, self.session_id)):
+        if not self.flood and not self._send(user_message(prompt, self.session_id)):
             outcome.process_died = True
             return outcome, False, False
         echoed = False
         cancelled = timed_out = False
         while True:
+            if self.flood:  # the process is being killed: the user reads why, in one line
+                outcome.flooded = outcome.ended = True
+                outcome.events.append({"type": "error", "error": FLOOD_MESSAGE})
+                on_event(outcome.events[-1])
+                break
             try:
-                event = self._events.get(timeout=poll)
+                raw = self._lines.get(timeout=poll)
             except queue.Empty:
-                event = {}
-            if event is None:
+                raw = b""
+            if raw is None:
+                if self.flood:
+                    continue
                 outcome.process_died = True
                 break
+            event = json.loads(raw) if raw else {}
             if event:
                 text = _echoed_text(event)
                 if text is not None and not echoed and text.strip() == prompt.strip():
@@ -302,9 +299,7 @@ class WarmProcess(CliPipes):
             if cancelled or timed_out:
                 outcome.interrupted = self.interrupt()
                 break
-        with self._ask_lock:
-            outcome.waited = self._waited
-            self._ask = deny_all
+        outcome.waited = self._desk.close_turn()  # tool requests from now on are refused until the next turn
         self.last_used = self.clock()
         return outcome, cancelled, timed_out
 
@@ -331,24 +326,15 @@ class WarmProcess(CliPipes):
             if remaining <= 0:
                 return False
             try:
-                event = self._events.get(timeout=min(remaining, 0.1))
+                raw = self._lines.get(timeout=min(remaining, 0.1))
             except queue.Empty:
                 continue
-            if event is None:
+            if raw is None or self.flood:
                 return False
+            event = json.loads(raw)
             response = event.get("response") or {} if event.get("type") == "control_response" else {}
             if response.get("request_id") == request_id or event.get("type") == "result":
                 return True
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                return
-            if event is None:  # keep the end-of-output marker for the turn to see
-                self._events.put(None)
-                return
 
     # -- processes
 

@@ -157,6 +157,8 @@ def test_the_cli_processes_and_the_wire_helpers_know_nothing_above_them():
     graph = _graph()
     # The CLI's processes: the pool holds them, each speaks the protocol; neither knows tasks, chats or config.
     assert graph["codebuddy.warm_pool"] <= {"codebuddy.warm_sessions", "codebuddy.process_tree"}
-    assert graph["codebuddy.warm_sessions"] <= {"codebuddy.process_tree"}
+    assert graph["codebuddy.warm_sessions"] <= {"codebuddy.process_tree", "codebuddy.cli_output",
+                                                "codebuddy.tool_requests"}
+    assert not graph["codebuddy.cli_output"] and not graph["codebuddy.tool_requests"]
     assert not graph["codebuddy.process_tree"] and not graph["dingtalk.message_parts"]
     assert not graph["common.setting_values"] and not graph["dingtalk.route"]

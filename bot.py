@@ -26,7 +26,7 @@ from cards.api import CARD_CALLBACK_TOPIC
 from cards.wiring import attach_budget_and_cards, card_handler, card_topics
 from chat import console
 from chat.app import ChatApp
-from cluster.hosts import host_name, join_cluster, open_task_store
+from cluster.hosts import join_cluster, open_task_store, this_host
 from codebuddy_client import CodeBuddyClient
 from common.logs import log_destination, output_handlers, setup_logging, stop_logging
 from common.redaction import dsn_passwords, redact_secrets
@@ -51,7 +51,7 @@ from ops import (
     task_table,
 )
 from ops.metrics import DurationHistogram, TimedClient
-from ops.startup import config_failure, load_local_config, report_cli, sandbox_problem
+from ops.startup import claim_host_identity, config_failure, load_local_config, report_cli, sandbox_problem
 from ops.status_server import StatusSources, start_status_server
 from ops.store_admin import migrate_store
 from store.schema import StoreError
@@ -108,7 +108,7 @@ def run_daemon(config: Config) -> int:
     notifier = systemd_notify.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
     status_server = start_status_server(config.status_port, StatusSources(
         manager=manager, sender=sender, client=client, stream=stream, store=manager.store,
-        supervisor=manager.supervisor, intake=intake, durations=durations, host=host_name(config.host_name)))
+        supervisor=manager.supervisor, intake=intake, durations=durations, host=this_host(config)))
 
     def core_alive() -> bool:  # a dead core thread stops the watchdog pings, and systemd restarts the bot
         return not health.core_problems(manager.supervisor, intake)
@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             handler.setLevel(logging.WARNING)
         print(log_destination(), file=sys.stderr, flush=True)
         return console.run_console(config, user_id=args.user)
+    identity, problem = claim_host_identity(config)  # held until the process ends
+    if problem:
+        return startup_failure(problem)
     try:
         return run_daemon(config)
     except StoreError as exc:

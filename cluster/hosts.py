@@ -17,7 +17,9 @@ task must be shared. Two statements and a LISTEN do that without a second model 
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -29,7 +31,7 @@ import psycopg
 
 from cluster.fence import DeliveryFence
 from cluster.questions import SharedQuestions
-from config import Config
+from config import PROJECT_DIR, Config
 from store.journal import JournaledStore, open_store
 from store.postgres import DB_NOW, SAVE_TASK, is_postgres_url, safe_url, task_to_row
 from tasks import texts
@@ -43,9 +45,19 @@ _UNDONE = "delivered = 0 AND undeliverable = 0"  # a task a host still has to ru
 _RETRY = 1.0  # seconds between attempts while the DB cannot be reached
 
 
-def host_name(configured: str) -> str:
-    """HOST_NAME, else this machine's hostname."""
-    return configured or socket.gethostname()
+def host_name(configured: str, workdir: str = "") -> str:
+    """HOST_NAME, else this machine's hostname and a digest of this installation (its checkout and its
+    CODEBUDDY_WORKDIR): two processes of two installations on one machine are two hosts, and a restart of one
+    installation is the same host again."""
+    if configured:
+        return configured
+    where = f"{PROJECT_DIR}\0{os.path.abspath(workdir)}" if workdir else PROJECT_DIR
+    return f"{socket.gethostname()}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
+
+
+def this_host(config: Config) -> str:
+    """This process's name among the hosts (`host_name` of its settings)."""
+    return host_name(config.host_name, config.codebuddy_workdir)
 
 
 class Cluster:
@@ -357,7 +369,7 @@ def _run_handed_task(manager: Any, cluster: Cluster, task_id: str) -> None:
 
 def open_task_store(config: Config) -> JournaledStore:
     """The daemon's store (TASK_DB); on PostgreSQL the tasks it creates are leased to this host."""
-    return open_store(config.task_db, host=host_name(config.host_name), lease_seconds=config.lease_seconds)
+    return open_store(config.task_db, host=this_host(config), lease_seconds=config.lease_seconds)
 
 
 def join_cluster(config: Config, manager: Any) -> Cluster | None:
@@ -369,7 +381,7 @@ def join_cluster(config: Config, manager: Any) -> Cluster | None:
     if not is_postgres_url(config.task_db):
         manager.recover()
         return None
-    cluster = Cluster(config.task_db, host_name(config.host_name), lease_seconds=config.lease_seconds,
+    cluster = Cluster(config.task_db, this_host(config), lease_seconds=config.lease_seconds,
                       on_takeover=lambda ids: manager.recover(only=ids),
                       on_cancel=lambda task_id: _cancel_if_here(manager, task_id),
                       on_task=lambda task_id: _run_handed_task(manager, cluster, task_id))

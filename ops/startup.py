@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
 import os
 from collections.abc import Mapping
 
+from cluster.hosts import this_host
 from codebuddy.cli_setup import INSTALL_FIX, choose_cli, login_state
 from codebuddy_client import sandbox_from_config
 from config import SETTINGS, Config, ConfigError, read_config
@@ -61,3 +64,21 @@ def report_cli(config: Config) -> None:
     login = login_state({**os.environ, **dict(config.cli_env)}, os.path.expanduser("~"))
     if not login.ok:
         log.warning("CodeBuddy 账号未设置: %s", login.detail)
+
+
+def claim_host_identity(config: Config) -> tuple[object | None, str]:
+    """Hold this process's host identity for its life (an flock in CODEBUDDY_WORKDIR, released when the process
+    ends): (the held lock, "") or (None, the start-up error) when another live process of this installation has
+    it — two processes under one name would renew each other's leases and break the per-user limits."""
+    name = this_host(config)
+    os.makedirs(config.codebuddy_workdir, mode=0o700, exist_ok=True)
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    handle = open(os.path.join(config.codebuddy_workdir, f".host-{digest}.lock"), "a")  # noqa: SIM115 (held)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        return None, (f"配置错误: another bot process already runs as host {name!r} here "
+                      f"(CODEBUDDY_WORKDIR={os.path.abspath(config.codebuddy_workdir)}): stop it, or give each "
+                      "process its own HOST_NAME and CODEBUDDY_WORKDIR")
+    return handle, ""

@@ -3,12 +3,13 @@ that claims only this host's tasks, and cancels that reach every host."""
 
 from __future__ import annotations
 
+import socket
 import threading
 
 import psycopg
 
 from cluster.fence import DeliveryFence
-from cluster.hosts import Cluster
+from cluster.hosts import Cluster, host_name
 from dingtalk.route import Route
 from store.journal import open_store
 from tasks.task import RUNNING, SUCCEEDED, Task
@@ -196,3 +197,10 @@ def test_a_stalled_host_does_not_take_back_a_task_another_host_took_over_and_ans
     assert store.wait_written(5)
     assert a.admit(mine, [], max_per_user=5) is True  # its own queued task it still starts
     store.close()
+
+
+def test_without_host_name_each_installation_is_a_host_of_its_own_and_stays_one_across_restarts(tmp_path):
+    first, second = str(tmp_path / "one" / "workspace"), str(tmp_path / "two" / "workspace")
+    assert host_name("", first) == host_name("", first) != host_name("", second)
+    assert host_name("", first).startswith(socket.gethostname() + "-")
+    assert host_name("bot-a", first) == "bot-a"  # a HOST_NAME wins

@@ -9,6 +9,7 @@ task another process took over and answered.
 
 from __future__ import annotations
 
+import socket
 import time
 
 import psycopg
@@ -232,3 +233,24 @@ def test_an_answer_or_a_card_click_that_reaches_another_process_gets_to_the_task
         ("建个文件 [tool=Bash:touch one.txt && echo one]", "host0"),
         ("再来 [tool=Bash:touch two.txt && echo two]", "host0"), ("长任务 [stream=30]", "host0")]
     assert _row(pg_url, "SELECT count(*) FROM questions") == [(0,)]
+
+
+def test_three_installations_on_one_machine_without_host_name_are_three_hosts_holding_one_user_limit(
+        standin, make_bot, tmp_path, pg_url):
+    standin.several_connections = True
+    connections = []
+    for number in range(3):  # three installations: each its own workspace, no HOST_NAME (the default)
+        make_bot(TASK_DB=pg_url, LEASE_SECONDS=LEASE, MAX_TASKS_PER_USER="1",
+                 CODEBUDDY_WORKDIR=str(tmp_path / f"install{number}" / "workspace"),
+                 LOG_FILE=str(tmp_path / "logs" / f"install{number}.log"))
+        connections.append(standin.wait_for(lambda: [c for c in standin.live_connections() if c not in connections],
+                                            timeout=20)[0])
+    _wait_listening(pg_url, 3)
+    prompts = [f"同一用户 {n} [sleep=1]" for n in range(6)]
+    for number, prompt in enumerate(prompts):  # one user, three chats, every process
+        standin.send_bot_message(prompt, sender_staff_id="one-user", conversation_type="2",
+                                 conversation_id=f"cidInstall{number % 3}==", connection_id=connections[number % 3])
+    standin.wait_for(lambda: all(_answers(standin, p.split(" [")[0]) for p in prompts), timeout=120)
+    hosts = {host for (host,) in _row(pg_url, "SELECT DISTINCT host FROM tasks")}
+    assert len(hosts) == 3 and all(host.startswith(socket.gethostname() + "-") for host in hosts), hosts
+    assert not _overlaps(_row(pg_url, "SELECT user_id, started_at, finished_at FROM tasks"))  # one run at a time

@@ -428,3 +428,12 @@ def test_the_console_warns_at_start_when_the_cli_is_missing_and_the_chat_is_told
     assert any("WARNING - CodeBuddy CLI 未找到: " in line and "CODEBUDDY_BIN" in line for line in warnings)
     assert result.stdout.count("机器人的 CodeBuddy 尚未安装好，请联系管理员。") == 2
     assert len([line for line in warnings if "CodeBuddy CLI 无法启动" in line]) == 1  # once, not per task
+
+
+def test_a_second_process_of_one_installation_is_refused_naming_host_name(standin, make_bot):
+    first = make_bot()
+    second = make_bot(connect=False)
+    assert second.proc.wait(timeout=60) == 2
+    said = second.output.read_text(encoding="utf-8") + second.log_text()
+    assert "another bot process already runs as host" in said and "HOST_NAME" in said, said
+    assert first.proc.poll() is None  # the first one goes on

@@ -203,11 +203,20 @@ class Bubblewrap:
             args += ["--tmpfs", path] if os.path.isdir(path) else ["--ro-bind", "/dev/null", path]
         for path in self.read_only:
             args += ["--ro-bind-try", path, path]
-        binary = shutil.which(self.cli_binary) or self.cli_binary
-        for directory in dict.fromkeys((os.path.dirname(os.path.abspath(binary)),
-                                        os.path.dirname(os.path.realpath(binary)))):
-            args += ["--ro-bind-try", directory, directory]
+        for directory in self.cli_dirs():
+            if not self.exposed_bot_files(directory):  # the probe refuses to start with such a CLI directory
+                args += ["--ro-bind-try", directory, directory]
         return args
+
+    def cli_dirs(self) -> list[str]:
+        """The CLI binary's directory (and its symlink target's), bound into every jail read-only."""
+        binary = shutil.which(self.cli_binary) or self.cli_binary
+        return list(dict.fromkeys((os.path.dirname(os.path.abspath(binary)),
+                                   os.path.dirname(os.path.realpath(binary)))))
+
+    def exposed_bot_files(self, directory: str) -> list[str]:
+        """The bot's own files a bind of `directory` would show a run (it is one of them or holds one)."""
+        return [path for path in self.hidden if _under(path, directory)]
 
     def command(self, argv: list[str], dirs: ConversationDirs, run_id: str = "") -> tuple[list[str], str]:
         """`bwrap … -- argv`, run from the conversation's workspace mounted at /workspace; with a network and a
@@ -247,6 +256,11 @@ class Bubblewrap:
 
     def probe(self, timeout: float = 15.0) -> str:
         """Start one empty jail; "" when it works, else what went wrong and how to fix it."""
+        for directory in self.cli_dirs():
+            exposed = self.exposed_bot_files(directory)
+            if exposed:
+                return (f"the CLI's directory {directory} holds the bot's own files ({', '.join(exposed)}), and "
+                        "every run sees the CLI's directory: install the CLI elsewhere (CODEBUDDY_BIN)")
         with tempfile.TemporaryDirectory(prefix="bot-sandbox-probe-") as scratch:
             dirs = ConversationDirs(scratch, scratch)
             argv, cwd = self.command(["true"], dirs)

@@ -14,7 +14,9 @@ from dingtalk.stream import sdk
 KIND_LABELS = {"picture": "图片", "file": "文件", "video": "视频"}
 MAX_PER_MESSAGE = 10  # attachments taken from one message (a richText may carry many pictures)
 _EXTENSION = re.compile(r"^[A-Za-z0-9]{1,8}$")
-_UNSAFE_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|]+")
+# Path separators and control characters, and the brackets that frame a name in the prompt ("(图片 name, size)"
+# inside "[…]"): a name cannot close that frame and pass its text off as the bot's.
+_UNSAFE_NAME_CHARS = re.compile(r"[\x00-\x1f\x7f/\\:*?\"<>|\[\](){}]+")
 
 
 @dataclass(frozen=True)

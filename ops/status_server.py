@@ -17,6 +17,7 @@ log = logging.getLogger("ops")
 
 class _StatusHandler(BaseHTTPRequestHandler):
     server: _StatusHTTPServer
+    timeout = 10.0  # seconds a connection may stay silent: an idle or slow client does not hold a thread for ever
 
     def do_GET(self) -> None:  # noqa: N802 (the http.server API)
         path = self.path.split("?", 1)[0]
@@ -47,10 +48,24 @@ class _StatusHandler(BaseHTTPRequestHandler):
 
 class _StatusHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    max_connections = 16  # connections served at once; more are closed at once (threads stay bounded)
 
     def __init__(self, address: tuple[str, int], sources: StatusSources) -> None:
         self.sources = sources
+        self._slots = threading.BoundedSemaphore(self.max_connections)
         super().__init__(address, _StatusHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class StatusServer:

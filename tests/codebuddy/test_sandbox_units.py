@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from codebuddy.sandbox import Bubblewrap, Workspaces, conversation_dir_name, run_environment
+from codebuddy.sandbox import Bubblewrap, ConversationDirs, Workspaces, conversation_dir_name, run_environment
 from config import ConfigError, load_config
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT
 
@@ -86,3 +86,20 @@ def test_the_bot_exits_2_when_the_sandbox_cannot_start(tmp_path):
     assert result.returncode == 2, result.stdout + result.stderr
     assert "沙箱不可用" in result.stderr and "No permissions to create new namespace" in result.stderr
     assert "apt install bubblewrap" in result.stderr and "沙箱不可用" in (tmp_path / "bot.log").read_text()
+
+
+def test_a_cli_installed_beside_the_bots_files_is_refused_not_bound_into_every_jail(tmp_path):
+    checkout = tmp_path / "bot"
+    checkout.mkdir()
+    (checkout / ".env").write_text("DINGTALK_CLIENT_SECRET=s3cret\n")
+    cli = checkout / "codebuddy"
+    cli.write_text("#!/bin/sh\n")
+    cli.chmod(0o755)
+    sandbox = Bubblewrap(str(cli), hidden=[str(checkout / ".env")])
+    assert "holds the bot's own files" in sandbox.probe() and str(checkout / ".env") in sandbox.probe()
+    argv, _ = sandbox.command(["true"], ConversationDirs(str(tmp_path), str(tmp_path)))
+    assert str(checkout) not in argv  # never bound, whatever the probe said
+    wheel_like = checkout / ".venv" / "bin"  # the wheel's CLI inside the checkout's venv: its own directory only
+    wheel_like.mkdir(parents=True)
+    (wheel_like / "codebuddy").write_text("#!/bin/sh\n")
+    assert not Bubblewrap(str(wheel_like / "codebuddy"), hidden=[str(checkout)]).exposed_bot_files(str(wheel_like))

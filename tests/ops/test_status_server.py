@@ -1,0 +1,33 @@
+"""The status server's own bounds: idle connections time out and hold at most a fixed number of threads."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import urllib.request
+
+from ops import status_server
+from tests.ops.test_ops import _sources
+from tests.standin import poll_until
+
+
+def test_a_hundred_idle_connections_hold_few_threads_and_healthz_answers_again_after_their_timeout(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(status_server._StatusHandler, "timeout", 1.0)
+    server = status_server.StatusServer(_sources(tmp_path, connected=True), 0).start()
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(100)]
+    try:
+        most = before
+        for _ in range(100):  # two seconds: the idle connections are being served (one second each)
+            most = max(most, threading.active_count())
+            time.sleep(0.02)
+        assert before + 2 <= most <= before + status_server._StatusHTTPServer.max_connections + 1, (before, most)
+        poll_until(lambda: threading.active_count() <= before + 1, 15, 0.05, lambda: "idle connections timed out")
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as reply:
+            assert reply.status == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()

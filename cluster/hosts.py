@@ -55,6 +55,16 @@ def host_name(configured: str, workdir: str = "") -> str:
     return f"{socket.gethostname()}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
+def taken_elsewhere(conn: psycopg.Connection, task_id: str, host: str) -> bool:
+    """Whether another host holds the task's row now, or it has ended (locked for the admission's transaction):
+    a host that took it over while this one stalled runs (and answers) it, so this one never runs it twice."""
+    owner = conn.execute("SELECT host, status FROM tasks WHERE id = %s FOR UPDATE", (task_id,)).fetchone()
+    if owner is not None and (owner[0] not in (None, host) or owner[1] in FINISHED_STATUSES):
+        log.warning("任务 %s 已由主机 %s 接管 (%s)，本机不再运行", task_id, owner[0], owner[1])
+        return True
+    return False
+
+
 def this_host(config: Config) -> str:
     """This process's name among the hosts (`host_name` of its settings)."""
     return host_name(config.host_name, config.codebuddy_workdir)
@@ -152,8 +162,8 @@ class Cluster:
         """Whether `task` may start here, counting the other hosts' runs too: its user below `max_per_user` runs in
         all and its conversation running nowhere. If so the row says running on this host before the lock is let
         go (one transaction under an advisory lock per user and per conversation, always taken in that order).
-        While the DB is unreachable every task is admitted (limits per host) and it is tried again 5 s later.
-        None: the row is no longer this host's to run (another host took it over, or it has ended)."""
+        While the DB is unreachable every task is admitted (limits per host) and tried again 5 s later. None: the
+        row is no longer this host's to run (another host took it over, or it has ended)."""
         if time.monotonic() < self._admit_off_until:
             return True
         mine = sum(1 for t in running_here if t.user_id == task.user_id)
@@ -167,11 +177,7 @@ class Cluster:
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s)), pg_advisory_xact_lock(hashtext(%s))",
                                  ("user:" + task.user_id, "conversation:" + task.conversation_key))
-                    owner = conn.execute("SELECT host, status FROM tasks WHERE id = %s FOR UPDATE",
-                                         (task.id,)).fetchone()
-                    # A host that took this task over while this one stalled runs (and answers) it: never twice.
-                    if owner is not None and (owner[0] not in (None, self.host) or owner[1] in FINISHED_STATUSES):
-                        log.warning("任务 %s 已由主机 %s 接管 (%s)，本机不再运行", task.id, owner[0], owner[1])
+                    if taken_elsewhere(conn, task.id, self.host):
                         return None
                     users, conversations = conn.execute(
                         "SELECT count(*) FILTER (WHERE user_id = %s), count(*) FILTER (WHERE conversation_key = %s) "

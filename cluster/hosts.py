@@ -167,8 +167,7 @@ class Cluster:
         if time.monotonic() < self._admit_off_until:
             return True
         mine = sum(1 for t in running_here if t.user_id == task.user_id)
-        # The row says what the run will say once it starts (the board then writes it again): a host killed
-        # before that second write still leaves a run counted, so a task crashing twice is failed, not re-run forever.
+        # The row says what the run will (attempts + 1): a host killed before the board's own write still counts it.
         row = {**task_to_row(replace(task, status=RUNNING, attempts=task.attempts + 1)), "_host": self.host,
                "_lease": self.lease}
         try:

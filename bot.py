@@ -1,7 +1,7 @@
 """DingTalk ⇄ CodeBuddy bot: the entry point — the DingTalk Stream transport, the wiring and the command line.
 
 Where a message goes:
-  DingTalk Stream frame → `StreamConnection` (dingtalk/stream.py: our own connect/receive loop)
+  DingTalk Stream frame → `StreamConnections` (dingtalk/stream.py: STREAM_CONNECTIONS connect/receive loops)
   → `BotStreamHandler.process` hands the frame to the intake thread (dingtalk/intake.py), ACKs once it is recorded (ms)
   → `incoming_from_callback` turns it into the neutral `IncomingMessage`
   → `ChatApp.handle` (chat/app.py): access checks, rate limit, dedup, chat commands
@@ -40,7 +40,7 @@ from config import (
 )
 from dingtalk.incoming import incoming_from_callback
 from dingtalk.intake import Intake
-from dingtalk.stream import INTAKE_ACK_WAIT, StreamConnection
+from dingtalk.stream import INTAKE_ACK_WAIT, StreamConnections
 from dingtalk_sender import DingTalkSender
 from files.wiring import with_file_transfer
 from ops import (
@@ -103,8 +103,9 @@ def run_daemon(config: Config) -> int:
     # One thread keeps message order; a batch's ACKs wait for its records to be written (or the store to be down).
     intake = Intake(on_data, lambda: manager.store.wait_written(INTAKE_ACK_WAIT), supervisor=manager.supervisor)
     on_card = card_handler(config, manager)  # the buttons of AI cards, when cards are on
-    stream = StreamConnection(config, intake, idle_timeout=config.stream_idle_timeout, topics=card_topics(config),
-                              callbacks={CARD_CALLBACK_TOPIC: on_card} if on_card is not None else None)
+    stream = StreamConnections(config, intake, count=config.stream_connections, idle_timeout=config.stream_idle_timeout,
+                               topics=card_topics(config),
+                               callbacks={CARD_CALLBACK_TOPIC: on_card} if on_card is not None else None)
     notifier = systemd_notify.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
     status_server = start_status_server(config.status_port, StatusSources(
         manager=manager, sender=sender, client=client, stream=stream, store=manager.store,

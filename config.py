@@ -149,8 +149,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds one delivery of a result keeps retrying; then it is tried again later, with backoff"),
     Setting("DELIVERY_GIVE_UP_HOURS", "delivery_give_up_hours", "24", positive_float,
             "Hours after which an undeliverable result is given up (marked, logged, then purged)"),
-    Setting("STREAM_IDLE_TIMEOUT", "stream_idle_timeout", "180", positive_float,
-            "Reconnect the stream after this many seconds without any frame"),
+    Setting("STREAM_CONNECTIONS", "stream_connections", "2", parse_positive_int,
+            "DingTalk Stream connections this process holds (a message goes to one live connection of the app; "
+            "with two, one is always live while the other is replaced)"),
+    Setting("STREAM_IDLE_TIMEOUT", "stream_idle_timeout", "60", positive_float,
+            "A Stream connection that delivered no frame (keepalive pings included) for this many seconds is "
+            "replaced"),
     Setting("SHUTDOWN_GRACE", "shutdown_grace", "20", non_negative_float,
             "Seconds running tasks get to finish on SIGTERM before they are stopped"),
     Setting("USER_RATE_LIMIT", "user_rate_limit", "20", parse_positive_int, "Prompts one user may send per minute"),
@@ -242,6 +246,7 @@ class Config:
     card_variables: tuple[str, ...]
     card_update_interval: float
     card_backoff: float
+    stream_connections: int = 2
     warm_sessions: int = 4
     warm_idle_seconds: float = 600.0
     approvals: bool = True

@@ -138,8 +138,10 @@ def check_running_bot(port: int, timeout: float = 3.0) -> CheckResult | None:
     warm_text = (f"; warm CLI processes {warm.get('live', 0)}/{warm.get('capacity', 0)} "
                  f"({int(warm.get('rss_bytes', 0)) // 2**20} MiB), reused {warm.get('hits', 0)}, "
                  f"started {warm.get('misses', 0)}, ended {warm.get('ended', 0)}") if warm else ""
+    streams = body.get("stream_connections") or {}
+    stream_text = f"; Stream connections {streams.get('live', 0)}/{streams.get('wanted', 0)} live" if streams else ""
     return CheckResult("running bot", status == "ok", f"{status} (127.0.0.1:{port}/healthz)"
-                       + (f": {reasons}" if reasons else "") + warm_text)
+                       + (f": {reasons}" if reasons else "") + stream_text + warm_text)
 
 
 def check_log_file(path: str) -> CheckResult:

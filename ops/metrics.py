@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from codebuddy_client import RunResult
+from ops.health import stream_connections
 from tasks.task import STATUS_LABELS
 
 # Buckets (seconds) of the task duration histogram: CLI runs take from seconds to TASK_TIMEOUT (30 min).
@@ -89,7 +90,7 @@ class StatusSources:
     manager: Any  # .stats, .outbox.waiting_retries
     sender: Any  # .stats (webhook_ok, batchSend_failed, …), .tokens.fetches
     client: Any  # .running_processes
-    stream: Any  # .connected, .reconnects
+    stream: Any  # .connected, .live, .wanted, .reconnects
     store: Any  # .health(): never touches the DB
     supervisor: Any  # .dead(): critical threads that died
     intake: Any  # .backlog_age(now)
@@ -183,8 +184,13 @@ def render_metrics(sources: StatusSources) -> str:
     render_api_budget(out, getattr(sources.sender, "meter", None))
     out.family("dingtalk_bot_token_fetches_total", "counter", "Access tokens fetched from DingTalk.")
     out.sample("dingtalk_bot_token_fetches_total", sources.sender.tokens.fetches)
-    out.family("dingtalk_bot_stream_connected", "gauge", "1 while the DingTalk Stream websocket is connected.")
+    out.family("dingtalk_bot_stream_connected", "gauge", "1 while at least one DingTalk Stream connection is live.")
     out.sample("dingtalk_bot_stream_connected", 1 if sources.stream.connected else 0)
+    live, wanted = stream_connections(sources.stream)
+    out.family("dingtalk_bot_stream_connections", "gauge",
+               "DingTalk Stream connections: live (can receive a message now) and wanted (STREAM_CONNECTIONS).")
+    out.sample("dingtalk_bot_stream_connections", live, {"state": "live"})
+    out.sample("dingtalk_bot_stream_connections", wanted, {"state": "wanted"})
     out.family("dingtalk_bot_stream_reconnects_total", "counter", "DingTalk Stream reconnect attempts.")
     out.sample("dingtalk_bot_stream_reconnects_total", sources.stream.reconnects)
     return out.text()

@@ -148,6 +148,7 @@ class SentMessage:
     webhook_url: str
     sent_at: float  # time.monotonic()
     payload: dict[str, Any]
+    connection_id: str | None = None  # the connection it went down; None: dropped (no live connection)
 
 
 @dataclass
@@ -169,7 +170,8 @@ class _Stream:
     ws: web.WebSocketResponse
     request: web.Request
     connection_id: str
-    closed: bool = False
+    closed: bool = False  # gets no more frames: told to leave, dropped, or silent
+    silent: bool = False  # stopped without a word: the socket stays open, nothing (not even a ping) comes
 
 
 @dataclass
@@ -185,6 +187,7 @@ class _State:
     records: list[Recorded] = field(default_factory=list)
     in_flight: list[str] = field(default_factory=list)  # paths of HTTP requests received and not yet answered
     acks: list[tuple[str | None, dict[str, Any], float]] = field(default_factory=list)
+    ack_connections: dict[str, str] = field(default_factory=dict)  # frame message id -> connection its ACK came on
 
 
 def poll_until(predicate: Callable[[], T], timeout: float, interval: float, describe: Callable[[], str]) -> T:
@@ -224,6 +227,9 @@ class DingTalkStandin:
         robot_code: str | None = None,
         webhook_max_bytes: int = MAX_WEBHOOK_BYTES,
         max_msg_param_bytes: int = MAX_MSG_PARAM_BYTES,
+        fire_and_forget: bool = False,
+        ping_interval: float | None = None,
+        open_delay: float = 0.0,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
@@ -243,10 +249,15 @@ class DingTalkStandin:
         self._random_faults: dict[str, tuple[float, list[tuple[int, Any, dict[str, str]]], random.Random]] = {}
         self._streams: list[_Stream] = []
         # DingTalk with several connections on one app pushes each message to one of them at random (wire-facts §8);
-        # False: only the newest connection gets frames. `connection_id=` on send_bot_message picks one.
+        # False: only the newest live connection gets frames. `connection_id=` on send_bot_message picks one.
         self.several_connections = False
+        # DingTalk as it is (wire-facts §8): a bot message goes to one live connection at random and is never
+        # retried; with none live it is dropped (counted in `dropped`) instead of failing the test's send.
+        self.fire_and_forget = fire_and_forget
+        self.dropped: list[SentMessage] = []
+        self.ping_interval = ping_interval  # seconds between SYSTEM pings to every live connection (None: none)
+        self.open_delay = open_delay  # seconds connections/open takes to answer: the gap while a socket is replaced
         self.connection_rng = random.Random(16)
-        self._current: _Stream | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -323,6 +334,7 @@ class DingTalkStandin:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         await web.SockSite(self._runner, sock).start()
+        self._tasks.add(asyncio.get_running_loop().create_task(self._ping_forever()))
 
     async def _shutdown(self) -> None:
         for task in list(self._tasks):
@@ -330,7 +342,6 @@ class DingTalkStandin:
         for stream in list(self._streams):
             stream.closed = True
             await stream.ws.close()
-        self._current = None
         if self._runner:
             await self._runner.cleanup()
 
@@ -389,7 +400,8 @@ class DingTalkStandin:
         records = self.requests[-count:]
         lines = [f"recent requests ({len(records)} of {len(self.requests)}):"]
         lines += ["  " + r.summary() for r in records] or ["  (none)"]
-        lines.append(f"acks: {[a[0] for a in self.acks[-count:]]}; connected={self.connected}")
+        lines.append(f"acks: {[a[0] for a in self.acks[-count:]]}; connected={self.connected}; "
+                     f"live connections {len(self.live_connections())}; dropped {len(self.dropped)}")
         return "\n".join(lines)
 
     def wait_for(
@@ -481,8 +493,16 @@ class DingTalkStandin:
     @property
     def connected(self) -> bool:
         """True while a stream connection is live and eligible for frames."""
-        current = self._current
-        return current is not None and not current.closed and not current.ws.closed
+        return self._current is not None
+
+    @property
+    def _current(self) -> _Stream | None:
+        """The newest live connection: the one frames go to unless `several_connections`."""
+        live = self._live_streams()
+        return live[-1] if live else None
+
+    def _live_streams(self) -> list[_Stream]:
+        return [s for s in list(self._streams) if not s.closed and not s.ws.closed]
 
     def wait_connected(self, timeout: float = 10.0, connects_at_least: int = 1) -> int:
         """Wait for a live stream (and at least `connects_at_least` accepted); returns stream_connects."""
@@ -500,6 +520,11 @@ class DingTalkStandin:
             return next((ack for mid, ack, _ in self.acks if mid == frame_message_id), None)
 
         return self.wait_for(find, timeout=timeout, message=f"ACK of frame {frame_message_id}")
+
+    def ack_connection(self, frame_message_id: str) -> str | None:
+        """The connection the first ACK of a frame came back on, or None."""
+        with self._lock:
+            return self._state.ack_connections.get(frame_message_id)
 
     def ack_time(self, frame_message_id: str) -> float | None:
         """Monotonic time the first ACK of a frame arrived, or None."""
@@ -556,34 +581,57 @@ class DingTalkStandin:
         else:
             payload["content"] = content if content is not None else {}
         payload.update(extra or {})
-        frame_id = self._send_frame("CALLBACK", BOT_TOPIC, payload, connection_id)
-        return SentMessage(
-            msg_id=payload["msgId"],
-            frame_message_id=frame_id,
-            session=session,
-            webhook_url=webhook_url,
-            sent_at=time.monotonic(),
-            payload=payload,
-        )
+        return self._push_bot_message(SentMessage(payload["msgId"], "", session, webhook_url, 0.0, payload),
+                                      connection_id)
 
-    def redeliver(self, sent: SentMessage) -> SentMessage:
-        """Send the same bot message again in a new frame (DingTalk's duplicate delivery)."""
-        frame_id = self._send_frame("CALLBACK", BOT_TOPIC, sent.payload)
-        return SentMessage(sent.msg_id, frame_id, sent.session, sent.webhook_url, time.monotonic(), sent.payload)
+    def redeliver(self, sent: SentMessage, connection_id: str | None = None) -> SentMessage:
+        """Send the same bot message again in a new frame (DingTalk's duplicate delivery), down the connection
+        `connection_id` when given."""
+        return self._push_bot_message(SentMessage(sent.msg_id, "", sent.session, sent.webhook_url, 0.0,
+                                                  sent.payload), connection_id)
+
+    def _push_bot_message(self, sent: SentMessage, connection_id: str | None) -> SentMessage:
+        """Send `sent` down a connection (filling in its frame id, time and connection); with `fire_and_forget`
+        and no live connection (or one that closed under it) the message is dropped and counted instead."""
+        stream = self._pick_stream(connection_id)
+        sent.sent_at = time.monotonic()
+        if stream is not None:
+            try:
+                sent.frame_message_id = self._send_frame_on(stream, "CALLBACK", BOT_TOPIC, sent.payload)
+                sent.connection_id = stream.connection_id
+                return sent
+            except (RuntimeError, ConnectionError):
+                if not self.fire_and_forget:
+                    raise
+        elif not self.fire_and_forget or connection_id is not None:
+            raise RuntimeError(f"no live stream connection\n{self.describe_recent()}")
+        with self._lock:
+            self.dropped.append(sent)
+        return sent
 
     def send_ping(self) -> str:
         """SYSTEM ping frame; returns its frame message id (the client should ACK it)."""
         return self._send_frame("SYSTEM", "ping", {"opaque": uuid.uuid4().hex})
 
-    def send_disconnect(self, close_after: float = 0.5) -> str:
-        """SYSTEM disconnect frame; the socket is closed `close_after` seconds later."""
-        stream = self._current
-        frame_id = self._send_frame("SYSTEM", "disconnect", {"reason": "server restarting"})
-        if stream is not None:
-            stream.closed = True  # no further frames go to a connection told to leave
-            self._current = None
-            self._run(self._close_later(stream, close_after))
+    def send_disconnect(self, close_after: float = 0.5, connection_id: str | None = None) -> str:
+        """SYSTEM disconnect frame (to the connection frames go to, or the one named): nothing more is delivered
+        on it, and the socket is closed `close_after` seconds later (DingTalk: ~10 s)."""
+        stream = self._pick_stream(connection_id)
+        if stream is None:
+            raise RuntimeError(f"no live stream connection\n{self.describe_recent()}")
+        stream.closed = True  # no further frames go to a connection told to leave
+        frame_id = self._send_frame_on(stream, "SYSTEM", "disconnect", {"reason": "server restarting"})
+        self._run(self._close_later(stream, close_after))
         return frame_id
+
+    def go_silent(self, connection_id: str | None = None) -> str:
+        """Stop a connection without a word (the one frames go to, or the one named): the socket stays open but
+        gets no frame any more, not even a ping, and messages go elsewhere or are dropped. Returns its id."""
+        stream = self._pick_stream(connection_id)
+        if stream is None:
+            raise RuntimeError(f"no live stream connection\n{self.describe_recent()}")
+        stream.closed = stream.silent = True
+        return stream.connection_id
 
     def send_raw_frame(self, frame: dict[str, Any] | str) -> None:
         """Send a frame as-is (a str is not re-encoded: use it for malformed frames)."""
@@ -596,24 +644,29 @@ class DingTalkStandin:
         if stream is None:
             return
         stream.closed = True
-        self._current = None
         self._run(self._abort(stream))
 
     def live_connections(self) -> list[str]:
         """The ids of the live stream connections, oldest first."""
-        return [s.connection_id for s in list(self._streams) if not s.closed and not s.ws.closed]
+        return [s.connection_id for s in self._live_streams()]
+
+    def open_sockets(self) -> int:
+        """Websockets still open, live or not (told to leave, silent): what the client holds."""
+        return len([s for s in list(self._streams) if not s.ws.closed])
 
     def _pick_stream(self, connection_id: str | None) -> _Stream | None:
-        if connection_id is None and not self.several_connections:
-            return self._current if self.connected else None
-        live = [s for s in list(self._streams) if not s.closed and not s.ws.closed
-                and connection_id in (None, s.connection_id)]
+        if connection_id is None and not (self.several_connections or self.fire_and_forget):
+            return self._current
+        live = [s for s in self._live_streams() if connection_id in (None, s.connection_id)]
         return self.connection_rng.choice(live) if live else None
 
     def _send_frame(self, frame_type: str, topic: str, data: dict[str, Any], connection_id: str | None = None) -> str:
         stream = self._pick_stream(connection_id)
         if stream is None:
             raise RuntimeError(f"no live stream connection\n{self.describe_recent()}")
+        return self._send_frame_on(stream, frame_type, topic, data)
+
+    def _send_frame_on(self, stream: _Stream, frame_type: str, topic: str, data: dict[str, Any]) -> str:
         frame_id = uuid.uuid4().hex
         frame = {
             "specVersion": "1.0",
@@ -637,6 +690,23 @@ class DingTalkStandin:
             raise RuntimeError("no live stream connection")
         await stream.ws.send_str(text)
         self.frames_sent += 1
+
+    async def _ping_forever(self) -> None:
+        """DingTalk's keepalive: a SYSTEM ping to every live connection each `ping_interval` seconds (when set)."""
+        while True:
+            await asyncio.sleep(self.ping_interval or 0.1)
+            if not self.ping_interval:
+                continue
+            for stream in self._live_streams():
+                frame = {"specVersion": "1.0", "type": "SYSTEM",
+                         "headers": {"appId": self.client_id, "connectionId": stream.connection_id,
+                                     "contentType": "application/json", "messageId": uuid.uuid4().hex,
+                                     "time": str(_now_ms()), "topic": "ping"},
+                         "data": json.dumps({"opaque": uuid.uuid4().hex})}
+                try:
+                    await self._send_text(json.dumps(frame), stream)
+                except (RuntimeError, ConnectionError):
+                    pass  # it closed meanwhile
 
     async def _close_later(self, stream: _Stream, delay: float) -> None:
         async def close() -> None:
@@ -707,21 +777,18 @@ class DingTalkStandin:
         await ws.prepare(request)
         self._record(request, "", None, arrived, 101, None)
         stream = _Stream(ws=ws, request=request, connection_id=uuid.uuid4().hex)
-        self._streams.append(stream)
-        self._current = stream  # only the newest connection gets frames
+        self._streams.append(stream)  # the newest connection gets the frames (unless several_connections)
         self.stream_connects += 1
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT:
-                    self._record_ack(msg.data)
+                    self._record_ack(msg.data, stream.connection_id)
         finally:
             stream.closed = True
-            if self._current is stream:
-                self._current = None
             self._streams.remove(stream)
         return ws
 
-    def _record_ack(self, text: str) -> None:
+    def _record_ack(self, text: str, connection_id: str) -> None:
         try:
             ack = json.loads(text)
         except ValueError:
@@ -733,6 +800,8 @@ class DingTalkStandin:
             ack = {"raw": ack}
         with self._lock:
             self._state.acks.append((frame_id, ack, time.monotonic()))
+            if isinstance(frame_id, str):
+                self._state.ack_connections.setdefault(frame_id, connection_id)
 
     async def _handle_http(self, request: web.Request) -> web.StreamResponse:
         with self._lock:
@@ -778,6 +847,14 @@ class DingTalkStandin:
         return web.json_response(response, status=status, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
     async def _open_connection(self, request: web.Request, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if self.open_delay:
+            waiting = asyncio.current_task()
+            assert waiting is not None
+            self._tasks.add(waiting)  # stop() cancels the wait
+            try:
+                await asyncio.sleep(self.open_delay)
+            finally:
+                self._tasks.discard(waiting)
         if body.get("clientId") != self.client_id or body.get("clientSecret") != self.client_secret:
             return 401, {"code": "InvalidAuthentication", "message": "clientId 或 clientSecret 不正确"}
         ticket = secrets.token_urlsafe(24)

@@ -35,7 +35,8 @@ def _cluster(make_bot, standin, tmp_path, pg_url, count: int = 3, task_dbs: tupl
     bots, connections = [], []
     for number in range(count):
         url = task_dbs[number] if number < len(task_dbs) else pg_url
-        bots.append(make_bot(TASK_DB=url, HOST_NAME=f"host{number}", LEASE_SECONDS=LEASE,
+        # One Stream connection per process: a test addresses a host by its connection.
+        bots.append(make_bot(TASK_DB=url, HOST_NAME=f"host{number}", LEASE_SECONDS=LEASE, STREAM_CONNECTIONS="1",
                              CODEBUDDY_WORKDIR=str(tmp_path / f"workspace{number}"),
                              LOG_FILE=str(tmp_path / "logs" / f"bot{number}.log"), **settings))
         connections.append(standin.wait_for(lambda: [c for c in standin.live_connections() if c not in connections],
@@ -240,7 +241,7 @@ def test_three_installations_on_one_machine_without_host_name_are_three_hosts_ho
     standin.several_connections = True
     connections = []
     for number in range(3):  # three installations: each its own workspace, no HOST_NAME (the default)
-        make_bot(TASK_DB=pg_url, LEASE_SECONDS=LEASE, MAX_TASKS_PER_USER="1",
+        make_bot(TASK_DB=pg_url, LEASE_SECONDS=LEASE, MAX_TASKS_PER_USER="1", STREAM_CONNECTIONS="1",
                  CODEBUDDY_WORKDIR=str(tmp_path / f"install{number}" / "workspace"),
                  LOG_FILE=str(tmp_path / "logs" / f"install{number}.log"))
         connections.append(standin.wait_for(lambda: [c for c in standin.live_connections() if c not in connections],

@@ -136,7 +136,7 @@ def test_stream_reconnects_after_drops_and_tasks_keep_running(standin, make_bot)
 
 def test_gateway_unreachable_is_retried_with_backoff(standin, make_bot):
     standin.fail_next(OPEN_PATH, status=503, times=3)
-    bot = make_bot(connect=False)
+    bot = make_bot(connect=False, STREAM_CONNECTIONS="1")  # one loop's backoff (two: tests/e2e/test_e2e_stream_gaps.py)
     standin.wait_connected(timeout=30)
     opens = [r.time for r in standin.requests if r.path == OPEN_PATH]
     assert len(opens) == 4
@@ -154,7 +154,7 @@ def test_watchdog_reconnects_a_silent_stream(standin, make_bot):
 
 
 def test_pings_are_acked_and_keep_the_watchdog_quiet(standin, make_bot):
-    bot = make_bot(STREAM_IDLE_TIMEOUT="2")
+    bot = make_bot(STREAM_IDLE_TIMEOUT="2", STREAM_CONNECTIONS="1")  # the stand-in pings the newest connection only
     for _ in range(8):
         frame = standin.send_ping()
         standin.wait_ack(frame)
@@ -194,7 +194,7 @@ def test_sigterm_stops_a_long_task_and_the_next_start_reruns_it(standin, make_bo
 
 
 def test_bad_frames_are_rejected_and_the_daemon_stays_up(standin, make_bot):
-    bot = make_bot()
+    bot = make_bot(STREAM_CONNECTIONS="1")  # one connection, never reconnected
     headers = {"appId": "a", "connectionId": "c", "contentType": "application/json", "time": "0"}
     standin.send_raw_frame("this is not json")
     standin.send_raw_frame("[1, 2, 3]")

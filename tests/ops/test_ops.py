@@ -412,9 +412,11 @@ def test_status_port_serves_healthz_and_metrics(standin, make_bot):
     port = _free_port()
     bot = make_bot(STATUS_PORT=str(port), HOST_NAME="bot-a")
     base = f"http://127.0.0.1:{port}"
+    standin.wait_for(lambda: json.loads(_get(base + "/healthz")[1])["stream_connections"]["live"] == 2)  # both up
     status, body = _get(base + "/healthz")
     assert status == 200, body
-    assert json.loads(body) == {"status": "ok", "stream_connected": True, "store_writable": True,
+    assert json.loads(body) == {"status": "ok", "stream_connected": True,
+                                "stream_connections": {"live": 2, "wanted": 2}, "store_writable": True,
                                 "store_pending": 0, "dead_threads": [],
                                 "warm_processes": {"live": 0, "idle": 0, "busy": 0, "capacity": 4, "hits": 0,
                                                    "misses": 0, "ended": 0, "rss_bytes": 0}}
@@ -450,6 +452,8 @@ def test_status_port_serves_healthz_and_metrics(standin, make_bot):
     assert _value(samples, "dingtalk_bot_warm_capacity") == 4
     assert _value(samples, "dingtalk_bot_warm_memory_bytes") > 10 * 2**20  # two Python fake CLIs, at least
     assert _value(samples, "dingtalk_bot_stream_connected") == 1
+    assert _value(samples, "dingtalk_bot_stream_connections", state="live") == 2
+    assert _value(samples, "dingtalk_bot_stream_connections", state="wanted") == 2
     assert _value(samples, "dingtalk_bot_stream_reconnects_total") == 0
     assert _value(samples, "dingtalk_bot_task_duration_seconds_count", outcome="succeeded") == 3
     assert _value(samples, "dingtalk_bot_task_duration_seconds_bucket", outcome="succeeded", le="+Inf") == 3

@@ -333,7 +333,8 @@ def _sources(*, dead=(), connected=True, store_ok=True, retries=0, backlog=0.0):
 
 
 def test_health_is_ok_degraded_or_unhealthy_with_the_reason():
-    assert health.assess(_sources()) == (200, {"status": "ok", "stream_connected": True, "store_writable": True,
+    assert health.assess(_sources()) == (200, {"status": "ok", "stream_connected": True,
+                                                "stream_connections": {"live": 1, "wanted": 1}, "store_writable": True,
                                                 "store_pending": 0, "dead_threads": [], "warm_processes": {"live": 1}})
     code, body = health.assess(_sources(store_ok=False, retries=2))
     assert code == 200 and body["status"] == "degraded" and body["store_error"] == "database is locked"

@@ -69,6 +69,7 @@ class Cluster:
         self._admit_off_until = 0.0  # monotonic: admission skips the DB until then (it was unreachable)
         self.claim_pending = False  # the start's claim failed: the lease thread retries it
         self.renewed_at = float("-inf")  # monotonic: when the last successful renewal was sent
+        self.listening = threading.Event()  # set once every LISTEN is sent, cleared while the listener reconnects
 
     # -- statements
 
@@ -271,12 +272,13 @@ class Cluster:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout) as conn:
-                    for channel in self._listeners:
-                        conn.execute(f"LISTEN {channel}")
+                    _listen_to(conn, list(self._listeners))
+                    self.listening.set()
                     while not self._stop.is_set():
                         for notify in conn.notifies(timeout=0.5):
                             self._notified(notify.channel, notify.payload)
             except psycopg.Error as exc:
+                self.listening.clear()
                 log.error("集群取消通知连接中断 (%s)，稍后重连", " ".join(str(exc).split()))
                 self._stop.wait(_RETRY)
 
@@ -297,6 +299,12 @@ class Cluster:
         everywhere = self.queued_count(user_id)
         return here if everywhere is None else max(here, everywhere)
 
+
+def _listen_to(conn: psycopg.Connection, channels: list[str]) -> None:
+    """LISTEN on every channel, then say so (once per connection: a reconnect logs it again)."""
+    for channel in channels:
+        conn.execute(f"LISTEN {channel}")
+    log.info("集群通知已监听 (channels: %s)", ", ".join(channels))
 
 
 def place_task(cluster: Cluster, manager: Any, task: Task, expected: str) -> bool:

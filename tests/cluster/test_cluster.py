@@ -3,6 +3,7 @@ that claims only this host's tasks, and cancels that reach every host."""
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import psycopg
@@ -12,6 +13,7 @@ from cluster.hosts import Cluster
 from dingtalk.route import Route
 from store.journal import open_store
 from tasks.task import RUNNING, SUCCEEDED, Task
+from tests.pg_proxy import PgProxy
 from tests.standin import poll_until
 
 
@@ -34,23 +36,12 @@ def _expire(url: str, host: str | None = None) -> None:
             conn.execute("UPDATE tasks SET lease_until = lease_until - 3600 WHERE host = %s", (host,))
 
 
-def _wait_listening(url: str, *members: Cluster, timeout: float = 10.0) -> None:
-    """Wait until every member's listener has sent its LISTENs: each gets a probe channel, LISTENed after its
-    real channels on the same connection, and NOTIFYs on it are sent until every member has heard one."""
-    heard: dict[str, threading.Event] = {}
-    for member in members:
-        heard[member.host] = threading.Event()
-        member.listen("test_listening", lambda payload, event=heard[member.host]: event.set())
+def _start_listening(*members: Cluster, timeout: float = 10.0) -> None:
+    """Start the members and wait until each one's listener says every LISTEN is sent (`Cluster.listening`)."""
     for member in members:
         member.start()
-    with psycopg.connect(url, autocommit=True) as conn:
-
-        def all_heard_a_probe() -> bool:
-            conn.execute("SELECT pg_notify('test_listening', '')")
-            return all(event.wait(0.05) for event in heard.values())
-
-        poll_until(all_heard_a_probe, timeout, 0, lambda: f"not listening after {timeout}s: "
-                   f"{[host for host, event in heard.items() if not event.is_set()]}")
+    for member in members:
+        assert member.listening.wait(timeout), f"{member.host} not listening after {timeout}s"
 
 
 def test_expired_tasks_are_taken_by_exactly_one_of_several_racing_hosts(pg_url):
@@ -109,7 +100,7 @@ def test_a_cancel_request_marks_the_task_and_reaches_every_listening_host(pg_url
     assert store.wait_written(5)
     heard_a, heard_b = [], []
     a, b = _member(pg_url, "a", cancels=heard_a), _member(pg_url, "b", cancels=heard_b)
-    _wait_listening(pg_url, a, b)
+    _start_listening(a, b)
     assert b.request_cancel(f"{8:016x}") is None  # finished: nothing to cancel
     assert b.request_cancel(f"{7:016x}") == "a"
     # Within 5 s (a user would call a slower cancel broken; bench/ has the real figures).
@@ -118,6 +109,31 @@ def test_a_cancel_request_marks_the_task_and_reaches_every_listening_host(pg_url
     assert store.get(f"{7:016x}").cancel_requested
     a.stop()
     b.stop()
+    store.close()
+
+
+def test_a_listener_cut_off_from_the_db_listens_again_and_still_hears_cancels(pg_url, caplog):
+    caplog.set_level(logging.INFO, logger="cluster")
+    store = open_store(pg_url, host="a")
+    store.save(_task(7, status=RUNNING))
+    assert store.wait_written(5)
+    proxy = PgProxy(pg_url)
+    heard: list[str] = []
+    a, b = Cluster(proxy.url, "a", lease_seconds=30, on_takeover=lambda ids: None, on_cancel=heard.append), \
+        _member(pg_url, "b")
+    _start_listening(a)
+    proxy.cut()
+    poll_until(lambda: not a.listening.is_set(), 10.0, 0.01, lambda: "the cut was not noticed")
+    proxy.restore()
+    assert a.listening.wait(10.0), "not listening again after the DB came back"
+    listened = [r.getMessage() for r in caplog.records if r.getMessage().startswith("集群通知已监听")]
+    assert listened == ["集群通知已监听 (channels: bot_cancel, bot_task)"] * 2
+    assert b.request_cancel(f"{7:016x}") == "a"
+    poll_until(lambda: heard, 5.0, 0.01, lambda: "the cancel did not reach the listener that reconnected")
+    assert heard == [f"{7:016x}"]
+    for member in (a, b):
+        member.stop()
+    proxy.close()
     store.close()
 
 

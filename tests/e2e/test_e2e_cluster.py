@@ -18,7 +18,6 @@ from cluster.questions import ANSWER_CHANNEL
 from store.postgres import DB_NOW
 from tests.conftest import BotProcess, cli_runs
 from tests.pg_proxy import PgProxy
-from tests.standin import poll_until
 from tests.standin_cards import TEMPLATE_ID, CardStandin
 
 pytestmark = pytest.mark.e2e
@@ -39,18 +38,9 @@ def _cluster(make_bot, standin, tmp_path, pg_url, count: int = 3, task_dbs: tupl
                              LOG_FILE=str(tmp_path / "logs" / f"bot{number}.log"), **settings))
         connections.append(standin.wait_for(lambda: [c for c in standin.live_connections() if c not in connections],
                                             timeout=20)[0])
-    _wait_listening(pg_url, count)
+    for bot in bots:  # each process says when its listener has sent every LISTEN (a cancel, a hand-off, an answer)
+        bot.wait_log(f"集群通知已监听 \\(channels: .*{ANSWER_CHANNEL}", timeout=20)
     return bots, connections
-
-
-def _wait_listening(pg_url: str, count: int) -> None:
-    """Wait until `count` processes listen for the other hosts' notifications (a cancel, a hand-off, an answer):
-    a listener sends its LISTENs in a row, the answer channel's last (registered last), then only waits, so its
-    session's last statement is that LISTEN."""
-    listen = f"LISTEN {ANSWER_CHANNEL}"
-    sessions = "SELECT query FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle'"
-    poll_until(lambda: [query for (query,) in _row(pg_url, sessions)].count(listen) >= count, 20, 0.05,
-               lambda: f"no {count} sessions whose last statement is {listen!r}: {_row(pg_url, sessions)}")
 
 
 def _answers(standin, prompt: str) -> list[str]:

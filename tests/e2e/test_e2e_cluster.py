@@ -50,6 +50,15 @@ def _answers(standin, prompt: str) -> list[str]:
     return [t for t in texts if "回答: " + prompt in t]
 
 
+def _story(pg_url: str, bots: list[BotProcess], prompts: list[str]) -> str:
+    """For a failure: the task rows of `prompts` and every log line of every process that names one of them."""
+    rows = _row(pg_url, "SELECT id, prompt, host, status, attempts, delivered FROM tasks WHERE prompt = ANY(%s)",
+                prompts)
+    lines = [f"{bot.log_file.name}: {line}" for bot in bots for line in bot.log_text().splitlines()
+             if any(row[0] in line for row in rows)]
+    return f"answered more than once: {prompts}\n{rows}\n" + "\n".join(lines)
+
+
 def _row(pg_url: str, sql: str, *args) -> list[tuple]:
     with psycopg.connect(pg_url) as conn:
         return conn.execute(sql, args).fetchall()
@@ -74,7 +83,8 @@ def test_three_processes_answer_300_messages_of_30_users_once_within_the_limits(
     standin.wait_for(lambda: all(_answers(standin, p) for p in prompts) and _answers(standin, "同一条消息"),
                      timeout=180)
     time.sleep(1.0)  # a second answer would have come by now
-    assert all(len(_answers(standin, p)) == 1 for p in prompts), [p for p in prompts if len(_answers(standin, p)) != 1]
+    twice = [p for p in prompts if len(_answers(standin, p)) != 1]
+    assert not twice, _story(pg_url, bots, twice)
     assert len(_answers(standin, "同一条消息")) == 1
     assert _row(pg_url, "SELECT count(*) FROM tasks WHERE msg_id = %s", "msg-dup-1") == [(1,)]
     hosts = dict(_row(pg_url, "SELECT host, count(*) FROM tasks GROUP BY host"))

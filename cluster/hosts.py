@@ -174,31 +174,6 @@ class Cluster:
             self._admit_off_until = time.monotonic() + 5.0
             return True
 
-    def conversation_host(self, conversation_key: str) -> tuple[str | None, bool]:
-        """The host that ran the conversation last (it holds its workspace) and whether it is alive;
-        (None, False) for a new conversation or when the DB cannot say."""
-        try:
-            rows = self.execute(f"SELECT c.host, coalesce(h.alive_until > {DB_NOW}, false) FROM conversation_hosts c "
-                                 "LEFT JOIN hosts h ON h.host = c.host WHERE c.conversation_key = %s",
-                                 (conversation_key,))
-        except psycopg.Error as exc:
-            log.warning("查询会话所在主机失败 (%s)", " ".join(str(exc).split()))
-            return None, False
-        return (rows[0][0], bool(rows[0][1])) if rows else (None, False)
-
-    def hand_off(self, task_id: str, host: str) -> bool:
-        """Give a queued task (its row written) of this host to `host` and wake it; False if it did not move."""
-        try:
-            moved = self.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE id = %s AND "
-                                  "host = %s AND status = 'queued' RETURNING id",
-                                  (host, self.lease, task_id, self.host))
-            if moved:
-                self.execute("SELECT pg_notify(%s, %s)", (TASK_CHANNEL, task_id))
-        except psycopg.Error as exc:
-            log.warning("任务 %s 交给主机 %s 失败 (%s)", task_id, host, " ".join(str(exc).split()))
-            return False
-        return bool(moved)
-
     def host_of(self, task_id: str) -> str | None:
         """The host holding a task (for /status); None if unknown or the DB cannot say."""
         try:
@@ -307,11 +282,38 @@ def _listen_to(conn: psycopg.Connection, channels: list[str]) -> None:
     log.info("集群通知已监听 (channels: %s)", ", ".join(channels))
 
 
+def conversation_host(cluster: Cluster, conversation_key: str) -> tuple[str | None, bool]:
+    """The host that ran the conversation last (it holds its workspace) and whether it is alive;
+    (None, False) for a new conversation or when the DB cannot say."""
+    try:
+        rows = cluster.execute(f"SELECT c.host, coalesce(h.alive_until > {DB_NOW}, false) FROM conversation_hosts c "
+                               "LEFT JOIN hosts h ON h.host = c.host WHERE c.conversation_key = %s",
+                               (conversation_key,))
+    except psycopg.Error as exc:
+        log.warning("查询会话所在主机失败 (%s)", " ".join(str(exc).split()))
+        return None, False
+    return (rows[0][0], bool(rows[0][1])) if rows else (None, False)
+
+
+def hand_off(cluster: Cluster, task_id: str, host: str) -> bool:
+    """Give a queued task (its row written) of this host to `host` and wake it; False if it did not move."""
+    try:
+        moved = cluster.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE id = %s AND "
+                                "host = %s AND status = 'queued' RETURNING id",
+                                (host, cluster.lease, task_id, cluster.host))
+        if moved:
+            cluster.execute("SELECT pg_notify(%s, %s)", (TASK_CHANNEL, task_id))
+    except psycopg.Error as exc:
+        log.warning("任务 %s 交给主机 %s 失败 (%s)", task_id, host, " ".join(str(exc).split()))
+        return False
+    return bool(moved)
+
+
 def place_task(cluster: Cluster, manager: Any, task: Task, expected: str) -> bool:
     """Issue 16, conversation affinity: send a new task to the live host holding its conversation (acknowledged
     here first; True: it is that host's now). A conversation whose host is gone stays here, and its user is
     told that files from earlier turns are not on this host."""
-    owner, alive = cluster.conversation_host(task.conversation_key)
+    owner, alive = conversation_host(cluster, task.conversation_key)
     if owner is None or owner == cluster.host:
         return False
     if not alive:
@@ -322,7 +324,7 @@ def place_task(cluster: Cluster, manager: Any, task: Task, expected: str) -> boo
     with manager.board.lock:
         manager.board.tasks.pop(task.id, None)
         manager.outbox.acknowledge(task, texts.acknowledgement(task, "", expected))
-    if cluster.hand_off(task.id, owner):
+    if hand_off(cluster, task.id, owner):
         log.info("任务 %s 交给会话所在主机 %s", task.id, owner)
         return True
     with manager.board.lock:  # it stays here after all

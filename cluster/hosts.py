@@ -29,6 +29,7 @@ import psycopg
 
 from cluster.fence import DeliveryFence
 from cluster.questions import SharedQuestions
+from common.logs import task_log
 from config import Config
 from store.journal import JournaledStore, open_store
 from store.postgres import DB_NOW, SAVE_TASK, is_postgres_url, safe_url, task_to_row
@@ -137,10 +138,11 @@ class Cluster:
             return ""
         return (rows[0][0] or "?") if rows else None
 
-    def admit(self, task: Task, running_here: list[Task], max_per_user: int) -> bool:
+    def admit(self, task: Task, running_here: list[Task], max_per_user: int) -> bool | None:
         """Whether `task` may start here, counting the other hosts' runs too: its user below `max_per_user` runs in
         all and its conversation running nowhere. If so the row says running on this host before the lock is let
         go (one transaction under an advisory lock per user and per conversation, always taken in that order).
+        None: another host took the task over while it waited here (this host's lease lapsed); it runs there.
         While the DB is unreachable every task is admitted (limits per host) and it is tried again 5 s later."""
         if time.monotonic() < self._admit_off_until:
             return True
@@ -155,6 +157,8 @@ class Cluster:
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s)), pg_advisory_xact_lock(hashtext(%s))",
                                  ("user:" + task.user_id, "conversation:" + task.conversation_key))
+                    if _taken_over(conn, task, self.host):  # never take it back: both hosts would run and answer it
+                        return None
                     users, conversations = conn.execute(
                         "SELECT count(*) FILTER (WHERE user_id = %s), count(*) FILTER (WHERE conversation_key = %s) "
                         f"FROM tasks WHERE status = 'running' AND host <> %s AND lease_until > {DB_NOW} AND id <> %s",
@@ -282,6 +286,15 @@ def _listen_to(conn: psycopg.Connection, channels: list[str]) -> None:
     log.info("集群通知已监听 (channels: %s)", ", ".join(channels))
 
 
+def _taken_over(conn: psycopg.Connection, task: Task, host: str) -> bool:
+    """Whether another host holds the task's row (locked until the admission's transaction ends); logged once."""
+    row = conn.execute("SELECT host FROM tasks WHERE id = %s FOR UPDATE", (task.id,)).fetchone()
+    if row is None or row[0] in (None, host):
+        return False  # not written yet (the journal), unowned (a migrated DB) or this host's
+    task_log(log, task).warning("任务 %s 已由主机 %s 接管，本主机不再执行", task.id, row[0])
+    return True
+
+
 def conversation_host(cluster: Cluster, conversation_key: str) -> tuple[str | None, bool]:
     """The host that ran the conversation last (it holds its workspace) and whether it is alive;
     (None, False) for a new conversation or when the DB cannot say."""
@@ -358,6 +371,16 @@ def _run_handed_task(manager: Any, cluster: Cluster, task_id: str) -> None:
     log.info("接收任务 %s: 会话 %s 在本主机", task_id, task.conversation_key)
 
 
+def _admit(cluster: Cluster, board: Any, task: Task, running: list[Task], max_per_user: int) -> bool:
+    """The board's admission (it holds its lock): a task another host took over leaves this host's board."""
+    admitted = cluster.admit(task, running, max_per_user)
+    if admitted is None:
+        board.tasks.pop(task.id, None)
+        if task.id in board.queue:
+            board.queue.remove(task.id)
+    return bool(admitted)
+
+
 def open_task_store(config: Config) -> JournaledStore:
     """The daemon's store (TASK_DB); on PostgreSQL the tasks it creates are leased to this host."""
     return open_store(config.task_db, host=host_name(config.host_name), lease_seconds=config.lease_seconds)
@@ -385,6 +408,6 @@ def join_cluster(config: Config, manager: Any) -> Cluster | None:
     SharedQuestions(cluster, manager.workers.approvals).join()  # an answer may reach a host that did not ask
     manager.outbox.fence = DeliveryFence(cluster)  # a result goes out only while this host holds its task
     limit = manager.board.limits.max_tasks_per_user
-    manager.board.admit = lambda task, running: cluster.admit(task, running, limit)
+    manager.board.admit = lambda task, running: _admit(cluster, manager.board, task, running, limit)
     cluster.start()
     return cluster

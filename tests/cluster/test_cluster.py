@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from types import SimpleNamespace
 
 import psycopg
 
 from cluster.fence import DeliveryFence
-from cluster.hosts import Cluster
+from cluster.hosts import Cluster, _admit
 from dingtalk.route import Route
 from store.journal import open_store
 from tasks.task import RUNNING, SUCCEEDED, Task
@@ -159,6 +160,24 @@ def test_a_task_is_admitted_only_while_its_user_and_conversation_have_room_on_ev
     assert b.queued_count("u1") == 0
     store.save(_task(5))  # queued on host a: MAX_QUEUED_PER_USER counts it on every host
     assert store.wait_written(5) and b.queued_count("u1") == 1 and b.host_of(f"{5:016x}") == "a"
+    b.stop()
+    store.close()
+
+
+def test_a_task_taken_over_while_it_waited_is_dropped_here_not_taken_back(pg_url):
+    store = open_store(pg_url, host="a")
+    store.save(_task(1))  # queued on host a, whose renewals then stall past the lease (a loaded machine)
+    assert store.wait_written(5)
+    a, b = _member(pg_url, "a"), _member(pg_url, "b")
+    _expire(pg_url, "a")
+    assert b.take_over() == {f"{1:016x}": "a"}  # b queues it; a, alive, still has it queued too
+    board = SimpleNamespace(tasks={f"{1:016x}": _task(1)}, queue=[f"{1:016x}"])
+    assert _admit(a, board, _task(1), [], max_per_user=5) is False  # a must not take it back and run it as well
+    assert board.tasks == {} and board.queue == []
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT host, status FROM tasks").fetchall() == [("b", "queued")]
+    assert b.admit(_task(1), [], max_per_user=5) is True  # the taker runs it
+    a.stop()
     b.stop()
     store.close()
 

@@ -31,6 +31,7 @@ import psycopg
 
 from cluster.fence import DeliveryFence
 from cluster.questions import SharedQuestions
+from common.logs import task_log
 from config import PROJECT_DIR, Config
 from store.journal import JournaledStore, open_store
 from store.postgres import DB_NOW, SAVE_TASK, is_postgres_url, safe_url, task_to_row
@@ -55,14 +56,14 @@ def host_name(configured: str, workdir: str = "") -> str:
     return f"{socket.gethostname()}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
-def taken_elsewhere(conn: psycopg.Connection, task_id: str, host: str) -> bool:
-    """Whether another host holds the task's row now, or it has ended (locked for the admission's transaction):
-    a host that took it over while this one stalled runs (and answers) it, so this one never runs it twice."""
-    owner = conn.execute("SELECT host, status FROM tasks WHERE id = %s FOR UPDATE", (task_id,)).fetchone()
-    if owner is not None and (owner[0] not in (None, host) or owner[1] in FINISHED_STATUSES):
-        log.warning("任务 %s 已由主机 %s 接管 (%s)，本机不再运行", task_id, owner[0], owner[1])
-        return True
-    return False
+def taken_elsewhere(conn: psycopg.Connection, task: Task, host: str) -> bool:
+    """Whether another host holds the task's row now, or it has ended (the row locked until the admission's
+    transaction ends): a host that took it over while this one stalled runs (and answers) it."""
+    row = conn.execute("SELECT host, status FROM tasks WHERE id = %s FOR UPDATE", (task.id,)).fetchone()
+    if row is None or (row[0] in (None, host) and row[1] not in FINISHED_STATUSES):
+        return False  # not written yet (the journal), unowned (a migrated DB) or this host's
+    task_log(log, task).warning("任务 %s 已由主机 %s 接管 (%s)，本主机不再执行", task.id, row[0], row[1])
+    return True
 
 
 def this_host(config: Config) -> str:
@@ -91,6 +92,7 @@ class Cluster:
         self._admit_off_until = 0.0  # monotonic: admission skips the DB until then (it was unreachable)
         self.claim_pending = False  # the start's claim failed: the lease thread retries it
         self.renewed_at = float("-inf")  # monotonic: when the last successful renewal was sent
+        self.listening = threading.Event()  # set once every LISTEN is sent, cleared while the listener reconnects
 
     # -- statements
 
@@ -162,8 +164,8 @@ class Cluster:
         """Whether `task` may start here, counting the other hosts' runs too: its user below `max_per_user` runs in
         all and its conversation running nowhere. If so the row says running on this host before the lock is let
         go (one transaction under an advisory lock per user and per conversation, always taken in that order).
-        While the DB is unreachable every task is admitted (limits per host) and tried again 5 s later. None: the
-        row is no longer this host's to run (another host took it over, or it has ended)."""
+        None: another host took the task over while it waited here (this host's lease lapsed), or it has ended.
+        While the DB is unreachable every task is admitted (limits per host) and it is tried again 5 s later."""
         if time.monotonic() < self._admit_off_until:
             return True
         mine = sum(1 for t in running_here if t.user_id == task.user_id)
@@ -176,7 +178,7 @@ class Cluster:
                 with conn.transaction():
                     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s)), pg_advisory_xact_lock(hashtext(%s))",
                                  ("user:" + task.user_id, "conversation:" + task.conversation_key))
-                    if taken_elsewhere(conn, task.id, self.host):
+                    if taken_elsewhere(conn, task, self.host):  # never take it back: both would run and answer it
                         return None
                     users, conversations = conn.execute(
                         "SELECT count(*) FILTER (WHERE user_id = %s), count(*) FILTER (WHERE conversation_key = %s) "
@@ -196,31 +198,6 @@ class Cluster:
             log.error("集群限额检查失败，暂按本机限额执行 (%s)", " ".join(str(exc).split()))
             self._admit_off_until = time.monotonic() + 5.0
             return True
-
-    def conversation_host(self, conversation_key: str) -> tuple[str | None, bool]:
-        """The host that ran the conversation last (it holds its workspace) and whether it is alive;
-        (None, False) for a new conversation or when the DB cannot say."""
-        try:
-            rows = self.execute(f"SELECT c.host, coalesce(h.alive_until > {DB_NOW}, false) FROM conversation_hosts c "
-                                 "LEFT JOIN hosts h ON h.host = c.host WHERE c.conversation_key = %s",
-                                 (conversation_key,))
-        except psycopg.Error as exc:
-            log.warning("查询会话所在主机失败 (%s)", " ".join(str(exc).split()))
-            return None, False
-        return (rows[0][0], bool(rows[0][1])) if rows else (None, False)
-
-    def hand_off(self, task_id: str, host: str) -> bool:
-        """Give a queued task (its row written) of this host to `host` and wake it; False if it did not move."""
-        try:
-            moved = self.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE id = %s AND "
-                                  "host = %s AND status = 'queued' RETURNING id",
-                                  (host, self.lease, task_id, self.host))
-            if moved:
-                self.execute("SELECT pg_notify(%s, %s)", (TASK_CHANNEL, task_id))
-        except psycopg.Error as exc:
-            log.warning("任务 %s 交给主机 %s 失败 (%s)", task_id, host, " ".join(str(exc).split()))
-            return False
-        return bool(moved)
 
     def host_of(self, task_id: str) -> str | None:
         """The host holding a task (for /status); None if unknown or the DB cannot say."""
@@ -295,12 +272,13 @@ class Cluster:
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout) as conn:
-                    for channel in self._listeners:
-                        conn.execute(f"LISTEN {channel}")
+                    _listen_to(conn, list(self._listeners))
+                    self.listening.set()
                     while not self._stop.is_set():
                         for notify in conn.notifies(timeout=0.5):
                             self._notified(notify.channel, notify.payload)
             except psycopg.Error as exc:
+                self.listening.clear()
                 log.error("集群取消通知连接中断 (%s)，稍后重连", " ".join(str(exc).split()))
                 self._stop.wait(_RETRY)
 
@@ -322,12 +300,45 @@ class Cluster:
         return here if everywhere is None else max(here, everywhere)
 
 
+def _listen_to(conn: psycopg.Connection, channels: list[str]) -> None:
+    """LISTEN on every channel, then say so (once per connection: a reconnect logs it again)."""
+    for channel in channels:
+        conn.execute(f"LISTEN {channel}")
+    log.info("集群通知已监听 (channels: %s)", ", ".join(channels))
+
+
+def conversation_host(cluster: Cluster, conversation_key: str) -> tuple[str | None, bool]:
+    """The host that ran the conversation last (it holds its workspace) and whether it is alive;
+    (None, False) for a new conversation or when the DB cannot say."""
+    try:
+        rows = cluster.execute(f"SELECT c.host, coalesce(h.alive_until > {DB_NOW}, false) FROM conversation_hosts c "
+                               "LEFT JOIN hosts h ON h.host = c.host WHERE c.conversation_key = %s",
+                               (conversation_key,))
+    except psycopg.Error as exc:
+        log.warning("查询会话所在主机失败 (%s)", " ".join(str(exc).split()))
+        return None, False
+    return (rows[0][0], bool(rows[0][1])) if rows else (None, False)
+
+
+def hand_off(cluster: Cluster, task_id: str, host: str) -> bool:
+    """Give a queued task (its row written) of this host to `host` and wake it; False if it did not move."""
+    try:
+        moved = cluster.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE id = %s AND "
+                                "host = %s AND status = 'queued' RETURNING id",
+                                (host, cluster.lease, task_id, cluster.host))
+        if moved:
+            cluster.execute("SELECT pg_notify(%s, %s)", (TASK_CHANNEL, task_id))
+    except psycopg.Error as exc:
+        log.warning("任务 %s 交给主机 %s 失败 (%s)", task_id, host, " ".join(str(exc).split()))
+        return False
+    return bool(moved)
+
 
 def place_task(cluster: Cluster, manager: Any, task: Task, expected: str) -> bool:
     """Issue 16, conversation affinity: send a new task to the live host holding its conversation (acknowledged
     here first; True: it is that host's now). A conversation whose host is gone stays here, and its user is
     told that files from earlier turns are not on this host."""
-    owner, alive = cluster.conversation_host(task.conversation_key)
+    owner, alive = conversation_host(cluster, task.conversation_key)
     if owner is None or owner == cluster.host:
         return False
     if not alive:
@@ -338,7 +349,7 @@ def place_task(cluster: Cluster, manager: Any, task: Task, expected: str) -> boo
     with manager.board.lock:
         manager.board.tasks.pop(task.id, None)
         manager.outbox.acknowledge(task, texts.acknowledgement(task, "", expected))
-    if cluster.hand_off(task.id, owner):
+    if hand_off(cluster, task.id, owner):
         log.info("任务 %s 交给会话所在主机 %s", task.id, owner)
         return True
     with manager.board.lock:  # it stays here after all
@@ -372,6 +383,16 @@ def _run_handed_task(manager: Any, cluster: Cluster, task_id: str) -> None:
     log.info("接收任务 %s: 会话 %s 在本主机", task_id, task.conversation_key)
 
 
+def _admit(cluster: Cluster, board: Any, task: Task, running: list[Task], max_per_user: int) -> bool:
+    """The board's admission (it holds its lock): a task another host took over leaves this host's board."""
+    admitted = cluster.admit(task, running, max_per_user)
+    if admitted is None:
+        board.tasks.pop(task.id, None)
+        if task.id in board.queue:
+            board.queue.remove(task.id)
+    return bool(admitted)
+
+
 def open_task_store(config: Config) -> JournaledStore:
     """The daemon's store (TASK_DB); on PostgreSQL the tasks it creates are leased to this host."""
     return open_store(config.task_db, host=this_host(config), lease_seconds=config.lease_seconds)
@@ -399,6 +420,6 @@ def join_cluster(config: Config, manager: Any) -> Cluster | None:
     SharedQuestions(cluster, manager.workers.approvals).join()  # an answer may reach a host that did not ask
     manager.outbox.fence = DeliveryFence(cluster)  # a result goes out only while this host holds its task
     limit = manager.board.limits.max_tasks_per_user
-    manager.board.admit = lambda task, running: cluster.admit(task, running, limit)
+    manager.board.admit = lambda task, running: _admit(cluster, manager.board, task, running, limit)
     cluster.start()
     return cluster

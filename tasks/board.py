@@ -65,7 +65,7 @@ class TaskBoard:
         self.running: dict[str, Running] = {}
         self.stopping = False  # workers take no new task
         # Issue 16: with hosts sharing a PostgreSQL DB, cluster.Cluster.admit: may it start here, given the others?
-        self.admit: Callable[[Task, list[Task]], bool | None] | None = None  # None: another host holds it
+        self.admit: Callable[[Task, list[Task]], bool] | None = None
         self._finished_counts: dict[str, int] = {}  # since start, by final status (for metrics)
 
     # -- the one place tasks change
@@ -214,13 +214,8 @@ class TaskBoard:
                 # (its creation, "queued") would land after and hide the run from the other hosts.
                 self.store.wait_written(ADMIT_WRITE_WAIT)
                 flushed = True
-            verdict = self.admit(task, self._running_tasks())
-            if verdict:
+            if self.admit(task, self._running_tasks()):
                 return task
-            if verdict is None:  # another host holds the task now (and answers it): not this host's to run
-                self.queue.remove(task.id)
-                self.tasks.pop(task.id, None)
-                continue
             refused.add(task.id)
 
     def release(self, task: Task) -> None:

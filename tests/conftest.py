@@ -186,6 +186,13 @@ class BotProcess:
                                      f"{self.log_text()[-4000:]}")
             time.sleep(0.05)
 
+    def status_port(self, timeout: float = 15.0) -> int:
+        """The port the status server bound, from its "状态服务已启动" line of this process's latest start: started
+        with STATUS_PORT=0 the OS picks a free port as it binds, so no parallel test can take it in between."""
+        starts = len(self.wait_log("启动 DingTalk CodeBuddy 机器人", timeout=timeout))
+        line = self.wait_log(r"状态服务已启动: http://127\.0\.0\.1:\d+/", timeout=timeout, count=starts)[-1]
+        return int(re.search(r"127\.0\.0\.1:(\d+)/", line).group(1))
+
     def terminate(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait; returns the exit code."""
         assert self.proc is not None

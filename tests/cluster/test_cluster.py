@@ -3,16 +3,19 @@ that claims only this host's tasks, and cancels that reach every host."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
+from types import SimpleNamespace
 
 import psycopg
 
 from cluster.fence import DeliveryFence
-from cluster.hosts import Cluster, host_name
+from cluster.hosts import Cluster, _admit, host_name
 from dingtalk.route import Route
 from store.journal import open_store
 from tasks.task import RUNNING, SUCCEEDED, Task
+from tests.pg_proxy import PgProxy
 from tests.standin import poll_until
 
 
@@ -35,23 +38,12 @@ def _expire(url: str, host: str | None = None) -> None:
             conn.execute("UPDATE tasks SET lease_until = lease_until - 3600 WHERE host = %s", (host,))
 
 
-def _wait_listening(url: str, *members: Cluster, timeout: float = 10.0) -> None:
-    """Wait until every member's listener has sent its LISTENs: each gets a probe channel, LISTENed after its
-    real channels on the same connection, and NOTIFYs on it are sent until every member has heard one."""
-    heard: dict[str, threading.Event] = {}
-    for member in members:
-        heard[member.host] = threading.Event()
-        member.listen("test_listening", lambda payload, event=heard[member.host]: event.set())
+def _start_listening(*members: Cluster, timeout: float = 10.0) -> None:
+    """Start the members and wait until each one's listener says every LISTEN is sent (`Cluster.listening`)."""
     for member in members:
         member.start()
-    with psycopg.connect(url, autocommit=True) as conn:
-
-        def all_heard_a_probe() -> bool:
-            conn.execute("SELECT pg_notify('test_listening', '')")
-            return all(event.wait(0.05) for event in heard.values())
-
-        poll_until(all_heard_a_probe, timeout, 0, lambda: f"not listening after {timeout}s: "
-                   f"{[host for host, event in heard.items() if not event.is_set()]}")
+    for member in members:
+        assert member.listening.wait(timeout), f"{member.host} not listening after {timeout}s"
 
 
 def test_expired_tasks_are_taken_by_exactly_one_of_several_racing_hosts(pg_url):
@@ -110,7 +102,7 @@ def test_a_cancel_request_marks_the_task_and_reaches_every_listening_host(pg_url
     assert store.wait_written(5)
     heard_a, heard_b = [], []
     a, b = _member(pg_url, "a", cancels=heard_a), _member(pg_url, "b", cancels=heard_b)
-    _wait_listening(pg_url, a, b)
+    _start_listening(a, b)
     assert b.request_cancel(f"{8:016x}") is None  # finished: nothing to cancel
     assert b.request_cancel(f"{7:016x}") == "a"
     # Within 5 s (a user would call a slower cancel broken; bench/ has the real figures).
@@ -119,6 +111,31 @@ def test_a_cancel_request_marks_the_task_and_reaches_every_listening_host(pg_url
     assert store.get(f"{7:016x}").cancel_requested
     a.stop()
     b.stop()
+    store.close()
+
+
+def test_a_listener_cut_off_from_the_db_listens_again_and_still_hears_cancels(pg_url, caplog):
+    caplog.set_level(logging.INFO, logger="cluster")
+    store = open_store(pg_url, host="a")
+    store.save(_task(7, status=RUNNING))
+    assert store.wait_written(5)
+    proxy = PgProxy(pg_url)
+    heard: list[str] = []
+    a, b = Cluster(proxy.url, "a", lease_seconds=30, on_takeover=lambda ids: None, on_cancel=heard.append), \
+        _member(pg_url, "b")
+    _start_listening(a)
+    proxy.cut()
+    poll_until(lambda: not a.listening.is_set(), 10.0, 0.01, lambda: "the cut was not noticed")
+    proxy.restore()
+    assert a.listening.wait(10.0), "not listening again after the DB came back"
+    listened = [r.getMessage() for r in caplog.records if r.getMessage().startswith("集群通知已监听")]
+    assert listened == ["集群通知已监听 (channels: bot_cancel, bot_task)"] * 2
+    assert b.request_cancel(f"{7:016x}") == "a"
+    poll_until(lambda: heard, 5.0, 0.01, lambda: "the cancel did not reach the listener that reconnected")
+    assert heard == [f"{7:016x}"]
+    for member in (a, b):
+        member.stop()
+    proxy.close()
     store.close()
 
 
@@ -144,6 +161,24 @@ def test_a_task_is_admitted_only_while_its_user_and_conversation_have_room_on_ev
     assert b.queued_count("u1") == 0
     store.save(_task(5))  # queued on host a: MAX_QUEUED_PER_USER counts it on every host
     assert store.wait_written(5) and b.queued_count("u1") == 1 and b.host_of(f"{5:016x}") == "a"
+    b.stop()
+    store.close()
+
+
+def test_a_task_taken_over_while_it_waited_is_dropped_here_not_taken_back(pg_url):
+    store = open_store(pg_url, host="a")
+    store.save(_task(1))  # queued on host a, whose renewals then stall past the lease (a loaded machine)
+    assert store.wait_written(5)
+    a, b = _member(pg_url, "a"), _member(pg_url, "b")
+    _expire(pg_url, "a")
+    assert b.take_over() == {f"{1:016x}": "a"}  # b queues it; a, alive, still has it queued too
+    board = SimpleNamespace(tasks={f"{1:016x}": _task(1)}, queue=[f"{1:016x}"])
+    assert _admit(a, board, _task(1), [], max_per_user=5) is False  # a must not take it back and run it as well
+    assert board.tasks == {} and board.queue == []
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT host, status FROM tasks").fetchall() == [("b", "queued")]
+    assert b.admit(_task(1), [], max_per_user=5) is True  # the taker runs it
+    a.stop()
     b.stop()
     store.close()
 

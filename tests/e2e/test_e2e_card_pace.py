@@ -27,14 +27,6 @@ TOLERANCE = 0.1
 PROMPT = "[stream=6] [parts=20] 一份很长的报告"  # twenty parts, 0.3 s apart (the fake CLI)
 
 
-def _status_port(bot) -> int:
-    """The port the bot's status server bound (STATUS_PORT=0: the OS picks a free one as it binds), from its log:
-    the status line of the bot's latest start (one log file may hold several)."""
-    starts = len(bot.wait_log("启动 DingTalk CodeBuddy 机器人"))
-    line = bot.wait_log(r"状态服务已启动: http://127\.0\.0\.1:\d+/", count=starts)[-1]
-    return int(re.search(r"127\.0\.0\.1:(\d+)/", line).group(1))
-
-
 def _metric(port: int, name: str, **labels: str) -> float:
     """One sample of the bot's /metrics: the one named `name` that carries `labels` (besides its constant ones)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
@@ -79,7 +71,7 @@ def _run_one_card(standin, make_bot, cards: CardStandin, db: str, spent_before: 
     bot = make_bot(DINGTALK_CARD_TEMPLATE_ID=TEMPLATE_ID, CARD_UPDATE_INTERVAL=str(BASE), SYNC_TIMEOUT="30",
                    DINGTALK_MONTHLY_CALL_BUDGET=str(BUDGET), STATUS_PORT="0",
                    _WRAP=json.dumps([sys.executable, str(ROOT / "tests" / "pinned_month.py"), str(SHARE)]))
-    port = _status_port(bot)
+    port = bot.status_port()
     known = {card.track for card in cards.card_list()}
     metered_before = cards.metered
     standin.send_bot_message(PROMPT, sender_staff_id="alice")

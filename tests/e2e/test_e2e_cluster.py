@@ -19,7 +19,6 @@ from cluster.questions import ANSWER_CHANNEL
 from store.postgres import DB_NOW
 from tests.conftest import BotProcess, cli_runs
 from tests.pg_proxy import PgProxy
-from tests.standin import poll_until
 from tests.standin_cards import TEMPLATE_ID, CardStandin
 
 pytestmark = pytest.mark.e2e
@@ -41,18 +40,9 @@ def _cluster(make_bot, standin, tmp_path, pg_url, count: int = 3, task_dbs: tupl
                              LOG_FILE=str(tmp_path / "logs" / f"bot{number}.log"), **settings))
         connections.append(standin.wait_for(lambda: [c for c in standin.live_connections() if c not in connections],
                                             timeout=20)[0])
-    _wait_listening(pg_url, count)
+    for bot in bots:  # each process says when its listener has sent every LISTEN (a cancel, a hand-off, an answer)
+        bot.wait_log(f"集群通知已监听 \\(channels: .*{ANSWER_CHANNEL}", timeout=20)
     return bots, connections
-
-
-def _wait_listening(pg_url: str, count: int) -> None:
-    """Wait until `count` processes listen for the other hosts' notifications (a cancel, a hand-off, an answer):
-    a listener sends its LISTENs in a row, the answer channel's last (registered last), then only waits, so its
-    session's last statement is that LISTEN."""
-    listen = f"LISTEN {ANSWER_CHANNEL}"
-    sessions = "SELECT query FROM pg_stat_activity WHERE datname = current_database() AND state = 'idle'"
-    poll_until(lambda: [query for (query,) in _row(pg_url, sessions)].count(listen) >= count, 20, 0.05,
-               lambda: f"no {count} sessions whose last statement is {listen!r}: {_row(pg_url, sessions)}")
 
 
 def _answers(standin, prompt: str) -> list[str]:
@@ -60,6 +50,15 @@ def _answers(standin, prompt: str) -> list[str]:
     texts = [p.text or "" for p in standin.webhook_posts()]
     texts += [r.msg_param.get("text") or r.msg_param.get("content") or "" for r in standin.batch_sends()]
     return [t for t in texts if "回答: " + prompt in t]
+
+
+def _story(pg_url: str, bots: list[BotProcess], prompts: list[str]) -> str:
+    """For a failure: the task rows of `prompts` and every log line of every process that names one of them."""
+    rows = _row(pg_url, "SELECT id, prompt, host, status, attempts, delivered FROM tasks WHERE prompt = ANY(%s)",
+                prompts)
+    lines = [f"{bot.log_file.name}: {line}" for bot in bots for line in bot.log_text().splitlines()
+             if any(row[0] in line for row in rows)]
+    return f"answered more than once: {prompts}\n{rows}\n" + "\n".join(lines)
 
 
 def _row(pg_url: str, sql: str, *args) -> list[tuple]:
@@ -86,7 +85,8 @@ def test_three_processes_answer_300_messages_of_30_users_once_within_the_limits(
     standin.wait_for(lambda: all(_answers(standin, p) for p in prompts) and _answers(standin, "同一条消息"),
                      timeout=180)
     time.sleep(1.0)  # a second answer would have come by now
-    assert all(len(_answers(standin, p)) == 1 for p in prompts), [p for p in prompts if len(_answers(standin, p)) != 1]
+    twice = [p for p in prompts if len(_answers(standin, p)) != 1]
+    assert not twice, _story(pg_url, bots, twice)
     assert len(_answers(standin, "同一条消息")) == 1
     assert _row(pg_url, "SELECT count(*) FROM tasks WHERE msg_id = %s", "msg-dup-1") == [(1,)]
     hosts = dict(_row(pg_url, "SELECT host, count(*) FROM tasks GROUP BY host"))
@@ -239,14 +239,15 @@ def test_an_answer_or_a_card_click_that_reaches_another_process_gets_to_the_task
 def test_three_installations_on_one_machine_without_host_name_are_three_hosts_holding_one_user_limit(
         standin, make_bot, tmp_path, pg_url):
     standin.several_connections = True
-    connections = []
+    connections, bots = [], []
     for number in range(3):  # three installations: each its own workspace, no HOST_NAME (the default)
-        make_bot(TASK_DB=pg_url, LEASE_SECONDS=LEASE, MAX_TASKS_PER_USER="1", STREAM_CONNECTIONS="1",
-                 CODEBUDDY_WORKDIR=str(tmp_path / f"install{number}" / "workspace"),
-                 LOG_FILE=str(tmp_path / "logs" / f"install{number}.log"))
+        bots.append(make_bot(TASK_DB=pg_url, LEASE_SECONDS=LEASE, MAX_TASKS_PER_USER="1", STREAM_CONNECTIONS="1",
+                             CODEBUDDY_WORKDIR=str(tmp_path / f"install{number}" / "workspace"),
+                             LOG_FILE=str(tmp_path / "logs" / f"install{number}.log")))
         connections.append(standin.wait_for(lambda: [c for c in standin.live_connections() if c not in connections],
                                             timeout=20)[0])
-    _wait_listening(pg_url, 3)
+    for bot in bots:
+        bot.wait_log(f"集群通知已监听 \\(channels: .*{ANSWER_CHANNEL}", timeout=20)
     prompts = [f"同一用户 {n} [sleep=1]" for n in range(6)]
     for number, prompt in enumerate(prompts):  # one user, three chats, every process
         standin.send_bot_message(prompt, sender_staff_id="one-user", conversation_type="2",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import json
-import re
 import shutil
 import sqlite3
 import subprocess
@@ -41,14 +40,6 @@ print("locked", flush=True)
 time.sleep(float(sys.argv[2]))
 db.execute("ROLLBACK")
 """
-
-
-def _status_port(bot) -> int:
-    """The port the bot's status server bound (STATUS_PORT=0: the OS picks a free one as it binds), from its log:
-    the status line of the bot's latest start (one log file may hold several)."""
-    starts = len(bot.wait_log("启动 DingTalk CodeBuddy 机器人"))
-    line = bot.wait_log(r"状态服务已启动: http://127\.0\.0\.1:\d+/", count=starts)[-1]
-    return int(re.search(r"127\.0\.0\.1:(\d+)/", line).group(1))
 
 
 def _healthz(port: int) -> tuple[int, dict]:
@@ -92,7 +83,7 @@ def _each_answered_once(standin, messages, timeout: float = 30.0) -> None:
 
 def test_store_locked_by_another_process_for_15_s_loses_no_message(standin, make_bot, tmp_path):
     bot = make_bot(STATUS_PORT="0")
-    port = _status_port(bot)
+    port = bot.status_port()
     db = tmp_path / "data" / "tasks.db"
     # A run that is going when the lock is taken: the worker's saves (running, succeeded, delivered) fail.
     during_run = standin.send_bot_message("[sleep=3] 跨越故障的任务", sender_staff_id="w1")
@@ -148,7 +139,7 @@ def test_store_on_a_full_filesystem_loses_no_message(standin, make_bot, tmp_path
     mount = f"mount -t tmpfs -o size=4m tmpfs {small} && exec \"$@\""
     bot = make_bot(TASK_DB=str(small / "tasks.db"), STATUS_PORT="0",
                    _WRAP=json.dumps(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", mount, "sh"]))
-    port = _status_port(bot)
+    port = bot.status_port()
     inside = Path(f"/proc/{bot.proc.pid}/root") / str(small).lstrip("/")
     before = standin.send_bot_message("你好 满之前", sender_staff_id="a")
     _each_answered_once(standin, [before])
@@ -215,7 +206,7 @@ def test_permanently_refused_push_is_given_up_shown_and_never_pushed_again(stand
 
 def test_failing_push_is_retried_while_running_then_given_up(standin, make_bot):
     bot = make_bot(DELIVERY_RETRY_WINDOW="1", DELIVERY_GIVE_UP_HOURS="0.003", STATUS_PORT="0")  # 10.8 s
-    port = _status_port(bot)
+    port = bot.status_port()
     # First: DingTalk is down for a few seconds, past one retry window; the result arrives without a restart.
     standin.fail_next(BATCH_SEND_PATH, status=503, body={"code": "ServiceUnavailable"}, times=4)
     send_pushed(standin, "生成报告 稍后送达", sender_staff_id="late")

@@ -27,6 +27,19 @@ def _last_step(tmp_path, task_id: str) -> str:
     return (row[0] or "") if row else ""
 
 
+def _stored_run(tmp_path, task_id: str) -> tuple[str, int] | None:
+    """(status, attempts) of a task as its task DB holds it: the store writes behind, so a log line saying a run
+    started does not mean the run is counted yet."""
+    with sqlite3.connect(f"file:{tmp_path / 'data' / 'tasks.db'}?mode=ro", uri=True) as conn:
+        return conn.execute("SELECT status, attempts FROM tasks WHERE id = ?", (task_id,)).fetchone()
+
+
+def _wait_run_stored(standin, tmp_path, task_id: str, attempt: int) -> None:
+    """Wait until the task DB says the task runs its `attempt`-th time (a kill before that loses the count)."""
+    standin.wait_for(lambda: _stored_run(tmp_path, task_id) == ("running", attempt), timeout=15,
+                     message=f"task {task_id} stored as running, attempt {attempt}: {_stored_run(tmp_path, task_id)}")
+
+
 def _pushes_for(standin, task_id: str) -> list[str]:
     """Messages about a task that reached the user: background ones go by webhook while it lives, else pushed."""
     texts = [r.text or "" for r in standin.webhook_posts() + standin.batch_sends() + standin.group_sends()]
@@ -126,6 +139,7 @@ def test_sigkill_mid_task_then_restart_gives_exactly_one_answer(standin, make_bo
     task_id = _task_id(replies(standin, sent, 1)[0])
     bot.wait_log("后台任务开始执行")
     orphan = wait_for_process(tmp_path, ["sleep", "300"])
+    _wait_run_stored(standin, tmp_path, task_id, 1)
     bot.kill()
     if sandbox == "bwrap":  # the jail dies with the bot (bwrap --die-with-parent): nothing is left behind
         standin.wait_for(lambda: not process_alive(orphan), timeout=5)
@@ -143,14 +157,14 @@ def test_sigkill_mid_task_then_restart_gives_exactly_one_answer(standin, make_bo
     assert len([r for r in cli_runs(tmp_path) if "重要" in r["prompt"]]) == 2
 
 
-def test_task_interrupted_twice_is_failed_and_the_user_told(standin, make_bot):
+def test_task_interrupted_twice_is_failed_and_the_user_told(standin, make_bot, tmp_path):
     bot = make_bot()
     sent = standin.send_bot_message("生成报告 [sleep=30]", sender_staff_id="u1")
     task_id = _task_id(replies(standin, sent, 1)[0])
-    bot.wait_log("后台任务开始执行")
+    _wait_run_stored(standin, tmp_path, task_id, 1)
     bot.kill()
     second = make_bot()
-    second.wait_log("后台任务开始执行")
+    _wait_run_stored(standin, tmp_path, task_id, 2)
     second.kill()
     make_bot().wait_log(rf"任务 {task_id} 失败")
     failed = standin.wait_for(lambda: [t for t in _pushes_for(standin, task_id) if "执行失败" in t])

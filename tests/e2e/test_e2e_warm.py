@@ -88,7 +88,9 @@ def test_idle_end_a_killed_process_and_a_restart_all_keep_the_conversation(stand
 
     [cli] = wait_until(lambda: list(cli_processes(tmp_path)))
     os.kill(cli, signal.SIGKILL)  # the warm process dies between two messages
-    wait_until(lambda: not process_alive(cli))
+    # All of it, the sandbox's bwrap (the bot's own child) too, so the bot sees it dead when the next message comes.
+    wait_until(lambda: not process_alive(cli) and not processes_of_this_test(tmp_path, exclude={bot.proc.pid}),
+               message="the killed CLI and its sandbox wrappers to exit")
     assert "earlier: 二 空闲之后" in answer(standin, "三 进程被杀之后", "w3")
     bot.wait_log("结束 CodeBuddy 进程 \\d+: 进程已退出")
 

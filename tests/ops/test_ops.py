@@ -56,12 +56,6 @@ def _run_bot(tmp_path: Path, *args: str, timeout: float = 30, **overrides: str) 
                           capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _get(url: str) -> tuple[int, str]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
@@ -409,8 +403,8 @@ def _value(samples: dict, name: str, **labels: str) -> float:
 
 
 def test_status_port_serves_healthz_and_metrics(standin, make_bot):
-    port = _free_port()
-    bot = make_bot(STATUS_PORT=str(port), HOST_NAME="bot-a")
+    bot = make_bot(STATUS_PORT="0", HOST_NAME="bot-a")
+    port = bot.status_port()
     base = f"http://127.0.0.1:{port}"
     standin.wait_for(lambda: json.loads(_get(base + "/healthz")[1])["stream_connections"]["live"] == 2)  # both up
     status, body = _get(base + "/healthz")

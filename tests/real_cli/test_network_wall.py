@@ -81,10 +81,8 @@ def test_a_run_reaches_neither_the_hosts_loopback_nor_its_spellings_and_an_allow
 
 
 def test_a_run_cannot_read_the_bots_own_metrics(standin, real_bot):
-    with socket.socket() as probe:  # a port for the status server (bound again by the bot a moment later)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    bot = real_bot(STATUS_PORT=str(port))
+    bot = real_bot(STATUS_PORT="0")
+    port = bot.status_port()
     answer = _answer(standin, "netwall2", f"curl -sS --max-time 5 http://127.0.0.1:{port}/metrics; echo P-end")
     output = answer.split("Stdout:", 1)[1]
     assert "P-end" in output and "dingtalk_bot_" not in answer and BLOCKED_LINE in output, answer

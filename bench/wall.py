@@ -15,6 +15,9 @@ Steps:
   bridge in front of `true`, with their CPU time.
 - run: one whole `CodeBuddyClient.run` of the instant CLI (bench/instant_cli.sh) in a new process each time
   (WARM_SESSIONS=0: start, `initialize`, the prompt, its answer, the process stopped and released).
+- download: 100 MB with curl from a loopback server (127.0.0.2, allowed by CODEBUDDY_EGRESS_ALLOW): on the host,
+  in the plain jail (direct, the host's network) and in the whole wall (bridge → egress proxy), rotated. The proxy
+  runs in this process, as in the bot's. bench/egress.py measures the proxy's paths without jails or curl.
 - warm: the real CLI against the loopback model (bench/warm.py), wall on (the default sandbox) and wall off
   (network=None, limits=None): cold follow-ups (a new process each) and warm ones (one process), interleaved.
 """
@@ -24,10 +27,12 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -36,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import egress  # noqa: E402
 import warm  # noqa: E402
 
 from codebuddy.jail_network import JailNetwork  # noqa: E402
@@ -65,13 +71,14 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
 
 
-def sandboxes(workdir: Path) -> dict[str, Bubblewrap]:
-    """The three sandboxes for the instant CLI: the default one from the bot's Config, and the same jail without
-    its limits, and without its network too."""
+def sandboxes(workdir: Path, allow: str = "") -> dict[str, Bubblewrap]:
+    """The sandboxes for the instant CLI: the default one from the bot's Config (`allow`: CODEBUDDY_EGRESS_ALLOW),
+    the same jail without its limits, and without its network too; and the whole wall with a bridge without `site`."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = load_config({"DINGTALK_CLIENT_ID": "bench", "DINGTALK_CLIENT_SECRET": "bench",
                           "CODEBUDDY_BIN": str(INSTANT_CLI), "CODEBUDDY_WORKDIR": str(workdir / "workspace"),
-                          "TASK_DB": str(workdir / "tasks.db"), "LOG_FILE": ""}, dotenv_path=None)
+                          "TASK_DB": str(workdir / "tasks.db"), "LOG_FILE": "", "CODEBUDDY_EGRESS_ALLOW": allow},
+                         dotenv_path=None)
 
     full = sandbox_from_config(config)
     assert isinstance(full, Bubblewrap) and full.network is not None and full.limits is not None
@@ -117,10 +124,12 @@ def start_cost(workdir: Path, rounds: int, warmup: int = 10) -> dict[str, dict[s
     times: dict[str, dict[str, list[float]]] = {
         name: {"total": [], "setup": [], "process": [], "release": []} for name in VARIANTS}
     python = boxes["network"].network.python
+    bridge = [str(ROOT / "codebuddy" / "jail_bridge.py"), "--listen", "127.0.0.1:0",
+              "--unix", str(workdir / "none.sock"), "--", "true"]
     references = {"host: python -I -c pass": [python, "-I", "-c", "pass"],
                   "host: python -I -S -c pass": [python, "-I", "-S", "-c", "pass"],
-                  "host: bridge -- true": [python, "-I", str(ROOT / "codebuddy" / "jail_bridge.py"), "--listen",
-                                           "127.0.0.1:0", "--unix", str(workdir / "none.sock"), "--", "true"]}
+                  "host: bridge -- true": [python, "-I", *bridge],
+                  "host: bridge -S -- true": [python, "-I", "-S", *bridge]}
     for name in references:
         times[name] = {"total": [], "cpu": []}
     for number in range(warmup + rounds):
@@ -207,6 +216,48 @@ def warm_cost(workdir: Path, cold_runs: int, warm_runs: int) -> dict[str, dict[s
     return times
 
 
+def download_cost(workdir: Path, rounds: int, megabytes: int) -> dict[str, list[float]]:
+    """Seconds of curl's transfer (its time_total) of `megabytes` MB from a loopback server on 127.0.0.2 (not in the
+    runs' NO_PROXY, so curl in the wall takes the proxy): on the host; in the plain jail (the host's network,
+    direct); in its own network namespace (bridge → Unix socket → egress proxy → server) without and with the
+    limits (which run it at nice 10)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    payload = workdir / "payload"
+    with open(payload, "wb") as handle:
+        handle.write(os.urandom(megabytes * 1_000_000))
+    listener = socket.create_server(("127.0.0.2", 0))
+    port = listener.getsockname()[1]
+    threading.Thread(target=egress.serve_file, args=(listener, str(payload)), daemon=True).start()
+    boxes = sandboxes(workdir, allow=f"127.0.0.2:{port}")
+    dirs = Workspaces(str(workdir / "workspace")).dirs_for("wall-download")
+    curl = ["curl", "-sS", "-o", "/dev/null", "-w", "%{time_total} %{size_download}", f"http://127.0.0.2:{port}/p"]
+    paths = {"host, direct": None, "plain jail, direct": boxes["plain"], "network, via the proxy": boxes["network"],
+             "whole wall, via the proxy": boxes["network+limits"]}
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    names = list(paths)
+    for number in range(1 + rounds):
+        for name in names[number % len(names):] + names[:number % len(names)]:
+            box = paths[name]
+            run_id = "wall-" + uuid.uuid4().hex[:12]
+            argv, cwd, env, preexec = curl, str(workdir), {"PATH": os.defpath}, None
+            if box is not None:
+                argv, cwd = box.command(curl, dirs, run_id=run_id)
+                env, preexec = {**env, **box.environment()}, box.preexec(run_id, dirs)
+            try:
+                out = subprocess.run(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                     check=True, start_new_session=True, preexec_fn=preexec).stdout.split()
+            finally:
+                if box is not None:
+                    box.release(run_id)
+            seconds, size = float(out[0]), int(out[1])
+            assert size == megabytes * 1_000_000, f"{name}: {size} bytes"
+            if number >= 1:
+                times[name].append(seconds)
+    boxes["network"].network.close()
+    listener.close()
+    return times
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
@@ -247,16 +298,29 @@ def report_warm(times: dict[str, dict[str, list[float]]]) -> None:
         print(f"  {kind} ratio on/off {ratio:.2f}")
 
 
+def report_download(times: dict[str, list[float]], megabytes: int) -> None:
+    direct, plain = statistics.median(times["host, direct"]), statistics.median(times["plain jail, direct"])
+    print(f"download: {megabytes} MB with curl from 127.0.0.2, {len(times['host, direct'])} rounds; s p50, MB/s, "
+          "throughput vs the host direct and vs the plain jail direct")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:28} {median:6.3f} s {megabytes / median:7.0f} MB/s   vs host {direct / median:.2f}   "
+              f"vs plain jail {plain / median:.2f}   (min {min(values):.3f}, max {max(values):.3f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="start,run,warm", help="comma-separated steps: start, run, warm")
+    parser.add_argument("--only", default="start,run,download,warm",
+                        help="comma-separated steps: start, run, download, warm")
     parser.add_argument("--rounds", type=int, default=200, help="rounds of the start and run steps")
     parser.add_argument("--cold", type=int, default=6, help="cold follow-ups per side in the warm step")
     parser.add_argument("--warm", type=int, default=30, help="warm follow-ups per side in the warm step")
+    parser.add_argument("--downloads", type=int, default=21, help="rounds of the download step")
+    parser.add_argument("--megabytes", type=int, default=100, help="size of each download")
     args = parser.parse_args()
     steps = {part.strip() for part in args.only.split(",") if part.strip()}
     with tempfile.TemporaryDirectory(prefix="bench-wall-") as scratch:
-        for step in ("start", "run", "warm"):
+        for step in ("start", "run", "download", "warm"):
             if step not in steps:
                 continue
             before, started = load_average(), time.monotonic()
@@ -264,6 +328,9 @@ def main() -> None:
                 report_start(start_cost(Path(scratch) / "start", args.rounds))
             elif step == "run":
                 report_run(run_cost(Path(scratch) / "run", args.rounds))
+            elif step == "download":
+                report_download(download_cost(Path(scratch) / "download", args.downloads, args.megabytes),
+                                args.megabytes)
             else:
                 report_warm(warm_cost(Path(scratch) / "warm", args.cold, args.warm))
             print(f"  ({time.monotonic() - started:.0f} s; load average before {before}, after {load_average()})",

@@ -1,18 +1,18 @@
 """Benchmark of the whole wall (issue 22): what a run's own network namespace behind the egress proxy, and its
-limits (cgroups, rlimits, a sized /tmp), add to a jailed run. Three sandboxes, measured interleaved in one run:
-plain (`Bubblewrap(..., network=None, limits=None)`, the jail before issue 22), + network, + network + limits (what
-`sandbox_from_config` builds by default). Not part of the test run; from the repository root:
+limits (cgroups, rlimits, a sized /tmp), add to a jailed run. Sandboxes measured interleaved in one run: plain
+(`Bubblewrap(..., network=None, limits=None)`, the jail before issue 22), + network, + network + limits (what
+`sandbox_from_config` builds by default), and the last with its bridge's interpreter started with `-S` (not what the
+bot ships: it shows what `site` and the .pth files of the interpreter's site-packages cost). Not part of the test
+run; from the repository root (BENCHMARKS.md, "The whole wall"):
 
-    .venv/bin/python bench/wall.py                 # all steps
-    .venv/bin/python bench/wall.py --only start    # start, run, warm (comma-separated)
+    .venv/bin/python bench/wall.py --warm 40             # all steps (about 7 minutes on 2 cores)
+    .venv/bin/python bench/wall.py --only start,download # some of start, run, download, warm
 
 Steps:
 - start: `command(["true"], dirs, run_id=…)`, Popen with `preexec_fn=preexec(…)`, wait, `release(run_id)`: the
   wall time of all of it, split into setup (command + preexec: the proxy's socket, the cgroups), Popen → exit, and
-  release. Each round runs the variants in a rotated order. Also in each round: a fourth variant, the whole wall
-  with the bridge's interpreter started with `-S` (not what the bot ships: it shows what `site` and the .pth files
-  of the interpreter's site-packages cost), and, on the host out of any jail, `python -I [-S] -c pass` and the
-  bridge in front of `true`, with their CPU time.
+  release. Each round runs the variants in a rotated order, and, on the host out of any jail, `python -I [-S] -c
+  pass` and the bridge in front of `true` (`-I [-S]`), with their CPU time.
 - run: one whole `CodeBuddyClient.run` of the instant CLI (bench/instant_cli.sh) in a new process each time
   (WARM_SESSIONS=0: start, `initialize`, the prompt, its answer, the process stopped and released).
 - download: 100 MB with curl from a loopback server (127.0.0.2, allowed by CODEBUDDY_EGRESS_ALLOW): on the host,

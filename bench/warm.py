@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from codebuddy import process_tree  # noqa: E402
 from codebuddy.cli_setup import wheel_cli  # noqa: E402
+from codebuddy.sandbox import Bubblewrap  # noqa: E402
 from codebuddy_client import CodeBuddyClient, new_session_id, sandbox_from_config  # noqa: E402
 from config import load_config  # noqa: E402
 from tests.fake_model_server import FakeModelServer  # noqa: E402
@@ -53,19 +54,29 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
-def _client(workdir: Path, model_url: str, warm: int) -> CodeBuddyClient:
+def _client(workdir: Path, model_url: str, warm: int, wall: bool = True) -> CodeBuddyClient:
+    """The bot's client for the real CLI. `wall`: the sandbox `sandbox_from_config` builds (a network namespace per
+    process behind the egress proxy, the run limits); else the same jail with `network=None, limits=None`."""
     binary = wheel_cli()
     if not binary:
         raise RuntimeError("the codebuddy-agent-sdk wheel (with its CLI) is not installed")
+    workdir.mkdir(parents=True, exist_ok=True)
+    # The model endpoint in a .env, as an operator sets it: the egress policy allows it from there.
+    dotenv = workdir / ".env"
+    dotenv.write_text(f"CODEBUDDY_BASE_URL={model_url}\n")
     config = load_config({"DINGTALK_CLIENT_ID": "bench", "DINGTALK_CLIENT_SECRET": "bench", "CODEBUDDY_BIN": binary,
                           "CODEBUDDY_WORKDIR": str(workdir), "CODEBUDDY_PERMISSION_MODE": "bypassPermissions",
                           "TASK_DB": str(workdir / "tasks.db"), "LOG_FILE": "", "WARM_SESSIONS": str(warm)},
-                         dotenv_path=None)
+                         dotenv_path=dotenv)
     env = {"PATH": os.environ.get("PATH", os.defpath), "CODEBUDDY_BASE_URL": model_url,
            "CODEBUDDY_API_KEY": "bench-key", "DISABLE_AUTOUPDATER": "1", "DISABLE_TELEMETRY": "1",
            "CODEBUDDY_SKIP_BUILTIN_MARKETPLACE": "1"}
+    sandbox = sandbox_from_config(config)
+    if not wall:
+        sandbox = Bubblewrap(sandbox.cli_binary, hidden=sandbox.hidden, read_only=sandbox.read_only,
+                             bwrap=sandbox.bwrap, network=None, limits=None)
     return CodeBuddyClient(binary, str(workdir), permission_mode="bypassPermissions", env=env,
-                           sandbox=sandbox_from_config(config), warm_sessions=warm, timeout=120)
+                           sandbox=sandbox, warm_sessions=warm, timeout=120)
 
 
 def warm_cost(workdir: Path, cold_runs: int = 6, warm_runs: int = 20) -> WarmCost:

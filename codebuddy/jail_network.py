@@ -82,7 +82,7 @@ class JailNetwork:
         model = self.policy.model
         if model is not None and (model[0] in LOOPBACK_NAMES or model[0].startswith("127.")):
             tunnels = ["--tunnel", f"{'[::1]' if model[0] == '::1' else '127.0.0.1'}:{model[1]}"]
-        return [self.python, "-I", JAIL_BRIDGE, "--listen", f"127.0.0.1:{BRIDGE_PORT}", "--unix", JAIL_SOCKET,
+        return [self.python, "-I", "-S", JAIL_BRIDGE, "--listen", f"127.0.0.1:{BRIDGE_PORT}", "--unix", JAIL_SOCKET,
                 *tunnels, "--", *argv]
 
     def environment(self) -> dict[str, str]:

@@ -49,6 +49,7 @@ class _StatusHandler(BaseHTTPRequestHandler):
 class _StatusHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     max_connections = 16  # connections served at once; more are closed at once (threads stay bounded)
+    request_queue_size = 64  # the listen backlog: a burst of connections is taken in, not left to retransmit
 
     def __init__(self, address: tuple[str, int], sources: StatusSources) -> None:
         self.sources = sources

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 import urllib.request
 
 from ops import status_server
@@ -18,12 +17,10 @@ def test_a_hundred_idle_connections_hold_few_threads_and_healthz_answers_again_a
     server = status_server.StatusServer(_sources(tmp_path, connected=True), 0).start()
     before = threading.active_count()
     idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(100)]
+    slots = server._server._slots
     try:
-        most = before
-        for _ in range(100):  # two seconds: the idle connections are being served (one second each)
-            most = max(most, threading.active_count())
-            time.sleep(0.02)
-        assert before + 2 <= most <= before + status_server._StatusHTTPServer.max_connections + 1, (before, most)
+        poll_until(lambda: slots._value == 0, 10, 0.01, lambda: "every slot taken by an idle connection")
+        assert threading.active_count() <= before + status_server._StatusHTTPServer.max_connections + 1
         poll_until(lambda: threading.active_count() <= before + 1, 15, 0.05, lambda: "idle connections timed out")
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as reply:
             assert reply.status == 200

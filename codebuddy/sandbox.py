@@ -209,8 +209,11 @@ class Bubblewrap:
         return args
 
     def cli_dirs(self) -> list[str]:
-        """The CLI binary's directory (and its symlink target's), bound into every jail read-only."""
+        """The CLI binary's directory (and its symlink target's), bound into every jail read-only; none when there
+        is no such binary (a missing CLI is reported as such when a run starts)."""
         binary = shutil.which(self.cli_binary) or self.cli_binary
+        if not os.path.exists(binary):
+            return []
         return list(dict.fromkeys((os.path.dirname(os.path.abspath(binary)),
                                    os.path.dirname(os.path.realpath(binary)))))
 

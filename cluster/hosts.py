@@ -182,10 +182,10 @@ class Cluster:
             return False
         return bool(moved)
 
-    def host_of(self, task_id: str) -> str | None:
-        """The host holding a task (for /status); None if unknown or the DB cannot say."""
+    def host_of(self, task_id: str, *, quick: bool = True) -> str | None:
+        """The host holding a task (for /status: `quick`); None if unknown or the DB cannot say."""
         try:
-            rows = self.execute("SELECT host FROM tasks WHERE id = %s", (task_id,), quick=True)
+            rows = self.execute("SELECT host FROM tasks WHERE id = %s", (task_id,), quick=quick)
         except psycopg.Error as exc:
             warn_unless_known(exc, f"查询任务所在主机失败 {task_id} (%s)")
             return None
@@ -304,7 +304,7 @@ def _cancel_if_here(manager: Any, task_id: str) -> None:
 
 def _run_handed_task(manager: Any, cluster: Cluster, task_id: str) -> None:
     """A task another host handed to this one (its conversation lives here): queue it here."""
-    if task_id in manager.board.tasks or cluster.host_of(task_id) != cluster.host:
+    if task_id in manager.board.tasks or cluster.host_of(task_id, quick=False) != cluster.host:
         return
     task = manager.store.get(task_id)
     if task is None or task.finished:

@@ -1,10 +1,11 @@
-"""This host's statement connection to the shared task DB, with the bot's time limits: one connection for the cluster's
-statements (leases, fence, questions, admission), calls that can do without the DB, and an offload thread for work
-the intake hands over so that it never waits on the network.
+"""This host's statement connections to the shared task DB, with the bot's time limits: one for the cluster's own
+statements (leases, fence, questions, admission), one for the calls that can do without the DB (the intake's and
+placement's: they never queue behind a transaction), and an offload thread for work the intake hands over so that
+it never waits on the network.
 
 A statement that fails for want of the DB (no answer within the time limits, a broken connection) marks the DB down
-for `DOWN_FOR` s: calls made with `quick=True` (the intake's, placement's) are then not sent at all and their callers
-answer from memory; the lease thread's statements keep trying and the first that succeeds ends it.
+for `DOWN_FOR` s: calls made with `quick=True` are then not sent at all and their callers answer from memory; the
+lease thread's statements keep trying and the first that succeeds ends it.
 """
 
 from __future__ import annotations
@@ -43,14 +44,21 @@ def warn_unless_known(exc: psycopg.Error, line: str) -> None:
         log.warning(line, " ".join(str(exc).split()))
 
 
+class _Connection:
+    """One connection, opened on first use and again after a failure, and the lock that guards it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.conn: psycopg.Connection | None = None
+
+
 class Statements:
-    """The statement connection (`limits`: `pg_connect.connection_options`'), opened on first use and again after a
-    failure, one statement or transaction at a time; and the offload thread."""
+    """The statement connections (`limits`: `pg_connect.connection_options`'), one statement or transaction at a
+    time on each; and the offload thread."""
 
     def __init__(self, url: str, limits: dict[str, Any]) -> None:
         self.url, self.limits = url, limits
-        self._lock = threading.Lock()  # guards the connection
-        self._conn: psycopg.Connection | None = None
+        self._main, self._quick = _Connection(), _Connection()
         self._down_until = 0.0  # monotonic: quick calls skip the DB until then
         # Work handed off by the intake (placing a new task, relaying an answer): one thread, in order.
         self._offload = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cluster-offload")
@@ -65,33 +73,34 @@ class Statements:
         while the DB is down, or after `QUICK_WAIT` s if another thread's statement holds the connection."""
         if quick and self.down:
             raise DBUnavailable("the task DB did not answer a moment ago")
-        if not self._lock.acquire(timeout=QUICK_WAIT if quick else -1):
+        slot = self._quick if quick else self._main
+        if not slot.lock.acquire(timeout=QUICK_WAIT if quick else -1):
             raise DBUnavailable("the task DB connection is busy with a statement still waiting for an answer")
         try:
-            with self._session() as conn:
+            with self._session(slot) as conn:
                 cursor = conn.execute(sql, args)
                 return cursor.fetchall() if cursor.description else []
         finally:
-            self._lock.release()
+            slot.lock.release()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
         """The connection for several statements in one transaction, this thread's until it ends (admission's)."""
-        with self._lock, self._session() as conn, conn.transaction():
+        with self._main.lock, self._session(self._main) as conn, conn.transaction():
             yield conn
 
     @contextlib.contextmanager
-    def _session(self) -> Iterator[psycopg.Connection]:
-        """The connection (the caller holds `_lock`); a psycopg.Error drops it, and marks the DB down if it is gone."""
+    def _session(self, slot: _Connection) -> Iterator[psycopg.Connection]:
+        """The slot's connection (its lock held); a psycopg.Error drops it, and marks the DB down if it is gone."""
         try:
-            if self._conn is None or self._conn.closed:
-                self._conn = connect(self.url, **self.limits)
-            yield self._conn
+            if slot.conn is None or slot.conn.closed:
+                slot.conn = connect(self.url, **self.limits)
+            yield slot.conn
             self._down_until = 0.0
         except psycopg.Error as exc:
-            if self._conn is not None:
-                self._conn.close()
-            self._conn = None
+            if slot.conn is not None:
+                slot.conn.close()
+            slot.conn = None
             if lost_the_db(exc):
                 self._down_until = time.monotonic() + DOWN_FOR
             raise
@@ -111,6 +120,7 @@ class Statements:
 
     def close(self) -> None:
         self._offload.shutdown(wait=False)
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
+        for slot in (self._main, self._quick):
+            with slot.lock:
+                if slot.conn is not None:
+                    slot.conn.close()

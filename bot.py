@@ -26,7 +26,7 @@ from cards.api import CARD_CALLBACK_TOPIC
 from cards.wiring import attach_budget_and_cards, card_handler, card_topics
 from chat import console
 from chat.app import ChatApp
-from cluster.hosts import join_cluster, open_task_store, this_host
+from cluster.hosts import join_cluster, this_host
 from codebuddy_client import CodeBuddyClient
 from common.logs import log_destination, output_handlers, setup_logging, stop_logging
 from common.redaction import dsn_passwords, redact_secrets
@@ -51,7 +51,15 @@ from ops import (
     task_table,
 )
 from ops.metrics import DurationHistogram, TimedClient
-from ops.startup import claim_host_identity, config_failure, load_local_config, report_cli, sandbox_problem
+from ops.startup import (
+    StartCancelled,
+    claim_host_identity,
+    config_failure,
+    load_local_config,
+    open_task_store_when_up,
+    report_cli,
+    sandbox_problem,
+)
 from ops.status_server import StatusSources, start_status_server
 from ops.store_admin import migrate_store
 from store.schema import StoreError
@@ -71,7 +79,8 @@ def build_app(config: Config, durations: DurationHistogram | None = None
                             retry_window=config.delivery_retry_window, secrets=config.secrets)
     client, after_result, attachments = with_file_transfer(config, sender, CodeBuddyClient.from_config(config))
     client = TimedClient(client, durations or DurationHistogram())
-    manager = AsyncTaskManager.from_config(config, client, sender, open_task_store(config), after_result)
+    store = open_task_store_when_up(config)  # a PostgreSQL that does not answer yet is waited for, not exit 2
+    manager = AsyncTaskManager.from_config(config, client, sender, store, after_result)
     attach_budget_and_cards(config, sender, manager)  # the monthly call budget; AI cards when a template is set
     return sender, client, manager, ChatApp(manager, config, attachments=attachments)
 
@@ -187,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         return startup_failure(problem)
     try:
         return run_daemon(config)
-    except StoreError as exc:
+    except StartCancelled:  # stopped while waiting for the task DB: a clean stop, not a failure
+        return 0
+    except StoreError as exc:  # what a restart cannot fix (a newer schema, not the bot's DB, a bad URL): exit 2
         return startup_failure(f"任务数据库无法打开: {exc}", config.secrets)
 
 

@@ -61,6 +61,13 @@ KILL_GRACE = 3.0
 MEMORY_RETENTION_SECONDS = 3600.0
 # How long a seen DingTalk msgId is remembered for redelivery dedup.
 DEDUP_TTL_SECONDS = 24 * 3600.0
+# PostgreSQL time limits on every connection the bot opens (store/pg_connect.py); DB_STATEMENT_TIMEOUT is a setting.
+DB_CONNECT_TIMEOUT = 5  # seconds (libpq counts whole ones): a LAN server answers in ms; 5 s rides out two lost SYNs
+DB_LOCK_TIMEOUT = 2.0  # the cluster's row and advisory locks last one short transaction: longer means a stalled holder
+DB_IDLE_IN_TRANSACTION_TIMEOUT = 10.0  # a host stalled mid-transaction (cut off, paused) lets its locks go after this
+DB_KEEPALIVES = (10, 3, 3)  # idle s, interval s, probes: a dead peer of an idle connection (LISTEN) is found in ~19 s
+DB_TCP_USER_TIMEOUT = 10.0  # data unacknowledged this long: the path to the server is gone (a black hole), not slow
+DB_CLIENT_MARGIN = 2.0  # the client stops waiting this long after statement_timeout: the server's own limit acts first
 # Fixed duration text for background notices when no history exists.
 DEFAULT_EXPECTED_DURATION = "2-5 分钟"
 
@@ -178,6 +185,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Names this process in /metrics and the task DB (unset: the hostname)"),
     Setting("LEASE_SECONDS", "lease_seconds", "30", positive_float,
             "PostgreSQL: seconds until a dead host's tasks move to another host"),
+    Setting("DB_STATEMENT_TIMEOUT", "db_statement_timeout", "10", positive_float,
+            "PostgreSQL: seconds one statement may run; the bot stops waiting for an answer 2 s later"),
     Setting("DINGTALK_MONTHLY_CALL_BUDGET", "monthly_call_budget", "5000", parse_positive_int, "Metered DingTalk "
             "calls (pushes, card calls) the bot may spend per calendar month (docs/cards-and-budget.md)"),
     Setting("DINGTALK_CARD_TEMPLATE_ID", "card_template_id", "", any_text, "AI card template id (unset = no cards)"),
@@ -241,6 +250,7 @@ class Config:
     max_files_out: int
     host_name: str
     lease_seconds: float
+    db_statement_timeout: float
     monthly_call_budget: int
     card_template_id: str
     card_variables: tuple[str, ...]

@@ -24,19 +24,21 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import psycopg
 
+from cluster.admission import Admission
 from cluster.fence import DeliveryFence
+from cluster.placement import place_task
 from cluster.questions import SharedQuestions
-from common.logs import task_log
-from config import PROJECT_DIR, Config
+from cluster.statements import Statements, warn_unless_known
+from config import DB_CONNECT_TIMEOUT, DB_LOCK_TIMEOUT, PROJECT_DIR, Config
 from store.journal import JournaledStore, open_store
-from store.postgres import DB_NOW, SAVE_TASK, is_postgres_url, safe_url, task_to_row
+from store.pg_connect import DEFAULT_STATEMENT_TIMEOUT, connect
+from store.postgres import DB_NOW, is_postgres_url, safe_url
 from tasks import texts
-from tasks.task import FINISHED_STATUSES, RUNNING, Task
+from tasks.task import Task
 
 log = logging.getLogger("cluster")
 
@@ -56,16 +58,6 @@ def host_name(configured: str, workdir: str = "") -> str:
     return f"{socket.gethostname()}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
-def taken_elsewhere(conn: psycopg.Connection, task: Task, host: str) -> bool:
-    """Whether another host holds the task's row now, or it has ended (the row locked until the admission's
-    transaction ends): a host that took it over while this one stalled runs (and answers) it."""
-    row = conn.execute("SELECT host, status FROM tasks WHERE id = %s FOR UPDATE", (task.id,)).fetchone()
-    if row is None or (row[0] in (None, host) and row[1] not in FINISHED_STATUSES):
-        return False  # not written yet (the journal), unowned (a migrated DB) or this host's
-    task_log(log, task).warning("任务 %s 已由主机 %s 接管 (%s)，本主机不再执行", task.id, row[0], row[1])
-    return True
-
-
 def this_host(config: Config) -> str:
     """This process's name among the hosts (`host_name` of its settings)."""
     return host_name(config.host_name, config.codebuddy_workdir)
@@ -80,46 +72,47 @@ class Cluster:
 
     def __init__(self, url: str, host: str, *, lease_seconds: float, on_takeover: Callable[[set[str]], None],
                  on_cancel: Callable[[str], None], on_task: Callable[[str], None] = lambda task_id: None,
-                 connect_timeout: float = 5.0) -> None:
+                 connect_timeout: float = DB_CONNECT_TIMEOUT, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
+                 ) -> None:
         self.url, self.host, self.lease = url, host, lease_seconds
         self.on_takeover = on_takeover
         self._listeners: dict[str, Callable[[str], None]] = {CANCEL_CHANNEL: on_cancel, TASK_CHANNEL: on_task}
-        self._connect_timeout = max(1, int(connect_timeout))
+        # Every connection of the cluster (statements, LISTEN) with the bot's time limits (store/pg_connect.py).
+        self._limits = {"connect_timeout": connect_timeout, "statement_timeout": statement_timeout,
+                        "lock_timeout": DB_LOCK_TIMEOUT}
+        self.statements = Statements(url, self._limits)
+        self.admission = Admission(self.statements, host, lease_seconds)
         self._stop = threading.Event()
+        self.listening = threading.Event()  # set once every LISTEN is sent, cleared while the listener reconnects
         self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()  # guards the statement connection
-        self._conn: psycopg.Connection | None = None
-        self._admit_off_until = 0.0  # monotonic: admission skips the DB until then (it was unreachable)
+        self._jobs: list[tuple[str, float, Callable[[], None]]] = []  # periodic work started with the threads
+        self._queued_elsewhere: dict[str, int] = {}  # user → queued tasks on the other live hosts (lease thread)
         self.claim_pending = False  # the start's claim failed: the lease thread retries it
         self.renewed_at = float("-inf")  # monotonic: when the last successful renewal was sent
-        self.listening = threading.Event()  # set once every LISTEN is sent, cleared while the listener reconnects
 
     # -- statements
 
-    def _connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout)
-        return self._conn
+    @property
+    def db_down(self) -> bool:
+        """Whether a statement failed for want of the DB within the last few seconds (none has succeeded since)."""
+        return self.statements.down
 
-    def _drop_connection(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-            self._conn = None
+    def execute(self, sql: str, args: tuple = (), *, quick: bool = False) -> list[tuple]:
+        """One statement on this host's connection: its rows ([] for none); psycopg.Error when the DB fails.
+        `quick`: the caller answers from memory without it (the intake's, placement's): see cluster/statements.py."""
+        return self.statements.execute(sql, args, quick=quick)
+
+    def later(self, job: Callable[[], object]) -> None:
+        """Run `job` on the offload thread, after what was handed over before it (errors are logged)."""
+        self.statements.later(job)
+
+    def every(self, seconds: float, job: Callable[[], None], name: str) -> None:
+        """Run `job` every `seconds` on a thread of its own from `start` on, until `stop`; before `start`."""
+        self._jobs.append((name, seconds, job))
 
     def listen(self, channel: str, handler: Callable[[str], None]) -> None:
         """Have `handler(payload)` called (on the listener thread) for each NOTIFY on `channel`; before `start`."""
         self._listeners[channel] = handler
-
-    def execute(self, sql: str, args: tuple = ()) -> list[tuple]:
-        """One statement on this host's connection: its rows ([] for none); psycopg.Error when the DB fails."""
-        try:
-            with self._lock:
-                cursor = self._connection().execute(sql, args)
-                return cursor.fetchall() if cursor.description else []
-        except psycopg.Error:
-            self._drop_connection()
-            raise
 
     def claim_at_start(self) -> set[str]:
         """The undone tasks this host restarts with: its own, unowned ones (a migrated DB) and expired ones."""
@@ -152,90 +145,87 @@ class Cluster:
         "" if the DB cannot be reached."""
         try:
             rows = self.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = %s AND status IN ('queued', "
-                                 "'running') RETURNING host", (task_id,))
+                                 "'running') RETURNING host", (task_id,), quick=True)
             if rows:
-                self.execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, task_id))
+                self.execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, task_id), quick=True)
         except psycopg.Error as exc:
             log.error("任务 %s 取消请求失败 (%s)", task_id, " ".join(str(exc).split()))
             return ""
         return (rows[0][0] or "?") if rows else None
 
     def admit(self, task: Task, running_here: list[Task], max_per_user: int) -> bool | None:
-        """Whether `task` may start here, counting the other hosts' runs too: its user below `max_per_user` runs in
-        all and its conversation running nowhere. If so the row says running on this host before the lock is let
-        go (one transaction under an advisory lock per user and per conversation, always taken in that order).
-        None: another host took the task over while it waited here (this host's lease lapsed), or it has ended.
-        While the DB is unreachable every task is admitted (limits per host) and it is tried again 5 s later."""
-        if time.monotonic() < self._admit_off_until:
-            return True
-        mine = sum(1 for t in running_here if t.user_id == task.user_id)
-        # The row says what the run will (attempts + 1): a host killed before the board's own write still counts it.
-        row = {**task_to_row(replace(task, status=RUNNING, attempts=task.attempts + 1)), "_host": self.host,
-               "_lease": self.lease}
-        try:
-            with self._lock:
-                conn = self._connection()
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s)), pg_advisory_xact_lock(hashtext(%s))",
-                                 ("user:" + task.user_id, "conversation:" + task.conversation_key))
-                    if taken_elsewhere(conn, task, self.host):  # never take it back: both would run and answer it
-                        return None
-                    users, conversations = conn.execute(
-                        "SELECT count(*) FILTER (WHERE user_id = %s), count(*) FILTER (WHERE conversation_key = %s) "
-                        f"FROM tasks WHERE status = 'running' AND host <> %s AND lease_until > {DB_NOW} AND id <> %s",
-                        (task.user_id, task.conversation_key, self.host, task.id)).fetchone()
-                    if conversations or mine + users >= max_per_user:
-                        return False
-                    conn.execute(SAVE_TASK, row)
-                    conn.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE id = %s",
-                                 (self.host, self.lease, task.id))
-                    conn.execute(f"INSERT INTO conversation_hosts VALUES (%s, %s, {DB_NOW}) ON CONFLICT "
-                                 "(conversation_key) DO UPDATE SET host = excluded.host, since = excluded.since",
-                                 (task.conversation_key, self.host))
-            return True
-        except psycopg.Error as exc:
-            self._drop_connection()
-            log.error("集群限额检查失败，暂按本机限额执行 (%s)", " ".join(str(exc).split()))
-            self._admit_off_until = time.monotonic() + 5.0
-            return True
+        """Whether `task` may start here given the other hosts' runs (cluster/admission.py); None: it is not this
+        host's to run any more. Called without the board's lock: it may wait for the DB up to its time limits."""
+        return self.admission(task, running_here, max_per_user)
 
-    def host_of(self, task_id: str) -> str | None:
-        """The host holding a task (for /status); None if unknown or the DB cannot say."""
+    def conversation_host(self, conversation_key: str) -> tuple[str | None, bool]:
+        """The host that ran the conversation last (it holds its workspace) and whether it is alive;
+        (None, False) for a new conversation or when the DB cannot say."""
         try:
-            rows = self.execute("SELECT host FROM tasks WHERE id = %s", (task_id,))
+            rows = self.execute(f"SELECT c.host, coalesce(h.alive_until > {DB_NOW}, false) FROM conversation_hosts c "
+                                 "LEFT JOIN hosts h ON h.host = c.host WHERE c.conversation_key = %s",
+                                 (conversation_key,), quick=True)
         except psycopg.Error as exc:
-            log.warning("查询任务所在主机失败 %s (%s)", task_id, " ".join(str(exc).split()))
+            warn_unless_known(exc, "查询会话所在主机失败 (%s)")
+            return None, False
+        return (rows[0][0], bool(rows[0][1])) if rows else (None, False)
+
+    def hand_off(self, task_id: str, host: str) -> bool:
+        """Give a queued task (its row written) of this host to `host` and wake it; False if it did not move."""
+        try:
+            moved = self.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE id = %s AND "
+                                  "host = %s AND status = 'queued' RETURNING id",
+                                  (host, self.lease, task_id, self.host), quick=True)
+            if moved:
+                self.execute("SELECT pg_notify(%s, %s)", (TASK_CHANNEL, task_id))
+        except psycopg.Error as exc:
+            warn_unless_known(exc, f"任务 {task_id} 交给主机 {host} 失败 (%s)")
+            return False
+        return bool(moved)
+
+    def host_of(self, task_id: str, *, quick: bool = True) -> str | None:
+        """The host holding a task (for /status: `quick`); None if unknown or the DB cannot say."""
+        try:
+            rows = self.execute("SELECT host FROM tasks WHERE id = %s", (task_id,), quick=quick)
+        except psycopg.Error as exc:
+            warn_unless_known(exc, f"查询任务所在主机失败 {task_id} (%s)")
             return None
         return rows[0][0] if rows else None
 
-    def queued_count(self, user_id: str) -> int | None:
-        """How many of the user's tasks wait on any live host (MAX_QUEUED_PER_USER); None if the DB cannot say."""
-        try:
-            rows = self.execute(f"SELECT count(*) FROM tasks WHERE user_id = %s AND status = 'queued' AND "
-                                 f"lease_until > {DB_NOW}", (user_id,))
-        except psycopg.Error as exc:
-            log.warning("查询排队任务数失败 user=%s (%s)", user_id, " ".join(str(exc).split()))
-            return None
-        return int(rows[0][0])
+    def refresh_queued(self) -> None:
+        """Count the queued tasks of each user on the other live hosts, for `queued` (on the lease thread)."""
+        rows = self.execute(f"SELECT user_id, count(*) FROM tasks WHERE status = 'queued' AND host <> %s AND "
+                            f"lease_until > {DB_NOW} GROUP BY user_id", (self.host,))
+        self._queued_elsewhere = {user: int(count) for user, count in rows}
 
     # -- threads
 
     def start(self) -> None:
-        """Start renewing leases, taking over expired ones and listening for cancels."""
-        for name, target in (("cluster-lease", self._lease_loop), ("cluster-listen", self._listen_loop)):
+        """Start renewing leases, taking over expired ones, listening for cancels, and the periodic jobs."""
+        threads = [("cluster-lease", self._lease_loop), ("cluster-listen", self._listen_loop)]
+        threads += [(name, lambda seconds=seconds, job=job: self._repeat(seconds, job))
+                    for name, seconds, job in self._jobs]
+        for name, target in threads:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
         log.info("集群成员已加入: host=%s lease=%.0fs", self.host, self.lease)
+
+    def _repeat(self, seconds: float, job: Callable[[], None]) -> None:
+        while not self._stop.wait(seconds):
+            try:
+                job()
+            except psycopg.Error:
+                pass  # the DB is down: the lease thread says so, once per outage
+            except Exception:
+                log.exception("集群定时任务失败")
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the threads (the leases then expire and other hosts take what is left)."""
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout)
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
+        self.statements.close()
 
     def _lease_loop(self) -> None:
         failing = ""
@@ -247,6 +237,7 @@ class Cluster:
                 else:
                     self.renew()
                     taken = self.take_over()
+                    self.refresh_queued()
                 if failing:
                     log.warning("集群数据库已恢复，租约续期继续")
                     failing = ""
@@ -271,7 +262,7 @@ class Cluster:
     def _listen_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self.url, autocommit=True, connect_timeout=self._connect_timeout) as conn:
+                with connect(self.url, **self._limits) as conn:
                     _listen_to(conn, list(self._listeners))
                     self.listening.set()
                     while not self._stop.is_set():
@@ -290,14 +281,15 @@ class Cluster:
             log.exception("处理集群通知失败 (%s): %s", channel, shown)
 
     def place(self, manager: Any, task: Task, expected: str) -> bool:
-        """Conversation affinity for a new task: see `place_task`."""
-        return place_task(self, manager, task, expected)
+        """Take a new task from the intake (always True: it is placed on the offload thread, see `place_task`)."""
+        self.later(lambda: place_task(self, manager, task, expected))
+        return True
 
     def queued(self, board: Any, user_id: str) -> int:
-        """MAX_QUEUED_PER_USER's count: the user's queued tasks on every host, or this host's if the DB cannot say."""
-        here = board.queued_count(user_id)
-        everywhere = self.queued_count(user_id)
-        return here if everywhere is None else max(here, everywhere)
+        """MAX_QUEUED_PER_USER's count, from memory (the intake never waits on the DB): the user's queued tasks here
+        plus those on the other hosts at the lease thread's last look (every LEASE_SECONDS/3)."""
+        return board.queued_count(user_id) + self._queued_elsewhere.get(user_id, 0)
+
 
 
 def _listen_to(conn: psycopg.Connection, channels: list[str]) -> None:
@@ -305,57 +297,6 @@ def _listen_to(conn: psycopg.Connection, channels: list[str]) -> None:
     for channel in channels:
         conn.execute(f"LISTEN {channel}")
     log.info("集群通知已监听 (channels: %s)", ", ".join(channels))
-
-
-def conversation_host(cluster: Cluster, conversation_key: str) -> tuple[str | None, bool]:
-    """The host that ran the conversation last (it holds its workspace) and whether it is alive;
-    (None, False) for a new conversation or when the DB cannot say."""
-    try:
-        rows = cluster.execute(f"SELECT c.host, coalesce(h.alive_until > {DB_NOW}, false) FROM conversation_hosts c "
-                               "LEFT JOIN hosts h ON h.host = c.host WHERE c.conversation_key = %s",
-                               (conversation_key,))
-    except psycopg.Error as exc:
-        log.warning("查询会话所在主机失败 (%s)", " ".join(str(exc).split()))
-        return None, False
-    return (rows[0][0], bool(rows[0][1])) if rows else (None, False)
-
-
-def hand_off(cluster: Cluster, task_id: str, host: str) -> bool:
-    """Give a queued task (its row written) of this host to `host` and wake it; False if it did not move."""
-    try:
-        moved = cluster.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE id = %s AND "
-                                "host = %s AND status = 'queued' RETURNING id",
-                                (host, cluster.lease, task_id, cluster.host))
-        if moved:
-            cluster.execute("SELECT pg_notify(%s, %s)", (TASK_CHANNEL, task_id))
-    except psycopg.Error as exc:
-        log.warning("任务 %s 交给主机 %s 失败 (%s)", task_id, host, " ".join(str(exc).split()))
-        return False
-    return bool(moved)
-
-
-def place_task(cluster: Cluster, manager: Any, task: Task, expected: str) -> bool:
-    """Issue 16, conversation affinity: send a new task to the live host holding its conversation (acknowledged
-    here first; True: it is that host's now). A conversation whose host is gone stays here, and its user is
-    told that files from earlier turns are not on this host."""
-    owner, alive = conversation_host(cluster, task.conversation_key)
-    if owner is None or owner == cluster.host:
-        return False
-    if not alive:
-        manager.outbox.notice(task.route, texts.conversation_moved(task, owner), task_id=task.id)
-        return False
-    if not manager.store.wait_written(2.0):  # the row must exist before another host reads it
-        return False
-    with manager.board.lock:
-        manager.board.tasks.pop(task.id, None)
-        manager.outbox.acknowledge(task, texts.acknowledgement(task, "", expected))
-    if hand_off(cluster, task.id, owner):
-        log.info("任务 %s 交给会话所在主机 %s", task.id, owner)
-        return True
-    with manager.board.lock:  # it stays here after all
-        manager.board.adopt(task)
-        manager.board.enqueue(task)
-    return True
 
 
 def _cancel_if_here(manager: Any, task_id: str) -> None:
@@ -372,7 +313,7 @@ def _cancel_if_here(manager: Any, task_id: str) -> None:
 
 def _run_handed_task(manager: Any, cluster: Cluster, task_id: str) -> None:
     """A task another host handed to this one (its conversation lives here): queue it here."""
-    if task_id in manager.board.tasks or cluster.host_of(task_id) != cluster.host:
+    if task_id in manager.board.tasks or cluster.host_of(task_id, quick=False) != cluster.host:
         return
     task = manager.store.get(task_id)
     if task is None or task.finished:
@@ -383,19 +324,10 @@ def _run_handed_task(manager: Any, cluster: Cluster, task_id: str) -> None:
     log.info("接收任务 %s: 会话 %s 在本主机", task_id, task.conversation_key)
 
 
-def _admit(cluster: Cluster, board: Any, task: Task, running: list[Task], max_per_user: int) -> bool:
-    """The board's admission (it holds its lock): a task another host took over leaves this host's board."""
-    admitted = cluster.admit(task, running, max_per_user)
-    if admitted is None:
-        board.tasks.pop(task.id, None)
-        if task.id in board.queue:
-            board.queue.remove(task.id)
-    return bool(admitted)
-
-
 def open_task_store(config: Config) -> JournaledStore:
     """The daemon's store (TASK_DB); on PostgreSQL the tasks it creates are leased to this host."""
-    return open_store(config.task_db, host=this_host(config), lease_seconds=config.lease_seconds)
+    return open_store(config.task_db, host=this_host(config), lease_seconds=config.lease_seconds,
+                      statement_timeout=config.db_statement_timeout)
 
 
 def join_cluster(config: Config, manager: Any) -> Cluster | None:
@@ -408,7 +340,7 @@ def join_cluster(config: Config, manager: Any) -> Cluster | None:
         manager.recover()
         return None
     cluster = Cluster(config.task_db, this_host(config), lease_seconds=config.lease_seconds,
-                      on_takeover=lambda ids: manager.recover(only=ids),
+                      statement_timeout=config.db_statement_timeout, on_takeover=lambda ids: manager.recover(only=ids),
                       on_cancel=lambda task_id: _cancel_if_here(manager, task_id),
                       on_task=lambda task_id: _run_handed_task(manager, cluster, task_id))
     try:
@@ -420,6 +352,6 @@ def join_cluster(config: Config, manager: Any) -> Cluster | None:
     SharedQuestions(cluster, manager.workers.approvals).join()  # an answer may reach a host that did not ask
     manager.outbox.fence = DeliveryFence(cluster)  # a result goes out only while this host holds its task
     limit = manager.board.limits.max_tasks_per_user
-    manager.board.admit = lambda task, running: _admit(cluster, manager.board, task, running, limit)
+    manager.board.admit = lambda task, running: cluster.admit(task, running, limit)
     cluster.start()
     return cluster

@@ -1,19 +1,34 @@
-"""What the bot checks and says as it starts: the settings (every problem at once), the sandbox, the CLI."""
+"""What the bot checks and says as it starts: the settings (every problem at once), the sandbox, the CLI, and a task
+DB that does not answer yet (waited for)."""
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
-from collections.abc import Mapping
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
-from cluster.hosts import this_host
+from cluster.hosts import open_task_store, this_host
 from codebuddy.cli_setup import INSTALL_FIX, choose_cli, login_state
 from codebuddy_client import sandbox_from_config
 from config import SETTINGS, Config, ConfigError, read_config
+from ops.systemd_notify import SystemdNotifier
+from store.journal import JournaledStore
+from store.postgres import StoreUnreachable
 
 log = logging.getLogger("bot")
+
+STORE_RETRY = (1.0, 30.0)  # seconds between tries to open an unreachable task DB: the first, doubling up to the last
+
+
+class StartCancelled(Exception):
+    """SIGTERM or SIGINT came while the bot waited for its task DB: it stops without having started."""
 
 
 def load_local_config(environ: Mapping[str, str], dotenv_path: str | None = ".env") -> Config:
@@ -82,3 +97,96 @@ def claim_host_identity(config: Config) -> tuple[object | None, str]:
                       f"(CODEBUDDY_WORKDIR={os.path.abspath(config.codebuddy_workdir)}): stop it, or give each "
                       "process its own HOST_NAME and CODEBUDDY_WORKDIR")
     return handle, ""
+
+
+def open_task_store_when_up(config: Config, opener: Callable[[Config], JournaledStore] = open_task_store, *,
+                            retry: tuple[float, float] = STORE_RETRY,
+                            environ: Mapping[str, str] | None = None) -> JournaledStore:
+    """The daemon's task store. A PostgreSQL server that does not answer (StoreUnreachable) is tried again with
+    backoff, each try logged, `/healthz` answering 503 "unhealthy" meanwhile and systemd's start timeout extended;
+    a restart would not do better, and `RestartPreventExitStatus=2` would keep the bot down for good. Any other
+    StoreError (a newer schema, not the bot's DB, a bad URL) is raised at once: exit 2, for the operator to fix.
+    Raises StartCancelled on SIGTERM/SIGINT while waiting."""
+    try:
+        return opener(config)
+    except StoreUnreachable as exc:
+        failure = exc
+    notifier = SystemdNotifier.from_environ(os.environ if environ is None else environ)
+    stop = threading.Event()
+    previous = _on_stop_signals(stop.set)
+    waiting = _WaitingStatus(config.status_port)
+    delay, attempt = retry[0], 1
+    try:
+        while True:
+            reason = str(failure)
+            waiting.reason = f"task DB unreachable, try {attempt} failed; trying again in {delay:.0f} s: {reason}"
+            log.error("任务数据库无法连接 (第 %d 次尝试)，%.0f 秒后重试: %s", attempt, delay, reason)
+            # Not READY yet: the start timeout is pushed back past the next try, so systemd keeps waiting too.
+            notifier.notify(f"EXTEND_TIMEOUT_USEC={int((delay + 60) * 1_000_000)}",
+                            f"STATUS=waiting for the task DB (try {attempt})")
+            if stop.wait(delay):
+                log.warning("等待任务数据库时收到停止信号，机器人未启动")
+                raise StartCancelled
+            attempt += 1
+            try:
+                store = opener(config)
+            except StoreUnreachable as exc:
+                failure, delay = exc, min(delay * 2, retry[1])
+                continue
+            log.warning("任务数据库已连接 (第 %d 次尝试)，继续启动", attempt)
+            return store
+    finally:
+        waiting.stop()
+        _restore_signals(previous)
+
+
+def _on_stop_signals(handler: Callable[[], None]) -> dict[int, Any]:
+    """Have SIGTERM and SIGINT call `handler` (main thread only); the handlers they had."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda *_: handler()) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+class _WaitingStatus:
+    """/healthz (and any other path) while the bot waits for its task DB: 503, "unhealthy", and why."""
+
+    def __init__(self, port: int | None) -> None:
+        self.reason = ""
+        self._server: ThreadingHTTPServer | None = None
+        if port is None:
+            return
+        status = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+                body = {"status": "unhealthy", "starting": True, "store_writable": False, "stream_connected": False,
+                        "reasons": [status.reason]}
+                data = (json.dumps(body, ensure_ascii=False) + "\n").encode("utf-8")
+                self.send_response(503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the http.server API)
+                pass
+
+        try:
+            self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        except OSError as exc:
+            log.error("状态服务无法监听 127.0.0.1:%d (%s)", port, exc.strerror or exc)
+            return
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2}, name="status-waiting",
+                         daemon=True).start()
+        log.info("状态服务已启动 (等待任务数据库): http://127.0.0.1:%d/healthz", self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

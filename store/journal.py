@@ -9,48 +9,31 @@ docs/task-store.md has the whole story and the log lines.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 from config import DEDUP_TTL_SECONDS
 from store.base import StoreBackend, StoreHealth
-from store.postgres import DB_ERRORS, PostgresTaskStore, is_postgres_url
+from store.journal_writer import (  # noqa: F401 (the log lines, re-exported: tests and docs grep them here)
+    RECOVERED,
+    STILL_FAILING,
+    WRITE_FAILED,
+    Journal,
+    JournalWriter,
+)
+from store.pg_connect import DEFAULT_STATEMENT_TIMEOUT
+from store.postgres import PostgresTaskStore, is_postgres_url
 from store.sqlite import SQLiteTaskStore
 from tasks.task import Task
 
 log = logging.getLogger("task_store")
 
 T = TypeVar("T")
-WRITE_FAILED = "任务数据库写入失败，记录暂存内存 (%s)"
 READ_FAILED = "任务数据库读取失败，使用内存中的记录 (%s)"
-STILL_FAILING = "任务数据库仍不可用 (%s)"
-RECOVERED = "任务数据库已恢复，已写入积压的 %d 条记录"
 LOST = "任务数据库关闭时仍有 %d 条记录未写入，已丢失 (%s)"
-# A DB that is locked, full, failing or unreachable; anything else is a bug: traceback.
-_EXPECTED = (sqlite3.Error, OSError, *DB_ERRORS)
-
-
-class _Entry(NamedTuple):
-    """One journaled write: its place in the order and the backend call that makes it."""
-
-    seq: int
-    method: str
-    args: tuple
-
-
-def _coalesce(entries: list[_Entry]) -> list[_Entry]:
-    """Of several saves of one task only the last is kept (a save writes the whole task); the order stays."""
-    last = {e.args[0].id: e.seq for e in entries if e.method == "save"}
-    return [e for e in entries if e.method != "save" or last[e.args[0].id] == e.seq]
-
-
-def _reason(exc: BaseException) -> str:
-    primary = getattr(getattr(exc, "diag", None), "message_primary", None)  # PostgreSQL's, without the SQL echoed
-    return " ".join((primary or str(exc)).split()) or type(exc).__name__
 
 
 def _overlaid(stored: list[Task], pending: Iterable[Task], wanted: Callable[[Task], bool]) -> list[Task]:
@@ -60,59 +43,11 @@ def _overlaid(stored: list[Task], pending: Iterable[Task], wanted: Callable[[Tas
     return [task for task in merged.values() if wanted(task)]
 
 
-class _Journal:
-    """The writes not yet committed, in order, and the same indexed for reads (guarded by the store's lock)."""
-
-    def __init__(self) -> None:
-        self.entries: list[_Entry] = []
-        self.last = 0  # the sequence number of the last entry added
-        self.written = 0  # every entry up to here is committed
-        self.tasks: dict[str, tuple[int, Task]] = {}  # the latest save of each task
-        self.durations: list[_Entry] = []
-        self.sessions: dict[str, tuple[int, str]] = {}
-        self.api_calls: list[_Entry] = []
-
-    def add(self, method: str, args: tuple) -> None:
-        self.last += 1
-        entry = _Entry(self.last, method, args)
-        self.entries.append(entry)
-        if method == "save":
-            self.tasks[args[0].id] = (entry.seq, args[0])
-        elif method == "record_duration":
-            self.durations.append(entry)
-        elif method == "set_session":
-            self.sessions[args[0]] = (entry.seq, args[1])
-        elif method == "add_api_calls":
-            self.api_calls.append(entry)
-
-    def to_write(self) -> list[_Entry]:
-        """The entries, several saves of a task coalesced (which also keeps a long outage's memory small)."""
-        self.entries = _coalesce(self.entries)
-        return list(self.entries)
-
-    def committed(self, entries: list[_Entry]) -> None:
-        """`entries`, a prefix taken by to_write, are committed: they leave the journal and its indexes."""
-        if not entries:
-            return
-        done = entries[-1].seq
-        del self.entries[:len(entries)]
-        self.written = max(self.written, done)
-        self.tasks = {k: v for k, v in self.tasks.items() if v[0] > done}
-        self.durations = [e for e in self.durations if e.seq > done]
-        self.sessions = {k: v for k, v in self.sessions.items() if v[0] > done}
-        self.api_calls = [e for e in self.api_calls if e.seq > done]
-
-    def durations_of(self, keyword: str, user_id: str | None) -> list[float]:
-        """The pending durations of a keyword class (and user), newest first."""
-        return [e.args[2] for e in reversed(self.durations)
-                if e.args[1] == keyword and (user_id is None or e.args[0] == user_id)]
-
-
 class _BudgetCounters:
     """The org's monthly API call counters of a JournaledStore: adds are journaled, reads add what is pending."""
 
     _lock: threading.Lock
-    _journal: _Journal
+    _journal: Journal
     _backend: StoreBackend
     _append: Callable[..., None]
     _read: Callable[..., Any]
@@ -128,13 +63,14 @@ class _BudgetCounters:
         return pending + self._read(lambda: self._backend.api_calls(month), 0)
 
 
-class JournaledStore(_BudgetCounters):
+class JournaledStore(_BudgetCounters, JournalWriter):
     """A `TaskStore` whose writes reach `backend` through an in-memory journal, committed in order.
 
     The "store-writer" thread writes the journal shortly after each write (`flush_delay`), and retries with backoff
-    while the DB is down; `wait_written` writes it at once. Either way one transaction per flush, one flush at a
-    time (`_flushing`), and entries leave the journal only once committed. `_lock` guards the journal; it is
-    never held during DB I/O. `health()` (for /healthz: `degraded` when not ok) never touches the DB.
+    while the DB is down; `wait_written` writes it at once (a DB across the network, `shared`: has the writer write
+    it, waiting at most its timeout). Either way one transaction per flush, one flush at a time (`_flushing`), and
+    entries leave the journal only once committed. `_lock` guards the journal; it is never held during DB I/O.
+    `health()` (for /healthz: `degraded` when not ok) never touches the DB.
     """
 
     def __init__(self, backend: StoreBackend, *, backoff: float = 0.2, max_backoff: float = 5.0,
@@ -147,16 +83,23 @@ class JournaledStore(_BudgetCounters):
         # Held by whoever writes the journal to the backend: the writer thread, or a caller of wait_written.
         self._flushing = threading.Lock()
         self._writer_idle = False  # the writer waits for a first entry
-        self._journal = _Journal()
+        self._journal = Journal()
         self._down_since: float | None = None  # set while the DB cannot be written (or read), and why
         self._down_reason = ""
         self._closing = self._closed = False
         self._close_by = float("inf")  # monotonic time the writer gives up at, once closing
         self._retry_now = threading.Event()
-        # The msgIds of the dedup window, in memory: a repeat needs no DB read. A store several hosts share (`shared`)
-        # asks the DB's unique key about every new one.
-        self._seen = self._read(lambda: backend.recent_messages(clock() - dedup_ttl), {})
+        # The msgIds of the dedup window, in memory: dedup never waits on the DB. A store several hosts share
+        # (`shared`) learns when its insert of a new one is written whether another host had it (`taken_elsewhere`).
         self._shared = bool(getattr(backend, "shared", False))
+        self._elsewhere: dict[str, float] = {}  # msgIds whose insert found another host's row: duplicates
+        # A shared DB is across the network: the intake never writes to it itself (wait_written hands over to the
+        # writer and waits at most its timeout), and while it is down reads answer from memory at once.
+        self._remote = self._shared
+        self._flush_started: float | None = None  # monotonic: when the flush under way began
+        self._hurry = False  # a caller of wait_written waits: the writer skips the flush delay
+        self._written = threading.Condition(self._lock)  # notified when a flush commits or the DB goes down
+        self._seen = self._read(lambda: backend.recent_messages(clock() - dedup_ttl), {})
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self._thread.start()
 
@@ -188,28 +131,33 @@ class JournaledStore(_BudgetCounters):
         """Journal a purge of old delivered tasks and msgIds; 0 here, the count is logged once it is written."""
         with self._lock:
             self._seen = {k: v for k, v in self._seen.items() if v >= seen_before}
+            self._elsewhere = {k: v for k, v in self._elsewhere.items() if v >= seen_before}
         self._append("purge", finished_before, seen_before)
         return 0
 
     def remember_message(self, msg_id: str, now: float) -> bool:
-        """Record a DingTalk msgId; False when it was seen within the dedup window. Answered from memory."""
+        """Record a DingTalk msgId; False when it was seen within the dedup window. Answered from memory (the caller
+        is the intake, which never waits on the DB); the insert is journaled. With a shared DB, whether another host
+        had it is known once it is written: `taken_elsewhere`."""
         with self._lock:
             if msg_id in self._seen:
                 return False
             self._seen[msg_id] = now
-        if self._shared and not self._closed:  # another host may have taken it: one INSERT … ON CONFLICT decides
-            try:
-                return self._backend.remember_message(msg_id, now)
-            except Exception as exc:  # the DB is down: memory answers, the insert waits in the journal
-                self._went_down(exc, WRITE_FAILED)
         self._append("remember_message", msg_id, now)
         return True
+
+    def taken_elsewhere(self, msg_id: str) -> bool:
+        """Whether the written insert of a msgId this store took as new found it recorded by another host (one
+        INSERT … ON CONFLICT on its unique key decides between hosts); False while not written yet."""
+        with self._lock:
+            return msg_id in self._elsewhere
 
     # -- reads: the backend with the journal laid over it
 
     def _read(self, read: Callable[[], T], fallback: T) -> T:
-        """A backend read; if it fails, `fallback` (what memory has) and the store counts as degraded."""
-        if self._closed:
+        """A backend read; if it fails, `fallback` (what memory has) and the store counts as degraded. A DB across
+        the network that is down is not asked (the writer probes it): memory answers at once."""
+        if self._closed or (self._remote and self._down_since is not None):
             return fallback
         try:
             return read()
@@ -269,11 +217,24 @@ class JournaledStore(_BudgetCounters):
             return StoreHealth(self._down_since is None, self._down_reason, pending, self._down_since)
 
     def wait_written(self, timeout: float) -> bool:
-        """Block until every write journaled before the call is committed; False at once while the DB is down,
-        or after `timeout` s (the records stay in memory either way)."""
+        """Block until every write journaled before the call is committed; False at once while the DB is down (or,
+        across the network, while a flush has been waiting longer than `timeout`), or after `timeout` s (the records
+        stay in memory either way)."""
         with self._lock:
             target = self._journal.last
             if self._journal.written >= target or self._down_since is not None or self._closed:
+                return self._journal.written >= target
+            if self._remote:  # the writer writes; this thread waits for it, never for the network itself
+                if self._stalled(timeout):
+                    return False
+                self._hurry = True
+                self._work.notify()
+                deadline = time.monotonic() + max(0.0, timeout)
+                while self._journal.written < target and self._down_since is None and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._written.wait(left)
                 return self._journal.written >= target
         # The caller writes the journal itself: handing it to the writer thread and back costs GIL switches that
         # slowed the acknowledgements of a burst (bench/run.py). A locked DB holds it up to the busy timeout.
@@ -304,6 +265,7 @@ class JournaledStore(_BudgetCounters):
         self._thread.join(timeout)
         with self._lock:
             self._closed = True
+            self._written.notify_all()
             lost, reason = len(self._journal.entries), self._down_reason
         if lost:
             log.error(LOST, lost, reason or "超时")
@@ -313,89 +275,24 @@ class JournaledStore(_BudgetCounters):
             except Exception:
                 log.exception("关闭任务数据库失败")
 
-    # -- the writer thread
-
-    def _run(self) -> None:
-        delay = self._backoff
-        while True:
-            try:
-                if not self._wait_for_work():
-                    return
-                with self._flushing:
-                    self._write_pending()
-                delay = self._backoff
-            except Exception as exc:  # the writer outlives anything: the records wait, the next try comes later
-                self._went_down(exc, WRITE_FAILED)
-                self._retry_now.wait(min(delay, max(0.0, self._close_by - time.monotonic())))
-                self._retry_now.clear()
-                delay = min(delay * 2, self._max_backoff)
-
-    def _wait_for_work(self) -> bool:
-        """Wait for entries to write (or, while down, for the next probe); False once closing has nothing to try."""
-        with self._lock:
-            while not self._journal.entries and self._down_since is None and not self._closing:
-                self._writer_idle = True
-                self._work.wait()
-            self._writer_idle = False
-            # A moment for more writes to join this flush, and the writer off the CPU while the intake handles
-            # a batch (which it then writes itself, in wait_written); only closing or an outage cut it short.
-            until = time.monotonic() + self._flush_delay
-            while not (self._closing or self._down_since is not None) and time.monotonic() < until:
-                self._work.wait(until - time.monotonic())
-            return not (self._closing and (not self._journal.entries or time.monotonic() >= self._close_by))
-
-    def _write_pending(self) -> None:
-        """Write the journal as it is now in one transaction (while down, an empty one probes the DB); once
-        committed, the entries leave it. The caller holds `_flushing`: the entries taken stay the journal's prefix."""
-        with self._lock:
-            if not self._journal.entries and self._down_since is None:
-                return
-            entries = self._journal.to_write()
-        purged = 0
-        with self._backend.transaction():
-            for entry in entries:
-                result: Any = getattr(self._backend, entry.method)(*entry.args)
-                if entry.method == "purge":
-                    purged += result
-        if purged:
-            log.info("清理任务: 数据库 %d 个", purged)
-        with self._lock:
-            recovered = self._down_since is not None
-        if recovered:  # logged before anyone can see the store healthy again
-            log.warning(RECOVERED, len(entries))
-        with self._lock:
-            self._journal.committed(entries)
-            self._down_since, self._down_reason = None, ""
-
-    def _went_down(self, exc: Exception, line: str) -> None:
-        """Count a failed write or read: one log line when the outage starts (or its reason changes), not per try."""
-        reason = _reason(exc)
-        with self._lock:
-            starting, changed = self._down_since is None, reason != self._down_reason
-            if starting:
-                self._down_since = self._clock()
-            self._down_reason = reason
-            self._work.notify()  # the writer retries, or probes the DB if there is nothing to write
-        if starting or changed:
-            log.error(line if starting else STILL_FAILING, reason, exc_info=not isinstance(exc, _EXPECTED))
-
-
 def open_backend(task_db: str, *, read_only: bool = False, busy_timeout: float = 10.0, host: str = "",
-                 lease_seconds: float = 30.0) -> SQLiteTaskStore | PostgresTaskStore:
+                 lease_seconds: float = 30.0, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
+                 ) -> SQLiteTaskStore | PostgresTaskStore:
     """The backend TASK_DB names: a PostgreSQL URL (postgresql://…: new tasks leased to `host`) or a SQLite file
-    path. Raises StoreError."""
+    path. Raises StoreError (StoreUnreachable: a PostgreSQL server that may answer later)."""
     if is_postgres_url(task_db):
         return PostgresTaskStore(task_db, read_only=read_only, busy_timeout=busy_timeout, host=host,
-                                 lease_seconds=lease_seconds)
+                                 lease_seconds=lease_seconds, statement_timeout=statement_timeout)
     return SQLiteTaskStore(task_db, read_only=read_only, busy_timeout=busy_timeout)
 
 
 def open_store(path: str, *, busy_timeout: float = 1.0, backoff: float = 0.2, max_backoff: float = 5.0,
                flush_delay: float = 0.02, clock: Callable[[], float] = time.time, host: str = "",
-               lease_seconds: float = 30.0) -> JournaledStore:
+               lease_seconds: float = 30.0, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT) -> JournaledStore:
     """The daemon's store: the backend TASK_DB names behind a journal. Raises StoreError if it cannot be opened.
 
     `busy_timeout` is how long a write waits for a lock another process holds before the store counts as down.
     """
-    return JournaledStore(open_backend(path, busy_timeout=busy_timeout, host=host, lease_seconds=lease_seconds),
-                          backoff=backoff, max_backoff=max_backoff, flush_delay=flush_delay, clock=clock)
+    backend = open_backend(path, busy_timeout=busy_timeout, host=host, lease_seconds=lease_seconds,
+                           statement_timeout=statement_timeout)
+    return JournaledStore(backend, backoff=backoff, max_backoff=max_backoff, flush_delay=flush_delay, clock=clock)

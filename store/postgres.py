@@ -19,8 +19,9 @@ from psycopg_pool import ConnectionPool
 
 from common.logs import task_log
 from common.redaction import dsn_passwords, mask_dsn_passwords, replace_secrets
-from config import DEDUP_TTL_SECONDS
+from config import DB_CONNECT_TIMEOUT, DEDUP_TTL_SECONDS
 from store.base import task_from_row, task_to_row
+from store.pg_connect import DEFAULT_STATEMENT_TIMEOUT, DBTimeout, TimedConnection, connection_options
 from store.schema import (
     PG_MIGRATION_LOCK,
     PG_STEPS,
@@ -49,6 +50,10 @@ SAVE_TASK = (f"INSERT INTO tasks ({_COLUMNS}, host, lease_until) "
               "AND (excluded.host IS NULL OR tasks.host IS NULL OR tasks.host = excluded.host)")
 
 
+class StoreUnreachable(StoreError):
+    """The server did not answer, or refused the connection: a later try may succeed (start-up waits and retries)."""
+
+
 def is_postgres_url(task_db: str) -> bool:
     """Whether TASK_DB names a PostgreSQL database rather than a SQLite file."""
     return task_db.startswith(URL_PREFIXES)
@@ -65,30 +70,30 @@ class PostgresTaskStore:
     """The store backend on PostgreSQL: a small connection pool; the writes inside `transaction()` share one.
 
     `busy_timeout` bounds how long a statement waits for a row or table lock another session holds (lock_timeout),
-    and how long a call waits for a pooled connection. `read_only=True` (`bot.py tasks`) creates and writes nothing.
-    Raises StoreError (one line, no password) when the DB cannot be reached or its schema is newer than this code.
+    and how long a call waits for a pooled connection; `statement_timeout` how long one statement may run (and, with
+    a margin, how long the client waits for any answer: store/pg_connect.py). `read_only=True` (`bot.py tasks`)
+    creates and writes nothing. Raises StoreUnreachable when the DB cannot be reached (or stops answering) and
+    StoreError when a retry cannot help (its schema is newer than this code, a bad URL): one line, no password.
     """
 
     shared = True  # several hosts write it: dedup must ask the DB's unique key, not memory
 
     def __init__(self, url: str, *, read_only: bool = False, busy_timeout: float = 10.0, pool_size: int = 4,
-                 connect_timeout: float = 10.0, dedup_ttl: float = DEDUP_TTL_SECONDS, host: str = "",
-                 lease_seconds: float = 30.0) -> None:
+                 connect_timeout: float = DB_CONNECT_TIMEOUT, dedup_ttl: float = DEDUP_TTL_SECONDS, host: str = "",
+                 lease_seconds: float = 30.0, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT) -> None:
         self.path = safe_url(url)
         self._owner = {"_host": host or None, "_lease": lease_seconds}  # "" (tools, tests): rows no host leases
         self._dedup_ttl = dedup_ttl
         self.read_only = read_only
         self._local = threading.local()  # the connection of the transaction() this thread is inside
-        options = f"-c lock_timeout={int(busy_timeout * 1000)}"
-        if read_only:
-            options += " -c default_transaction_read_only=on"
+        options = {**connection_options(statement_timeout=statement_timeout, lock_timeout=busy_timeout,
+                                        connect_timeout=connect_timeout, read_only=read_only), "row_factory": dict_row}
         self._pool = ConnectionPool(url, min_size=1, max_size=pool_size, timeout=max(busy_timeout, 1.0), open=False,
-                                    kwargs={"options": options, "row_factory": dict_row,
-                                            "connect_timeout": max(1, int(connect_timeout))},
-                                    name="task-store")
+                                    connection_class=TimedConnection, kwargs=options, name="task-store")
         try:
+            with TimedConnection.connect(url, **options) as conn:  # its own error, not the pool's "incomplete"
+                self._prepare(conn)
             self._pool.open(wait=True, timeout=connect_timeout)
-            self._prepare()
         except StoreError:
             self._pool.close()
             raise
@@ -96,27 +101,29 @@ class PostgresTaskStore:
             self._pool.close()
             # libpq quotes a connection string it cannot parse: the password must not ride along.
             why = replace_secrets(" ".join(str(exc).split()), dsn_passwords(url)) or type(exc).__name__
-            raise StoreError(f"TASK_DB {self.path} cannot be opened ({why}): start PostgreSQL, check the URL, the "
-                             "user's password and that the database exists, or point TASK_DB elsewhere") from exc
+            # Not reached, refused or timed out (the server down, the network, a password or database the DBA may
+            # still fix): worth another try. Anything else (a URL libpq cannot parse) is for the operator.
+            error = StoreUnreachable if isinstance(exc, psycopg.OperationalError) else StoreError
+            raise error(f"TASK_DB {self.path} cannot be opened ({why}): start PostgreSQL, check the URL, the "
+                        "user's password and that the database exists, or point TASK_DB elsewhere") from exc
 
-    def _prepare(self) -> None:
-        with self._pool.connection() as conn:
-            if self.read_only:
-                if conn.execute("SELECT to_regclass('tasks') AS t").fetchone()["t"] is None:
-                    raise StoreError(f"TASK_DB {self.path} has no tasks table: it is not the bot's task DB")
-                return
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (PG_MIGRATION_LOCK,))
-            conn.execute(PG_VERSION_TABLE)
-            row = conn.execute("SELECT version FROM schema_version").fetchone()
-            version = row["version"] if row else 0
-            if version > SCHEMA_VERSION:
-                raise StoreError(newer_than_known(version, self.path))
-            for step in range(version + 1, SCHEMA_VERSION + 1):
-                conn.execute(PG_STEPS[step])
-            if version < SCHEMA_VERSION:
-                conn.execute("DELETE FROM schema_version")
-                conn.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
-                log.info("任务数据库结构已升级: %d → %d", version, SCHEMA_VERSION)
+    def _prepare(self, conn: psycopg.Connection) -> None:
+        if self.read_only:
+            if conn.execute("SELECT to_regclass('tasks') AS t").fetchone()["t"] is None:
+                raise StoreError(f"TASK_DB {self.path} has no tasks table: it is not the bot's task DB")
+            return
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (PG_MIGRATION_LOCK,))
+        conn.execute(PG_VERSION_TABLE)
+        row = conn.execute("SELECT version FROM schema_version").fetchone()
+        version = row["version"] if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(newer_than_known(version, self.path))
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            conn.execute(PG_STEPS[step])
+        if version < SCHEMA_VERSION:
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
+            log.info("任务数据库结构已升级: %d → %d", version, SCHEMA_VERSION)
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
@@ -125,15 +132,19 @@ class PostgresTaskStore:
         if bound is not None:
             yield bound
             return
-        with self._pool.connection() as conn:
-            yield conn
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except DBTimeout:
+            self._pool.drain()  # the path to the server died: the idle connections most likely with it
+            raise
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """The writes made inside (by this thread) are committed together, or not at all if one raises."""
         if self.read_only:
             raise StoreError(f"TASK_DB {self.path} is open read-only")
-        with self._pool.connection() as conn:
+        with self.connection() as conn:
             self._local.conn = conn
             try:
                 yield

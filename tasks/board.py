@@ -16,7 +16,7 @@ from dingtalk.route import Route
 from store.base import TaskStore
 from tasks.admission import Limits, Occupancy, next_runnable
 from tasks.routing import Router
-from tasks.task import FAILED, NO_KEYWORD, RUNNING, STATUS_LABELS, SUCCEEDED, TIMED_OUT, Task
+from tasks.task import FAILED, NO_KEYWORD, QUEUED, RUNNING, STATUS_LABELS, SUCCEEDED, TIMED_OUT, Task
 
 log = logging.getLogger("async_task_manager")
 
@@ -43,7 +43,90 @@ class Running:
         return self.waited + (now - self.awaiting_since if self.awaiting_since is not None else 0.0)
 
 
-class TaskBoard:
+class _TakingNext:
+    """The workers' side of the board: the next queued task that may start, with `admit` (several hosts) asked without
+    the lock, the DB being slow or unreachable at times. Its state is TaskBoard's."""
+
+    lock: threading.RLock
+    wakeup: threading.Condition
+    store: TaskStore
+    limits: Limits
+    clock: Callable[[], float]
+    tasks: dict[str, Task]
+    queue: list[str]
+    running: dict[str, Running]
+    admitting: dict[str, Task]
+    admit: Callable[[Task, list[Task]], bool | None] | None
+    stopping: bool
+    transition: Callable[..., Task]
+    _running_tasks: Callable[[], list[Task]]
+
+    def take_next(self, poll: float = 1.0) -> tuple[Task, Running] | None:
+        """Wait for a queued task that may start, mark it running; None once the board is stopping.
+
+        With `admit` (several hosts), the other hosts are asked without the lock, the DB being slow or unreachable
+        at times: the task counts as running meanwhile (no other worker starts past the limits) and is checked
+        again under the lock once the answer is in (a /cancel or a shutdown may have come first)."""
+        refused: set[str] = set()  # refused by the other hosts in this pass: asked again after the next wait
+        while True:
+            with self.lock:
+                task = self._next_candidate(refused)
+                while task is None:
+                    if self.stopping:
+                        return None
+                    self.wakeup.wait(timeout=poll)
+                    refused.clear()
+                    task = self._next_candidate(refused)
+                if self.stopping:
+                    return None
+                if self.admit is None:
+                    return self._start(task)
+                running_here = self._running_tasks() + list(self.admitting.values())
+                self.admitting[task.id] = task
+            verdict = self._ask_admission(task, running_here)
+            with self.lock:
+                del self.admitting[task.id]
+                self.wakeup.notify_all()  # its slot is free again, or taken for good below
+                if verdict is None:  # another host holds the task now (and answers it): not this host's to run
+                    if task.id in self.queue:
+                        self.queue.remove(task.id)
+                    self.tasks.pop(task.id, None)
+                elif not verdict:
+                    refused.add(task.id)
+                elif self.tasks.get(task.id) is task and task.id in self.queue and task.status == QUEUED \
+                        and not self.stopping:
+                    return self._start(task)
+                else:  # admitted, but cancelled or stopping meanwhile: its row says running; write what it is
+                    self.store.save(task)
+
+    def _next_candidate(self, refused: set[str]) -> Task | None:
+        """The first queued task that may start here as far as this host knows (lock held)."""
+        queued = (self.tasks[t] for t in self.queue
+                  if t in self.tasks and t not in refused and t not in self.admitting)
+        return next_runnable(queued, self._running_tasks() + list(self.admitting.values()), self.limits)
+
+    def _ask_admission(self, task: Task, running_here: list[Task]) -> bool | None:
+        """`admit`'s verdict on `task`, asked without the lock; an unexpected error refuses it for now."""
+        assert self.admit is not None
+        try:
+            # Admission writes the row as running directly; a save of it still waiting in the store's journal
+            # (its creation, "queued") would land after and hide the run from the other hosts.
+            self.store.wait_written(ADMIT_WRITE_WAIT)
+            return self.admit(task, running_here)
+        except Exception:
+            task_log(log, task).exception("任务 %s 的集群限额检查出错，稍后再试", task.id)
+            return False
+
+    def _start(self, task: Task) -> tuple[Task, Running]:
+        """Move a queued task to running (lock held)."""
+        self.queue.remove(task.id)
+        running = self.running[task.id] = Running()
+        now = self.clock()
+        self.transition(task, status=RUNNING, started_at=now, attempts=task.attempts + 1, last_progress_at=now)
+        return task, running
+
+
+class TaskBoard(_TakingNext):
     """Live tasks by id, the wait queue and the running set, kept in step with the store under one lock.
 
     `lock` guards everything here; `wakeup` (on the same lock) wakes the workers when the queue or the
@@ -65,7 +148,9 @@ class TaskBoard:
         self.running: dict[str, Running] = {}
         self.stopping = False  # workers take no new task
         # Issue 16: with hosts sharing a PostgreSQL DB, cluster.Cluster.admit: may it start here, given the others?
-        self.admit: Callable[[Task, list[Task]], bool] | None = None
+        # Asked without the lock (it waits on the DB); the tasks being asked about count as running meanwhile.
+        self.admit: Callable[[Task, list[Task]], bool | None] | None = None  # None: another host holds it
+        self.admitting: dict[str, Task] = {}
         self._finished_counts: dict[str, int] = {}  # since start, by final status (for metrics)
 
     # -- the one place tasks change
@@ -184,39 +269,6 @@ class TaskBoard:
             ahead = self.queue[:self.queue.index(task.id)] if task.id in self.queue else []
             return Occupancy(self._running_tasks(), self.limits).holdback(
                 task, [self.tasks[t] for t in ahead if t in self.tasks])
-
-    def take_next(self, poll: float = 1.0) -> tuple[Task, Running] | None:
-        """Wait for a queued task that may start, mark it running; None once the board is stopping."""
-        with self.lock:
-            while not self.stopping:
-                task = self._next_admitted()
-                if task is not None:
-                    self.queue.remove(task.id)
-                    running = self.running[task.id] = Running()
-                    now = self.clock()
-                    self.transition(task, status=RUNNING, started_at=now, attempts=task.attempts + 1,
-                                    last_progress_at=now)
-                    return task, running
-                self.wakeup.wait(timeout=poll)
-            return None
-
-    def _next_admitted(self) -> Task | None:
-        """The first queued task that may start here and (with `admit`, issue 16) given the other hosts' runs."""
-        refused: set[str] = set()
-        flushed = False
-        while True:
-            queued = (self.tasks[t] for t in self.queue if t in self.tasks and t not in refused)
-            task = next_runnable(queued, self._running_tasks(), self.limits)
-            if task is None or self.admit is None:
-                return task
-            if not flushed:
-                # Admission writes the row as running directly; a save of it still waiting in the store's journal
-                # (its creation, "queued") would land after and hide the run from the other hosts.
-                self.store.wait_written(ADMIT_WRITE_WAIT)
-                flushed = True
-            if self.admit(task, self._running_tasks()):
-                return task
-            refused.add(task.id)
 
     def release(self, task: Task) -> None:
         """The task's worker is done with it: free its slot, wake the others, tell whoever cancelled it."""

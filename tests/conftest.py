@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def pytest_make_collect_report(collector: pytest.Collector):
     outcome = yield
     _skipped_under_ci(outcome.get_result(), collector.nodeid)
+
+
+def healthz(port: int) -> tuple[int, dict]:
+    """The bot's /healthz on `port`: (HTTP status, body), directly (no proxy), an error status included."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 def process_alive(pid: int) -> bool:

@@ -10,16 +10,14 @@ stays for what a restart cannot fix.
 
 from __future__ import annotations
 
-import json
 import re
 import time
-import urllib.error
-import urllib.request
 
 import psycopg
 import pytest
 
 from ops import doctor
+from tests.conftest import healthz as _healthz
 from tests.pg_proxy import PgProxy
 
 pytestmark = pytest.mark.e2e
@@ -27,15 +25,6 @@ pytestmark = pytest.mark.e2e
 HOLE_SECONDS = 20.0  # how long the DB is black-holed while messages arrive (the case is 60 s)
 STATEMENT_TIMEOUT = "3"  # DB_STATEMENT_TIMEOUT: the bot gives up on a silent connection 5 s after sending
 OUTAGE_START, OUTAGE_END = "任务数据库写入失败", "任务数据库已恢复"
-
-
-def _healthz(port: int) -> tuple[int, dict]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def _status_port(bot, waiting: bool = False) -> int:

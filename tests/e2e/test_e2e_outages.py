@@ -16,13 +16,12 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from ops import doctor
+from tests.conftest import healthz as _healthz
 from tests.conftest import send_pushed
 from tests.standin import BATCH_SEND_PATH
 
@@ -40,15 +39,6 @@ print("locked", flush=True)
 time.sleep(float(sys.argv[2]))
 db.execute("ROLLBACK")
 """
-
-
-def _healthz(port: int) -> tuple[int, dict]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def _rows(db: Path) -> dict[str, sqlite3.Row]:

@@ -7,17 +7,15 @@ loses messages: the proof that the test can fail.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from ops import doctor
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, cli_runs, replies
+from tests.conftest import healthz as _healthz
 from tests.standin import DingTalkStandin
 
 pytestmark = pytest.mark.e2e
@@ -146,15 +144,6 @@ def test_a_message_delivered_on_both_connections_is_answered_once(standin, make_
     bot.wait_log("重复消息已忽略: msgId=")
     time.sleep(1)
     assert len(standin.webhook_posts(sent.session)) == 2 and len(cli_runs(tmp_path)) == 1
-
-
-def _healthz(port: int) -> tuple[int, dict]:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def _status_port(bot) -> int:

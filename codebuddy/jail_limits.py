@@ -10,7 +10,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 
-from codebuddy.run_cgroup import CgroupError, RunCgroup, parent_pid
+from codebuddy.run_cgroup import CgroupError, RunCgroup
 from codebuddy.run_limits import (
     NONE,
     LimitSupport,
@@ -75,7 +75,7 @@ class JailLimits:
         if ended:
             log.info("本轮结束后清理了 %d 个遗留进程 run=%s", ended, run_id)
         members = cgroup.procs()
-        left_over = members - set(_ancestors_in(members, keep))
+        left_over = members - cgroup.kept(keep, members)
         if reason:
             with self._lock:
                 self._reasons[run_id] = reason
@@ -118,13 +118,3 @@ def _argv(pid: int) -> bytes:
             return handle.read()
     except OSError:
         return b""
-
-
-def _ancestors_in(members: set[int], pids: Iterable[int]) -> list[int]:
-    """The kept processes' ancestors that are in the run (bwrap and its init)."""
-    found = []
-    for pid in pids:
-        while pid in members and pid not in found:
-            found.append(pid)
-            pid = parent_pid(pid)
-    return found

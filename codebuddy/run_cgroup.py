@@ -164,15 +164,19 @@ class RunCgroup:
                 found |= {int(word) for word in _read_text(os.path.join(directory, "cgroup.procs")).split()}
         return found
 
-    def kill_all(self, except_pids: Iterable[int] = (), timeout: float = 5.0) -> int:
-        """SIGKILL every process of the run except `except_pids` and their ancestors in the run (bwrap and its
-        init, whose death would take the kept CLI down), until none is left; how many were signalled."""
-        members = self.procs()
+    def kept(self, pids: Iterable[int], members: set[int]) -> set[int]:
+        """`pids` and their ancestors among `members` (bwrap and its init, whose death would take them down)."""
         keep: set[int] = set()
-        for pid in except_pids:
+        for pid in pids:
             while pid in members and pid not in keep:
                 keep.add(pid)
                 pid = parent_pid(pid)
+        return keep
+
+    def kill_all(self, except_pids: Iterable[int] = (), timeout: float = 5.0) -> int:
+        """SIGKILL every process of the run except `except_pids` and their ancestors in the run (bwrap and its
+        init, whose death would take the kept CLI down), until none is left; how many were signalled."""
+        keep = self.kept(except_pids, self.procs())
         if not keep and "v2" in self.tops:
             _optional_write(os.path.join(self.tops["v2"], "cgroup.kill"), 1)  # all at once, forks included
         deadline = time.monotonic() + timeout

@@ -1,8 +1,8 @@
 """Benchmark of the egress proxy: a 100 MB download from a loopback server, direct and through the proxy.
 
 Paths: direct (TCP to the server), proxy (absolute-form GET on the proxy's Unix socket), tunnel (CONNECT on the
-Unix socket, then GET), bridge (absolute-form GET to codebuddy/jail_bridge.py on TCP, which forwards to the Unix
-socket, as inside a jail). The server sends with sendfile; the client is a separate process reading into a 1 MiB
+Unix socket, then GET), listener (absolute-form GET on a TCP listener the proxy serves, as a run's listener in its
+network namespace is served). The server sends with sendfile; the client is a separate process reading into a 1 MiB
 buffer, timed from its connect to the last byte. Prints the median seconds per path and the throughput ratio
 proxy/direct (the target is at least 0.5). Not part of the test run:
 
@@ -75,7 +75,7 @@ def run_client(address: str, request: bytes, connect_first: bytes = b"") -> tupl
 
 
 def main() -> None:
-    """Start the server, the proxy and a bridge; time each path; print the medians and the ratios."""
+    """Start the server and the proxy; time each path; print the medians and the ratios."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--megabytes", type=int, default=100)
@@ -95,19 +95,16 @@ def main() -> None:
         proxy = EgressProxy(EgressPolicy.from_settings(allow=f"127.0.0.1:{port}"))
         proxy_socket = os.path.join(scratch, "proxy.sock")
         proxy.open_listener(proxy_socket, "bench")
-        probe = socket.create_server(("127.0.0.1", 0))
-        bridge_port = probe.getsockname()[1]
-        probe.close()
-        bridge = subprocess.Popen([sys.executable, str(ROOT / "codebuddy" / "jail_bridge.py"), "--listen",
-                                   f"127.0.0.1:{bridge_port}", "--unix", proxy_socket])
+        run_listener = socket.create_server(("127.0.0.1", 0))
+        listener_port = run_listener.getsockname()[1]
+        proxy.serve_listener("bench/0", run_listener, "bench")
         try:
-            time.sleep(0.5)  # the bridge binds its listener
             target = f"127.0.0.1:{port}"
             absolute = f"GET http://{target}/payload HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
             origin = f"GET /payload HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
             paths = {"direct": (target, origin, b""), "proxy": (proxy_socket, absolute, b""),
                      "tunnel": (proxy_socket, origin, f"CONNECT {target} HTTP/1.1\r\n\r\n".encode()),
-                     "bridge": (f"127.0.0.1:{bridge_port}", absolute, b"")}
+                     "listener": (f"127.0.0.1:{listener_port}", absolute, b"")}
             times: dict[str, list[float]] = {name: [] for name in paths}
             for _ in range(args.rounds):
                 for name, (address, request, connect_first) in paths.items():
@@ -115,8 +112,6 @@ def main() -> None:
                     assert total > args.megabytes * 1_000_000, f"{name}: only {total} bytes"
                     times[name].append(seconds)
         finally:
-            bridge.kill()
-            bridge.wait()
             proxy.close()
     direct = statistics.median(times["direct"])
     print(f"{args.megabytes} MB from a loopback server, median of {args.rounds} rounds:")

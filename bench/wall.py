@@ -1,23 +1,22 @@
 """Benchmark of the whole wall (issue 22): what a run's own network namespace behind the egress proxy, and its
 limits (cgroups, rlimits, a sized /tmp), add to a jailed run. Sandboxes measured interleaved in one run: plain
-(`Bubblewrap(..., network=None, limits=None)`, the jail before issue 22), + network, + network + limits (what
-`sandbox_from_config` builds by default), and the last with its bridge's interpreter started with `-S` (not what the
-bot ships: it shows what `site` and the .pth files of the interpreter's site-packages cost). Not part of the test
-run; from the repository root (BENCHMARKS.md, "The whole wall"):
+(`Bubblewrap(..., network=None, limits=None)`, the jail before issue 22), + network, and + network + limits (what
+`sandbox_from_config` builds by default). Not part of the test run; from the repository root (BENCHMARKS.md, "The
+whole wall"):
 
-    .venv/bin/python bench/wall.py --warm 40             # all steps (about 7 minutes on 2 cores)
+    .venv/bin/python bench/wall.py --warm 40             # all steps (about 6 minutes on 2 cores)
     .venv/bin/python bench/wall.py --only start,download # some of start, run, download, warm
 
 Steps:
 - start: `command(["true"], dirs, run_id=…)`, Popen with `preexec_fn=preexec(…)`, wait, `release(run_id)`: the
-  wall time of all of it, split into setup (command + preexec: the proxy's socket, the cgroups), Popen → exit, and
-  release. Each round runs the variants in a rotated order, and, on the host out of any jail, `python -I [-S] -c
-  pass` and the bridge in front of `true` (`-I [-S]`), with their CPU time.
+  wall time of all of it, split into setup (command + preexec), Popen → exit (the child's cgroups, namespace and
+  listeners, bwrap, `true`), and release. Each round runs the variants in a rotated order.
 - run: one whole `CodeBuddyClient.run` of the instant CLI (bench/instant_cli.sh) in a new process each time
   (WARM_SESSIONS=0: start, `initialize`, the prompt, its answer, the process stopped and released).
 - download: 100 MB with curl from a loopback server (127.0.0.2, allowed by CODEBUDDY_EGRESS_ALLOW): on the host,
-  in the plain jail (direct, the host's network) and in the whole wall (bridge → egress proxy), rotated. The proxy
-  runs in this process, as in the bot's. bench/egress.py measures the proxy's paths without jails or curl.
+  in the plain jail (direct, the host's network) and in the whole wall (the egress proxy, accepting on the run's
+  own listener), rotated. The proxy runs in this process, as in the bot's. bench/egress.py measures the proxy's
+  paths without jails or curl.
 - warm: the real CLI against the loopback model (bench/warm.py), wall on (the default sandbox) and wall off
   (network=None, limits=None): cold follow-ups (a new process each) and warm ones (one process), interleaved.
 """
@@ -44,15 +43,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 import egress  # noqa: E402
 import warm  # noqa: E402
 
-from codebuddy.jail_network import JailNetwork  # noqa: E402
 from codebuddy.sandbox import Bubblewrap, Workspaces  # noqa: E402
 from codebuddy_client import CodeBuddyClient, new_session_id, sandbox_from_config  # noqa: E402
 from config import load_config  # noqa: E402
 from tests.fake_model_server import FakeModelServer  # noqa: E402
 
 INSTANT_CLI = ROOT / "bench" / "instant_cli.sh"
-SITELESS = "network+limits, bridge -S"  # not what the bot ships: the bridge's interpreter without `site`
-VARIANTS = ("plain", "network", "network+limits", SITELESS)
+VARIANTS = ("plain", "network", "network+limits")
 
 
 def load_average() -> str:
@@ -73,7 +70,7 @@ def percentile(values: list[float], pct: float) -> float:
 
 def sandboxes(workdir: Path, allow: str = "") -> dict[str, Bubblewrap]:
     """The sandboxes for the instant CLI: the default one from the bot's Config (`allow`: CODEBUDDY_EGRESS_ALLOW),
-    the same jail without its limits, and without its network too; and the whole wall with a bridge without `site`."""
+    the same jail without its limits, and without its network too."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = load_config({"DINGTALK_CLIENT_ID": "bench", "DINGTALK_CLIENT_SECRET": "bench",
                           "CODEBUDDY_BIN": str(INSTANT_CLI), "CODEBUDDY_WORKDIR": str(workdir / "workspace"),
@@ -87,26 +84,7 @@ def sandboxes(workdir: Path, allow: str = "") -> dict[str, Bubblewrap]:
         return Bubblewrap(full.cli_binary, hidden=full.hidden, read_only=full.read_only, bwrap=full.bwrap,
                           network=full.network if network else None, limits=None)
 
-    siteless = Bubblewrap(full.cli_binary, hidden=full.hidden, read_only=full.read_only, bwrap=full.bwrap,
-                          network=BridgeWithoutSite(full.network), limits=full.limits)
-    return {"plain": without(network=False), "network": without(network=True), "network+limits": full,
-            SITELESS: siteless}
-
-
-class BridgeWithoutSite:
-    """The bot's JailNetwork, but its bridge started with `python -I -S` (no site-packages, no .pth files): what
-    the interpreter's `site` costs the bridge on this machine. A measurement aid, not the shipped code."""
-
-    def __init__(self, network: JailNetwork) -> None:
-        self.network = network
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.network, name)
-
-    def wrap(self, argv: list[str]) -> list[str]:
-        wrapped = self.network.wrap(argv)
-        assert wrapped[1] == "-I"
-        return [wrapped[0], "-I", "-S", *wrapped[2:]]
+    return {"plain": without(network=False), "network": without(network=True), "network+limits": full}
 
 
 def order(number: int) -> tuple[str, ...]:
@@ -116,29 +94,19 @@ def order(number: int) -> tuple[str, ...]:
 
 
 def start_cost(workdir: Path, rounds: int, warmup: int = 10) -> dict[str, dict[str, list[float]]]:
-    """Seconds per jailed `true`: total, setup (command + preexec), Popen → exit, release. And, in the same rounds,
-    two references on the host, out of any jail: the bridge's interpreter starting (`python -I -c pass`) and the
-    bridge itself in front of `true` (bind, fork, exec)."""
+    """Seconds per jailed `true`: total, setup (command + preexec), Popen → exit, release; and, in the same rounds,
+    `true` on the host, out of any jail."""
     boxes = sandboxes(workdir)
     dirs = Workspaces(str(workdir / "workspace")).dirs_for("wall-start")
     times: dict[str, dict[str, list[float]]] = {
         name: {"total": [], "setup": [], "process": [], "release": []} for name in VARIANTS}
-    python = boxes["network"].network.python
-    bridge = [str(ROOT / "codebuddy" / "jail_bridge.py"), "--listen", "127.0.0.1:0",
-              "--unix", str(workdir / "none.sock"), "--", "true"]
-    references = {"host: python -I -c pass": [python, "-I", "-c", "pass"],
-                  "host: python -I -S -c pass": [python, "-I", "-S", "-c", "pass"],
-                  "host: bridge -- true": [python, "-I", *bridge],
-                  "host: bridge -S -- true": [python, "-I", "-S", *bridge]}
-    for name in references:
-        times[name] = {"total": [], "cpu": []}
+    times["host: true"] = {"total": [], "cpu": []}
     for number in range(warmup + rounds):
-        for name, argv in references.items():
-            cpu, start = children_cpu(), time.perf_counter()
-            subprocess.run(argv, env={"PATH": os.defpath}, stdin=subprocess.DEVNULL, check=True)
-            if number >= warmup:
-                times[name]["total"].append(time.perf_counter() - start)
-                times[name]["cpu"].append(children_cpu() - cpu)
+        cpu, start = children_cpu(), time.perf_counter()
+        subprocess.run(["true"], env={"PATH": os.defpath}, stdin=subprocess.DEVNULL, check=True)
+        if number >= warmup:
+            times["host: true"]["total"].append(time.perf_counter() - start)
+            times["host: true"]["cpu"].append(children_cpu() - cpu)
         for name in order(number):
             box = boxes[name]
             run_id = "wall-" + uuid.uuid4().hex[:12]
@@ -219,8 +187,8 @@ def warm_cost(workdir: Path, cold_runs: int, warm_runs: int) -> dict[str, dict[s
 def download_cost(workdir: Path, rounds: int, megabytes: int) -> dict[str, list[float]]:
     """Seconds of curl's transfer (its time_total) of `megabytes` MB from a loopback server on 127.0.0.2 (not in the
     runs' NO_PROXY, so curl in the wall takes the proxy): on the host; in the plain jail (the host's network,
-    direct); in its own network namespace (bridge → Unix socket → egress proxy → server) without and with the
-    limits (which run it at nice 10)."""
+    direct); in its own network namespace (its listener → the egress proxy → server) without and with the limits
+    (which run it at nice 10)."""
     workdir.mkdir(parents=True, exist_ok=True)
     payload = workdir / "payload"
     with open(payload, "wb") as handle:

@@ -1,11 +1,11 @@
-"""The bot's egress proxy: HTTP forwarding and CONNECT tunnels for each run, on that run's own Unix socket."""
+"""The bot's egress proxy: HTTP forwarding and CONNECT tunnels for each run, on listeners of that run's own (a TCP
+listener in the run's network namespace, or a Unix socket), and plain tunnels to one fixed address."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import select
 import socket
 import stat
 import threading
@@ -15,16 +15,12 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from codebuddy.egress import EgressPolicy, IPAddress, Resolver, Verdict, resolve_addresses
+from codebuddy.egress_streams import HOP_BY_HOP, MAX_HEAD, Lane, ResponseHeads, pump
 
 log = logging.getLogger(__name__)
 
-BUFFER = 256 * 1024
-MAX_HEAD = 64 * 1024
 MAX_REMEMBERED_REFUSALS = 1024  # hosts per listener the refusal callback has seen; bounds what a run can make us hold
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
-# Hop-by-hop headers (RFC 9110 7.6.1) are the proxy's to consume; Upgrade too, since every request ends with its answer.
-_HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate",
-               b"te", b"trailer", b"upgrade"}
 _STATUS = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway", 503: "Service Unavailable"}
 _HOST_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789.-_:")
 
@@ -43,12 +39,13 @@ def connect_tcp(ip: IPAddress, port: int, timeout: float) -> socket.socket:
 
 @dataclass(frozen=True)
 class Request:
-    """What a client asked for: CONNECT or an absolute-form HTTP request, and the head to send upstream."""
+    """What a client asked for: CONNECT, an absolute-form HTTP request (with the head to send upstream), or TUNNEL
+    (a connection to a tunnel listener: its fixed address, nothing read first)."""
 
     method: str
     host: str
     port: int
-    upstream_head: bytes = b""  # empty for CONNECT
+    upstream_head: bytes = b""  # empty for CONNECT and TUNNEL
 
 
 def read_head(sock: socket.socket, timeout: float) -> tuple[bytes, bytes]:
@@ -97,7 +94,7 @@ def parse_request(head: bytes) -> Request:
         if not colon or not name or name != name.strip() or line[:1] in (b" ", b"\t"):
             raise BadRequest("malformed header line")
         headers.append((name.lower(), line, value))
-    dropped = set(_HOP_BY_HOP)
+    dropped = set(HOP_BY_HOP)
     for name, _line, value in headers:
         if name == b"connection":  # headers a client lists in Connection are hop-by-hop too
             dropped.update(token.strip().lower() for token in value.split(b","))
@@ -109,120 +106,13 @@ def parse_request(head: bytes) -> Request:
     return Request(method, host, port, b"\r\n".join(upstream))
 
 
-def close_response_head(head: bytes) -> bytes:
-    """A response head with its Connection and Keep-Alive headers replaced by `Connection: close`."""
-    lines = head[:-4].split(b"\r\n")
-    kept = [line for line in lines[1:] if line.partition(b":")[0].strip().lower() not in _HOP_BY_HOP]
-    return b"\r\n".join([lines[0], *kept, b"Connection: close", b"", b""])
-
-
-class ResponseHeads:
-    """Rewrites the final response head an origin sends (1xx heads pass as they are); after it, bytes pass untouched."""
-
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.done = False
-
-    def feed(self, data: bytes) -> bytes:
-        """Bytes from upstream in, bytes for the client out (held back while a head is incomplete)."""
-        self.buffer += data
-        out = []
-        while not self.done:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(self.buffer) > MAX_HEAD:  # not a head we can read: pass it on as it is
-                    self.done = True
-                break
-            head, self.buffer = self.buffer[:end + 4], self.buffer[end + 4:]
-            status = head.split(b" ", 2)[1:2]
-            if status and status[0].startswith(b"1"):
-                out.append(head)
-                continue
-            out.append(close_response_head(head))
-            self.done = True
-        if self.done:
-            out.append(self.buffer)
-            self.buffer = b""
-        return b"".join(out)
-
-    def flush(self) -> bytes:
-        """What is still held back, at the end of the response."""
-        rest, self.buffer, self.done = self.buffer, b"", True
-        return rest
-
-
-class _Lane:
-    """One direction of a connection: bytes from `src` to `dst`, through one buffer, never blocking."""
-
-    def __init__(self, src: socket.socket, dst: socket.socket, first: bytes = b"",
-                 heads: ResponseHeads | None = None) -> None:
-        self.src, self.dst, self.heads = src, dst, heads
-        self.view = memoryview(bytearray(BUFFER))
-        self.pending = memoryview(first)
-        self.eof = self.done = False
-        self.sent = 0  # bytes delivered to dst, the request or response head as rewritten included
-
-    def step(self) -> None:
-        """Move what can move now: a few buffers' worth, then let the other direction have a turn."""
-        for _ in range(8):
-            if self.pending:
-                try:
-                    sent = self.dst.send(self.pending)
-                except BlockingIOError:
-                    return
-                self.pending = self.pending[sent:]
-                self.sent += sent
-            elif self.eof:
-                break
-            else:
-                try:
-                    received = self.src.recv_into(self.view)
-                except BlockingIOError:
-                    return
-                if not received:
-                    self.eof = True
-                    self.pending = memoryview(self.heads.flush() if self.heads else b"")
-                elif self.heads and not self.heads.done:
-                    self.pending = memoryview(self.heads.feed(bytes(self.view[:received])))
-                else:
-                    self.pending = self.view[:received]
-        if self.eof and not self.pending and not self.done:
-            self.done = True  # the source ended and all it sent is delivered: pass the end on
-            with contextlib.suppress(OSError):
-                self.dst.shutdown(socket.SHUT_WR)
-
-
-def pump(lanes: tuple[_Lane, _Lane], idle_timeout: float, until_response_end: bool) -> None:
-    """Copy both ways until both directions end (or, for a forwarded request, the response ends), an error, or
-    `idle_timeout` seconds in which nothing could move."""
-    poller = select.poll()
-    sockets = {lanes[0].src.fileno(): lanes[0].src, lanes[0].dst.fileno(): lanes[0].dst}
-    for sock in sockets.values():
-        sock.setblocking(False)
-    while not (lanes[1].done if until_response_end else lanes[0].done and lanes[1].done):
-        masks = dict.fromkeys(sockets, 0)
-        for lane in lanes:
-            if lane.pending:
-                masks[lane.dst.fileno()] |= select.POLLOUT
-            elif not lane.eof:
-                masks[lane.src.fileno()] |= select.POLLIN
-        for fd, mask in masks.items():
-            if mask:
-                poller.register(fd, mask)
-            else:  # a closed peer we wait on for nothing would report POLLHUP in a busy loop
-                with contextlib.suppress(KeyError):
-                    poller.unregister(fd)
-        if not poller.poll(idle_timeout * 1000):
-            raise TimeoutError("idle")
-        for lane in lanes:
-            lane.step()
-
-
 @dataclass
 class _Listener:
-    path: str
+    key: str
     label: str
     sock: socket.socket
+    tunnel: tuple[str, int] | None = None  # every connection goes to this host and port, no request read first
+    unix_path: str = ""  # a Unix socket's file, removed with the listener
     active: dict[socket.socket, list[socket.socket]] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
     closed: bool = False
@@ -259,33 +149,42 @@ class EgressProxy:
         except OSError:
             sock.close()
             raise
-        listener = _Listener(path, label, sock)
-        with self._lock:
-            if path in self._listeners:
-                sock.close()
-                raise ValueError(f"{path} already has a listener")
-            self._listeners[path] = listener
-        threading.Thread(target=self._accept, args=(listener,), name=f"egress-{label}", daemon=True).start()
+        self._add(_Listener(path, label, sock, unix_path=path))
 
-    def close_listener(self, path: str) -> None:
-        """Stop listening at `path`, remove the socket file and end that run's open connections."""
+    def serve_listener(self, key: str, sock: socket.socket, label: str,
+                       tunnel: tuple[str, int] | None = None) -> None:
+        """Serve a listening socket made elsewhere (a run's, in its own network namespace) under `key`; with
+        `tunnel`, each connection is a tunnel to that host and port, judged by the policy like a CONNECT."""
+        self._add(_Listener(key, label, sock, tunnel=tunnel))
+
+    def _add(self, listener: _Listener) -> None:
         with self._lock:
-            listener = self._listeners.pop(path, None)
+            if listener.key in self._listeners:
+                listener.sock.close()
+                raise ValueError(f"{listener.key} already has a listener")
+            self._listeners[listener.key] = listener
+        threading.Thread(target=self._accept, args=(listener,), name=f"egress-{listener.label}", daemon=True).start()
+
+    def close_listener(self, key: str) -> None:
+        """Stop the listener `key` (a Unix socket's path: its file is removed) and end its open connections."""
+        with self._lock:
+            listener = self._listeners.pop(key, None)
             if listener is None:
                 return
             listener.closed = True
             for sock in [listener.sock, *(sock for socks in listener.active.values() for sock in socks)]:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)  # wakes the accept and the pumps; their threads close
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        if listener.unix_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(listener.unix_path)
 
     def close(self) -> None:
         """Close every listener."""
         with self._lock:
-            paths = list(self._listeners)
-        for path in paths:
-            self.close_listener(path)
+            keys = list(self._listeners)
+        for key in keys:
+            self.close_listener(key)
 
     def stats(self) -> dict[str, int]:
         """Counters since start (connections, refusals, busy, bad_requests, upstream_errors, bytes_up, bytes_down)
@@ -322,8 +221,11 @@ class EgressProxy:
         host, port, lanes = "-", 0, None
         try:
             try:
-                head, rest = read_head(client, self.head_timeout)
-                request = parse_request(head)
+                if listener.tunnel is not None:
+                    rest, request = b"", Request("TUNNEL", *listener.tunnel)
+                else:
+                    head, rest = read_head(client, self.head_timeout)
+                    request = parse_request(head)
                 host, port = request.host, request.port
                 verdict = self.policy.check(host, port, self.resolve)
             except BadRequest as exc:
@@ -337,6 +239,8 @@ class EgressProxy:
                     return  # the client left before it asked for anything
                 return self._fail(client, listener, "upstream_errors", 502, f"could not resolve {host}")
             if not verdict.allowed:
+                if listener.tunnel is not None:  # a raw tunnel has no HTTP to answer in: it is closed
+                    return self._note_refusal(listener, host, port, verdict)
                 return self._refuse(client, listener, host, port, verdict)
             try:
                 upstream = self._connect(verdict, port)
@@ -348,13 +252,14 @@ class EgressProxy:
                 if listener.closed:
                     return
             log.debug("egress %s: %s %s:%d", listener.label, request.method, host, port)
-            if request.method == "CONNECT":
-                client.sendall(ESTABLISHED)
-                lanes = (_Lane(client, upstream, rest), _Lane(upstream, client))
+            if request.method in ("CONNECT", "TUNNEL"):
+                if request.method == "CONNECT":
+                    client.sendall(ESTABLISHED)
+                lanes = (Lane(client, upstream, rest), Lane(upstream, client))
             else:
-                lanes = (_Lane(client, upstream, request.upstream_head + rest), _Lane(upstream, client, b"",
+                lanes = (Lane(client, upstream, request.upstream_head + rest), Lane(upstream, client, b"",
                                                                                      ResponseHeads()))
-            pump(lanes, self.idle_timeout, until_response_end=request.method != "CONNECT")
+            pump(lanes, self.idle_timeout, until_response_end=request.method not in ("CONNECT", "TUNNEL"))
         except OSError as exc:
             log.debug("egress %s: %s:%d ended: %s", listener.label, host, port, exc.__class__.__name__)
         finally:
@@ -364,6 +269,8 @@ class EgressProxy:
                 if lanes:
                     self._counters["bytes_up"] += lanes[0].sent
                     self._counters["bytes_down"] += lanes[1].sent
+            for lane in lanes or ():
+                lane.close()
 
     def _connect(self, verdict: Verdict, port: int) -> socket.socket:
         error: OSError = OSError("no address")
@@ -375,6 +282,11 @@ class EgressProxy:
         raise error
 
     def _refuse(self, client: socket.socket, listener: _Listener, host: str, port: int, verdict: Verdict) -> None:
+        self._note_refusal(listener, host, port, verdict)
+        self._answer(client, 403, verdict.message())
+
+    def _note_refusal(self, listener: _Listener, host: str, port: int, verdict: Verdict) -> None:
+        """Count a refusal; tell `on_refusal` the first time this listener is refused this host."""
         with self._lock:
             self._counters["refusals"] += 1
             first = host not in listener.refused and len(listener.refused) < MAX_REMEMBERED_REFUSALS
@@ -386,7 +298,6 @@ class EgressProxy:
                 self.on_refusal(listener.label, host, verdict.reason)
             except Exception:
                 log.exception("egress %s: the refusal callback failed", listener.label)
-        self._answer(client, 403, verdict.message())
 
     def _fail(self, client: socket.socket, listener: _Listener, counter: str, status: int, text: str) -> None:
         with self._lock:

@@ -26,9 +26,6 @@ from codebuddy.run_limits import (
 
 log = logging.getLogger("sandbox")
 
-BRIDGE_MARKER = b"jail_bridge.py"  # the network bridge's argv: a turn's clean-up leaves it running
-
-
 class JailLimits:
     """The limits of every jailed CLI process: one RunCgroup each (where the bot may make cgroups), else rlimits."""
 
@@ -63,14 +60,14 @@ class JailLimits:
         return run_preexec(self.limits, fsize_bytes=left)
 
     def end_turn(self, run_id: str, cli_pid: int) -> bool:
-        """After a turn: end every process of the run but the CLI (with its jail) and the network bridge. False
+        """After a turn: end every process of the run but the CLI (with its jail). False
         when the process should not be kept warm: a limit was hit, or something could not be ended."""
         with self._lock:
             cgroup = self._runs.get(run_id)
         if cgroup is None:
             return True
         reason = self._limit_reason(cgroup)
-        keep = [cli_pid, *(pid for pid in cgroup.procs() if BRIDGE_MARKER in _argv(pid))]
+        keep = [cli_pid]
         ended = cgroup.kill_all(except_pids=keep, timeout=2.0)
         if ended:
             log.info("本轮结束后清理了 %d 个遗留进程 run=%s", ended, run_id)
@@ -111,10 +108,3 @@ class JailLimits:
         """One ✓/✗ line per limit, for `bot.py check`."""
         return self.support.check_lines(self.limits)
 
-
-def _argv(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read()
-    except OSError:
-        return b""

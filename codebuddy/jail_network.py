@@ -1,31 +1,28 @@
 """A run's network: its own namespace with only its loopback, and the bot's egress proxy as the one way out.
 
-Each jailed CLI process gets `--unshare-net` (the host's loopback, its abstract Unix sockets, other runs and the
-intranet are gone), a Unix socket of the bot's egress proxy bound in, and `jail_bridge.py` in front of the CLI:
-it listens on the jail's 127.0.0.1:BRIDGE_PORT and forwards to that socket. The run's HTTP(S)_PROXY point there
+Each jailed CLI process starts in a new network namespace made by its own child process just before bwrap
+(jail_netns.py): the host's loopback, its abstract Unix sockets, other runs and the intranet are gone. The child
+binds a listener on the namespace's 127.0.0.1:PROXY_PORT (and, for a model endpoint on loopback, on the model's
+port) and hands it to the bot, whose egress proxy accepts on it; the run's HTTP(S)_PROXY point there
 (docs/sandbox.md, "The network").
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
-import stat
-import sys
-import tempfile
+import socket
+import threading
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from codebuddy import jail_netns
 from codebuddy.egress import EgressPolicy
 from codebuddy.egress_proxy import EgressProxy
 
 log = logging.getLogger("sandbox")
 
-BRIDGE_PORT = 3128
-JAIL_DIR = "/run/codebuddy"  # inside the jail: the bridge script and the proxy's socket
-JAIL_SOCKET = f"{JAIL_DIR}/egress.sock"
-JAIL_BRIDGE = f"{JAIL_DIR}/jail_bridge.py"
-BRIDGE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "jail_bridge.py")
+PROXY_PORT = 3128
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
@@ -38,21 +35,17 @@ def no_proxy_value(base_url: str) -> str:
 
 
 class JailNetwork:
-    """The egress proxy and the per-process sockets of every jailed run (one listener per CLI process)."""
+    """The egress proxy, and the listeners each jailed run's namespace hands it (one set per CLI process)."""
 
-    def __init__(self, policy: EgressPolicy, socket_dir: str = "", *, base_url: str = "",
-                 on_refusal: Callable[[str, str, str], None] | None = None,
-                 python: str = "", python_prefix: str = "") -> None:
+    def __init__(self, policy: EgressPolicy, *, base_url: str = "",
+                 on_refusal: Callable[[str, str, str], None] | None = None) -> None:
         self.policy = policy
-        # Short (a Unix socket path has at most 107 bytes) and the bot's own: 0700, never another user's.
-        default_dir = os.path.join(tempfile.gettempdir(), f"codebuddy-egress-{os.getuid()}")
-        self.socket_dir = os.path.abspath(socket_dir or default_dir)
         self.base_url = base_url
         self.on_refusal = on_refusal  # (run id, host, reason), once per run and host
         self.proxy = EgressProxy(policy, self._refused)
-        # The bridge runs under the bot's own interpreter, from its read-only installation (not the bot's venv).
-        self.python = python or os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-        self.python_prefix = python_prefix or os.path.realpath(sys.base_prefix)
+        self._lock = threading.Lock()
+        # run id: the bot's end of the channel, the child's end, the thread that takes the listeners to the proxy
+        self._channels: dict[str, tuple[socket.socket, socket.socket, threading.Thread]] = {}
 
     def _refused(self, run_id: str, host: str, reason: str) -> None:
         if self.on_refusal is not None:
@@ -60,42 +53,86 @@ class JailNetwork:
         else:
             log.warning("网络请求被拒绝 (egress refused): %s: %s run=%s", host, reason, run_id)
 
-    def socket_path(self, run_id: str) -> str:
-        return os.path.join(self.socket_dir, f"{run_id}.sock")
-
-    def open(self, run_id: str) -> list[str]:
-        """Open `run_id`'s proxy socket; the bwrap arguments that give the jail its own network and the bridge."""
-        os.makedirs(self.socket_dir, mode=0o700, exist_ok=True)
-        info = os.lstat(self.socket_dir)
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
-            raise OSError(f"{self.socket_dir} is not a directory of the bot's user: remove it")
-        os.chmod(self.socket_dir, 0o700)
-        path = self.socket_path(run_id)
-        self.proxy.open_listener(path, run_id)
-        return ["--unshare-net", "--ro-bind", path, JAIL_SOCKET, "--ro-bind", BRIDGE_SCRIPT, JAIL_BRIDGE,
-                "--ro-bind-try", self.python_prefix, self.python_prefix]  # before the jail's system paths (sandbox.py)
-
-    def wrap(self, argv: list[str]) -> list[str]:
-        """`argv` started behind the bridge (which becomes `argv`: same pid, same pipes). A model endpoint on
-        loopback is tunnelled too: the CLI goes to a loopback host directly, whatever HTTP_PROXY says."""
-        tunnels = []
+    def listeners(self) -> list[tuple[tuple[str, int], tuple[str, int] | None]]:
+        """What a run's namespace listens on: (address, tunnel target). The proxy on PROXY_PORT; a model endpoint on
+        loopback gets its own port tunnelled, since the CLI goes to a loopback host directly, whatever HTTP_PROXY
+        says."""
+        listeners: list[tuple[tuple[str, int], tuple[str, int] | None]] = [(("127.0.0.1", PROXY_PORT), None)]
         model = self.policy.model
         if model is not None and (model[0] in LOOPBACK_NAMES or model[0].startswith("127.")):
-            tunnels = ["--tunnel", f"{'[::1]' if model[0] == '::1' else '127.0.0.1'}:{model[1]}"]
-        return [self.python, "-I", "-S", JAIL_BRIDGE, "--listen", f"127.0.0.1:{BRIDGE_PORT}", "--unix", JAIL_SOCKET,
-                *tunnels, "--", *argv]
+            target = ("::1", model[1]) if model[0] == "::1" else ("127.0.0.1", model[1])
+            if target != listeners[0][0]:
+                listeners.append((target, target))
+        return listeners
+
+    def open(self, run_id: str) -> None:
+        """Get ready for `run_id`'s process: the channel its child hands the listeners over, and a thread that takes
+        them to the proxy. The process must be started with `preexec(run_id)`; `close_run(run_id)` after."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        adopter = threading.Thread(target=self._adopt, args=(run_id, ours, theirs), name=f"netns-{run_id}",
+                                   daemon=True)
+        with self._lock:
+            if run_id in self._channels:
+                ours.close()
+                theirs.close()
+                raise ValueError(f"run {run_id} already has a network")
+            self._channels[run_id] = (ours, theirs, adopter)
+        adopter.start()
+
+    def preexec(self, run_id: str) -> Callable[[], None]:
+        """The part of the run's `preexec_fn` that makes its namespace and sends its listeners."""
+        with self._lock:
+            _ours, theirs, _adopter = self._channels[run_id]
+        return jail_netns.child_step(theirs, [address for address, _tunnel in self.listeners()])
+
+    def _adopt(self, run_id: str, ours: socket.socket, theirs: socket.socket) -> None:
+        listeners = self.listeners()
+        try:
+            sockets = jail_netns.receive_listeners(ours, len(listeners))
+        except jail_netns.NotStarted:
+            return  # released before its process started
+        except OSError as exc:
+            log.error("无法为 CodeBuddy 运行建立网络命名空间: %s run=%s", exc, run_id)
+            return
+        finally:
+            theirs.close()  # the child has it (or never will): the bot's copy goes
+        for index, (sock, (_address, tunnel)) in enumerate(zip(sockets, listeners, strict=True)):
+            try:
+                self.proxy.serve_listener(f"{run_id}/{index}", sock, run_id, tunnel)
+            except ValueError:
+                sock.close()
+        with self._lock:
+            released = run_id not in self._channels
+        if released:  # released while the listeners were on their way
+            self._close_listeners(run_id, len(listeners))
 
     def environment(self) -> dict[str, str]:
         """The proxy variables every run gets (both cases), replacing any the operator's environment held."""
-        proxy = f"http://127.0.0.1:{BRIDGE_PORT}"
+        proxy = f"http://127.0.0.1:{PROXY_PORT}"
         no_proxy = no_proxy_value(self.base_url)
         return {**dict.fromkeys(PROXY_VARIABLES, proxy), "NO_PROXY": no_proxy, "no_proxy": no_proxy}
 
     def close_run(self, run_id: str) -> None:
-        """Close `run_id`'s socket and whatever connections it still has open."""
-        self.proxy.close_listener(self.socket_path(run_id))
+        """Close `run_id`'s listeners and whatever connections they still have open."""
+        with self._lock:
+            channel = self._channels.pop(run_id, None)
+        if channel is not None:
+            ours, _theirs, adopter = channel
+            with contextlib.suppress(OSError):
+                ours.shutdown(socket.SHUT_RDWR)  # wakes the adopting thread if nothing came
+            adopter.join(timeout=5)
+            ours.close()
+        self._close_listeners(run_id, len(self.listeners()))
+
+    def _close_listeners(self, run_id: str, count: int) -> None:
+        for index in range(count):
+            self.proxy.close_listener(f"{run_id}/{index}")
 
     def close(self) -> None:
+        with self._lock:
+            runs = list(self._channels)
+        for run_id in runs:
+            self.close_run(run_id)
         self.proxy.close()
 
     def stats(self) -> dict[str, int]:

@@ -222,12 +222,16 @@ class Bubblewrap:
         return [path for path in self.hidden if _under(path, directory)]
 
     def command(self, argv: list[str], dirs: ConversationDirs, run_id: str = "") -> tuple[list[str], str]:
-        """`bwrap … -- argv`, run from the conversation's workspace mounted at /workspace; with a network and a
-        `run_id`, in its own network namespace behind the bridge to the egress proxy (`release(run_id)` after)."""
+        """`bwrap … -- argv`, run from the conversation's workspace mounted at /workspace. With a network and a
+        `run_id`, the process must be started with `preexec(run_id, dirs)`, which puts it in its own network
+        namespace whose one way out is the egress proxy (`release(run_id)` after); without a `run_id`, bwrap gives
+        it an empty network namespace."""
         network: list[str] = []
         if self.network is not None:
-            network = self.network.open(run_id) if run_id else ["--unshare-net"]
-            argv = self.network.wrap(argv) if run_id else argv
+            if run_id:
+                self.network.open(run_id)
+            else:
+                network = ["--unshare-net"]
         # --unshare-user and --cap-drop ALL: a bot running as root must not hand the run root's capabilities
         # (with CAP_SYS_ADMIN and CAP_MKNOD it could mount the host's disk inside the jail).
         return [self.bwrap, "--die-with-parent", "--new-session", "--unshare-user", "--cap-drop", "ALL",
@@ -240,7 +244,20 @@ class Bubblewrap:
         return self.network.environment() if self.network is not None else {}
 
     def preexec(self, run_id: str, dirs: ConversationDirs) -> Callable[[], None] | None:
-        return self.limits.preexec(run_id, (dirs.workspace, dirs.home)) if self.limits else None
+        """The run's limits (cgroups, rlimits, nice), then its network namespace, in the child before bwrap."""
+        steps = []
+        if self.limits is not None:
+            steps.append(self.limits.preexec(run_id, (dirs.workspace, dirs.home)))
+        if self.network is not None and run_id:
+            steps.append(self.network.preexec(run_id))
+        if len(steps) < 2:
+            return steps[0] if steps else None
+
+        def all_steps() -> None:
+            for step in steps:
+                step()
+
+        return all_steps
 
     def refusal(self, dirs: ConversationDirs) -> str:
         return self.limits.refusal((dirs.workspace, dirs.home)) if self.limits else ""

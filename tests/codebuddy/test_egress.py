@@ -1,4 +1,5 @@
-"""The egress wall: the address classifier, the policy, the proxy over its Unix socket and the bridge in a jail.
+"""The egress wall: the address classifier, the policy, the proxy over its Unix socket, and a run's own network
+namespace whose listeners the proxy serves.
 
 Traffic goes only to 127.0.0.1 or inside a network namespace the test made; refused destinations are judged, never
 connected to (a recording connect function shows it).
@@ -6,13 +7,16 @@ connected to (a recording connect function shows it).
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import http.server
 import ipaddress
 import logging
 import os
+import shutil
 import socket
 import subprocess
-import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,9 +34,9 @@ from codebuddy.egress import (
     resolve_addresses,
 )
 from codebuddy.egress_proxy import EgressProxy, ResponseHeads, connect_tcp
+from codebuddy.jail_network import JailNetwork
 from tests.conftest import bwrap_path
 
-BRIDGE = Path(__file__).resolve().parents[2] / "codebuddy" / "jail_bridge.py"
 BIG = bytes(range(256)) * 32768  # 8 MiB
 
 
@@ -398,31 +402,100 @@ def test_an_idle_tunnel_is_closed(origin, run_proxy):
         assert sock.recv(1) == b"" and time.monotonic() - started < 5
 
 
-# The bridge in a real network namespace.
+# A run's own network namespace (made by its child before bwrap), its listeners served by the bot's proxy.
 
-def command_line(pid: str) -> str:
+def jailed(network: JailNetwork, run_id: str, script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`sh -c script` in a bwrap jail in the run's network namespace, as the bot starts a run."""
+    network.open(run_id)
+    argv = [bwrap_path(), "--unshare-user", "--cap-drop", "ALL", "--ro-bind", "/", "/", "--dev", "/dev",
+            "--proc", "/proc", "--bind", str(tmp_path), str(tmp_path), "--", "sh", "-c", script]
+    env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return ""
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env,
+                              preexec_fn=network.preexec(run_id))
+    finally:
+        network.close_run(run_id)
 
 
-def test_a_jailed_command_reaches_the_origin_only_through_the_bridge(origin, run_proxy, tmp_path):
-    proxy, path, _, _, _ = run_proxy(allow_origin(origin))
+def test_a_jailed_command_reaches_the_origin_only_through_the_proxy(origin, tmp_path):
+    network = JailNetwork(allow_origin(origin))
     url = f"http://127.0.0.1:{origin.server_address[1]}/from-the-jail"
     script = (f"curl -sS -x http://127.0.0.1:3128 {url}; echo; curl -sS -x http://127.0.0.1:3128 http://10.0.0.5/;"
-              f" curl -sS --max-time 5 --noproxy '*' {url}; echo direct=$?")
-    argv = [bwrap_path(), "--unshare-net", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-            "--bind", str(tmp_path), str(tmp_path), "--", sys.executable, str(BRIDGE), "--listen", "127.0.0.1:3128",
-            "--unix", path, "--", "sh", "-c", script]
-    env = {key: value for key, value in os.environ.items() if "proxy" not in key.lower()}
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+              f" curl -sS --max-time 5 --noproxy '*' {url}; echo direct=$?;"
+              " tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '")
+    try:
+        result = jailed(network, "run-a", script, tmp_path)
+    finally:
+        network.close()
     lines = result.stdout.splitlines()
     assert lines[0] == "hello from the loopback origin", result
     assert lines[1].startswith("blocked by the bot's network policy: 10.0.0.5 is a private address")
     assert lines[2] == "direct=7" and "Failed to connect to 127.0.0.1" in result.stderr  # no host loopback inside
+    assert lines[3:] == ["lo"]  # the namespace's only interface
     assert origin.seen[-1][0] == "/from-the-jail"
-    deadline = time.monotonic() + 5  # the bridge child died with the command (and held no pipe: run() returned)
-    while any(path in command_line(pid) for pid in os.listdir("/proc") if pid.isdigit()):
-        assert time.monotonic() < deadline, "the bridge outlived its command"
-        time.sleep(0.05)
+    assert network.stats()["listeners"] == 0  # released with the run
+
+
+def test_a_loopback_model_is_tunnelled_and_nothing_else_on_loopback_is(origin, tmp_path):
+    port = origin.server_address[1]
+    network = JailNetwork(EgressPolicy.from_settings("model", base_url=f"http://127.0.0.1:{port}/v1"),
+                          base_url=f"http://127.0.0.1:{port}/v1")
+    with socket.socket() as other:  # another service on the host's loopback
+        other.bind(("127.0.0.1", 0))
+        other.listen(1)
+        script = (f"curl -sS --noproxy '*' http://127.0.0.1:{port}/model; echo; "
+                  f"curl -sS --max-time 5 --noproxy '*' http://127.0.0.1:{other.getsockname()[1]}/; echo other=$?")
+        try:
+            result = jailed(network, "run-m", script, tmp_path)
+        finally:
+            network.close()
+    assert result.stdout.splitlines() == ["hello from the loopback origin", "other=7"], result
+    assert origin.seen[-1][0] == "/model"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start the run as another uid")
+def test_a_bot_that_is_not_root_gets_the_same_namespace_through_a_user_namespace(origin, tmp_path):
+    """Production runs the bot as its own user: the child unshares a user namespace first. Started here as an unused
+    uid, with a copy of bwrap that uid can run and no bind of the test's (root-only) directories."""
+    uid = 47000 + os.getpid() % 1000
+    scratch = Path(tempfile.mkdtemp(prefix="egress-nonroot-", dir="/tmp"))
+    try:
+        scratch.chmod(0o755)
+        bwrap = scratch / "bwrap"
+        shutil.copy(bwrap_path(), bwrap)
+        network = JailNetwork(allow_origin(origin))
+        network.open("run-u")
+        url = f"http://127.0.0.1:{origin.server_address[1]}/not-root"
+        script = (f"id -u; curl -sS -x http://127.0.0.1:3128 {url}; echo; curl -sS --max-time 5 --noproxy '*' {url};"
+                  " echo direct=$?; tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' '")
+        argv = [str(bwrap), "--unshare-user", "--cap-drop", "ALL", "--ro-bind", "/", "/", "--dev", "/dev",
+                "--proc", "/proc", "--", "sh", "-c", script]
+        step, prctl = network.preexec("run-u"), ctypes.CDLL(None, use_errno=True).prctl
+
+        def as_a_bot_started_as_that_user() -> None:
+            prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: changing uid in this process cleared it (an exec would not)
+            step()
+
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/", user=uid, group=uid,
+                                    extra_groups=[], env={"PATH": os.defpath}, preexec_fn=as_a_bot_started_as_that_user)
+        finally:
+            network.close()
+    finally:
+        shutil.rmtree(scratch)
+    assert result.stdout.splitlines() == [str(uid), "hello from the loopback origin", "direct=7", "lo"], result
+    assert origin.seen[-1][0] == "/not-root"
+
+
+def test_a_run_whose_namespace_cannot_be_made_does_not_start(origin, tmp_path, caplog, monkeypatch):
+    network = JailNetwork(allow_origin(origin))
+    def refused(flags: int) -> int:  # what unshare answers where user namespaces are off for the bot's user
+        ctypes.set_errno(errno.EPERM)
+        return -1
+
+    monkeypatch.setattr("codebuddy.jail_netns._unshare", refused)
+    caplog.set_level(logging.ERROR, "sandbox")
+    with pytest.raises(subprocess.SubprocessError):
+        jailed(network, "run-x", "echo started", tmp_path)
+    network.close()
+    assert "无法为 CodeBuddy 运行建立网络命名空间: [Errno 1] unshare: Operation not permitted" in caplog.text

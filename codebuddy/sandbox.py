@@ -233,8 +233,11 @@ class Bubblewrap:
             else:
                 network = ["--unshare-net"]
         # --unshare-user and --cap-drop ALL: a bot running as root must not hand the run root's capabilities
-        # (with CAP_SYS_ADMIN and CAP_MKNOD it could mount the host's disk inside the jail).
-        return [self.bwrap, "--die-with-parent", "--new-session", "--unshare-user", "--cap-drop", "ALL",
+        # (with CAP_SYS_ADMIN and CAP_MKNOD it could mount the host's disk inside the jail). --disable-userns: no
+        # user namespace inside the jail, where a run would get every capability again (over its own namespaces:
+        # the kernel code reachable that way is a common privilege-escalation path).
+        return [self.bwrap, "--die-with-parent", "--new-session", "--unshare-user", "--disable-userns",
+                "--cap-drop", "ALL",
                 "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "codebuddy",
                 *network, *self._mounts(),  # the system paths and the covers of the bot's files come last
                 "--bind", dirs.workspace, SANDBOX_WORKSPACE, "--bind", dirs.home, SANDBOX_HOME,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -103,3 +104,15 @@ def test_a_cli_installed_beside_the_bots_files_is_refused_not_bound_into_every_j
     wheel_like.mkdir(parents=True)
     (wheel_like / "codebuddy").write_text("#!/bin/sh\n")
     assert not Bubblewrap(str(wheel_like / "codebuddy"), hidden=[str(checkout)]).exposed_bot_files(str(wheel_like))
+
+
+def test_a_run_cannot_make_a_user_namespace_of_its_own(tmp_path):
+    """Inside its own user namespace a run would hold every capability again (over namespaces of its own): tried with
+    util-linux's unshare, which succeeds on this host outside the jail."""
+    assert subprocess.run(["unshare", "-U", "-r", "true"], capture_output=True, timeout=30).returncode == 0
+    dirs = ConversationDirs(str(tmp_path / "w"), str(tmp_path / "h"))
+    os.makedirs(dirs.workspace)
+    os.makedirs(dirs.home)
+    argv, cwd = Bubblewrap(str(tmp_path / "no-cli")).command(["sh", "-c", "unshare -U id -u; echo rc=$?"], dirs)
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=60, env={"PATH": os.defpath})
+    assert "rc=1" in result.stdout and "unshare failed: No space left on device" in result.stderr, result

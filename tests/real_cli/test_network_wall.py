@@ -13,6 +13,7 @@ import threading
 
 import pytest
 
+from codebuddy.egress import read_own_addresses
 from tests.conftest import CLI_START_TIMEOUT, wait_for_process
 
 pytestmark = [pytest.mark.real_cli, pytest.mark.e2e]
@@ -22,7 +23,7 @@ ALLOWED = "allowed-intranet-page-81c2"
 BLOCKED_LINE = "blocked by the bot's network policy"
 
 
-def _serve(body: str) -> tuple[http.server.ThreadingHTTPServer, int]:
+def _serve(body: str, host: str = "127.0.0.1") -> tuple[http.server.ThreadingHTTPServer, int]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             self.send_response(200)
@@ -33,7 +34,7 @@ def _serve(body: str) -> tuple[http.server.ThreadingHTTPServer, int]:
         def log_message(self, *args) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)  # the OS picks the port at bind time
+    server = http.server.ThreadingHTTPServer((host, 0), Handler)  # the OS picks the port at bind time
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, server.server_address[1]
 
@@ -69,15 +70,38 @@ def test_a_run_reaches_neither_the_hosts_loopback_nor_its_spellings_and_an_allow
                      f"bash -c 'exec 3<>/dev/tcp/127.0.0.1/{secret_port} && cat <&3'; echo P-end")
     assert "P-end" in direct and SECRET not in direct and BLOCKED_LINE in direct, direct
     assert "Couldn't connect" in direct and "/dev/tcp/127.0.0.1" in direct, direct  # no host loopback in the jail
+    # [::ffff:127.0.0.1] is spelled through base64: brackets would end the model's [bash:…] script. At the secret's
+    # port the port already refuses it; at port 80 the address itself is judged (nothing listens there).
+    mapped = "$(echo Ww== | base64 -d)::ffff:127.0.0.1$(echo XQ== | base64 -d)"
     spelled = _output(standin, "netwall2", "; ".join(f"curl -gsS --max-time 5 http://{name}:{secret_port}/"
                                                     for name in ("127.1", "0x7f000001", "2130706433",
-                                                                 "0.0.0.0", "localhost"))
-                      + "; echo P-end")
-    # ([::ffff:127.0.0.1] cannot be written in the model's [bash:…] script: tests/codebuddy/test_egress.py has it)
-    assert "P-end" in spelled and SECRET not in spelled and spelled.count(BLOCKED_LINE) >= 4, spelled
+                                                                 "0.0.0.0", "localhost", mapped))
+                      + f"; curl -gsS --max-time 5 http://{mapped}:80/; echo P-end")
+    assert "P-end" in spelled and SECRET not in spelled and spelled.count(BLOCKED_LINE) >= 6, spelled
+    assert "(IPv4 127.0.0.1) is a loopback address" in spelled, spelled  # judged by its address, not its port
     allowed = _output(standin, "netwall3", f"curl -sS --max-time 5 http://127.0.0.1:{allowed_port}/; echo P-end")
     assert ALLOWED in allowed, allowed
     assert "网络请求被拒绝: 127.0.0.1" in bot.log_text()
+
+
+def test_a_run_cannot_reach_the_hosts_own_interface_address(standin, real_bot):
+    """A service listening on every address of the host, asked for by one of the host's own non-loopback addresses:
+    the proxy refuses it without connecting, and the jail has no route to it (no traffic leaves the host)."""
+    own = [net.network_address for net in read_own_addresses() if net.version == 4
+           and net.prefixlen == net.max_prefixlen and not net.network_address.is_loopback]
+    assert own, "this host has no IPv4 address but loopback"
+    server, port = _serve(SECRET, host="0.0.0.0")
+    try:
+        real_bot()
+        url = f"http://{own[0]}:{port}/"
+        output = _output(standin, "netwall5", f"curl -sS --max-time 5 {url}; curl -sS --max-time 5 --noproxy '*' "
+                         f"{url}; curl -sS --max-time 5 http://{own[0]}/; echo P-end")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "P-end" in output and SECRET not in output, output
+    assert f"{own[0]} is one of this machine's own addresses" in output, output  # at port 80: by its address
+    assert "Couldn't connect" in output or "unreachable" in output.lower(), output  # no route out of the jail
 
 
 def test_a_run_cannot_read_the_bots_own_metrics(standin, real_bot):

@@ -18,6 +18,7 @@ from typing import TextIO
 
 import psycopg
 
+from store import pg_connect
 from store.postgres import PostgresTaskStore, is_postgres_url, safe_url
 from store.schema import SCHEMA_VERSION, StoreError
 from store.sqlite import SQLiteTaskStore, read_only_uri
@@ -30,7 +31,8 @@ def check_postgres(url: str, *, clock: Callable[[], float] = time.time, timeout:
     """(ok, detail) of `check`'s task DB line for a postgresql:// TASK_DB; never creates or writes anything."""
     shown = safe_url(url)
     try:
-        with psycopg.connect(url, connect_timeout=max(1, int(timeout)), autocommit=True) as conn:
+        # The bot's own connection limits (connect, statement, TCP): a black-holed server cannot hang `check`.
+        with pg_connect.connect(url, statement_timeout=timeout, connect_timeout=timeout, read_only=True) as conn:
             before = clock()
             db_now = float(conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
             host_now = (before + clock()) / 2

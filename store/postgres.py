@@ -54,9 +54,21 @@ class StoreUnreachable(StoreError):
     """The server did not answer, or refused the connection: a later try may succeed (start-up waits and retries)."""
 
 
+_CONNINFO_KEYS = {"host", "hostaddr", "port", "dbname", "user", "password", "service", "sslmode"}
+
+
 def is_postgres_url(task_db: str) -> bool:
-    """Whether TASK_DB names a PostgreSQL database rather than a SQLite file."""
-    return task_db.startswith(URL_PREFIXES)
+    """Whether TASK_DB names a PostgreSQL database (a postgresql:// URL, or libpq's `key=value …` form naming at
+    least a host, database, user or service) rather than a SQLite file."""
+    if task_db.startswith(URL_PREFIXES):
+        return True
+    if "=" not in task_db:
+        return False
+    try:
+        keys = set(psycopg.conninfo.conninfo_to_dict(task_db))
+    except psycopg.Error:
+        return False
+    return bool(keys & _CONNINFO_KEYS)
 
 
 def safe_url(url: str) -> str:

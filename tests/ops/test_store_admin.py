@@ -17,6 +17,7 @@ from store.postgres import PostgresTaskStore
 from store.schema import SCHEMA_VERSION
 from tasks.task import SUCCEEDED, Task
 from tests.conftest import ROOT
+from tests.pg_proxy import PgProxy
 
 
 def _bot(tmp_path, *argv: str) -> subprocess.CompletedProcess:
@@ -38,6 +39,25 @@ def test_check_says_the_database_answers_its_schema_version_and_the_clock_skew(p
 def test_check_of_an_unreachable_database_fails_without_showing_the_password(pg_server):
     ok, detail = check_postgres(f"postgresql://bot:pw-XYZ-secret@127.0.0.1:{pg_server.port + 1}/tasks", timeout=1)
     assert not ok and "cannot be reached" in detail and "pw-XYZ-secret" not in detail
+
+
+def test_check_of_a_black_holed_database_ends_within_its_time_limit(pg_url):
+    """A server that answered the connection and then answers nothing (black-holed between the connect and the first
+    query, through the check's clock): `check` says so in seconds, not never."""
+    proxy = PgProxy(pg_url)
+
+    def clock_that_cuts_the_db() -> float:
+        proxy.black_hole()
+        return time.time()
+
+    try:
+        assert check_postgres(proxy.url, timeout=2)[0]
+        started = time.monotonic()
+        ok, detail = check_postgres(proxy.url, timeout=2, clock=clock_that_cuts_the_db)
+        elapsed = time.monotonic() - started
+    finally:
+        proxy.close()
+    assert not ok and "cannot be reached" in detail and elapsed < 15, (elapsed, detail)
 
 
 def test_migrate_store_copies_a_sqlite_db_into_postgres_once(tmp_path, pg_url):

@@ -14,9 +14,9 @@ import psycopg
 import pytest
 
 from dingtalk.route import Route
-from store.journal import open_store
+from store.journal import open_backend, open_store
 from store.memory import MemoryTaskStore
-from store.postgres import PostgresTaskStore, safe_url
+from store.postgres import PostgresTaskStore, is_postgres_url, safe_url
 from store.schema import SCHEMA_VERSION, SQLITE_STEPS, StoreError
 from tasks.task import Task
 
@@ -149,3 +149,20 @@ def test_read_only_postgres_creates_nothing_and_refuses_writes(pg_url):
         reader.save(_task("cd" * 8))
     assert reader.count() == 0
     reader.close()
+
+
+def test_a_key_value_task_db_opens_postgresql_not_a_sqlite_file_named_after_it(pg_url, tmp_path, monkeypatch):
+    """libpq's `host=… dbname=…` form is PostgreSQL too; a file name with `=` in it stays a SQLite file."""
+    parts = psycopg.conninfo.conninfo_to_dict(pg_url)
+    dsn = " ".join(f"{key}={value}" for key, value in parts.items())
+    monkeypatch.chdir(tmp_path)
+    backend = open_backend(dsn, host="h1", busy_timeout=1.0)
+    try:
+        assert isinstance(backend, PostgresTaskStore)
+        backend.save(_task("cd" * 8))
+    finally:
+        backend.close()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM tasks WHERE id = %s", ("cd" * 8,)).fetchone()[0] == 1
+    assert list(tmp_path.iterdir()) == []  # no SQLite file named after the DSN
+    assert not is_postgres_url("./data/a=b.db") and not is_postgres_url("tasks.db")

@@ -222,7 +222,7 @@ class AsyncTaskManager:
 
     def recover(self, only: set[str] | None = None) -> None:
         """On start: deliver results never delivered, re-run interrupted tasks once (or fail them); `only` these."""
-        recovery.recover(self.store, self.board, self.outbox, self.client, only)
+        recovery.recover(self.store, self.board, self.outbox, only)
 
     def stop_accepting(self) -> None:
         """New prompts are refused from now on."""

@@ -10,7 +10,6 @@ from store.base import TaskStore
 from tasks import texts
 from tasks.board import TaskBoard
 from tasks.delivery import Outbox
-from tasks.seams import Client
 from tasks.task import ACTIVE_STATUSES, CANCELLED, FINISHED_STATUSES, QUEUED, Task
 
 log = logging.getLogger("async_task_manager")
@@ -22,7 +21,7 @@ def _end_orphan_card(outbox: Outbox, task: Task) -> None:
         outbox.cards.end_orphan(task)
 
 
-def recover(store: TaskStore, board: TaskBoard, outbox: Outbox, client: Client, only: set[str] | None = None) -> None:
+def recover(store: TaskStore, board: TaskBoard, outbox: Outbox, only: set[str] | None = None) -> None:
     """Deliver results never delivered, re-run interrupted tasks once (or fail them); with `only`, just those ids
     (a host of several takes its own and those of dead hosts, docs/cluster.md)."""
     for task in store.load(FINISHED_STATUSES, undelivered_only=True):
@@ -38,9 +37,8 @@ def recover(store: TaskStore, board: TaskBoard, outbox: Outbox, client: Client, 
         board.adopt(task)
         tlog = task_log(log, task)
         _end_orphan_card(outbox, task)
-        leftovers = client.kill_leftovers(task.id)
-        if leftovers:
-            tlog.warning("已结束上次运行遗留的 %d 个 CLI 进程", leftovers)
+        # No process hunt here: runs are tagged by CLI process, not task; CodeBuddyClient.start ended this
+        # installation's leftovers before recovery, and a dead host's run was on that host.
         if task.cancel_requested:  # the user's cancel is final: never re-run
             board.fail(task.id, "已被用户取消", status=CANCELLED)
             board.mark_delivered(task)

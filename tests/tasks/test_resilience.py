@@ -77,9 +77,6 @@ class ScriptedClient:
         self.cancels.append(run_tag)
         return True
 
-    def kill_leftovers(self, run_tag):
-        return 0
-
     def close(self):
         pass
 

@@ -57,6 +57,7 @@ from ops.startup import (
     config_failure,
     load_local_config,
     open_task_store_when_up,
+    refuse_a_clock_far_off,
     report_cli,
     sandbox_problem,
 )
@@ -80,6 +81,7 @@ def build_app(config: Config, durations: DurationHistogram | None = None
     client, after_result, attachments = with_file_transfer(config, sender, CodeBuddyClient.from_config(config))
     client = TimedClient(client, durations or DurationHistogram())
     store = open_task_store_when_up(config)  # a PostgreSQL that does not answer yet is waited for, not exit 2
+    refuse_a_clock_far_off(config, store)  # hosts on one DB must agree on the time
     manager = AsyncTaskManager.from_config(config, client, sender, store, after_result)
     attach_budget_and_cards(config, sender, manager)  # the monthly call budget; AI cards when a template is set
     return sender, client, manager, ChatApp(manager, config, attachments=attachments)

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -18,9 +19,11 @@ from cluster.hosts import open_task_store, this_host
 from codebuddy.cli_setup import INSTALL_FIX, choose_cli, login_state
 from codebuddy_client import sandbox_from_config
 from config import SETTINGS, Config, ConfigError, read_config
+from ops.store_admin import clock_problem
 from ops.systemd_notify import SystemdNotifier
 from store.journal import JournaledStore
-from store.postgres import StoreUnreachable
+from store.postgres import StoreUnreachable, is_postgres_url
+from store.schema import StoreError
 
 log = logging.getLogger("bot")
 
@@ -190,3 +193,14 @@ class _WaitingStatus:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def refuse_a_clock_far_off(config: Config, store: JournaledStore,
+                           clock: Callable[[], float] = time.time) -> None:
+    """With a PostgreSQL task DB: StoreError (exit 2, for the operator) when this host's clock is far off the DB's."""
+    if not is_postgres_url(config.task_db):
+        return
+    problem = clock_problem(config.task_db, clock=clock, timeout=config.db_statement_timeout)
+    if problem:
+        store.close()
+        raise StoreError(problem)

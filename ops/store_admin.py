@@ -24,6 +24,31 @@ from store.schema import SCHEMA_VERSION, StoreError
 from store.sqlite import SQLiteTaskStore, read_only_uri
 
 MAX_CLOCK_SKEW = 2.0  # seconds; leases last LEASE_SECONDS (30): a few seconds' skew already shortens them
+# Past this the bot does not start on a shared DB: its dedup window and purges would misjudge other hosts' records.
+MAX_START_SKEW = 60.0
+
+
+def clock_skew(conn: psycopg.Connection, clock: Callable[[], float] = time.time) -> float:
+    """This host's clock minus the database's, in seconds (the middle of the query's round trip)."""
+    before = clock()
+    db_now = float(conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
+    return (before + clock()) / 2 - db_now
+
+
+def clock_problem(url: str, *, clock: Callable[[], float] = time.time, timeout: float = 5.0,
+                  max_skew: float = MAX_START_SKEW) -> str:
+    """Why this host may not work on the shared task DB at `url` for its clock ("" if it may, or if the DB does not
+    answer: opening the store says that). A host whose clock is a day ahead would take every redelivered message
+    for a new one and purge the other hosts' records as old."""
+    try:
+        with pg_connect.connect(url, statement_timeout=timeout, connect_timeout=timeout, read_only=True) as conn:
+            skew = clock_skew(conn, clock)
+    except psycopg.Error:
+        return ""
+    if abs(skew) <= max_skew:
+        return ""
+    return (f"this host's clock is {skew:+.0f} s off the task DB's (more than {max_skew:.0f} s): the hosts would "
+            "disagree on message redeliveries and on what is old enough to purge; run NTP (timedatectl set-ntp true)")
 
 
 def check_postgres(url: str, *, clock: Callable[[], float] = time.time, timeout: float = 5.0,
@@ -33,15 +58,12 @@ def check_postgres(url: str, *, clock: Callable[[], float] = time.time, timeout:
     try:
         # The bot's own connection limits (connect, statement, TCP): a black-holed server cannot hang `check`.
         with pg_connect.connect(url, statement_timeout=timeout, connect_timeout=timeout, read_only=True) as conn:
-            before = clock()
-            db_now = float(conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
-            host_now = (before + clock()) / 2
+            skew = clock_skew(conn, clock)
             has_version = conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is not None
             version = conn.execute("SELECT version FROM schema_version").fetchone()[0] if has_version else 0
     except psycopg.Error as exc:
         why = " ".join(str(exc).split())
         return False, f"{shown} cannot be reached ({why}): start PostgreSQL, check the URL and the user's password"
-    skew = host_now - db_now
     if version > SCHEMA_VERSION:
         return False, f"{shown} has schema version {version}, newer than this bot's {SCHEMA_VERSION}: upgrade the bot"
     if abs(skew) > max_skew:

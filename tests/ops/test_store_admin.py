@@ -8,13 +8,16 @@ import subprocess
 import sys
 import time
 
-from config import bot_files
+import pytest
+
+from config import bot_files, load_config
 from dingtalk.route import Route
 from ops import doctor
-from ops.store_admin import check_postgres
+from ops.startup import refuse_a_clock_far_off
+from ops.store_admin import check_postgres, clock_problem
 from store.journal import open_store
 from store.postgres import PostgresTaskStore
-from store.schema import SCHEMA_VERSION
+from store.schema import SCHEMA_VERSION, StoreError
 from tasks.task import SUCCEEDED, Task
 from tests.conftest import ROOT
 from tests.pg_proxy import PgProxy
@@ -98,3 +101,15 @@ def test_check_never_prints_the_database_password(tmp_path, pg_server):
     assert "✗ task DB" in text  # no such database and no such user: said, without the password
     # Nor does it reach a CLI run's sandbox arguments (visible to every local user in the process list).
     assert not any("pw-SHOWN-nowhere" in path for path in bot_files(url, "", str(tmp_path / "w")))
+
+
+def test_a_host_whose_clock_is_a_day_ahead_does_not_start_on_a_shared_db(pg_url, tmp_path):
+    """Its dedup window would take every redelivered message for a new one, and its purge would take the other
+    hosts' fresh records for old: it refuses to start (exit 2 with the words), one within a minute starts."""
+    config = load_config({"DINGTALK_CLIENT_ID": "id", "DINGTALK_CLIENT_SECRET": "secret", "TASK_DB": pg_url,
+                          "CODEBUDDY_WORKDIR": str(tmp_path / "w"), "LOG_FILE": ""}, dotenv_path=None)
+    store = open_store(pg_url, host="h1")
+    refuse_a_clock_far_off(config, store, clock=lambda: time.time() + 30)  # within a minute: starts
+    with pytest.raises(StoreError, match=r"clock is \+86400 s off the task DB's .*NTP"):
+        refuse_a_clock_far_off(config, store, clock=lambda: time.time() + 86400)
+    assert clock_problem(pg_url, clock=lambda: time.time() - 3600).startswith("this host's clock is -3600 s off")

@@ -248,8 +248,8 @@ def make_bot(tmp_path, standin):
         connects_before = standin.stream_connects
         bot = BotProcess(tmp_path, env).start()
         bots.append(bot)
-        if connect:
-            standin.wait_connected(timeout=20, connects_at_least=connects_before + 1)
+        if connect:  # 60 s: a start (imports, the sandbox probe, the CLI's version) on a machine under load
+            standin.wait_connected(timeout=60, connects_at_least=connects_before + 1)
         return bot
 
     yield factory

@@ -62,9 +62,9 @@ DSNS = [
     Dsn("url-socket-host-then-password",
         "postgresql:///{db}?host={sockdir}&port={port}&user=postgres&password=Pw%2Bsocket-7Gk6", "Pw+socket-7Gk6",
         "Pw%2Bsocket-7Gk6"),
-    # Not a TASK_DB the bot opens as PostgreSQL (it takes postgresql:// URLs): it is a file name to it, still shown.
+    # libpq's key=value form: PostgreSQL too (store.postgres.is_postgres_url).
     Dsn("key-value", "host=127.0.0.1 port={port} dbname={db} user=postgres password='Pw \\'kv\\' 7Gk7'",
-        "Pw 'kv' 7Gk7", "'Pw \\'kv\\' 7Gk7'", postgres=False),
+        "Pw 'kv' 7Gk7", "'Pw \\'kv\\' 7Gk7'", postgres=True),
 ]
 
 

@@ -72,9 +72,9 @@ class Cluster:
 
     def __init__(self, url: str, host: str, *, lease_seconds: float, on_takeover: Callable[[set[str]], None],
                  on_cancel: Callable[[str], None], on_task: Callable[[str], None] = lambda task_id: None,
-                 connect_timeout: float = DB_CONNECT_TIMEOUT, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
-                 ) -> None:
-        self.url, self.host, self.lease = url, host, lease_seconds
+                 connect_timeout: float = DB_CONNECT_TIMEOUT, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.url, self.host, self.lease, self.clock = url, host, lease_seconds, clock
         self.on_takeover = on_takeover
         self._listeners: dict[str, Callable[[str], None]] = {CANCEL_CHANNEL: on_cancel, TASK_CHANNEL: on_task}
         # Every connection of the cluster (statements, LISTEN) with the bot's time limits (store/pg_connect.py).
@@ -88,7 +88,9 @@ class Cluster:
         self._jobs: list[tuple[str, float, Callable[[], None]]] = []  # periodic work started with the threads
         self._queued_elsewhere: dict[str, int] = {}  # user → queued tasks on the other live hosts (lease thread)
         self.claim_pending = False  # the start's claim failed: the lease thread retries it
-        self.renewed_at = float("-inf")  # monotonic: when the last successful renewal was sent
+        self.renewed_at = float("-inf")  # `clock`: when the last successful renewal was sent
+        self._leased: dict[str, float] = {}  # task id → when the statement that last leased it to this host was sent
+        self._leased_lock = threading.Lock()
 
     # -- statements
 
@@ -117,27 +119,44 @@ class Cluster:
     def claim_at_start(self) -> set[str]:
         """The undone tasks this host restarts with: its own, unowned ones (a migrated DB) and expired ones."""
         self.renew()
+        sent = self.clock()
         rows = self.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE {_UNDONE} AND "
                              f"(host = %s OR host IS NULL OR lease_until < {DB_NOW}) RETURNING id",
                              (self.host, self.lease, self.host))
+        self.leased({row[0] for row in rows}, sent)
         return {row[0] for row in rows}
 
     def renew(self) -> int:
         """Mark this host alive and extend the leases of every undone task it holds; how many."""
-        sent = time.monotonic()  # the leases run from the DB's now, which is later: `renewed_at` errs on the safe side
+        sent = self.clock()  # the leases run from the DB's now, which is later: `sent` errs on the safe side
         self.execute(f"INSERT INTO hosts VALUES (%s, {DB_NOW} + %s) ON CONFLICT (host) DO UPDATE SET "
                      "alive_until = excluded.alive_until", (self.host, self.lease))
         renewed = self.execute(f"UPDATE tasks SET lease_until = {DB_NOW} + %s WHERE host = %s AND {_UNDONE} "
                                "RETURNING id", (self.lease, self.host))
+        with self._leased_lock:  # a task this renewal left out is not this host's any more (or not written yet)
+            self._leased = dict.fromkeys((row[0] for row in renewed), sent)
         self.renewed_at = sent
         return len(renewed)
 
+    def leased(self, task_ids: set[str], sent: float) -> None:
+        """Record that a statement sent at `sent` (`clock`) leased these tasks to this host (it returned them)."""
+        with self._leased_lock:
+            self._leased.update(dict.fromkeys(task_ids, sent))
+
+    def leased_at(self, task_id: str) -> float:
+        """When the statement that last leased `task_id` to this host was sent (`clock`); -inf if none since the
+        last renewal, which left it out: another host may hold it."""
+        with self._leased_lock:
+            return self._leased.get(task_id, float("-inf"))
+
     def take_over(self) -> dict[str, str]:
         """Take the undone tasks whose lease expired (their host is gone): {task id: the host it had}."""
+        sent = self.clock()
         rows = self.execute(
             f"WITH expired AS (SELECT id, host FROM tasks WHERE host <> %s AND lease_until < {DB_NOW} AND {_UNDONE} "
             f"FOR UPDATE SKIP LOCKED) UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s FROM expired "
             "WHERE tasks.id = expired.id RETURNING tasks.id, expired.host", (self.host, self.host, self.lease))
+        self.leased({row[0] for row in rows}, sent)
         return {row[0]: row[1] for row in rows}
 
     def request_cancel(self, task_id: str) -> str | None:
@@ -177,6 +196,8 @@ class Cluster:
                                   "host = %s AND status = 'queued' RETURNING id",
                                   (host, self.lease, task_id, self.host), quick=True)
             if moved:
+                with self._leased_lock:
+                    self._leased.pop(task_id, None)
                 self.execute("SELECT pg_notify(%s, %s)", (TASK_CHANNEL, task_id))
         except psycopg.Error as exc:
             warn_unless_known(exc, f"任务 {task_id} 交给主机 {host} 失败 (%s)")

@@ -204,11 +204,11 @@ def test_the_delivery_fence_lets_a_result_out_only_while_this_host_holds_its_tas
     assert fence(_task(3)) is True  # no row yet (still in a's journal): nobody else can hold it
     assert fence.refused == 1
 
-    cut_off = Cluster("postgresql://nobody@127.0.0.1:1/none", "a", lease_seconds=3, on_takeover=lambda ids: None,
-                      on_cancel=lambda task_id: None, connect_timeout=1)
     now = [100.0]
-    unreachable = DeliveryFence(cut_off, clock=lambda: now[0])
-    cut_off.renewed_at = 99.0  # renewed a second ago: the lease still holds
+    cut_off = Cluster("postgresql://nobody@127.0.0.1:1/none", "a", lease_seconds=3, on_takeover=lambda ids: None,
+                      on_cancel=lambda task_id: None, connect_timeout=1, clock=lambda: now[0])
+    unreachable = DeliveryFence(cut_off)
+    cut_off.leased({f"{1:016x}"}, 99.0)  # a renewal that included the task, a second ago: its lease still holds
     assert unreachable(_task(1)) is True
     now[0] = 103.0  # past 0.8 of the lease since the renewal: maybe taken over, so wait for the DB
     assert unreachable(_task(1)) is None

@@ -30,20 +30,19 @@ import psycopg
 
 from cluster.admission import Admission
 from cluster.fence import DeliveryFence
-from cluster.placement import place_task
+from cluster.inbox import RECONCILE_SECONDS, Inbox
+from cluster.placement import TASK_CHANNEL, place_task
 from cluster.questions import SharedQuestions
 from cluster.statements import Statements, warn_unless_known
 from config import DB_CONNECT_TIMEOUT, DB_LOCK_TIMEOUT, PROJECT_DIR, Config
 from store.journal import JournaledStore, open_store
 from store.pg_connect import DEFAULT_STATEMENT_TIMEOUT, connect
 from store.postgres import DB_NOW, is_postgres_url, safe_url
-from tasks import texts
 from tasks.task import Task
 
 log = logging.getLogger("cluster")
 
 CANCEL_CHANNEL = "bot_cancel"
-TASK_CHANNEL = "bot_task"  # a task handed to the host holding its conversation
 _UNDONE = "delivered = 0 AND undeliverable = 0"  # a task a host still has to run or deliver
 _RETRY = 1.0  # seconds between attempts while the DB cannot be reached
 
@@ -88,9 +87,14 @@ class Cluster:
         self._jobs: list[tuple[str, float, Callable[[], None]]] = []  # periodic work started with the threads
         self._queued_elsewhere: dict[str, int] = {}  # user → queued tasks on the other live hosts (lease thread)
         self.claim_pending = False  # the start's claim failed: the lease thread retries it
+        self.inbox: Inbox | None = None  # what the other hosts send this one (join_cluster sets it)
         self.renewed_at = float("-inf")  # `clock`: when the last successful renewal was sent
         self._leased: dict[str, float] = {}  # task id → when the statement that last leased it to this host was sent
         self._leased_lock = threading.Lock()
+        # The tasks the lease thread took over (or claimed) until they are on the board: a look at the rows
+        # (`reconcile`) must not queue them a second time (cluster/inbox.py, under `takeover_lock`).
+        self.taking: set[str] = set()
+        self.takeover_lock = threading.Lock()
 
     # -- statements
 
@@ -177,33 +181,6 @@ class Cluster:
         host's to run any more. Called without the board's lock: it may wait for the DB up to its time limits."""
         return self.admission(task, running_here, max_per_user)
 
-    def conversation_host(self, conversation_key: str) -> tuple[str | None, bool]:
-        """The host that ran the conversation last (it holds its workspace) and whether it is alive;
-        (None, False) for a new conversation or when the DB cannot say."""
-        try:
-            rows = self.execute(f"SELECT c.host, coalesce(h.alive_until > {DB_NOW}, false) FROM conversation_hosts c "
-                                 "LEFT JOIN hosts h ON h.host = c.host WHERE c.conversation_key = %s",
-                                 (conversation_key,), quick=True)
-        except psycopg.Error as exc:
-            warn_unless_known(exc, "查询会话所在主机失败 (%s)")
-            return None, False
-        return (rows[0][0], bool(rows[0][1])) if rows else (None, False)
-
-    def hand_off(self, task_id: str, host: str) -> bool:
-        """Give a queued task (its row written) of this host to `host` and wake it; False if it did not move."""
-        try:
-            moved = self.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE id = %s AND "
-                                  "host = %s AND status = 'queued' RETURNING id",
-                                  (host, self.lease, task_id, self.host), quick=True)
-            if moved:
-                with self._leased_lock:
-                    self._leased.pop(task_id, None)
-                self.execute("SELECT pg_notify(%s, %s)", (TASK_CHANNEL, task_id))
-        except psycopg.Error as exc:
-            warn_unless_known(exc, f"任务 {task_id} 交给主机 {host} 失败 (%s)")
-            return False
-        return bool(moved)
-
     def host_of(self, task_id: str, *, quick: bool = True) -> str | None:
         """The host holding a task (for /status: `quick`); None if unknown or the DB cannot say."""
         try:
@@ -252,12 +229,14 @@ class Cluster:
         failing = ""
         while not self._stop.wait(self.lease / 3):
             try:
-                if self.claim_pending:  # the start could not claim this host's own tasks: now
-                    taken = dict.fromkeys(self.claim_at_start(), self.host)
-                    self.claim_pending = False
-                else:
+                claiming = self.claim_pending  # the start could not claim this host's own tasks: now
+                if not claiming:
                     self.renew()
-                    taken = self.take_over()
+                with self.takeover_lock:
+                    taken = dict.fromkeys(self.claim_at_start(), self.host) if claiming else self.take_over()
+                    self.taking |= set(taken)
+                self.claim_pending = False
+                if not claiming:
                     self.refresh_queued()
                 if failing:
                     log.warning("集群数据库已恢复，租约续期继续")
@@ -279,6 +258,9 @@ class Cluster:
             self.on_takeover(task_ids)
         except Exception:
             log.exception("接管任务失败: %s", ", ".join(sorted(task_ids)))
+        finally:
+            with self.takeover_lock:
+                self.taking -= task_ids
 
     def _listen_loop(self) -> None:
         while not self._stop.is_set():
@@ -320,38 +302,13 @@ def _listen_to(conn: psycopg.Connection, channels: list[str]) -> None:
     log.info("集群通知已监听 (channels: %s)", ", ".join(channels))
 
 
-def _cancel_if_here(manager: Any, task_id: str) -> None:
-    """A cancel sent to every host: the one holding the task stops it and tells the user when it has ended."""
-    if task_id not in manager.board.tasks:
-        return
-
-    def confirm(task: Any, stopped: bool) -> None:
-        manager.outbox.notice(task.route, texts.cancel_outcome(task, stopped), task_id=task.id,
-                              allow_webhook=False)
-
-    manager.cancel(task_id, on_ended=confirm)
-
-
-def _run_handed_task(manager: Any, cluster: Cluster, task_id: str) -> None:
-    """A task another host handed to this one (its conversation lives here): queue it here."""
-    if task_id in manager.board.tasks or cluster.host_of(task_id, quick=False) != cluster.host:
-        return
-    task = manager.store.get(task_id)
-    if task is None or task.finished:
-        return
-    with manager.board.lock:
-        manager.board.adopt(task)
-        manager.board.enqueue(task)
-    log.info("接收任务 %s: 会话 %s 在本主机", task_id, task.conversation_key)
-
-
 def open_task_store(config: Config) -> JournaledStore:
     """The daemon's store (TASK_DB); on PostgreSQL the tasks it creates are leased to this host."""
     return open_store(config.task_db, host=this_host(config), lease_seconds=config.lease_seconds,
                       statement_timeout=config.db_statement_timeout)
 
 
-def join_cluster(config: Config, manager: Any) -> Cluster | None:
+def join_cluster(config: Config, manager: Any, *, reconcile_seconds: float = RECONCILE_SECONDS) -> Cluster | None:
     """Recover the tasks this host restarts with and, with a PostgreSQL TASK_DB, join the hosts sharing it.
 
     With SQLite: `manager.recover()` (one host). With PostgreSQL: recover only the tasks this host holds, unowned
@@ -362,8 +319,8 @@ def join_cluster(config: Config, manager: Any) -> Cluster | None:
         return None
     cluster = Cluster(config.task_db, this_host(config), lease_seconds=config.lease_seconds,
                       statement_timeout=config.db_statement_timeout, on_takeover=lambda ids: manager.recover(only=ids),
-                      on_cancel=lambda task_id: _cancel_if_here(manager, task_id),
-                      on_task=lambda task_id: _run_handed_task(manager, cluster, task_id))
+                      on_cancel=lambda task_id: inbox.cancel(task_id), on_task=lambda task_id: inbox.handed(task_id))
+    inbox = cluster.inbox = Inbox(cluster, manager, reconcile_seconds=reconcile_seconds)  # hand-offs, cancels
     try:
         manager.recover(only=cluster.claim_at_start())
     except psycopg.Error as exc:  # the lease thread claims them once the DB answers

@@ -30,11 +30,12 @@ import psycopg
 
 from cluster.admission import Admission
 from cluster.fence import DeliveryFence
-from cluster.inbox import RECONCILE_SECONDS, Inbox
+from cluster.inbox import RECONCILE_SECONDS, Inbox, cancel_payload, cancel_told
 from cluster.placement import TASK_CHANNEL, place_task
 from cluster.questions import SharedQuestions
 from cluster.statements import Statements, warn_unless_known
 from config import DB_CONNECT_TIMEOUT, DB_LOCK_TIMEOUT, PROJECT_DIR, Config
+from dingtalk.route import Route
 from store.journal import JournaledStore, open_store
 from store.pg_connect import DEFAULT_STATEMENT_TIMEOUT, connect
 from store.postgres import DB_NOW, is_postgres_url, safe_url
@@ -65,17 +66,19 @@ def this_host(config: Config) -> str:
 class Cluster:
     """This host's membership: its leases, taking over expired ones, and cross-host cancels.
 
-    `on_takeover(ids)` gets the tasks this host took from a dead one; `on_cancel(id)` a task id some host was asked
-    to cancel (ignore it unless this host holds the task). Both run on the cluster's threads.
+    `on_takeover(ids)` gets the tasks this host took from a dead one; `on_cancel(id, reply_to)` a task id some host was
+    asked to cancel (ignore it unless this host holds the task) and the route of the command to confirm to (None: the
+    task's own); `on_task(id)` a task handed to this host. They run on the cluster's threads.
     """
 
     def __init__(self, url: str, host: str, *, lease_seconds: float, on_takeover: Callable[[set[str]], None],
-                 on_cancel: Callable[[str], None], on_task: Callable[[str], None] = lambda task_id: None,
+                 on_cancel: Callable[[str, Route | None], None], on_task: Callable[[str], None] = lambda task_id: None,
                  connect_timeout: float = DB_CONNECT_TIMEOUT, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.url, self.host, self.lease, self.clock = url, host, lease_seconds, clock
         self.on_takeover = on_takeover
-        self._listeners: dict[str, Callable[[str], None]] = {CANCEL_CHANNEL: on_cancel, TASK_CHANNEL: on_task}
+        self._listeners: dict[str, Callable[[str], None]] = {
+            CANCEL_CHANNEL: lambda payload: on_cancel(*cancel_told(payload)), TASK_CHANNEL: on_task}
         # Every connection of the cluster (statements, LISTEN) with the bot's time limits (store/pg_connect.py).
         self._limits = {"connect_timeout": connect_timeout, "statement_timeout": statement_timeout,
                         "lock_timeout": DB_LOCK_TIMEOUT}
@@ -163,14 +166,16 @@ class Cluster:
         self.leased({row[0] for row in rows}, sent)
         return {row[0]: row[1] for row in rows}
 
-    def request_cancel(self, task_id: str) -> str | None:
-        """Ask whichever host holds an active task to cancel it: the host's name, None if the task is not active,
-        "" if the DB cannot be reached."""
+    def request_cancel(self, task_id: str, reply_to: Route | None = None) -> str | None:
+        """Ask whichever host holds an active task to cancel it, and to confirm to `reply_to` (the command message's
+        route: its session webhook is free, and any host may post to it): the host's name, None if the task is not
+        active, "" if the DB cannot be reached."""
         try:
             rows = self.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = %s AND status IN ('queued', "
                                  "'running') RETURNING host", (task_id,), quick=True)
             if rows:
-                self.execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, task_id), quick=True)
+                self.execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, cancel_payload(task_id, reply_to)),
+                             quick=True)
         except psycopg.Error as exc:
             log.error("任务 %s 取消请求失败 (%s)", task_id, " ".join(str(exc).split()))
             return ""
@@ -319,7 +324,8 @@ def join_cluster(config: Config, manager: Any, *, reconcile_seconds: float = REC
         return None
     cluster = Cluster(config.task_db, this_host(config), lease_seconds=config.lease_seconds,
                       statement_timeout=config.db_statement_timeout, on_takeover=lambda ids: manager.recover(only=ids),
-                      on_cancel=lambda task_id: inbox.cancel(task_id), on_task=lambda task_id: inbox.handed(task_id))
+                      on_cancel=lambda task_id, reply_to: inbox.cancel(task_id, reply_to),
+                      on_task=lambda task_id: inbox.handed(task_id))
     inbox = cluster.inbox = Inbox(cluster, manager, reconcile_seconds=reconcile_seconds)  # hand-offs, cancels
     try:
         manager.recover(only=cluster.claim_at_start())

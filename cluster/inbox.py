@@ -1,22 +1,28 @@
 """What the other hosts send this one, acted on here: a task handed to it (queued here) and a cancel of a task it holds
-(stopped, and confirmed), whether a notification brought it or the periodic look at this host's own rows
-(`Cluster.reconcile`) found it after its notification was lost.
+(stopped, and confirmed where the command was given), whether a notification brought it or the periodic look at this
+host's own rows (`Inbox.reconcile`) found it after its notification was lost.
 
 A `NOTIFY` is lost when the listener's connection drops at the wrong moment (it listens again, but what was sent
 meanwhile is gone), so the rows are the truth and the notifications only make it quick: every `reconcile_seconds`
 each host reads its rows that are queued, or whose cancel was asked for, and acts on those it has not. Both paths may
 bring the same thing twice; each is done once: a task already on the board is not adopted again, and a task whose
 cancel this host has taken is not cancelled (nor confirmed) again.
+
+A cancel's notification carries the route of the command message (`/cancel` on another host): its session webhook
+is a URL any host may post to, free, where a push is a metered OpenAPI call, so the holder confirms there. A cancel
+found on the rows (its notification lost), or asked by a card's stop button, is confirmed in the task's own chat.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Any
 
 import psycopg
 
+from dingtalk.route import Route
 from tasks import texts
 from tasks.task import CANCELLED
 
@@ -95,9 +101,9 @@ class Inbox:
         board.mark_delivered(task)
         self.manager.outbox.notice(task.route, texts.cancelled(task), task_id=task.id)
 
-    def cancel(self, task_id: str) -> None:
-        """A cancel asked of every host: the one holding the task stops it, once, and tells the user when it has
-        ended."""
+    def cancel(self, task_id: str, reply_to: Route | None = None) -> None:
+        """A cancel asked of every host: the one holding the task stops it, once, and confirms once it has ended, to
+        `reply_to` (the chat the command came from, its session webhook while alive) or the task's own chat."""
         board = self.manager.board
         with board.lock:  # taken once: a notification and a look at the rows may both bring it
             task = board.tasks.get(task_id)
@@ -106,7 +112,28 @@ class Inbox:
             board.transition(task, cancel_requested=True)
 
         def confirm(ended: Any, stopped: bool) -> None:
-            self.manager.outbox.notice(ended.route, texts.cancel_outcome(ended, stopped), task_id=ended.id,
-                                       allow_webhook=False)
+            self.manager.outbox.notice(reply_to or ended.route, texts.cancel_outcome(ended, stopped), task_id=ended.id)
 
         self.manager.cancel(task_id, on_ended=confirm)
+
+
+def cancel_payload(task_id: str, reply_to: Route | None) -> str:
+    """The `bot_cancel` notification: the task id, and the command message's route to confirm to (JSON)."""
+    if reply_to is None:
+        return task_id
+    return json.dumps({"task": task_id, "reply": reply_to.__dict__}, ensure_ascii=False)
+
+
+def cancel_told(payload: str) -> tuple[str, Route | None]:
+    """(task id, route to confirm to) of a `bot_cancel` notification; a bare task id (an older host's) has no route."""
+    if not payload.startswith("{"):
+        return payload, None
+    told = json.loads(payload)
+    reply = told.get("reply")
+    try:
+        route = Route(str(reply["conversation_type"]), str(reply["user_id"]), str(reply["conversation_id"]),
+                      str(reply.get("session_webhook") or ""), int(reply.get("webhook_expires_ms") or 0))
+    except (KeyError, TypeError, ValueError):
+        log.warning("集群取消通知的回复路径无法解析，确认发到任务所在会话")
+        route = None
+    return str(told["task"]), route

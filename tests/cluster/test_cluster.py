@@ -24,9 +24,9 @@ def _task(number: int, **fields) -> Task:
                 prompt=f"p{number}", created_at=float(number), **fields)
 
 
-def _member(url: str, host: str, lease: float = 30.0, cancels: list[str] | None = None) -> Cluster:
+def _member(url: str, host: str, lease: float = 30.0, cancels: list[tuple] | None = None) -> Cluster:
     return Cluster(url, host, lease_seconds=lease, on_takeover=lambda ids: None,
-                   on_cancel=(cancels.append if cancels is not None else lambda task_id: None))
+                   on_cancel=lambda *told: cancels.append(told) if cancels is not None else None)
 
 
 def _expire(url: str, host: str | None = None) -> None:
@@ -104,10 +104,11 @@ def test_a_cancel_request_marks_the_task_and_reaches_every_listening_host(pg_url
     a, b = _member(pg_url, "a", cancels=heard_a), _member(pg_url, "b", cancels=heard_b)
     _start_listening(a, b)
     assert b.request_cancel(f"{8:016x}") is None  # finished: nothing to cancel
-    assert b.request_cancel(f"{7:016x}") == "a"
+    command = Route("2", "admin", "cidG", session_webhook="https://hook", webhook_expires_ms=1)  # the /cancel's route
+    assert b.request_cancel(f"{7:016x}", reply_to=command) == "a"
     # Within 5 s (a user would call a slower cancel broken; bench/ has the real figures).
     poll_until(lambda: heard_a and heard_b, 5.0, 0.01, lambda: f"heard: a={heard_a} b={heard_b}")
-    assert heard_a == heard_b == [f"{7:016x}"]
+    assert heard_a == heard_b == [(f"{7:016x}", command)]  # the holder confirms there
     assert store.get(f"{7:016x}").cancel_requested
     a.stop()
     b.stop()
@@ -121,7 +122,8 @@ def test_a_listener_cut_off_from_the_db_listens_again_and_still_hears_cancels(pg
     assert store.wait_written(5)
     proxy = PgProxy(pg_url)
     heard: list[str] = []
-    a, b = Cluster(proxy.url, "a", lease_seconds=30, on_takeover=lambda ids: None, on_cancel=heard.append), \
+    a, b = Cluster(proxy.url, "a", lease_seconds=30, on_takeover=lambda ids: None,
+                   on_cancel=lambda task_id, reply_to: heard.append(task_id)), \
         _member(pg_url, "b")
     _start_listening(a)
     proxy.cut()
@@ -206,7 +208,7 @@ def test_the_delivery_fence_lets_a_result_out_only_while_this_host_holds_its_tas
 
     now = [100.0]
     cut_off = Cluster("postgresql://nobody@127.0.0.1:1/none", "a", lease_seconds=3, on_takeover=lambda ids: None,
-                      on_cancel=lambda task_id: None, connect_timeout=1, clock=lambda: now[0])
+                      on_cancel=lambda *told: None, connect_timeout=1, clock=lambda: now[0])
     unreachable = DeliveryFence(cut_off)
     cut_off.leased({f"{1:016x}"}, 99.0)  # a renewal that included the task, a second ago: its lease still holds
     assert unreachable(_task(1)) == 99.0 + 0.8 * 3 - 100.0  # what is left of that lease: no retry past it

@@ -1,5 +1,6 @@
 """A host of several, in process on a real PostgreSQL (its task manager, the fake CLI below, a sender that records):
-what another host sends it — a hand-off, a cancel — reaches it even when the notification is lost, and is done once."""
+what another host sends it — a hand-off, a cancel — reaches it even when the notification is lost, and is done once;
+a cancel is confirmed where the command was given."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import psycopg
 import pytest
 
 from async_task_manager import AsyncTaskManager
-from cluster.hosts import join_cluster, open_task_store
+from cluster.hosts import Cluster, join_cluster, open_task_store
 from codebuddy_client import RunResult
 from config import load_config
 from dingtalk.route import Route
@@ -116,3 +117,19 @@ def test_a_cancel_asked_on_another_host_whose_notification_was_lost_stops_the_ru
     assert len(sender.texts(f"已取消任务 {task.id}")) == 1  # confirmed once, however often the row is looked at
     assert manager.store.wait_written(5)
     assert _row(pg_url, "SELECT status, cancel_requested FROM tasks WHERE id = %s", task.id) == [("cancelled", 1)]
+
+
+def test_a_cross_host_cancel_is_confirmed_through_the_command_messages_own_session_webhook(pg_url, host_b):
+    manager, cluster, client, sender = host_b
+    task = manager.submit("长任务 [block]", Route("1", "u3", "c3"), user_id="u3", conversation_key="c3")
+    poll_until(lambda: client.runs, 5.0, 0.02, lambda: "the task did not start")
+    assert manager.store.wait_written(5)
+    other = Cluster(pg_url, "a", lease_seconds=30, on_takeover=lambda ids: None, on_cancel=lambda *told: None)
+    command = Route("1", "u3", "c3", session_webhook="https://oapi.dingtalk.com/robot/sendBySession?session=x",
+                    webhook_expires_ms=int(time.time() * 1000) + 3_600_000)  # the /cancel message host a received
+    assert other.request_cancel(task.id, reply_to=command) == "b"
+    poll_until(lambda: sender.texts(f"已取消任务 {task.id}"), 5.0, 0.02, lambda: "no confirmation")
+    # Any host may post to that webhook, and it is free: no metered push for a command's answer.
+    assert [(route, allow_webhook) for route, text, allow_webhook in sender.sent
+            if f"已取消任务 {task.id}" in text] == [(command, True)]
+    other.stop()

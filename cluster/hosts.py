@@ -307,6 +307,12 @@ def _listen_to(conn: psycopg.Connection, channels: list[str]) -> None:
     log.info("集群通知已监听 (channels: %s)", ", ".join(channels))
 
 
+def _shown_approval(manager: Any, track: str) -> tuple[str | None, str]:
+    """(its task, the request whose buttons it shows) of this host's card `track`; (None, "") if not its card."""
+    cards = manager.outbox.cards
+    return cards.shown_approval(track) if cards is not None else (None, "")
+
+
 def open_task_store(config: Config) -> JournaledStore:
     """The daemon's store (TASK_DB); on PostgreSQL the tasks it creates are leased to this host."""
     return open_store(config.task_db, host=this_host(config), lease_seconds=config.lease_seconds,
@@ -333,7 +339,8 @@ def join_cluster(config: Config, manager: Any, *, reconcile_seconds: float = REC
         log.error("集群数据库不可用 (%s): %s", " ".join(str(exc).split()), safe_url(config.task_db))
         cluster.claim_pending = True
     manager.cluster = cluster
-    SharedQuestions(cluster, manager.workers.approvals).join()  # an answer may reach a host that did not ask
+    SharedQuestions(cluster, manager.workers.approvals, admins=config.admin_users,  # an answer may reach another host
+                    shown=lambda track: _shown_approval(manager, track)).join()
     manager.outbox.fence = DeliveryFence(cluster)  # a result goes out only while this host holds its task
     limit = manager.board.limits.max_tasks_per_user
     manager.board.admit = lambda task, running: cluster.admit(task, running, limit)

@@ -34,6 +34,7 @@ from cluster.inbox import RECONCILE_SECONDS, Inbox, cancel_payload, cancel_told
 from cluster.placement import TASK_CHANNEL, place_task
 from cluster.questions import SharedQuestions
 from cluster.statements import Statements, warn_unless_known
+from common.supervision import Supervisor
 from config import DB_CONNECT_TIMEOUT, DB_LOCK_TIMEOUT, PROJECT_DIR, Config
 from dingtalk.route import Route
 from store.journal import JournaledStore, open_store
@@ -74,8 +75,9 @@ class Cluster:
     def __init__(self, url: str, host: str, *, lease_seconds: float, on_takeover: Callable[[set[str]], None],
                  on_cancel: Callable[[str, Route | None], None], on_task: Callable[[str], None] = lambda task_id: None,
                  connect_timeout: float = DB_CONNECT_TIMEOUT, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, supervisor: Supervisor | None = None) -> None:
         self.url, self.host, self.lease, self.clock = url, host, lease_seconds, clock
+        self.supervisor = supervisor or Supervisor()  # the bot's: a thread that dies is logged and restarted
         self.on_takeover = on_takeover
         self._listeners: dict[str, Callable[[str], None]] = {
             CANCEL_CHANNEL: lambda payload: on_cancel(*cancel_told(payload)), TASK_CHANNEL: on_task}
@@ -204,14 +206,12 @@ class Cluster:
     # -- threads
 
     def start(self) -> None:
-        """Start renewing leases, taking over expired ones, listening for cancels, and the periodic jobs."""
+        """Start renewing leases, taking over expired ones, listening for cancels, and the periodic jobs, each on a
+        supervised thread (common/supervision.py: an unexpected exception is logged and the loop started again)."""
         threads = [("cluster-lease", self._lease_loop), ("cluster-listen", self._listen_loop)]
         threads += [(name, lambda seconds=seconds, job=job: self._repeat(seconds, job))
                     for name, seconds, job in self._jobs]
-        for name, target in threads:
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._threads += [self.supervisor.start(name, target) for name, target in threads]
         log.info("集群成员已加入: host=%s lease=%.0fs", self.host, self.lease)
 
     def _repeat(self, seconds: float, job: Callable[[], None]) -> None:
@@ -331,7 +331,7 @@ def join_cluster(config: Config, manager: Any, *, reconcile_seconds: float = REC
     cluster = Cluster(config.task_db, this_host(config), lease_seconds=config.lease_seconds,
                       statement_timeout=config.db_statement_timeout, on_takeover=lambda ids: manager.recover(only=ids),
                       on_cancel=lambda task_id, reply_to: inbox.cancel(task_id, reply_to),
-                      on_task=lambda task_id: inbox.handed(task_id))
+                      on_task=lambda task_id: inbox.handed(task_id), supervisor=manager.supervisor)
     inbox = cluster.inbox = Inbox(cluster, manager, reconcile_seconds=reconcile_seconds)  # hand-offs, cancels
     try:
         manager.recover(only=cluster.claim_at_start())

@@ -93,7 +93,6 @@ class Cluster:
         self._queued_elsewhere: dict[str, int] = {}  # user → queued tasks on the other live hosts (lease thread)
         self.claim_pending = False  # the start's claim failed: the lease thread retries it
         self.inbox: Inbox | None = None  # what the other hosts send this one (join_cluster sets it)
-        self.renewed_at = float("-inf")  # `clock`: when the last successful renewal was sent
         self._leased: dict[str, float] = {}  # task id → when the statement that last leased it to this host was sent
         self._leased_lock = threading.Lock()
         # The tasks the lease thread took over (or claimed) until they are on the board: a look at the rows
@@ -144,7 +143,6 @@ class Cluster:
                                "RETURNING id", (self.lease, self.host))
         with self._leased_lock:  # a task this renewal left out is not this host's any more (or not written yet)
             self._leased = dict.fromkeys((row[0] for row in renewed), sent)
-        self.renewed_at = sent
         return len(renewed)
 
     def leased(self, task_ids: set[str], sent: float) -> None:

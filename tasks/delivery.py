@@ -188,7 +188,7 @@ class Outbox:
             lease = self._fenced(task)
             if lease is None:
                 return False
-            lease = min(lease, give_up - self.clock())
+            lease = max(0.0, min(lease, give_up - self.clock()))
         self._after_failure(task, delivery)
         return False
 

@@ -54,17 +54,19 @@ class Delivery:
     path: str = ""  # "webhook", "batchSend" or "group"
     error: str = ""
     permanent: bool = False  # retrying later will not help
+    out_of_time: bool = False  # the retry window ended before the next retry: sending again may still work
 
 
 class DeliveryError(Exception):
     """A send failed. `retryable`: worth retrying within this send; `permanent`: it can never succeed."""
 
     def __init__(self, message: str, *, retryable: bool, retry_after: float | None = None,
-                 permanent: bool | None = None) -> None:
+                 permanent: bool | None = None, out_of_time: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
         self.retry_after = retry_after
         self.permanent = (not retryable) if permanent is None else permanent
+        self.out_of_time = out_of_time  # gave up because the retry window ended
 
 
 class _InvalidToken(Exception):
@@ -244,7 +246,8 @@ class DingTalkSender:
                                                  deadline)
             except DeliveryError as exc:
                 self._count(f"{path_name}_failed")
-                return Delivery(ok=False, path=path_name, error=str(exc), permanent=exc.permanent)
+                return Delivery(ok=False, path=path_name, error=str(exc), permanent=exc.permanent,
+                                out_of_time=exc.out_of_time)
             log.info("消息发送响应: %s user=%s", self._one_line_json(response), route.user_id)
         self._count(f"{path_name}_ok")
         return Delivery(ok=True, path=path_name)
@@ -279,7 +282,7 @@ class DingTalkSender:
             delay = error.retry_after if error.retry_after is not None else min(30.0, 0.5 * 2 ** (attempt - 1))
             delay += random.uniform(0, delay * 0.25)
             if self._clock() + delay > deadline:
-                raise DeliveryError(f"gave up after {attempt} attempts: {error}", retryable=True)
+                raise DeliveryError(f"gave up after {attempt} attempts: {error}", retryable=True, out_of_time=True)
             log.warning("推送失败，%.1f 秒后重试 (第 %d 次): %s", delay, attempt, error)
             if self._stop.wait(delay):
                 raise DeliveryError(f"stopping: {error}", retryable=True)

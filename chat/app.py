@@ -258,7 +258,8 @@ class ChatApp:
 
         cluster = self.manager.cluster  # issue 16: another host may hold it; that host confirms
         if cluster is not None and task.id not in self.manager.board.tasks:
-            holder = cluster.request_cancel(task.id)  # None: not active; "": the DB cannot be reached
+            # None: not active; "": the DB cannot be reached. The holder confirms through this message's webhook.
+            holder = cluster.request_cancel(task.id, reply_to=self.route_for(message))
             if not holder:
                 self.reply(message, f"任务 {task.id} 已结束，无需取消。" if holder is None
                            else f"暂时无法取消任务 {task.id} (任务数据库不可用)，请稍后再试。")

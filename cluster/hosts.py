@@ -30,20 +30,21 @@ import psycopg
 
 from cluster.admission import Admission
 from cluster.fence import DeliveryFence
-from cluster.placement import place_task
+from cluster.inbox import RECONCILE_SECONDS, Inbox, cancel_payload, cancel_told
+from cluster.placement import TASK_CHANNEL, place_task
 from cluster.questions import SharedQuestions
 from cluster.statements import Statements, warn_unless_known
+from common.supervision import Supervisor
 from config import DB_CONNECT_TIMEOUT, DB_LOCK_TIMEOUT, PROJECT_DIR, Config
+from dingtalk.route import Route
 from store.journal import JournaledStore, open_store
 from store.pg_connect import DEFAULT_STATEMENT_TIMEOUT, connect
 from store.postgres import DB_NOW, is_postgres_url, safe_url
-from tasks import texts
 from tasks.task import Task
 
 log = logging.getLogger("cluster")
 
 CANCEL_CHANNEL = "bot_cancel"
-TASK_CHANNEL = "bot_task"  # a task handed to the host holding its conversation
 _UNDONE = "delivered = 0 AND undeliverable = 0"  # a task a host still has to run or deliver
 _RETRY = 1.0  # seconds between attempts while the DB cannot be reached
 
@@ -66,17 +67,20 @@ def this_host(config: Config) -> str:
 class Cluster:
     """This host's membership: its leases, taking over expired ones, and cross-host cancels.
 
-    `on_takeover(ids)` gets the tasks this host took from a dead one; `on_cancel(id)` a task id some host was asked
-    to cancel (ignore it unless this host holds the task). Both run on the cluster's threads.
+    `on_takeover(ids)` gets the tasks this host took from a dead one; `on_cancel(id, reply_to)` a task id some host was
+    asked to cancel (ignore it unless this host holds the task) and the route of the command to confirm to (None: the
+    task's own); `on_task(id)` a task handed to this host. They run on the cluster's threads.
     """
 
     def __init__(self, url: str, host: str, *, lease_seconds: float, on_takeover: Callable[[set[str]], None],
-                 on_cancel: Callable[[str], None], on_task: Callable[[str], None] = lambda task_id: None,
-                 connect_timeout: float = DB_CONNECT_TIMEOUT, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT
-                 ) -> None:
-        self.url, self.host, self.lease = url, host, lease_seconds
+                 on_cancel: Callable[[str, Route | None], None], on_task: Callable[[str], None] = lambda task_id: None,
+                 connect_timeout: float = DB_CONNECT_TIMEOUT, statement_timeout: float = DEFAULT_STATEMENT_TIMEOUT,
+                 clock: Callable[[], float] = time.monotonic, supervisor: Supervisor | None = None) -> None:
+        self.url, self.host, self.lease, self.clock = url, host, lease_seconds, clock
+        self.supervisor = supervisor or Supervisor()  # the bot's: a thread that dies is logged and restarted
         self.on_takeover = on_takeover
-        self._listeners: dict[str, Callable[[str], None]] = {CANCEL_CHANNEL: on_cancel, TASK_CHANNEL: on_task}
+        self._listeners: dict[str, Callable[[str], None]] = {
+            CANCEL_CHANNEL: lambda payload: on_cancel(*cancel_told(payload)), TASK_CHANNEL: on_task}
         # Every connection of the cluster (statements, LISTEN) with the bot's time limits (store/pg_connect.py).
         self._limits = {"connect_timeout": connect_timeout, "statement_timeout": statement_timeout,
                         "lock_timeout": DB_LOCK_TIMEOUT}
@@ -88,7 +92,13 @@ class Cluster:
         self._jobs: list[tuple[str, float, Callable[[], None]]] = []  # periodic work started with the threads
         self._queued_elsewhere: dict[str, int] = {}  # user → queued tasks on the other live hosts (lease thread)
         self.claim_pending = False  # the start's claim failed: the lease thread retries it
-        self.renewed_at = float("-inf")  # monotonic: when the last successful renewal was sent
+        self.inbox: Inbox | None = None  # what the other hosts send this one (join_cluster sets it)
+        self._leased: dict[str, float] = {}  # task id → when the statement that last leased it to this host was sent
+        self._leased_lock = threading.Lock()
+        # The tasks the lease thread took over (or claimed) until they are on the board: a look at the rows
+        # (`reconcile`) must not queue them a second time (cluster/inbox.py, under `takeover_lock`).
+        self.taking: set[str] = set()
+        self.takeover_lock = threading.Lock()
 
     # -- statements
 
@@ -117,37 +127,55 @@ class Cluster:
     def claim_at_start(self) -> set[str]:
         """The undone tasks this host restarts with: its own, unowned ones (a migrated DB) and expired ones."""
         self.renew()
+        sent = self.clock()
         rows = self.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE {_UNDONE} AND "
                              f"(host = %s OR host IS NULL OR lease_until < {DB_NOW}) RETURNING id",
                              (self.host, self.lease, self.host))
+        self.leased({row[0] for row in rows}, sent)
         return {row[0] for row in rows}
 
     def renew(self) -> int:
         """Mark this host alive and extend the leases of every undone task it holds; how many."""
-        sent = time.monotonic()  # the leases run from the DB's now, which is later: `renewed_at` errs on the safe side
+        sent = self.clock()  # the leases run from the DB's now, which is later: `sent` errs on the safe side
         self.execute(f"INSERT INTO hosts VALUES (%s, {DB_NOW} + %s) ON CONFLICT (host) DO UPDATE SET "
                      "alive_until = excluded.alive_until", (self.host, self.lease))
         renewed = self.execute(f"UPDATE tasks SET lease_until = {DB_NOW} + %s WHERE host = %s AND {_UNDONE} "
                                "RETURNING id", (self.lease, self.host))
-        self.renewed_at = sent
+        with self._leased_lock:  # a task this renewal left out is not this host's any more (or not written yet)
+            self._leased = dict.fromkeys((row[0] for row in renewed), sent)
         return len(renewed)
+
+    def leased(self, task_ids: set[str], sent: float) -> None:
+        """Record that a statement sent at `sent` (`clock`) leased these tasks to this host (it returned them)."""
+        with self._leased_lock:
+            self._leased.update(dict.fromkeys(task_ids, sent))
+
+    def leased_at(self, task_id: str) -> float:
+        """When the statement that last leased `task_id` to this host was sent (`clock`); -inf if none since the
+        last renewal, which left it out: another host may hold it."""
+        with self._leased_lock:
+            return self._leased.get(task_id, float("-inf"))
 
     def take_over(self) -> dict[str, str]:
         """Take the undone tasks whose lease expired (their host is gone): {task id: the host it had}."""
+        sent = self.clock()
         rows = self.execute(
             f"WITH expired AS (SELECT id, host FROM tasks WHERE host <> %s AND lease_until < {DB_NOW} AND {_UNDONE} "
             f"FOR UPDATE SKIP LOCKED) UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s FROM expired "
             "WHERE tasks.id = expired.id RETURNING tasks.id, expired.host", (self.host, self.host, self.lease))
+        self.leased({row[0] for row in rows}, sent)
         return {row[0]: row[1] for row in rows}
 
-    def request_cancel(self, task_id: str) -> str | None:
-        """Ask whichever host holds an active task to cancel it: the host's name, None if the task is not active,
-        "" if the DB cannot be reached."""
+    def request_cancel(self, task_id: str, reply_to: Route | None = None) -> str | None:
+        """Ask whichever host holds an active task to cancel it, and to confirm to `reply_to` (the command message's
+        route: its session webhook is free, and any host may post to it): the host's name, None if the task is not
+        active, "" if the DB cannot be reached."""
         try:
             rows = self.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = %s AND status IN ('queued', "
                                  "'running') RETURNING host", (task_id,), quick=True)
             if rows:
-                self.execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, task_id), quick=True)
+                self.execute("SELECT pg_notify(%s, %s)", (CANCEL_CHANNEL, cancel_payload(task_id, reply_to)),
+                             quick=True)
         except psycopg.Error as exc:
             log.error("任务 %s 取消请求失败 (%s)", task_id, " ".join(str(exc).split()))
             return ""
@@ -157,31 +185,6 @@ class Cluster:
         """Whether `task` may start here given the other hosts' runs (cluster/admission.py); None: it is not this
         host's to run any more. Called without the board's lock: it may wait for the DB up to its time limits."""
         return self.admission(task, running_here, max_per_user)
-
-    def conversation_host(self, conversation_key: str) -> tuple[str | None, bool]:
-        """The host that ran the conversation last (it holds its workspace) and whether it is alive;
-        (None, False) for a new conversation or when the DB cannot say."""
-        try:
-            rows = self.execute(f"SELECT c.host, coalesce(h.alive_until > {DB_NOW}, false) FROM conversation_hosts c "
-                                 "LEFT JOIN hosts h ON h.host = c.host WHERE c.conversation_key = %s",
-                                 (conversation_key,), quick=True)
-        except psycopg.Error as exc:
-            warn_unless_known(exc, "查询会话所在主机失败 (%s)")
-            return None, False
-        return (rows[0][0], bool(rows[0][1])) if rows else (None, False)
-
-    def hand_off(self, task_id: str, host: str) -> bool:
-        """Give a queued task (its row written) of this host to `host` and wake it; False if it did not move."""
-        try:
-            moved = self.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE id = %s AND "
-                                  "host = %s AND status = 'queued' RETURNING id",
-                                  (host, self.lease, task_id, self.host), quick=True)
-            if moved:
-                self.execute("SELECT pg_notify(%s, %s)", (TASK_CHANNEL, task_id))
-        except psycopg.Error as exc:
-            warn_unless_known(exc, f"任务 {task_id} 交给主机 {host} 失败 (%s)")
-            return False
-        return bool(moved)
 
     def host_of(self, task_id: str, *, quick: bool = True) -> str | None:
         """The host holding a task (for /status: `quick`); None if unknown or the DB cannot say."""
@@ -201,14 +204,12 @@ class Cluster:
     # -- threads
 
     def start(self) -> None:
-        """Start renewing leases, taking over expired ones, listening for cancels, and the periodic jobs."""
+        """Start renewing leases, taking over expired ones, listening for cancels, and the periodic jobs, each on a
+        supervised thread (common/supervision.py: an unexpected exception is logged and the loop started again)."""
         threads = [("cluster-lease", self._lease_loop), ("cluster-listen", self._listen_loop)]
         threads += [(name, lambda seconds=seconds, job=job: self._repeat(seconds, job))
                     for name, seconds, job in self._jobs]
-        for name, target in threads:
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._threads += [self.supervisor.start(name, target) for name, target in threads]
         log.info("集群成员已加入: host=%s lease=%.0fs", self.host, self.lease)
 
     def _repeat(self, seconds: float, job: Callable[[], None]) -> None:
@@ -231,12 +232,14 @@ class Cluster:
         failing = ""
         while not self._stop.wait(self.lease / 3):
             try:
-                if self.claim_pending:  # the start could not claim this host's own tasks: now
-                    taken = dict.fromkeys(self.claim_at_start(), self.host)
-                    self.claim_pending = False
-                else:
+                claiming = self.claim_pending  # the start could not claim this host's own tasks: now
+                if not claiming:
                     self.renew()
-                    taken = self.take_over()
+                with self.takeover_lock:
+                    taken = dict.fromkeys(self.claim_at_start(), self.host) if claiming else self.take_over()
+                    self.taking |= set(taken)
+                self.claim_pending = False
+                if not claiming:
                     self.refresh_queued()
                 if failing:
                     log.warning("集群数据库已恢复，租约续期继续")
@@ -258,6 +261,9 @@ class Cluster:
             self.on_takeover(task_ids)
         except Exception:
             log.exception("接管任务失败: %s", ", ".join(sorted(task_ids)))
+        finally:
+            with self.takeover_lock:
+                self.taking -= task_ids
 
     def _listen_loop(self) -> None:
         while not self._stop.is_set():
@@ -299,29 +305,10 @@ def _listen_to(conn: psycopg.Connection, channels: list[str]) -> None:
     log.info("集群通知已监听 (channels: %s)", ", ".join(channels))
 
 
-def _cancel_if_here(manager: Any, task_id: str) -> None:
-    """A cancel sent to every host: the one holding the task stops it and tells the user when it has ended."""
-    if task_id not in manager.board.tasks:
-        return
-
-    def confirm(task: Any, stopped: bool) -> None:
-        manager.outbox.notice(task.route, texts.cancel_outcome(task, stopped), task_id=task.id,
-                              allow_webhook=False)
-
-    manager.cancel(task_id, on_ended=confirm)
-
-
-def _run_handed_task(manager: Any, cluster: Cluster, task_id: str) -> None:
-    """A task another host handed to this one (its conversation lives here): queue it here."""
-    if task_id in manager.board.tasks or cluster.host_of(task_id, quick=False) != cluster.host:
-        return
-    task = manager.store.get(task_id)
-    if task is None or task.finished:
-        return
-    with manager.board.lock:
-        manager.board.adopt(task)
-        manager.board.enqueue(task)
-    log.info("接收任务 %s: 会话 %s 在本主机", task_id, task.conversation_key)
+def _shown_approval(manager: Any, track: str) -> tuple[str | None, str]:
+    """(its task, the request whose buttons it shows) of this host's card `track`; (None, "") if not its card."""
+    cards = manager.outbox.cards
+    return cards.shown_approval(track) if cards is not None else (None, "")
 
 
 def open_task_store(config: Config) -> JournaledStore:
@@ -330,7 +317,7 @@ def open_task_store(config: Config) -> JournaledStore:
                       statement_timeout=config.db_statement_timeout)
 
 
-def join_cluster(config: Config, manager: Any) -> Cluster | None:
+def join_cluster(config: Config, manager: Any, *, reconcile_seconds: float = RECONCILE_SECONDS) -> Cluster | None:
     """Recover the tasks this host restarts with and, with a PostgreSQL TASK_DB, join the hosts sharing it.
 
     With SQLite: `manager.recover()` (one host). With PostgreSQL: recover only the tasks this host holds, unowned
@@ -341,15 +328,17 @@ def join_cluster(config: Config, manager: Any) -> Cluster | None:
         return None
     cluster = Cluster(config.task_db, this_host(config), lease_seconds=config.lease_seconds,
                       statement_timeout=config.db_statement_timeout, on_takeover=lambda ids: manager.recover(only=ids),
-                      on_cancel=lambda task_id: _cancel_if_here(manager, task_id),
-                      on_task=lambda task_id: _run_handed_task(manager, cluster, task_id))
+                      on_cancel=lambda task_id, reply_to: inbox.cancel(task_id, reply_to),
+                      on_task=lambda task_id: inbox.handed(task_id), supervisor=manager.supervisor)
+    inbox = cluster.inbox = Inbox(cluster, manager, reconcile_seconds=reconcile_seconds)  # hand-offs, cancels
     try:
         manager.recover(only=cluster.claim_at_start())
     except psycopg.Error as exc:  # the lease thread claims them once the DB answers
         log.error("集群数据库不可用 (%s): %s", " ".join(str(exc).split()), safe_url(config.task_db))
         cluster.claim_pending = True
     manager.cluster = cluster
-    SharedQuestions(cluster, manager.workers.approvals).join()  # an answer may reach a host that did not ask
+    SharedQuestions(cluster, manager.workers.approvals, admins=config.admin_users,  # an answer may reach another host
+                    shown=lambda track: _shown_approval(manager, track)).join()
     manager.outbox.fence = DeliveryFence(cluster)  # a result goes out only while this host holds its task
     limit = manager.board.limits.max_tasks_per_user
     manager.board.admit = lambda task, running: cluster.admit(task, running, limit)

@@ -8,13 +8,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psycopg
+
+from cluster.statements import warn_unless_known
 from common.logs import task_log
+from store.postgres import DB_NOW
 from tasks import texts
 from tasks.task import QUEUED, Task
 
 log = logging.getLogger("cluster")
 
 PLACE_WRITE_WAIT = 2.0  # seconds placement waits for a new task's row (and its msgId) to be written
+TASK_CHANNEL = "bot_task"  # a task handed to the host holding its conversation (cluster/inbox.py takes it)
 
 
 def place_task(cluster: Any, manager: Any, task: Task, expected: str) -> None:
@@ -32,7 +37,7 @@ def place_task(cluster: Any, manager: Any, task: Task, expected: str) -> None:
             board.tasks.pop(task.id, None)
         task_log(log, task).info("重复消息已忽略: msgId=%s user=%s (另一主机已接收)", task.msg_id, task.user_id)
         return
-    owner, alive = cluster.conversation_host(task.conversation_key)
+    owner, alive = conversation_host(cluster, task.conversation_key)
     if owner is not None and owner != cluster.host and not alive:
         manager.outbox.notice(task.route, texts.conversation_moved(task, owner), task_id=task.id)
     elif owner is not None and owner != cluster.host and written:
@@ -41,7 +46,7 @@ def place_task(cluster: Any, manager: Any, task: Task, expected: str) -> None:
                 return
             board.tasks.pop(task.id, None)
             manager.outbox.acknowledge(task, texts.acknowledgement(task, "", expected))
-        if cluster.hand_off(task.id, owner):
+        if hand_off(cluster, task.id, owner):
             log.info("任务 %s 交给会话所在主机 %s", task.id, owner)
             return
         with board.lock:  # it stays here after all (acknowledged already)
@@ -56,6 +61,33 @@ def place_task(cluster: Any, manager: Any, task: Task, expected: str) -> None:
         manager.outbox.acknowledge(task, texts.acknowledgement(task, waiting, expected))
     if task.background:
         task_log(log, task).info("异步任务已启动: %s", task.id)
+
+
+def conversation_host(cluster: Any, conversation_key: str) -> tuple[str | None, bool]:
+    """The host that ran the conversation last (it holds its workspace) and whether it is alive; (None, False) for a
+    new conversation or when the DB cannot say."""
+    try:
+        rows = cluster.execute(f"SELECT c.host, coalesce(h.alive_until > {DB_NOW}, false) FROM conversation_hosts c "
+                               "LEFT JOIN hosts h ON h.host = c.host WHERE c.conversation_key = %s",
+                               (conversation_key,), quick=True)
+    except psycopg.Error as exc:
+        warn_unless_known(exc, "查询会话所在主机失败 (%s)")
+        return None, False
+    return (rows[0][0], bool(rows[0][1])) if rows else (None, False)
+
+
+def hand_off(cluster: Any, task_id: str, host: str) -> bool:
+    """Give a queued task (its row written) of this host to `host` and wake it; False if it did not move."""
+    try:
+        moved = cluster.execute(f"UPDATE tasks SET host = %s, lease_until = {DB_NOW} + %s WHERE id = %s AND "
+                                "host = %s AND status = 'queued' RETURNING id",
+                                (host, cluster.lease, task_id, cluster.host), quick=True)
+        if moved:
+            cluster.execute("SELECT pg_notify(%s, %s)", (TASK_CHANNEL, task_id))
+    except psycopg.Error as exc:
+        warn_unless_known(exc, f"任务 {task_id} 交给主机 {host} 失败 (%s)")
+        return False
+    return bool(moved)
 
 
 def _still_new(board: Any, task: Task) -> bool:

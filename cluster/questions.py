@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import psycopg
@@ -50,9 +51,12 @@ class Question(NamedTuple):
 class SharedQuestions:
     """This host's side of the shared questions: publish its own, pass on answers to others', take relayed ones."""
 
-    def __init__(self, cluster: Any, approvals: Approvals) -> None:  # cluster.Cluster
+    def __init__(self, cluster: Any, approvals: Approvals, *, admins: Iterable[str] = (),  # cluster.Cluster
+                 shown: Callable[[str], tuple[str | None, str]] = lambda track: (None, "")) -> None:
         self.cluster = cluster
         self.approvals = approvals
+        self.admins = frozenset(admins)  # ADMIN_USERS here: who may answer is decided here, never by a relayed flag
+        self.shown = shown  # card id → (its task, the request its buttons show) of this host's cards
         self.relayed = 0  # answers and clicks passed to another host
         self._lock = threading.Lock()
         self._others: dict[str, Question] = {}  # the other live hosts' waiting questions, by id
@@ -127,17 +131,23 @@ class SharedQuestions:
                   (pending.id, QUESTION_CHANNEL, told))
 
     def take(self, payload: str) -> None:
-        """An answer or a click another host received for a question of a task here (NOTIFY payload, JSON)."""
+        """An answer or a click another host received for a question of a task here (NOTIFY payload, JSON). Who may
+        answer is decided here, from this host's admins: a flag in the payload is not read."""
         try:
             relayed = json.loads(payload)
-            question, user, admin = str(relayed["id"]), str(relayed["user"]), bool(relayed["admin"])
+            user, approve = str(relayed["user"]), relayed.get("approve")
+            target = str(relayed["track"] if approve is not None else relayed["id"])
         except (ValueError, KeyError, TypeError):
             log.warning("忽略无法解析的集群确认通知")
             return
-        if "approve" in relayed:
-            self.approvals.click(question, user, admin, bool(relayed["approve"]))
-        else:
-            self.approvals.answer_relayed(question, user, admin, str(relayed.get("text") or ""))
+        if approve is None:
+            self.approvals.answer_relayed(target, user, user in self.admins, str(relayed.get("text") or ""))
+            return
+        task_id, question = self.shown(target)  # the request the clicked card shows, never another of its task
+        if task_id is None:
+            return  # not a card of this host
+        outcome = self.approvals.click(question, user, user in self.admins, bool(approve))
+        log.info("卡片确认按钮 (另一主机收到): 任务 %s %s user=%s", task_id, outcome, user)
 
     # -- a host that received the answer
 
@@ -151,20 +161,20 @@ class SharedQuestions:
         if kind is None:
             return None
         task_id = found.task_id
-        relayed = {"id": found.id, "user": user_id, "admin": is_admin, "text": text[:RELAYED_CHARS]}
+        relayed = {"id": found.id, "user": user_id, "text": text[:RELAYED_CHARS]}  # the asking host decides again
         if kind != "refused" and not self._relay(relayed):
             return None
         if kind == "refused":
             log.warning("拒绝非发起人的确认: 任务 %s user=%s", task_id, user_id)
         return reply_for(kind, task_id)
 
-    def click(self, task_id: str, user_id: str, is_admin: bool, approve: bool) -> str:
-        """A card's approve/deny button for a task another host runs: "relayed" (that host decides whether this
-        user may answer, as for a click there) or "ignored" (nothing waits)."""
-        found = self._waiting(lambda q: q.task_id == task_id and not q.is_question)
-        if found is None:
+    def click(self, track: str, task_id: str, user_id: str, approve: bool) -> str:
+        """A button of card `track` of task `task_id` that another host runs: "relayed" (that host answers the request
+        its card shows, and decides whether this user may, as for a click there) or "ignored" (nothing waits).
+        The card's id goes, not a request id: which request its buttons show only the card's host knows."""
+        if self._waiting(lambda q: q.task_id == task_id and not q.is_question) is None:
             return "ignored"
-        relayed = self._relay({"id": found.id, "user": user_id, "admin": is_admin, "approve": approve})
+        relayed = self._relay({"track": track, "user": user_id, "approve": approve})
         return "relayed" if relayed else "ignored"
 
     def waits(self, task_id: str) -> bool:
@@ -185,7 +195,8 @@ class SharedQuestions:
         def send() -> None:
             if self._try("SELECT pg_notify(%s, %s)", (ANSWER_CHANNEL, json.dumps(answer, ensure_ascii=False))):
                 self.relayed += 1
-                log.info("确认请求 %s 的回答已转给执行任务的主机 (user=%s)", answer["id"], answer["user"])
+                log.info("确认请求 %s 的回答已转给执行任务的主机 (user=%s)", answer.get("id") or answer["track"],
+                         answer["user"])
 
         self.cluster.later(send)
         return True

@@ -40,14 +40,18 @@ URL_PREFIXES = ("postgresql://", "postgres://")
 _COLUMNS = ", ".join(TASK_COLUMNS)  # not *: the cluster's columns (host, lease_until) are not Task fields
 # A new row belongs to the host that made it, with a lease (cluster/hosts.py renews it); later saves leave both alone.
 DB_NOW = "extract(epoch FROM clock_timestamp())"  # the DB's clock: every host's leases are measured by one clock
+# A cancel is final, and another host may have asked for it on the row (cluster/hosts.py request_cancel) before the
+# holder heard: the holder's later writes never turn it back.
+_UPDATED = {c: f"{c} = excluded.{c}" for c in TASK_COLUMNS if c != "id"} | {
+    "cancel_requested": "cancel_requested = greatest(tasks.cancel_requested, excluded.cancel_requested)"}
 SAVE_TASK = (f"INSERT INTO tasks ({_COLUMNS}, host, lease_until) "
-              f"VALUES ({', '.join(f'%({c})s' for c in TASK_COLUMNS)}, "
-              f"%(_host)s, CASE WHEN %(_host)s::text IS NULL THEN NULL ELSE {DB_NOW} + %(_lease)s::float8 END) "
-              f"ON CONFLICT (id) DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in TASK_COLUMNS if c != 'id')} "
-              "WHERE tasks.created_at IS NOT DISTINCT FROM excluded.created_at "
-              # A host writes only the tasks it holds: once another took one over, the old host's late writes
-              # (a run it finished while cut off from the DB) do not overwrite the taker's (cluster/fence.py).
-              "AND (excluded.host IS NULL OR tasks.host IS NULL OR tasks.host = excluded.host)")
+             f"VALUES ({', '.join(f'%({c})s' for c in TASK_COLUMNS)}, "
+             f"%(_host)s, CASE WHEN %(_host)s::text IS NULL THEN NULL ELSE {DB_NOW} + %(_lease)s::float8 END) "
+             f"ON CONFLICT (id) DO UPDATE SET {', '.join(_UPDATED.values())} "
+             "WHERE tasks.created_at IS NOT DISTINCT FROM excluded.created_at "
+             # A host writes only the tasks it holds: once another took one over, the old host's late writes
+             # (a run it finished while cut off from the DB) do not overwrite the taker's (cluster/fence.py).
+             "AND (excluded.host IS NULL OR tasks.host IS NULL OR tasks.host = excluded.host)")
 
 
 class StoreUnreachable(StoreError):

@@ -57,8 +57,9 @@ class Outbox:
         self._pending_deliveries: set[Future] = set()
         self.budget: Any = None  # api_budget.ApiBudget: notices are not pushed near the monthly call budget
         self.cards: Any = None  # cards.Cards when AI cards are on: results finalize the task's card
-        # Several hosts: cluster_fence.DeliveryFence — send only while this host holds the task (None: one host).
-        self.fence: Callable[[Task], bool | None] | None = None
+        # Several hosts: cluster/fence.py's DeliveryFence — send only while this host holds the task (None: one host).
+        # It answers the seconds this host may go on sending (0: another host holds the task), None to ask later.
+        self.fence: Callable[[Task], float | None] | None = None
         self._notices = ThreadPoolExecutor(max_workers=NOTICE_THREADS, thread_name_prefix="notice")
         self._deliveries = ThreadPoolExecutor(max_workers=8, thread_name_prefix="deliver")
 
@@ -168,27 +169,50 @@ class Outbox:
         with self._lock:
             earlier = list(self._before_result.get(task.id, ()))
         futures_wait(earlier, timeout=ACK_WAIT)  # the acknowledgement and notices go first (failures were logged)
-        tlog = task_log(log, task)
-        held = self.fence(task) if self.fence is not None else True
-        if not held:
-            with self._lock:  # another host holds the task (False): its answer is not ours; unconfirmed (None): later
-                attempts = self._retries.pop(task.id, (task, 0.0, 0))[2]
-                if held is None:
-                    self._retries[task.id] = (task, self.clock() + FENCE_RETRY, attempts)
+        lease = self._fenced(task)
+        if lease is None:
             return False
         text = texts.result(task, self.clock())
         if self.cards is not None and self.cards.finish(task):
             return self._delivered(task, "card")
-        try:  # the session webhook while it lives (free), for background results too; else a push
-            delivery = self.sender.send(task.route, text, markdown=task.status == SUCCEEDED,
-                                        title="CodeBuddy 回复")
-        except Exception as exc:  # runs in a pool: an escaping exception would vanish unlogged
-            tlog.exception("任务 %s 结果发送出错", task.id)
-            delivery = Delivery(ok=False, error=type(exc).__name__)
-        if delivery.ok:
-            return self._delivered(task, delivery.path)
+        # Several hosts: each send retries only within the lease it started under (the fence's answer), and goes
+        # on after the fence is asked again, for as long as one send would have retried on one host.
+        give_up = self.clock() + getattr(self.sender, "retry_window", 0.0)
+        while True:
+            delivery = self._send_result(task, text, None if self.fence is None else lease)
+            if delivery.ok:
+                return self._delivered(task, delivery.path)
+            if self.fence is None or not delivery.out_of_time or self.clock() >= give_up:
+                break
+            task_log(log, task).info("任务 %s 的结果在租约内未能送达，确认本主机仍持有该任务后继续重试", task.id)
+            lease = self._fenced(task)
+            if lease is None:
+                return False
+            lease = max(0.0, min(lease, give_up - self.clock()))
         self._after_failure(task, delivery)
         return False
+
+    def _fenced(self, task: Task) -> float | None:
+        """The seconds this host may go on sending the task's result (inf on one host); None when it may not now:
+        another host holds the task (not sent here, ever), or the fence cannot tell yet (tried again soon)."""
+        lease = self.fence(task) if self.fence is not None else float("inf")
+        if lease:
+            return lease
+        with self._lock:
+            attempts = self._retries.pop(task.id, (task, 0.0, 0))[2]
+            if lease is None:
+                self._retries[task.id] = (task, self.clock() + FENCE_RETRY, attempts)
+        return None
+
+    def _send_result(self, task: Task, text: str, retry_window: float | None) -> Delivery:
+        """One send of the result: the session webhook while it lives (free), for background results too; else a
+        push, retried within `retry_window` (None: the sender's own)."""
+        try:
+            return self.sender.send(task.route, text, markdown=task.status == SUCCEEDED, title="CodeBuddy 回复",
+                                    retry_window=retry_window)
+        except Exception as exc:  # runs in a pool: an escaping exception would vanish unlogged
+            task_log(log, task).exception("任务 %s 结果发送出错", task.id)
+            return Delivery(ok=False, error=type(exc).__name__)
 
     def _delivered(self, task: Task, path: str) -> bool:
         """Record a result as delivered (by webhook, a push or its AI card)."""

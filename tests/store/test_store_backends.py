@@ -1,5 +1,6 @@
 """Both store backends: schema versions created and migrated at start, the org's API budget counter, and the
-PostgreSQL store shared by several processes (one msgId makes one task; concurrent budget adds all count).
+PostgreSQL store shared by several processes (one msgId makes one task; concurrent budget adds all count; a cancel
+another host asked for is never written back to "not asked").
 
 PostgreSQL here is a real server (tests/pg_fixture.py); SQLite a real file.
 """
@@ -127,6 +128,21 @@ def test_a_task_saved_by_one_process_is_read_by_another(pg_url):
     assert reader.get("ab" * 8).prompt == "p" and [t.id for t in reader.recent_for_user("u1", 5)] == ["ab" * 8]
     writer.close()
     reader.close()
+
+
+def test_a_cancel_another_host_asked_for_stays_on_the_row_whatever_the_holder_writes_later(pg_url):
+    holder = open_store(pg_url, host="b", **FAST)
+    task = _task("cd" * 8)
+    holder.save(task)
+    assert holder.wait_written(5)
+    with psycopg.connect(pg_url) as conn:  # host a's /cancel (its NOTIFY may be lost: b finds it on the row)
+        conn.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = %s", (task.id,))
+    task.last_step = "工具 Bash"  # b, not told yet, writes the task again
+    holder.save(task)
+    assert holder.wait_written(5)
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT cancel_requested, last_step FROM tasks").fetchall() == [(1, "工具 Bash")]
+    holder.close()
 
 
 def test_an_unreachable_postgres_is_one_line_without_the_password(pg_server):

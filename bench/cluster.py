@@ -128,8 +128,8 @@ def cancel_latency(server: PostgresServer, workdir: Path, rounds: int) -> dict[s
     """Two processes; a `[busy]` task runs on the first; `/cancel <id>` goes to the first (in-host) or to the second
     (cross-host: a DB update and NOTIFY bot_cancel reach the first). Per kind, seconds from the /cancel frame sent
     to the run's tool gone ("stopped") and to "已取消任务 <id>" arriving at the stand-in ("confirmed"; in-host it is
-    the reply to the /cancel, cross-host a push by the host that stopped it). Rounds alternate the two kinds after
-    one unmeasured round of each (the first push fetches a token)."""
+    the reply to the /cancel; cross-host, since cluster3, the host that stopped it answers through the /cancel
+    message's own session webhook too). Rounds alternate the two kinds after one unmeasured round of each."""
     standin = DingTalkStandin(client_id=CLIENT_ID, client_secret=CLIENT_SECRET)
     standin.start()
     standin.several_connections = True

@@ -1,6 +1,7 @@
 """Threads that never die silently: supervised loops that log and restart, and exception hooks that log.
 
-Every long-lived thread of the daemon (intake, workers, monitor, store writer) runs through
+Every long-lived thread of the daemon (intake, workers, monitor, store writer, the cluster's lease, listener and
+reconcile loops) runs through
 `Supervisor.start`: an unexpected exception is logged with its traceback to LOG_FILE and the loop is
 started again after a pause. A thread that crashes again and again is reported dead, and `healthy()` turns
 False, which stops the systemd watchdog pings so systemd restarts the bot.

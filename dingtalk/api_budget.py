@@ -37,15 +37,22 @@ LIMIT_NOTICE = ("（提示：本组织本月的钉钉开放接口调用额度已
 
 
 class CallCounts(Protocol):
-    """The task store's two calls that keep the month's count (store.base.TaskRecords)."""
+    """The task store's calls that keep the counts (store.base.TaskRecords)."""
 
-    def add_api_calls(self, month: str, count: int) -> None: ...
+    def add_api_calls(self, month: str, count: int, kind: str = "", day: str = "", user_id: str = "") -> None: ...
     def api_calls(self, month: str) -> int: ...
+    def api_calls_by_kind(self, month: str) -> dict[str, int]: ...
+    def user_api_calls(self, day: str, user_id: str) -> int: ...
 
 
 def month_of(wall_time: float) -> str:
     """The DingTalk calendar month ("2026-11") of a wall-clock time (epoch seconds)."""
     return (datetime.fromtimestamp(wall_time, UTC) + MONTH_OFFSET).strftime("%Y-%m")
+
+
+def day_of(wall_time: float) -> str:
+    """The bot's day ("2026-11-29") of a wall-clock time: Beijing's, like the month (USER_DAILY_API_CALLS)."""
+    return (datetime.fromtimestamp(wall_time, UTC) + MONTH_OFFSET).strftime("%Y-%m-%d")
 
 
 def month_elapsed(wall_time: float) -> float:

@@ -50,14 +50,17 @@ def test_migrate_store_copies_a_sqlite_db_into_postgres_once(tmp_path, pg_url):
     store.set_session("c", "s1")
     store.record_duration("u1", "报告", 42.0, time.time())
     store.add_api_calls("2026-11", 17)
+    store.add_api_calls("2026-11", 2, "download", "2026-11-29", "u1")
     store.close()
 
     result = _bot(tmp_path, "migrate-store", str(path), "--to", pg_url)
     assert result.returncode == 0, result.stderr
-    assert "copied 3 tasks, 1 seen_messages, 1 durations, 1 sessions, 1 api_calls" in result.stdout
+    assert ("copied 3 tasks, 1 seen_messages, 1 durations, 1 sessions, 1 api_calls, 1 api_calls_by_kind, "
+            "1 user_api_calls") in result.stdout
     target = open_store(pg_url)
     assert [t.prompt for t in target.load()] == ["p0", "p1", "p2"] and target.session_for("c") == "s1"
-    assert target.durations("报告") == [42.0] and target.api_calls("2026-11") == 17
+    assert target.durations("报告") == [42.0] and target.api_calls("2026-11") == 19
+    assert target.api_calls_by_kind("2026-11") == {"download": 2} and target.user_api_calls("2026-11-29", "u1") == 2
     assert not target.remember_message("m1", time.time())  # a redelivery after the move is still caught
     target.close()
 

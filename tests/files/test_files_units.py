@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import urllib3
 
 from codebuddy.sandbox import Workspaces
+from dingtalk.api_budget import ApiBudget, day_reset
 from dingtalk.incoming import AttachmentRef, attachment_refs, display_name
 from dingtalk.route import Route
 from dingtalk_sender import DingTalkSender
 from files.attachments import AttachmentFetcher, PendingAttachments, Saved, prompt_with
 from files.outbox import OutboxFiles
+from store.memory import MemoryTaskStore
 from tasks.task import Task
 from tests.standin_files import DOWNLOAD_PATH, UPLOAD_PATH
 
@@ -176,3 +179,25 @@ def test_the_stand_in_refuses_what_dingtalk_refuses(standin):
     assert push("sampleFile", {"mediaId": media_id, "fileName": "a.txt"}) == 400
     assert push("sampleImageMsg", {"photoURL": media_id}) == 400  # a file's media is not a picture
     assert push("sampleFile", {"mediaId": media_id, "fileName": "a.txt", "fileType": "txt"}) == 200
+
+
+def test_files_the_users_day_cannot_pay_for_stay_staged_and_the_user_is_told_by_the_webhook(standin, tmp_path):
+    sender = DingTalkSender(standin.base_url, standin.client_id, standin.client_secret, standin.robot_code,
+                            retry_window=5)
+    sender.meter = ApiBudget(MemoryTaskStore(), 5000, user_daily_limit=3)
+    files, outbox = _outbox(tmp_path, sender, max_files=3)
+    files.oapi_endpoint = standin.base_url
+    for name in ("a.csv", "b.csv", "c.csv"):
+        (outbox / name).write_text("1,2")
+    files.collect("chat", "task5")
+    session = standin.add_session()
+    task = _task("task5")
+    task.route = Route("1", "alice", "cidX", session_webhook=standin.webhook_url(session),
+                       webhook_expires_ms=int(time.time() * 1000) + 600_000)
+    assert files.send_staged(task) == 1  # a.csv: an upload and a push; one call left, a file costs two
+    assert len(standin.metered_requests()) == 2
+    told = standin.webhook_posts(session)
+    reset = day_reset(time.time())
+    assert len(told) == 1 and told[0].text == ("以下文件未发送: b.csv、c.csv。你今天的钉钉接口调用已用 2 次，"
+                                               f"每人每天上限 3 次，不够这次所需的 2 次，{reset} 恢复。")
+    assert sorted(os.listdir(files._stage_dir("chat", "task5"))) == ["b.csv", "c.csv"]  # sent at the next start

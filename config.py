@@ -181,6 +181,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest file taken from or sent to a chat, in MB (DingTalk's own limit is 20)"),
     Setting("MAX_FILES_OUT", "max_files_out", "5", parse_positive_int,
             "Files from a run's outbox/ sent with one answer; the rest are listed as not sent"),
+    Setting("MAX_ATTACHMENTS_PER_MESSAGE", "max_attachments_per_message", "5", parse_positive_int,
+            "Pictures and files fetched from one message; the rest are not downloaded and the sender is told which"),
     Setting("HOST_NAME", "host_name", "", any_text,
             "Names this process in /metrics and the task DB (unset: the hostname)"),
     Setting("LEASE_SECONDS", "lease_seconds", "30", positive_float,
@@ -265,6 +267,7 @@ class Config:
     warm_idle_seconds: float = 600.0
     approvals: bool = True
     approval_timeout: float = 300.0
+    max_attachments_per_message: int = 5
     user_daily_api_calls: int = 100
     # CodeBuddy CLI variables (CODEBUDDY_API_KEY, CODEBUDDY_BASE_URL, …) found in .env, passed to every run.
     cli_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)

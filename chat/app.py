@@ -15,6 +15,7 @@ from collections.abc import Callable
 from async_task_manager import AsyncTaskManager
 from chat.rate_limits import RateLimits
 from config import MAX_PROMPT_CHARS, Config
+from dingtalk.api_budget import GROUP_LABELS
 from dingtalk.incoming import IncomingMessage
 from dingtalk.route import Route
 from files.attachments import AttachmentIntake
@@ -168,7 +169,8 @@ class ChatApp:
         elif command == "tasks":
             self.reply(message, self.describe_tasks(message))
         elif command == "status":
-            self.reply(message, self.describe_status(argument, message))
+            spend = self.describe_spend(message.user_id)
+            self.reply(message, self.describe_status(argument, message) + (f"\n{spend}" if spend else ""))
         elif command == "cancel":
             self.cancel(argument, message)
         elif command == "new":
@@ -245,6 +247,19 @@ class ChatApp:
         elif task.finished and not task.delivered:
             lines.append("结果尚未送达，稍后重试推送")
         return "\n".join(lines)
+
+    def describe_spend(self, user_id: str) -> str:
+        """The DingTalk API calls of this month by kind, and the sender's today against their daily limit (`/status`);
+        "" when no budget is kept (the console)."""
+        budget = self.manager.outbox.budget
+        if budget is None:
+            return ""
+        spent, groups = budget.month_spend()
+        kinds = "、".join(f"{GROUP_LABELS[group]} {calls}" for group, calls in groups.items())
+        used, limit = budget.used_today(user_id), self.config.user_daily_api_calls
+        mine = (f"{used} 次 (管理员不限)" if self.is_admin(user_id) else
+                f"{used}/{limit} 次" if limit else f"{used} 次")
+        return f"钉钉接口调用: 本月 {spent}/{budget.monthly_budget} 次 ({kinds})；你今天 {mine}"
 
     def cancel(self, task_id: str, message: IncomingMessage) -> None:
         """Cancel the sender's task (or any, for admins); confirm once nothing of it runs (no thread waits)."""

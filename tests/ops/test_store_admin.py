@@ -9,6 +9,7 @@ import sys
 import time
 
 from config import bot_files
+from dingtalk.api_budget import month_of
 from dingtalk.route import Route
 from ops import doctor
 from ops.store_admin import check_postgres
@@ -38,6 +39,20 @@ def test_check_says_the_database_answers_its_schema_version_and_the_clock_skew(p
 def test_check_of_an_unreachable_database_fails_without_showing_the_password(pg_server):
     ok, detail = check_postgres(f"postgresql://bot:pw-XYZ-secret@127.0.0.1:{pg_server.port + 1}/tasks", timeout=1)
     assert not ok and "cannot be reached" in detail and "pw-XYZ-secret" not in detail
+
+
+def test_checks_budget_line_reads_a_postgres_task_db_by_kind(pg_url, tmp_path):
+    now = time.time()
+    assert doctor.api_budget_line(pg_url, 5000, now).startswith("· API budget: not counted yet")  # no tables yet
+    store = open_store(pg_url)
+    month = month_of(now)
+    store.add_api_calls(month, 3, "download", "2026-11-29", "u1")
+    store.add_api_calls(month, 2, "card_stream")
+    store.close()
+    line = doctor.api_budget_line(pg_url, 5000, now)
+    assert line.startswith(f"· API budget: 5 of 5000 metered calls in {month} (0%)") and "no task DB" not in line
+    assert line.endswith("; downloads 3, uploads 0, pushes 0, cards 2")
+    assert doctor.api_budget_line(str(tmp_path / "none.db"), 5000, now).endswith("(no task DB yet)")
 
 
 def test_migrate_store_copies_a_sqlite_db_into_postgres_once(tmp_path, pg_url):

@@ -1,4 +1,4 @@
-"""The org's monthly DingTalk OpenAPI call budget: every metered call counted per month, and how to spend the rest.
+"""The DingTalk OpenAPI call budget: each metered call asked for, then counted by month, kind and the user's day.
 
 DingTalk meters robot pushes and card calls per calendar month (free orgs: 5,000, error
 `Forbidden.AccessDenied.ApiCountLimitForOrg`, docs/wire-facts.md §7); session-webhook replies are not metered.

@@ -226,5 +226,8 @@ def test_status_shows_the_months_spend_by_kind_and_the_senders_day():
     assert chat.say("/status").splitlines() == [
         "你还没有任务。", "钉钉接口调用: 本月 4/5000 次 (下载 2、上传 1、推送 1、卡片 0)；你今天 3/3 次"]
     assert chat.say("/status", user="boss").endswith("；你今天 1 次 (管理员不限)")
-    chat.task("一个问题")
+    task_id = chat.task("一个问题")
     assert chat.say("/status").splitlines()[-1].startswith("钉钉接口调用: 本月 4/5000 次")
+    assert "钉钉接口调用" not in chat.say(f"/status {task_id}")  # about that task only
+    assert chat.say("/status", group=GROUP_A).splitlines()[-1] == (  # others read a group: not the sender's day
+        "钉钉接口调用: 本月 4/5000 次 (下载 2、上传 1、推送 1、卡片 0)")

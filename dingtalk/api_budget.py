@@ -6,7 +6,8 @@ DingTalk meters robot pushes and card calls per calendar month (free orgs: 5,000
 straight line through the month and tells the callers what they may spend:
 
 - `card_interval(base)`: card updates come further apart while the spend runs ahead of the line;
-- `cards_allowed()`: no new card once the spend reaches `CARDS_OFF_AT` of the budget (or the line is far behind);
+- `cards_allowed(user_id)`: no new card once the spend reaches `CARDS_OFF_AT` of the budget (or the line is far
+  behind), nor for a user with fewer than `CARD_MIN_ROOM` calls left today (`room`);
 - `push_allowed(urgent)`: pushes only for what cannot wait (results) once `NOTICES_OFF_AT` is reached;
 - after `ApiCountLimitForOrg` (`limit_hit`): no metered call at all until the month turns (webhook only), and
   `take_limit_notice` hands the next webhook reply the sentence that tells the user why.

@@ -181,6 +181,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest file taken from or sent to a chat, in MB (DingTalk's own limit is 20)"),
     Setting("MAX_FILES_OUT", "max_files_out", "5", parse_positive_int,
             "Files from a run's outbox/ sent with one answer; the rest are listed as not sent"),
+    Setting("MAX_ATTACHMENTS_PER_MESSAGE", "max_attachments_per_message", "5", parse_positive_int,
+            "Pictures and files fetched from one message; the rest are not downloaded and the sender is told which"),
     Setting("HOST_NAME", "host_name", "", any_text,
             "Names this process in /metrics and the task DB (unset: the hostname)"),
     Setting("LEASE_SECONDS", "lease_seconds", "30", positive_float,
@@ -188,7 +190,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DB_STATEMENT_TIMEOUT", "db_statement_timeout", "10", positive_float,
             "PostgreSQL: seconds one statement may run; the bot stops waiting for an answer 2 s later"),
     Setting("DINGTALK_MONTHLY_CALL_BUDGET", "monthly_call_budget", "5000", parse_positive_int, "Metered DingTalk "
-            "calls (pushes, card calls) the bot may spend per calendar month (docs/cards-and-budget.md)"),
+            "calls (pushes, card calls, file downloads and uploads) the bot may spend per calendar month "
+            "(docs/cards-and-budget.md)"),
+    Setting("USER_DAILY_API_CALLS", "user_daily_api_calls", "100", non_negative_int, "Metered DingTalk calls "
+            "made for one user per day (Beijing time, all hosts); over it only webhook replies (ADMIN_USERS exempt; "
+            "0 = no limit)"),
     Setting("DINGTALK_CARD_TEMPLATE_ID", "card_template_id", "", any_text, "AI card template id (unset = no cards)"),
     Setting("DINGTALK_CARD_VARIABLES", "card_variables", "msgContent,flowStatus,msgTitle,pendingApproval",
             comma_list, "The card template's variables: streamed text, status, title (the common AI card template's "
@@ -261,6 +267,8 @@ class Config:
     warm_idle_seconds: float = 600.0
     approvals: bool = True
     approval_timeout: float = 300.0
+    max_attachments_per_message: int = 5
+    user_daily_api_calls: int = 100
     # CodeBuddy CLI variables (CODEBUDDY_API_KEY, CODEBUDDY_BASE_URL, …) found in .env, passed to every run.
     cli_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # Values of CODEBUDDY_API_KEY / CODEBUDDY_AUTH_TOKEN (environment or .env): never shown to a chat.

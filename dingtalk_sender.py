@@ -69,6 +69,14 @@ class DeliveryError(Exception):
         self.out_of_time = out_of_time  # gave up because the retry window ended
 
 
+class SpendRefused(DeliveryError):
+    """The call budget refused a metered call (the org's month, or the user's day): nothing was sent. Not retried
+    now; a result tries again later (the month or the day turns). The message is fit for the user."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why, retryable=False, permanent=False)
+
+
 class _InvalidToken(Exception):
     pass
 
@@ -158,22 +166,26 @@ class DingTalkSender:
         with self._stats_lock:
             self.stats[key] = self.stats.get(key, 0) + 1
 
-    def record_metered(self, kind: str) -> None:
-        """Count one attempt of a metered OpenAPI call (push, card call, file up/download) against the budget."""
+    def spend(self, kind: str, user_id: str = "") -> None:
+        """Ask the call budget for one attempt of a metered OpenAPI call (push, card call, file up/download) made for
+        `user_id`, and count it; SpendRefused when the budget says no (then nothing may be sent)."""
+        why = self.meter.spend(kind, user_id) if self.meter is not None else ""
+        if why:
+            self._count(f"refused_{kind}")
+            raise SpendRefused(why)
         self._count(f"metered_{kind}")
-        if self.meter is not None:
-            self.meter.record(kind)
 
     def redact(self, value: Any) -> Any:
         """`value` (a text, or a JSON body) with every secret the bot holds replaced by ***. Everything this bot sends
         to DingTalk passes here: webhook replies, pushes, other OpenAPI bodies and card calls (cards/api.py)."""
         return replace_secrets_in(value, self._secrets)
 
-    def call_openapi(self, path: str, body: dict, *, kind: str = "", retry_window: float | None = None) -> dict:
-        """POST `body` to an OpenAPI `path` with the pushes' retries, each attempt a metered call of `kind`: the
-        response body, or DeliveryError."""
+    def call_openapi(self, path: str, body: dict, *, kind: str = "", retry_window: float | None = None,
+                     user_id: str = "") -> dict:
+        """POST `body` to an OpenAPI `path` with the pushes' retries, each attempt a metered call of `kind` made for
+        `user_id` (asked of the budget first): the response body, or DeliveryError (SpendRefused: not sent)."""
         window = self.retry_window if retry_window is None else min(self.retry_window, retry_window)
-        return self._push_with_retry(path, self.redact(body), self._clock() + window, kind)
+        return self._push_with_retry(path, self.redact(body), self._clock() + window, kind, user_id)
 
     # -- the seam
 
@@ -191,8 +203,8 @@ class DingTalkSender:
                       title: str = "CodeBuddy") -> Delivery:
         """POST `text` to the route's session webhook; a non-zero errcode is a failure (docs/wire-facts.md §2)."""
         text, title = self.redact(text), self.redact(title)  # before the split: a secret cut in two would pass
-        why = self.meter.take_limit_notice() if self.meter is not None else ""
-        text = f"{text}\n\n{why}" if why else text  # once, after DingTalk refused a metered call for the month
+        why = self.meter.take_limit_notice(route.user_id) if self.meter is not None else ""
+        text = f"{text}\n\n{why}" if why else text  # once, after a metered call was refused (the month, the user's day)
         log.info("准备发送消息，长度: %d 字符 user=%s", len(text), route.user_id)
         for part in split_message(text, WEBHOOK_MAX_BYTES - 64, utf8_json_cost):
             if markdown:
@@ -243,7 +255,7 @@ class DingTalkSender:
                 body["userIds"] = [route.user_id]
             try:
                 response = self._push_with_retry(GROUP_SEND_PATH if route.is_group else BATCH_SEND_PATH, body,
-                                                 deadline)
+                                                 deadline, user_id=route.user_id)
             except DeliveryError as exc:
                 self._count(f"{path_name}_failed")
                 return Delivery(ok=False, path=path_name, error=str(exc), permanent=exc.permanent,
@@ -258,14 +270,14 @@ class DingTalkSender:
 
     # -- OpenAPI with retries
 
-    def _push_with_retry(self, path: str, body: dict, deadline: float, kind: str = "") -> dict:
+    def _push_with_retry(self, path: str, body: dict, deadline: float, kind: str = "", user_id: str = "") -> dict:
         """POST until delivered (the response body) or DeliveryError once retrying is over."""
         attempt = 0
         refreshed = False
         while True:
             attempt += 1
             try:
-                pending, response = self._post_openapi(path, body, kind)
+                pending, response = self._post_openapi(path, body, kind, user_id)
                 if pending is None:
                     return response
                 body = {**body, "userIds": pending}  # only the throttled users are retried
@@ -287,11 +299,11 @@ class DingTalkSender:
             if self._stop.wait(delay):
                 raise DeliveryError(f"stopping: {error}", retryable=True)
 
-    def _post_openapi(self, path: str, body: dict, kind: str = "") -> tuple[list[str] | None, dict]:
-        """One POST: (None, the response body) when delivered, (the throttled user ids, …) when some must be
-        retried (docs/wire-facts.md §3)."""
+    def _post_openapi(self, path: str, body: dict, kind: str = "", user_id: str = "") -> tuple[list[str] | None, dict]:
+        """One POST, asked of the budget first: (None, the response body) when delivered, (the throttled user ids, …)
+        when some must be retried (docs/wire-facts.md §3)."""
         token = self.tokens.get()
-        self.record_metered(kind or METERED_KINDS.get(path, path))
+        self.spend(kind or METERED_KINDS.get(path, path), user_id)
         try:
             reply = self._http.post_json(self.endpoint + path, body, {"x-acs-dingtalk-access-token": token})
         except HttpError as exc:

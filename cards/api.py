@@ -1,9 +1,10 @@
 """The DingTalk AI card calls: create-and-deliver, stream a variable, update the card's data — each one metered.
 
 Wire shapes in docs/wire-facts.md §5. Every call is one attempt (no transport retries: the next update carries the
-latest text anyway), counted through `DingTalkSender.record_metered`, with the sender's access token. An HTTP 200
-can still be a failure: createAndDeliver's `result.deliverResults[].success` is checked. Errors are values: each
-call returns "" when it worked, else one line saying why.
+latest text anyway), asked of the call budget first through `DingTalkSender.spend` (for the task's user), with the
+sender's access token. An HTTP 200 can still be a failure: createAndDeliver's `result.deliverResults[].success` is
+checked. Errors are values: each call returns "" when it worked, else one line saying why (`NOT_SPENT` first when the
+budget refused the call: nothing was sent, and the card is not at fault).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import uuid
 from dataclasses import dataclass
 
 from dingtalk.route import Route
-from dingtalk_sender import DeliveryError, DingTalkSender, HttpError, JsonHttp
+from dingtalk_sender import DeliveryError, DingTalkSender, HttpError, JsonHttp, SpendRefused
 
 CREATE_AND_DELIVER_PATH = "/v1.0/card/instances/createAndDeliver"
 STREAMING_PATH = "/v1.0/card/streaming"
 INSTANCES_PATH = "/v1.0/card/instances"
 CARD_CALLBACK_TOPIC = "/v1.0/card/instances/callback"
+NOT_SPENT = "not sent (call budget)"  # how a call the budget refused begins its error line
 # flowStatus values of the AI card template (docs/wire-facts.md §5).
 PROCESSING, INPUTTING, FINISHED, EXECUTING, FAILED = "1", "2", "3", "4", "5"
 
@@ -49,15 +51,19 @@ class CardApi:
         self.variables = variables
         self._http = http or JsonHttp(pool_size=8, transport_retries=0)
 
-    def _call(self, method: str, path: str, body: dict, kind: str) -> tuple[str, dict]:
-        """One metered call (a second one only after DingTalk refused the token): ("", body) or (why, body)."""
+    def _call(self, method: str, path: str, body: dict, kind: str, user_id: str) -> tuple[str, dict]:
+        """One metered call for `user_id`'s task (a second one only after DingTalk refused the token): ("", body) or
+        (why, body)."""
         body = self.sender.redact(body)  # every card text (the streamed answer, title, question) without secrets
         for attempt in (1, 2):
             try:
                 token = self.sender.tokens.get()
             except DeliveryError as exc:
                 return str(exc), {}
-            self.sender.record_metered(kind)
+            try:
+                self.sender.spend(kind, user_id)
+            except SpendRefused as exc:
+                return f"{NOT_SPENT}: {exc}", {}
             try:
                 reply = self._http.post_json(self.sender.endpoint + path, body,
                                              {"x-acs-dingtalk-access-token": token}, method=method)
@@ -89,7 +95,7 @@ class CardApi:
         else:
             body["openSpaceId"] = f"dtv1.card//IM_ROBOT.{route.user_id}"
             body["imRobotOpenDeliverModel"] = {"spaceType": "IM_ROBOT", "robotCode": self.sender.robot_code}
-        error, answer = self._call("POST", CREATE_AND_DELIVER_PATH, body, "card_create")
+        error, answer = self._call("POST", CREATE_AND_DELIVER_PATH, body, "card_create", route.user_id)
         if error:
             return error
         results = (answer.get("result") or {}).get("deliverResults") if isinstance(answer.get("result"), dict) else None
@@ -99,21 +105,23 @@ class CardApi:
             return f"{CREATE_AND_DELIVER_PATH}: not delivered ({why[:160]})"
         return ""
 
-    def stream(self, out_track_id: str, content: str, *, finalize: bool = False, error: bool = False) -> str:
+    def stream(self, out_track_id: str, content: str, *, finalize: bool = False, error: bool = False,
+               user_id: str = "") -> str:
         """Replace the streamed variable with `content` (whole text); `finalize` ends its streaming."""
         body = {"outTrackId": out_track_id, "guid": uuid.uuid4().hex, "key": self.variables.content,
                 "content": content, "isFull": True, "isFinalize": finalize, "isError": error}
-        return self._call("PUT", STREAMING_PATH, body, "card_stream")[0]
+        return self._call("PUT", STREAMING_PATH, body, "card_stream", user_id)[0]
 
-    def update(self, out_track_id: str, values: dict[str, str]) -> str:
+    def update(self, out_track_id: str, values: dict[str, str], *, user_id: str = "") -> str:
         """Set some of the card's variables (by key; the others stay)."""
         body = {"outTrackId": out_track_id, "cardData": {"cardParamMap": {k: str(v) for k, v in values.items()}},
                 "cardUpdateOptions": {"updateCardDataByKey": True}}
-        return self._call("PUT", INSTANCES_PATH, body, "card_update")[0]
+        return self._call("PUT", INSTANCES_PATH, body, "card_update", user_id)[0]
 
-    def end(self, out_track_id: str, content: str, status: str, *, hide_buttons: bool = False) -> str:
+    def end(self, out_track_id: str, content: str, status: str, *, hide_buttons: bool = False,
+            user_id: str = "") -> str:
         """Finish a card: the full text with isFinalize first (a plain update is ignored while a key streams),
         then the status (and, if approve/deny buttons were shown, their variable emptied)."""
-        error = self.stream(out_track_id, content, finalize=True, error=status == FAILED)
+        error = self.stream(out_track_id, content, finalize=True, error=status == FAILED, user_id=user_id)
         values = {self.variables.status: status, **({self.variables.approval: ""} if hide_buttons else {})}
-        return error or self.update(out_track_id, values)
+        return error or self.update(out_track_id, values, user_id=user_id)

@@ -1,8 +1,9 @@
 """AI cards for tasks: one card per run, streamed while CodeBuddy writes, ended with the answer or the reason.
 
-`Cards.open(task)` starts a card (created off the worker's thread) when cards are on, not paused and the month's
-call budget allows; `text`/`step`/`progress` change what it shows; one updater thread sends the latest state of each
-card, one call in flight per card, at most one every `interval` (stretched by the budget). `finish(task)` ends it
+`Cards.open(task)` starts a card (created off the worker's thread) when cards are on, not paused and the call budget
+allows (the month's, and the task's user's day); `text`/`step`/`progress` change what it shows; one updater thread
+sends the latest state of each card, one call in flight per card, at most one every `interval` (stretched by the
+budget), and none once the user's day has only the calls that end the card left. `finish(task)` ends it
 with the full text (isFinalize first, then the status); False means "no card delivered this answer": the caller
 sends the usual markdown message — once, since the card is forgotten either way. Repeated failures pause cards for
 `backoff` seconds. After a restart, `end_orphan` closes the card an interrupted run left streaming.
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from cards.api import FAILED, FINISHED, CardApi
+from cards.api import FAILED, FINISHED, NOT_SPENT, CardApi
 from common.logs import task_log
 from tasks import texts
 from tasks.task import SUCCEEDED, Task
@@ -30,6 +31,7 @@ FINISH_WAIT = 20.0  # seconds finish() waits for the card's create or update in 
 STEPS_SHOWN = 4  # the agent's latest steps shown above the answer
 INTERRUPTED = "上一次回复处理中断"
 TICK = 0.1
+END_CALLS = 2  # calls that end a card (the final text, then the status): kept from the user's day for the end
 
 
 def out_track_id(task: Task) -> str:
@@ -56,6 +58,7 @@ class LiveCard:
     in_flight: bool = False
     last_sent: float = float("-inf")
     errors: int = 0
+    quiet: bool = False  # no more updates: the user's day keeps its last calls for the end
 
 
 class Cards:
@@ -64,7 +67,7 @@ class Cards:
     def __init__(self, api: CardApi, budget: Any, *, interval: float, backoff: float,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time) -> None:
         self.api = api
-        self.budget = budget  # api_budget.ApiBudget (cards_allowed, card_interval)
+        self.budget = budget  # api_budget.ApiBudget (cards_allowed, card_interval, room)
         self.interval = interval
         self.backoff = backoff
         self._clock = clock
@@ -87,8 +90,8 @@ class Cards:
         with self._lock:
             if now < self._paused_until:
                 return None
-        if not self.budget.cards_allowed():
-            task_log(log, task).info("本月钉钉接口调用接近预算，任务 %s 不使用卡片", task.id)
+        if not self.budget.cards_allowed(task.user_id):
+            task_log(log, task).info("本月钉钉接口调用或用户今日的调用接近预算，任务 %s 不使用卡片", task.id)
             return None
         card = LiveCard(task=task, track=out_track_id(task), started=now)
         with self._lock:
@@ -107,7 +110,7 @@ class Cards:
             self._lock.notify_all()
         if error:
             task_log(log, card.task).warning("任务 %s 卡片创建失败，改用消息回复: %s", card.task.id, error)
-            self._failed()
+            self._failed(error)
 
     def _changed(self, task_id: str, change: Callable[[LiveCard], None]) -> bool:
         with self._lock:
@@ -173,7 +176,8 @@ class Cards:
                 with self._lock:
                     # Buttons come and go at once (someone waits on them); text waits for the interval.
                     due = [card for card in self._cards.values()
-                           if card.state == "live" and not card.in_flight and (card.approval != card.approval_sent or (
+                           if card.state == "live" and not card.in_flight and not card.quiet and (
+                               card.approval != card.approval_sent or (
                                card.version != card.sent_version and now - card.last_sent >= interval))]
                     for card in due:
                         card.in_flight = True
@@ -183,15 +187,24 @@ class Cards:
                 log.exception("卡片更新线程出错")
 
     def _send_update(self, card: LiveCard) -> None:
+        user = card.task.user_id
+        room = self.budget.room(user)
+        if room is not None and room <= END_CALLS:  # the answer still arrives whole when the card ends
+            with self._lock:
+                card.in_flight, card.quiet = False, True
+                self._lock.notify_all()
+            task_log(log, card.task).info("任务 %s 卡片暂停更新: 用户今日钉钉接口调用只剩 %d 次，留给结束卡片",
+                                          card.task.id, room)
+            return
         with self._lock:
             version, content, approval = card.version, self.render(card, self._clock()), card.approval
             buttons, text = approval != card.approval_sent, version != card.sent_version
-        error = self.api.update(card.track, {self.api.variables.approval: approval}) if buttons else ""
+        error = self.api.update(card.track, {self.api.variables.approval: approval}, user_id=user) if buttons else ""
         if buttons and not error:
             with self._lock:
                 card.approval_sent = approval  # shown, even if the text update after it fails
         if not error and text:
-            error = self.api.stream(card.track, content)
+            error = self.api.stream(card.track, content, user_id=user)
         with self._lock:
             card.in_flight = False
             card.last_sent = self._clock()
@@ -230,11 +243,11 @@ class Cards:
             content, status = task.result.strip() or "(CodeBuddy 没有返回内容)", FINISHED
         else:
             content, status = texts.result(task, self._wall_clock()), FAILED
-        error = self.api.end(card.track, content, status, hide_buttons=bool(card.approval_sent))
+        error = self.api.end(card.track, content, status, hide_buttons=bool(card.approval_sent), user_id=task.user_id)
         if error:
             tlog.warning("任务 %s 卡片结束失败，改用消息回复: %s", task.id, error)
             self.stats["fallbacks"] += 1
-            self._failed()
+            self._failed(error)
             return False
         with self._lock:
             self._failures = 0
@@ -246,7 +259,8 @@ class Cards:
         """End the task's card in the failed state with `reason` (a cancel): no answer follows."""
         card = self._take(task.id)
         if card is not None and card.state == "live":
-            error = self.api.end(card.track, reason, FAILED, hide_buttons=bool(card.approval_sent))
+            error = self.api.end(card.track, reason, FAILED, hide_buttons=bool(card.approval_sent),
+                                 user_id=task.user_id)
             if error:
                 task_log(log, task).warning("任务 %s 卡片结束失败: %s", task.id, error)
 
@@ -254,7 +268,7 @@ class Cards:
         """After a restart: end the card the task's interrupted run left streaming (if it had one)."""
         if task.attempts < 1 or task.started_at is None:
             return
-        error = self.api.end(out_track_id(task), INTERRUPTED, FAILED)
+        error = self.api.end(out_track_id(task), INTERRUPTED, FAILED, user_id=task.user_id)
         tlog = task_log(log, task)
         if error:
             tlog.info("任务 %s 没有可结束的中断卡片 (%s)", task.id, error)
@@ -267,7 +281,10 @@ class Cards:
             card = self._by_track(track)
             return card.task.id if card is not None else None
 
-    def _failed(self) -> None:
+    def _failed(self, error: str) -> None:
+        """Count a card failure towards the pause; a call the budget refused is not the cards' failure."""
+        if error.startswith(NOT_SPENT):
+            return
         with self._lock:
             self._failures += 1
             pause = self._failures >= MAX_FAILURES and self.backoff > 0

@@ -1,4 +1,4 @@
-"""Wires the monthly API call budget and the AI cards into the sender, the outbox and the Stream client.
+"""Wires the API call budget (monthly, and per user per day) and the AI cards into the sender, the outbox and Stream.
 
 Kept out of bot.py so the entry point stays short: `attach_budget_and_cards` after the manager is built,
 `card_topics` and `card_handler` for the Stream connection.
@@ -18,8 +18,10 @@ from dingtalk_sender import BOT_TOPIC, DingTalkSender
 
 
 def attach_budget_and_cards(config: Config, sender: DingTalkSender, manager: AsyncTaskManager) -> ApiBudget:
-    """Count every metered call in the task store; start AI cards when DINGTALK_CARD_TEMPLATE_ID is set."""
-    budget = ApiBudget(manager.store, config.monthly_call_budget)
+    """Ask the budget before every metered call and count it in the task store (the month's, and each user's day but
+    an admin's limited to USER_DAILY_API_CALLS); start AI cards when DINGTALK_CARD_TEMPLATE_ID is set."""
+    budget = ApiBudget(manager.store, config.monthly_call_budget, user_daily_limit=config.user_daily_api_calls,
+                       exempt=config.admin_users)
     sender.meter = budget
     manager.outbox.budget = budget
     if config.card_template_id:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from async_task_manager import AsyncTaskManager
 from chat.rate_limits import RateLimits
 from config import MAX_PROMPT_CHARS, Config
+from dingtalk.api_budget import GROUP_LABELS
 from dingtalk.incoming import IncomingMessage
 from dingtalk.route import Route
 from files.attachments import AttachmentIntake
@@ -167,8 +168,9 @@ class ChatApp:
             self.reply(message, HELP_TEXT)
         elif command == "tasks":
             self.reply(message, self.describe_tasks(message))
-        elif command == "status":
-            self.reply(message, self.describe_status(argument, message))
+        elif command == "status":  # without an id: the sender's latest task, then the DingTalk calls spent
+            spend = "" if argument else self.describe_spend(message.user_id, mine=not message.in_group)
+            self.reply(message, self.describe_status(argument, message) + (f"\n{spend}" if spend else ""))
         elif command == "cancel":
             self.cancel(argument, message)
         elif command == "new":
@@ -245,6 +247,22 @@ class ChatApp:
         elif task.finished and not task.delivered:
             lines.append("结果尚未送达，稍后重试推送")
         return "\n".join(lines)
+
+    def describe_spend(self, user_id: str, mine: bool = True) -> str:
+        """The DingTalk API calls of this month by kind and (`mine`: not in a group, where others read it) the sender's
+        today against their daily limit (`/status`); "" when no budget is kept (the console)."""
+        budget = self.manager.outbox.budget
+        if budget is None:
+            return ""
+        spent, groups = budget.month_spend()
+        kinds = "、".join(f"{GROUP_LABELS[group]} {calls}" for group, calls in groups.items())
+        line = f"钉钉接口调用: 本月 {spent}/{budget.monthly_budget} 次 ({kinds})"
+        if not mine:
+            return line
+        used, limit = budget.used_today(user_id), self.config.user_daily_api_calls
+        today = (f"{used} 次 (管理员不限)" if self.is_admin(user_id) else
+                 f"{used}/{limit} 次" if limit else f"{used} 次")
+        return f"{line}；你今天 {today}"
 
     def cancel(self, task_id: str, message: IncomingMessage) -> None:
         """Cancel the sender's task (or any, for admins); confirm once nothing of it runs (no thread waits)."""

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from dingtalk.stream import sdk
 
 KIND_LABELS = {"picture": "图片", "file": "文件", "video": "视频"}
-MAX_PER_MESSAGE = 10  # attachments taken from one message (a richText may carry many pictures)
+# Attachments read from one message (a richText may carry many pictures): MAX_ATTACHMENTS_PER_MESSAGE of them are
+# fetched and the rest named to the sender as skipped; past this many a message is not even read further.
+MAX_PER_MESSAGE = 50
 _EXTENSION = re.compile(r"^[A-Za-z0-9]{1,8}$")
 # Path separators and control characters, and the brackets that frame a name in the prompt ("(图片 name, size)"
 # inside "[…]"): a name cannot close that frame and pass its text off as the bot's.

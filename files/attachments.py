@@ -30,7 +30,7 @@ import urllib3
 from codebuddy.sandbox import Workspaces
 from config import HTTP_TIMEOUT
 from dingtalk.incoming import KIND_LABELS, MAX_PER_MESSAGE, AttachmentRef, file_extension
-from dingtalk_sender import DeliveryError, DingTalkSender, describe_network_error
+from dingtalk_sender import DeliveryError, DingTalkSender, SpendRefused, describe_network_error
 
 log = logging.getLogger("attachments")
 
@@ -56,6 +56,10 @@ class AttachmentError(Exception):
     """A download failed; the message says why, fit for the chat."""
 
 
+class AttachmentRefused(AttachmentError):
+    """The call budget refused the download (the org's month, or the sender's day): nothing was asked of DingTalk."""
+
+
 def human_size(size: int) -> str:
     """`size` bytes for people: 512 B, 12.3 KB, 4.0 MB."""
     if size < 1024:
@@ -74,6 +78,15 @@ def prompt_with(saved: Iterable[Saved], text: str) -> str:
     if any(item.kind == "picture" for item in saved):
         lines.append("图片请用 Read 工具查看。")
     return "\n".join(lines) + "]\n\n" + text
+
+
+def which_attachments(refs: tuple[AttachmentRef, ...], first: int) -> str:
+    """Attachments `first` + 1 … of a message, for people: "第 6–10 个附件 (图片 3 张、文件 a.xlsx、文件 b.pdf)"."""
+    numbers = f"第 {first + 1} 个" if len(refs) == 1 else f"第 {first + 1}–{first + len(refs)} 个"
+    pictures = sum(ref.kind == "picture" for ref in refs)
+    parts = [f"图片 {pictures} 张"] if pictures else []
+    parts += [f"{KIND_LABELS.get(ref.kind, ref.kind)} {ref.name}" for ref in refs if ref.kind != "picture"]
+    return f"{numbers}附件 ({'、'.join(parts)})"
 
 
 def _open_dir(name: str, dir_fd: int | None = None) -> int:
@@ -98,12 +111,15 @@ class AttachmentFetcher:
     def _limit_text(self) -> str:
         return f"{self.max_bytes // (1024 * 1024)} MB"
 
-    def download_url(self, ref: AttachmentRef) -> str:
-        """The short-lived URL of one attachment (a metered call); AttachmentError when refused."""
-        try:  # each attempt is a metered call
+    def download_url(self, ref: AttachmentRef, user_id: str = "") -> str:
+        """The short-lived URL of one attachment (a metered call made for `user_id`); AttachmentError when refused
+        (AttachmentRefused: by the call budget)."""
+        try:  # each attempt is a metered call, asked of the budget first
             body = self.sender.call_openapi(DOWNLOAD_PATH, {"downloadCode": ref.download_code,
                                                             "robotCode": self.robot_code}, kind="download",
-                                            retry_window=30.0)
+                                            retry_window=30.0, user_id=user_id)
+        except SpendRefused as exc:
+            raise AttachmentRefused(str(exc)) from None
         except DeliveryError as exc:
             raise AttachmentError(f"无法获取下载地址 ({exc})") from None
         url = body.get("downloadUrl")
@@ -111,9 +127,10 @@ class AttachmentFetcher:
             raise AttachmentError("钉钉没有返回下载地址")
         return url
 
-    def fetch(self, ref: AttachmentRef, conversation_key: str) -> Saved:
-        """Download `ref` into the conversation's `attachments/`; AttachmentError (nothing left behind) on failure."""
-        url = self.download_url(ref)
+    def fetch(self, ref: AttachmentRef, conversation_key: str, user_id: str = "") -> Saved:
+        """Download `ref` (sent by `user_id`) into the conversation's `attachments/`; AttachmentError (nothing left
+        behind) on failure."""
+        url = self.download_url(ref, user_id)
         where = f"{urlsplit(url).netloc}/…"  # the URL itself grants access: never logged in full
         deadline = self.clock() + self.timeout
         try:
@@ -253,9 +270,11 @@ class AttachmentIntake:
     (off the intake thread): a picture followed at once by its question makes one prompt.
     """
 
-    def __init__(self, fetcher: AttachmentFetcher, pending: PendingAttachments, *, workers: int = 2) -> None:
+    def __init__(self, fetcher: AttachmentFetcher, pending: PendingAttachments, *, workers: int = 2,
+                 max_per_message: int = 5) -> None:
         self.fetcher = fetcher
         self.pending = pending
+        self.max_per_message = max_per_message  # MAX_ATTACHMENTS_PER_MESSAGE: the rest are named, not fetched
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="attachments")
         self._lock = threading.RLock()
         self._latest: dict[tuple[str, str], Future] = {}  # the last download job of (chat, user) not yet done
@@ -304,10 +323,15 @@ class AttachmentIntake:
         if previous is not None:
             futures_wait([previous])  # submitted earlier, so never queued behind this job
         conversation_key, user_id = key
-        saved, problems = [], []
-        for ref in refs:
+        taken, over = refs[:self.max_per_message], refs[self.max_per_message:]
+        saved, problems, notes = [], [], []
+        for index, ref in enumerate(taken):
             try:
-                item = self.fetcher.fetch(ref, conversation_key)
+                item = self.fetcher.fetch(ref, conversation_key, user_id)
+            except AttachmentRefused as exc:  # the rest would be refused too: none of them is asked for
+                log.warning("附件未下载 (钉钉接口调用额度) msgId=%s user=%s: %s", msg_id or "-", user_id, exc)
+                notes.append(f"未下载{which_attachments(taken[index:], index)}: {exc}。")
+                break
             except AttachmentError as exc:
                 log.warning("附件下载失败 msgId=%s user=%s: %s", msg_id or "-", user_id, exc)
                 label = KIND_LABELS.get(ref.kind, ref.kind)
@@ -320,7 +344,12 @@ class AttachmentIntake:
             log.info("附件已保存: %s %s (%d 字节) msgId=%s user=%s", item.kind, item.path, item.size,
                      msg_id or "-", user_id)
             saved.append(item)
-        failed = ("附件未能接收:\n" + "\n".join(f"- {p}" for p in problems)) if problems else ""
+        if over:
+            log.warning("附件过多: %d 个，只接收前 %d 个 msgId=%s user=%s", len(refs), len(taken), msg_id or "-",
+                        user_id)
+            notes.append(f"未下载{which_attachments(over, len(taken))}: "
+                         f"每条消息最多接收 {self.max_per_message} 个附件，请分开发送。")
+        failed = "\n".join(((["附件未能接收:"] + [f"- {p}" for p in problems]) if problems else []) + notes)
         if text:
             if failed:
                 reply(failed)

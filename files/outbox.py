@@ -38,7 +38,14 @@ from common.logs import TaskLogger
 from common.redaction import replace_secrets
 from config import HTTP_TIMEOUT
 from dingtalk.incoming import display_name
-from dingtalk_sender import BATCH_SEND_PATH, GROUP_SEND_PATH, DeliveryError, DingTalkSender, describe_network_error
+from dingtalk_sender import (
+    BATCH_SEND_PATH,
+    GROUP_SEND_PATH,
+    DeliveryError,
+    DingTalkSender,
+    SpendRefused,
+    describe_network_error,
+)
 from files.attachments import human_size
 from tasks.task import Task
 
@@ -55,6 +62,7 @@ ZIPPED_EXTENSIONS = frozenset({"html", "htm", "xhtml", "shtml", "svg", "exe", "m
                                "sh", "bash", "ps1", "vbs", "js", "mjs", "jar", "apk", "dll", "so", "dmg", "app",
                                "php", "jsp", "asp", "aspx", "py", "pl", "rb"})
 UPLOAD_ATTEMPTS = 3
+FILE_CALLS = 2  # metered calls one file costs at least: its upload and its push
 _TASK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _TOKEN_ERRCODES = (40001, 40014, 42001)  # invalid or expired access token: fetch a new one and retry
 
@@ -251,12 +259,18 @@ class OutboxFiles:
         except FileNotFoundError:
             return 0
         tlog = TaskLogger(log, task.id, task.user_id)
-        sent, failed = 0, []
+        sent, failed, refused, why = 0, [], [], ""
         for name in names:
             path = os.path.join(stage_dir, name)
             try:
-                media_id = self.upload(path, name)
+                self._has_room(task)
+                media_id = self.upload(path, name, task.user_id)
                 self.push_file(task, name, media_id)
+            except SpendRefused as exc:  # the call budget: nothing was sent, the file stays staged
+                tlog.warning("文件未发送 (钉钉接口调用额度): %s: %s", name, exc)
+                refused.append(name)
+                why = str(exc)
+                continue
             except FileSendError as exc:
                 tlog.error("文件发送失败: %s: %s", name, exc)
                 failed.append(name)
@@ -268,9 +282,11 @@ class OutboxFiles:
             tlog.info("文件已发送: %s (%s)", name, task.route.push_path)
             self._archive(task.conversation_key, path, name)
             sent += 1
-        if failed:
-            self.sender.send(task.route, f"以下文件未能发送: {'、'.join(failed)}。请稍后再让 CodeBuddy 发送一次。",
-                             allow_webhook=not task.background)
+        lines = [f"以下文件未能发送: {'、'.join(failed)}。请稍后再让 CodeBuddy 发送一次。"] if failed else []
+        if refused:  # told by the free path when it lives: a push would be refused for the same reason
+            lines.append(f"以下文件未发送: {'、'.join(refused)}。{why}。")
+        if lines:
+            self.sender.send(task.route, "\n".join(lines), allow_webhook=bool(refused) or not task.background)
         else:
             try:
                 os.rmdir(stage_dir)
@@ -278,15 +294,24 @@ class OutboxFiles:
                 pass
         return sent
 
-    def upload(self, path: str, name: str) -> str:
-        """Upload one staged file; its media id. Retries connection errors, 5xx and an expired token."""
+    def _has_room(self, task: Task) -> None:
+        """SpendRefused unless the task's user may still spend a file's two calls (upload, push) today: an upload
+        whose push is then refused would be a call spent for nothing."""
+        budget = self.sender.meter
+        why = budget.short_of(task.user_id, FILE_CALLS) if budget is not None else ""
+        if why:
+            raise SpendRefused(why)
+
+    def upload(self, path: str, name: str, user_id: str = "") -> str:
+        """Upload one staged file for `user_id`'s task; its media id. Retries connection errors, 5xx and an expired
+        token; each attempt asked of the call budget (SpendRefused: not sent)."""
         image = name.rpartition(".")[2].lower() in IMAGE_EXTENSIONS
         with open(path, "rb") as handle:
             data = handle.read()
         mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
         error = "no attempt"
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
-            self.sender.record_metered("media_upload")
+            self.sender.spend("media_upload", user_id)
             token = self.sender.tokens.get()
             url = f"{self.oapi_endpoint}{UPLOAD_PATH}?access_token={quote(token)}&type={'image' if image else 'file'}"
             try:
@@ -328,7 +353,9 @@ class OutboxFiles:
             body["userIds"] = [route.user_id]
         try:  # each attempt is a metered call
             self.sender.call_openapi(GROUP_SEND_PATH if route.is_group else BATCH_SEND_PATH, body, kind="file_send",
-                                     retry_window=self.retry_window)
+                                     retry_window=self.retry_window, user_id=route.user_id)
+        except SpendRefused:
+            raise
         except DeliveryError as exc:
             raise FileSendError(f"{route.push_path}: {str(exc).replace(media_id, media_id[:6] + '…')}") from None
 

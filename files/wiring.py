@@ -22,5 +22,5 @@ def with_file_transfer(config: Config, sender: DingTalkSender, cli: CodeBuddyCli
                         max_files=config.max_files_out, retry_window=config.delivery_retry_window)
     cli.append_system_prompt = system_prompt(config.max_files_out, config.max_attachment_mb)
     intake = AttachmentIntake(AttachmentFetcher(sender, workspaces, config.robot_code, max_bytes=max_bytes),
-                              PendingAttachments(workspaces))
+                              PendingAttachments(workspaces), max_per_message=config.max_attachments_per_message)
     return OutboxClient(cli, files), files.deliver_after, intake

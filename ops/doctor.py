@@ -33,7 +33,7 @@ from dingtalk_sender import (
     open_stream_connection,
 )
 from ops.store_admin import check_postgres
-from store.postgres import is_postgres_url, safe_url
+from store.postgres import DB_ERRORS, PostgresTaskStore, is_postgres_url, safe_url
 from store.schema import StoreError
 from store.sqlite import SQLiteTaskStore, store_writable
 
@@ -103,19 +103,24 @@ def check_task_db(path: str) -> CheckResult:
 
 
 def api_budget_line(path: str, monthly_budget: int, now: float | None = None) -> str:
-    """This month's metered DingTalk calls (from the task DB) against DINGTALK_MONTHLY_CALL_BUDGET: information,
-    not a check (a spent budget is not a broken setup)."""
-    absolute = os.path.abspath(path)
-    if path == ":memory:" or not os.path.exists(absolute):
-        return f"· API budget: 0 of {monthly_budget} metered calls this month (no task DB yet)"
+    """This month's metered DingTalk calls (from the task DB: a SQLite file or PostgreSQL), by kind, against
+    DINGTALK_MONTHLY_CALL_BUDGET: information, not a check (a spent budget is not a broken setup)."""
+    now = time.time() if now is None else now
     try:
-        store = SQLiteTaskStore(absolute, read_only=True)
+        if is_postgres_url(path):
+            store: SQLiteTaskStore | PostgresTaskStore = PostgresTaskStore(path, read_only=True, pool_size=1,
+                                                                            connect_timeout=5.0)
+        else:
+            absolute = os.path.abspath(path)
+            if path == ":memory:" or not os.path.exists(absolute):
+                return f"· API budget: 0 of {monthly_budget} metered calls this month (no task DB yet)"
+            store = SQLiteTaskStore(absolute, read_only=True)
         try:
-            line = describe_month(store, monthly_budget, time.time() if now is None else now)
+            line = describe_month(store, monthly_budget, now)
         finally:
             store.close()
-    except (StoreError, sqlite3.Error) as exc:
-        return f"· API budget: not counted yet ({type(exc).__name__}: {exc})"
+    except (StoreError, sqlite3.Error, *DB_ERRORS) as exc:
+        return f"· API budget: not counted yet ({type(exc).__name__}: {' '.join(str(exc).split())})"
     return f"· API budget: {line}"
 
 

@@ -123,12 +123,14 @@ def migrate_store(sqlite_path: str, url: str, out: TextIO | None = None) -> int:
             return 1
         tasks = source.load()
         tables = {name: _sqlite_rows(absolute, name)
-                  for name in ("seen_messages", "durations", "sessions", "api_calls")}
+                  for name in ("seen_messages", "durations", "sessions", "api_calls", "api_calls_by_kind",
+                               "user_api_calls")}
         with target.transaction(), target.connection() as conn:
             for task in tasks:
                 target.save(task)
             for table, columns in (("seen_messages", "msg_id, seen_at"), ("sessions", "conversation_key, session_id"),
-                                   ("api_calls", "month, calls"),
+                                   ("api_calls", "month, calls"), ("api_calls_by_kind", "month, kind, calls"),
+                                   ("user_api_calls", "day, user_id, calls"),
                                    ("durations", "user_id, keyword, seconds, finished_at")):
                 width = len(columns.split(","))
                 with conn.cursor() as cursor:

@@ -44,7 +44,8 @@ def _overlaid(stored: list[Task], pending: Iterable[Task], wanted: Callable[[Tas
 
 
 class _BudgetCounters:
-    """The org's monthly API call counters of a JournaledStore: adds are journaled, reads add what is pending."""
+    """The DingTalk call budget's counters of a JournaledStore (the month's, by kind, a user's day's): adds are
+    journaled, reads add what is pending."""
 
     _lock: threading.Lock
     _journal: Journal
@@ -52,15 +53,30 @@ class _BudgetCounters:
     _append: Callable[..., None]
     _read: Callable[..., Any]
 
-    def add_api_calls(self, month: str, count: int) -> None:
-        """Journal `count` API calls for the month (the backend adds them in one statement)."""
-        self._append("add_api_calls", month, count)
+    def add_api_calls(self, month: str, count: int, kind: str = "", day: str = "", user_id: str = "") -> None:
+        """Journal `count` API calls for the month (and the kind, and the user's day; the backend adds them at once)."""
+        self._append("add_api_calls", month, count, kind, day, user_id)
 
     def api_calls(self, month: str) -> int:
         """The month's API calls: the DB's counter plus the adds not yet written."""
         with self._lock:
             pending = sum(e.args[1] for e in self._journal.api_calls if e.args[0] == month)
         return pending + self._read(lambda: self._backend.api_calls(month), 0)
+
+    def api_calls_by_kind(self, month: str) -> dict[str, int]:
+        """The month's API calls by kind: the DB's counters plus the adds not yet written."""
+        with self._lock:
+            pending = [(e.args[2], e.args[1]) for e in self._journal.api_calls if e.args[0] == month and e.args[2]]
+        counts = dict(self._read(lambda: self._backend.api_calls_by_kind(month), {}))
+        for kind, count in pending:
+            counts[kind] = counts.get(kind, 0) + count
+        return counts
+
+    def user_api_calls(self, day: str, user_id: str) -> int:
+        """A user's API calls on a day, as every host counted them: the DB's counter plus the adds not yet written."""
+        with self._lock:
+            pending = sum(e.args[1] for e in self._journal.api_calls if e.args[3] == day and e.args[4] == user_id)
+        return pending + self._read(lambda: self._backend.user_api_calls(day, user_id), 0)
 
 
 class JournaledStore(_BudgetCounters, JournalWriter):

@@ -21,6 +21,8 @@ class MemoryTaskStore:
         self._durations: list[tuple[str, str, float, float]] = []
         self._sessions: dict[str, str] = {}
         self._api_calls: dict[str, int] = {}
+        self._by_kind: dict[tuple[str, str], int] = {}  # (month, kind)
+        self._by_user: dict[tuple[str, str], int] = {}  # (day, user id)
 
     def save(self, task: Task) -> None:
         with self._lock:
@@ -71,13 +73,25 @@ class MemoryTaskStore:
         with self._lock:
             self._sessions[conversation_key] = session_id
 
-    def add_api_calls(self, month: str, count: int) -> None:
+    def add_api_calls(self, month: str, count: int, kind: str = "", day: str = "", user_id: str = "") -> None:
         with self._lock:
             self._api_calls[month] = self._api_calls.get(month, 0) + count
+            if kind:
+                self._by_kind[(month, kind)] = self._by_kind.get((month, kind), 0) + count
+            if day and user_id:
+                self._by_user[(day, user_id)] = self._by_user.get((day, user_id), 0) + count
 
     def api_calls(self, month: str) -> int:
         with self._lock:
             return self._api_calls.get(month, 0)
+
+    def api_calls_by_kind(self, month: str) -> dict[str, int]:
+        with self._lock:
+            return {kind: calls for (of, kind), calls in self._by_kind.items() if of == month}
+
+    def user_api_calls(self, day: str, user_id: str) -> int:
+        with self._lock:
+            return self._by_user.get((day, user_id), 0)
 
     def purge(self, finished_before: float, seen_before: float) -> int:
         with self._lock:

@@ -20,6 +20,7 @@ from psycopg_pool import ConnectionPool
 from common.logs import task_log
 from common.redaction import dsn_passwords, mask_dsn_passwords, replace_secrets
 from config import DB_CONNECT_TIMEOUT, DEDUP_TTL_SECONDS
+from dingtalk.api_budget import day_of
 from store.base import task_from_row, task_to_row
 from store.pg_connect import DEFAULT_STATEMENT_TIMEOUT, DBTimeout, TimedConnection, connection_options
 from store.schema import (
@@ -250,13 +251,30 @@ class PostgresTaskStore:
         self._write("INSERT INTO sessions VALUES (%s, %s) ON CONFLICT (conversation_key) "
                     "DO UPDATE SET session_id = excluded.session_id", (conversation_key, session_id))
 
-    def add_api_calls(self, month: str, count: int) -> None:
-        """Add `count` calls to the org's counter for the month (one statement: no host's add is lost)."""
+    def add_api_calls(self, month: str, count: int, kind: str = "", day: str = "", user_id: str = "") -> None:
+        """Add `count` calls to the org's counter for the month, and to the kind's and the user's day's when given
+        (one statement each: no host's add is lost; the journal writes them in one transaction)."""
         self._write("INSERT INTO api_calls (month, calls) VALUES (%s, %s) "
                     "ON CONFLICT (month) DO UPDATE SET calls = api_calls.calls + excluded.calls", (month, count))
+        if kind:
+            self._write("INSERT INTO api_calls_by_kind (month, kind, calls) VALUES (%s, %s, %s) ON CONFLICT "
+                        "(month, kind) DO UPDATE SET calls = api_calls_by_kind.calls + excluded.calls",
+                        (month, kind, count))
+        if day and user_id:
+            self._write("INSERT INTO user_api_calls (day, user_id, calls) VALUES (%s, %s, %s) ON CONFLICT "
+                        "(day, user_id) DO UPDATE SET calls = user_api_calls.calls + excluded.calls",
+                        (day, user_id, count))
 
     def api_calls(self, month: str) -> int:
         rows = self._query("SELECT calls FROM api_calls WHERE month = %s", (month,))
+        return int(rows[0]["calls"]) if rows else 0
+
+    def api_calls_by_kind(self, month: str) -> dict[str, int]:
+        rows = self._query("SELECT kind, calls FROM api_calls_by_kind WHERE month = %s", (month,))
+        return {str(r["kind"]): int(r["calls"]) for r in rows}
+
+    def user_api_calls(self, day: str, user_id: str) -> int:
+        rows = self._query("SELECT calls FROM user_api_calls WHERE day = %s AND user_id = %s", (day, user_id))
         return int(rows[0]["calls"]) if rows else 0
 
     def purge(self, finished_before: float, seen_before: float) -> int:
@@ -265,6 +283,7 @@ class PostgresTaskStore:
                                   "AND status = ANY(%s)", (finished_before, list(FINISHED_STATUSES))).rowcount
             conn.execute("DELETE FROM seen_messages WHERE seen_at < %s", (seen_before,))
             conn.execute("DELETE FROM durations WHERE finished_at < %s", (finished_before,))
+            conn.execute("DELETE FROM user_api_calls WHERE day < %s", (day_of(finished_before),))
         return purged
 
     def schema_version(self) -> int:

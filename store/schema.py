@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tasks.task import Task
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 TASK_COLUMNS = [f.name for f in Task.__dataclass_fields__.values()]
 FLAGS = ("background", "delivered", "cancel_requested", "undeliverable")  # booleans stored as 0/1
 
@@ -41,6 +41,13 @@ CREATE TABLE IF NOT EXISTS sessions (conversation_key TEXT PRIMARY KEY, session_
     2: "CREATE TABLE IF NOT EXISTS api_calls (month TEXT PRIMARY KEY, calls INTEGER NOT NULL DEFAULT 0);",
     3: "",  # the PostgreSQL cluster tables; nothing for one host
     4: "",  # the questions running tasks wait on, shared by the hosts (cluster/questions.py)
+    # The budget's counters by kind of call (per month) and by user (per day: USER_DAILY_API_CALLS).
+    5: """
+CREATE TABLE IF NOT EXISTS api_calls_by_kind (month TEXT NOT NULL, kind TEXT NOT NULL,
+    calls INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (month, kind));
+CREATE TABLE IF NOT EXISTS user_api_calls (day TEXT NOT NULL, user_id TEXT NOT NULL,
+    calls INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, user_id));
+""",
 }
 SQLITE_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
 
@@ -79,6 +86,13 @@ CREATE TABLE IF NOT EXISTS questions (id TEXT PRIMARY KEY, conversation_key TEXT
     host TEXT NOT NULL, owner TEXT NOT NULL, is_question INTEGER NOT NULL, asked_at DOUBLE PRECISION NOT NULL);
 CREATE INDEX IF NOT EXISTS questions_conversation ON questions (conversation_key);
 CREATE INDEX IF NOT EXISTS questions_task ON questions (task_id);
+""",
+    # The budget's counters by kind of call (per month) and by user (per day: USER_DAILY_API_CALLS).
+    5: """
+CREATE TABLE IF NOT EXISTS api_calls_by_kind (month TEXT NOT NULL, kind TEXT NOT NULL,
+    calls BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (month, kind));
+CREATE TABLE IF NOT EXISTS user_api_calls (day TEXT NOT NULL, user_id TEXT NOT NULL,
+    calls BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (day, user_id));
 """,
 }
 PG_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"

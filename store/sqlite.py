@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from urllib.parse import quote
 
 from common.logs import task_log
+from dingtalk.api_budget import day_of
 from store.base import task_from_row, task_to_row
 from store.schema import (
     FLAGS,
@@ -261,13 +262,29 @@ class SQLiteTaskStore:
     def set_session(self, conversation_key: str, session_id: str) -> None:
         self._write("INSERT OR REPLACE INTO sessions VALUES (?, ?)", (conversation_key, session_id))
 
-    def add_api_calls(self, month: str, count: int) -> None:
-        """Add `count` calls to the month's counter (one statement: concurrent adds are never lost)."""
+    def add_api_calls(self, month: str, count: int, kind: str = "", day: str = "", user_id: str = "") -> None:
+        """Add `count` calls to the month's counter, and to the kind's and the user's day's when given (one
+        statement each: concurrent adds are never lost; the journal writes them in one transaction)."""
         self._write("INSERT INTO api_calls (month, calls) VALUES (?, ?) "
                     "ON CONFLICT (month) DO UPDATE SET calls = calls + excluded.calls", (month, count))
+        if kind:
+            self._write("INSERT INTO api_calls_by_kind (month, kind, calls) VALUES (?, ?, ?) "
+                        "ON CONFLICT (month, kind) DO UPDATE SET calls = calls + excluded.calls", (month, kind, count))
+        if day and user_id:
+            self._write("INSERT INTO user_api_calls (day, user_id, calls) VALUES (?, ?, ?) "
+                        "ON CONFLICT (day, user_id) DO UPDATE SET calls = calls + excluded.calls",
+                        (day, user_id, count))
 
     def api_calls(self, month: str) -> int:
         rows = self._query("SELECT calls FROM api_calls WHERE month = ?", (month,))
+        return int(rows[0][0]) if rows else 0
+
+    def api_calls_by_kind(self, month: str) -> dict[str, int]:
+        rows = self._query("SELECT kind, calls FROM api_calls_by_kind WHERE month = ?", (month,))
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    def user_api_calls(self, day: str, user_id: str) -> int:
+        rows = self._query("SELECT calls FROM user_api_calls WHERE day = ? AND user_id = ?", (day, user_id))
         return int(rows[0][0]) if rows else 0
 
     def purge(self, finished_before: float, seen_before: float) -> int:
@@ -279,6 +296,7 @@ class SQLiteTaskStore:
                 (finished_before, *finished))
             self._write("DELETE FROM seen_messages WHERE seen_at < ?", (seen_before,))
             self._write("DELETE FROM durations WHERE finished_at < ?", (finished_before,))
+            self._write("DELETE FROM user_api_calls WHERE day < ?", (day_of(finished_before),))
             return cursor.rowcount
 
     def schema_version(self) -> int:

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
 
-from tests.standin_files import FILE_MESSAGE_KEYS, FileRoutes
+from tests.standin_files import DOWNLOAD_PATH, FILE_MESSAGE_KEYS, UPLOAD_PATH, FileRoutes
 
 T = TypeVar("T")
 
@@ -35,6 +35,9 @@ TOKEN_PATH = "/v1.0/oauth2/accessToken"
 BATCH_SEND_PATH = "/v1.0/robot/oToMessages/batchSend"
 GROUP_SEND_PATH = "/v1.0/robot/groupMessages/send"
 WEBHOOK_PATH = "/robot/sendBySession"
+# Every call DingTalk meters (docs/wire-facts.md §7): pushes, card calls, and the file download and upload calls.
+METERED_PATHS = frozenset({BATCH_SEND_PATH, GROUP_SEND_PATH, DOWNLOAD_PATH, UPLOAD_PATH,
+                           "/v1.0/card/instances/createAndDeliver", "/v1.0/card/streaming", "/v1.0/card/instances"})
 
 MAX_BATCH_USERS = 20
 # msgParam limit documented for group pushes; applied to 1:1 pushes too, to be safe.
@@ -382,6 +385,10 @@ class DingTalkStandin:
             and r.response.get("errcode") == 0
             and (session is None or r.session == session)
         ]
+
+    def metered_requests(self) -> list[Recorded]:
+        """Every request to a metered path, refused ones too: what the org's monthly count sees."""
+        return [r for r in self.requests if r.path in METERED_PATHS]
 
     def batch_sends(self) -> list[Recorded]:
         """Accepted 1:1 pushes that reached at least one user (see `delivered_user_ids`)."""

@@ -25,7 +25,7 @@ print("locked", flush=True)
 sys.stdin.readline()
 db.execute("ROLLBACK")
 """
-_PG_TABLES = "tasks, seen_messages, durations, sessions, api_calls"
+_PG_TABLES = "tasks, seen_messages, durations, sessions, api_calls, api_calls_by_kind, user_api_calls"
 
 
 class _SQLiteHold:

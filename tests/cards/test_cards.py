@@ -8,7 +8,7 @@ import threading
 import time
 
 from cards.actions import action_ids, handle_card_callback
-from cards.api import CardVariables
+from cards.api import NOT_SPENT, CardVariables
 from cards.task_cards import Cards
 from codebuddy.warm_sessions import ToolRequest
 from dingtalk.route import Route
@@ -34,13 +34,13 @@ class FakeApi:
     def create_and_deliver(self, track, route, title):
         return self._record("create", track)
 
-    def stream(self, track, content, *, finalize=False, error=False):
+    def stream(self, track, content, *, finalize=False, error=False, user_id=""):
         return self._record("stream", track, content, finalize, error)
 
-    def update(self, track, values):
+    def update(self, track, values, *, user_id=""):
         return self._record("update", track, values)
 
-    def end(self, track, content, status, *, hide_buttons=False):
+    def end(self, track, content, status, *, hide_buttons=False, user_id=""):
         return self._record("end", track, content, status, *(("hide_buttons",) if hide_buttons else ()))
 
     def streams(self) -> list:
@@ -49,11 +49,16 @@ class FakeApi:
 
 
 class Budget:
-    def __init__(self, stretch: float = 1.0, allowed: bool = True) -> None:
-        self.stretch, self.allowed = stretch, allowed
+    def __init__(self, stretch: float = 1.0, allowed: bool = True, room: int | None = None) -> None:
+        self.stretch, self.allowed, self.left = stretch, allowed, room
+        self.asked: list[str] = []
 
-    def cards_allowed(self) -> bool:
+    def cards_allowed(self, user_id: str = "") -> bool:
+        self.asked.append(user_id)
         return self.allowed
+
+    def room(self, user_id: str) -> int | None:
+        return self.left
 
     def card_interval(self, base: float) -> float:
         return base * self.stretch
@@ -122,6 +127,23 @@ def test_repeated_failures_pause_cards_and_the_budget_can_refuse_them():
     time.sleep(0.2)
     assert cards.open(task("t9")) is None  # paused after three failed creations
     assert Cards(FakeApi(), Budget(allowed=False), interval=1, backoff=60).open(task()) is None
+
+
+def test_a_card_keeps_the_users_last_calls_for_its_end_and_budget_refusals_never_pause_cards():
+    api, budget = FakeApi(), Budget(room=2)
+    cards = Cards(api, budget, interval=0.05, backoff=60)
+    live = task()
+    assert cards.open(live) is not None and budget.asked == ["alice"]  # the budget asked for this user's task
+    cards.text(live.id, "半句")
+    time.sleep(0.4)
+    assert api.streams() == []  # no update: the two calls left today end the card
+    live.status, live.result = SUCCEEDED, "完整的回答"
+    assert cards.finish(live) and api.calls[-1] == ("end", "cb-t1-1", "完整的回答", "3")
+    api.fail = f"{NOT_SPENT}: 你今天的钉钉接口调用已用 100 次，达到每人每天 100 次的上限"
+    for number in range(4):
+        cards.open(task(f"r{number}"))
+    time.sleep(0.2)
+    assert cards.open(task("r9")) is not None  # four refusals by the budget: no failure of the cards, no pause
 
 
 def callback(track: str, user: object, actions: object = ("stop",)) -> dict:

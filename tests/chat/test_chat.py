@@ -11,6 +11,7 @@ from async_task_manager import AsyncTaskManager
 from chat.app import ChatApp
 from chat.rate_limits import RateLimits
 from config import load_config
+from dingtalk.api_budget import ApiBudget
 from dingtalk.incoming import IncomingMessage
 from dingtalk_sender import Delivery
 from store.memory import MemoryTaskStore
@@ -211,3 +212,22 @@ def test_status_changes_are_logged_with_running_as_processing(chat, caplog):
     lines = [r.getMessage() for r in caplog.records if "状态更新" in r.getMessage()]
     assert lines == [f"任务 {task_id} 状态更新: processing task={task_id} user=alice",
                      f"任务 {task_id} 状态更新: succeeded task={task_id} user=alice"]
+
+
+# ---------------------------------------------------------------- the DingTalk call budget
+
+
+def test_status_shows_the_months_spend_by_kind_and_the_senders_day():
+    chat = _App(ADMIN_USERS="boss", USER_DAILY_API_CALLS="3")
+    chat.manager.outbox.budget = budget = ApiBudget(chat.manager.store, 5000, user_daily_limit=3, exempt=("boss",))
+    assert [budget.spend(kind, "alice") == "" for kind in ("download", "download", "batchSend", "card_stream")] == [
+        True, True, True, False]
+    budget.spend("media_upload", "boss")
+    assert chat.say("/status").splitlines() == [
+        "你还没有任务。", "钉钉接口调用: 本月 4/5000 次 (下载 2、上传 1、推送 1、卡片 0)；你今天 3/3 次"]
+    assert chat.say("/status", user="boss").endswith("；你今天 1 次 (管理员不限)")
+    task_id = chat.task("一个问题")
+    assert chat.say("/status").splitlines()[-1].startswith("钉钉接口调用: 本月 4/5000 次")
+    assert "钉钉接口调用" not in chat.say(f"/status {task_id}")  # about that task only
+    assert chat.say("/status", group=GROUP_A).splitlines()[-1] == (  # others read a group: not the sender's day
+        "钉钉接口调用: 本月 4/5000 次 (下载 2、上传 1、推送 1、卡片 0)")

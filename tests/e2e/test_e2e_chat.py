@@ -44,7 +44,10 @@ def test_a_group_sees_only_its_own_tasks_and_the_private_chat_the_users(standin,
     group_tasks = _ask(standin, "/tasks", group=True)
     assert group_id in group_tasks and "群里的问题" in group_tasks
     assert private_id not in group_tasks and "秘密" not in group_tasks
-    assert _ask(standin, "/status", group=True).startswith(f"任务 {group_id}: 已完成")
+    in_group_status = _ask(standin, "/status", group=True)
+    assert in_group_status.startswith(f"任务 {group_id}: 已完成")
+    spend = in_group_status.splitlines()[-1]  # /status without an id: the month's calls; in a group not the sender's
+    assert spend.startswith("钉钉接口调用: 本月 ") and "你今天" not in spend
     assert _ask(standin, f"/status {private_id}", group=True) == f"找不到任务 {private_id}"
     private_tasks = _ask(standin, "/tasks")
     assert private_id in private_tasks and "私聊里的秘密问题" in private_tasks
@@ -80,7 +83,7 @@ def test_a_flood_of_commands_is_answered_only_up_to_the_limit(standin, make_bot)
     standin.wait_for(lambda: len(_all_texts(standin, sent)) >= 5)
     time.sleep(0.3)
     texts = _all_texts(standin, sent)
-    assert texts.count("你还没有任务。") == 4
+    assert [text.splitlines()[0] for text in texts].count("你还没有任务。") == 4
     assert texts.count("请求过于频繁，请稍后再试 (每分钟最多 4 条命令)。") == 1 and len(texts) == 5
     answer = standin.send_bot_message("还能提问", sender_staff_id="u1")
     assert "回答: 还能提问" in replies(standin, answer, 2)[1]  # prompts have their own window

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import urllib3
 
 from codebuddy.sandbox import Workspaces
+from dingtalk.api_budget import ApiBudget, day_reset
 from dingtalk.incoming import AttachmentRef, attachment_refs, display_name
 from dingtalk.route import Route
 from dingtalk_sender import DingTalkSender
-from files.attachments import AttachmentFetcher, PendingAttachments, Saved, prompt_with
+from files.attachments import AttachmentFetcher, AttachmentIntake, PendingAttachments, Saved, prompt_with
 from files.outbox import OutboxFiles
+from store.memory import MemoryTaskStore
 from tasks.task import Task
 from tests.standin_files import DOWNLOAD_PATH, UPLOAD_PATH
+
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
 
 
 def test_attachments_are_read_from_the_raw_callback_with_download_codes_only():
@@ -176,3 +182,64 @@ def test_the_stand_in_refuses_what_dingtalk_refuses(standin):
     assert push("sampleFile", {"mediaId": media_id, "fileName": "a.txt"}) == 400
     assert push("sampleImageMsg", {"photoURL": media_id}) == 400  # a file's media is not a picture
     assert push("sampleFile", {"mediaId": media_id, "fileName": "a.txt", "fileType": "txt"}) == 200
+
+
+def _ten_pictures(standin) -> tuple[AttachmentRef, ...]:
+    return tuple(AttachmentRef("picture", standin.files.add_download(PNG)[0], "图片") for _ in range(10))
+
+
+def _received(intake: AttachmentIntake, refs, text: str = "") -> tuple[list[str], list[str]]:
+    """(replies, submitted prompts) once the intake fetched `refs` sent by u1 in chat c1."""
+    replies: list[str] = []
+    prompts: list[str] = []
+    done = threading.Event()
+
+    def then(into: list[str]):
+        return lambda line: (into.append(line), done.set())
+
+    intake.receive("c1", "u1", refs, text, reply=then(replies), submit=then(prompts) if text else prompts.append)
+    assert done.wait(30)  # the reply (no text), or the prompt (sent after the reply)
+    return replies, prompts
+
+
+def test_attachments_past_the_per_message_cap_and_the_users_day_are_not_fetched_and_each_reason_is_one_line(
+        standin, tmp_path):
+    sender = DingTalkSender(standin.base_url, standin.client_id, standin.client_secret, standin.robot_code,
+                            retry_window=5)
+    sender.meter = ApiBudget(MemoryTaskStore(), 5000, user_daily_limit=3)
+    fetcher = AttachmentFetcher(sender, Workspaces(str(tmp_path / "root")), standin.robot_code, max_bytes=10_000)
+    intake = AttachmentIntake(fetcher, PendingAttachments(Workspaces(str(tmp_path / "root"))), max_per_message=5)
+    replies, prompts = _received(intake, _ten_pictures(standin))
+    reset = day_reset(time.time())
+    day = f"你今天的钉钉接口调用已用 3 次，达到每人每天 3 次的上限，{reset} 恢复"
+    assert replies == ["已收到 图片.png、图片.png、图片.png，请告诉我要做什么。\n"
+                       f"未下载第 4–5 个附件 (图片 2 张): {day}。\n"
+                       "未下载第 6–10 个附件 (图片 5 张): 每条消息最多接收 5 个附件，请分开发送。"]
+    assert len(standin.metered_requests()) == 3 and prompts == []
+    # With words: the prompt goes on with what was fetched (nothing now), the reasons in a reply of their own.
+    replies, prompts = _received(intake, _ten_pictures(standin)[:1] + (AttachmentRef("file", "x", "a.xlsx"),),
+                                 "看看这些")
+    assert replies == [f"未下载第 1–2 个附件 (图片 1 张、文件 a.xlsx): {day}。"]
+    assert prompts == ["看看这些"] and len(standin.metered_requests()) == 3
+
+
+def test_files_the_users_day_cannot_pay_for_stay_staged_and_the_user_is_told_by_the_webhook(standin, tmp_path):
+    sender = DingTalkSender(standin.base_url, standin.client_id, standin.client_secret, standin.robot_code,
+                            retry_window=5)
+    sender.meter = ApiBudget(MemoryTaskStore(), 5000, user_daily_limit=3)
+    files, outbox = _outbox(tmp_path, sender, max_files=3)
+    files.oapi_endpoint = standin.base_url
+    for name in ("a.csv", "b.csv", "c.csv"):
+        (outbox / name).write_text("1,2")
+    files.collect("chat", "task5")
+    session = standin.add_session()
+    task = _task("task5")
+    task.route = Route("1", "alice", "cidX", session_webhook=standin.webhook_url(session),
+                       webhook_expires_ms=int(time.time() * 1000) + 600_000)
+    assert files.send_staged(task) == 1  # a.csv: an upload and a push; one call left, a file costs two
+    assert len(standin.metered_requests()) == 2
+    told = standin.webhook_posts(session)
+    reset = day_reset(time.time())
+    assert len(told) == 1 and told[0].text == ("以下文件未发送: b.csv、c.csv。你今天的钉钉接口调用已用 2 次，"
+                                               f"每人每天上限 3 次，不够这次所需的 2 次，{reset} 恢复。")
+    assert sorted(os.listdir(files._stage_dir("chat", "task5"))) == ["b.csv", "c.csv"]  # sent at the next start

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from config import bot_files, load_config
+from dingtalk.api_budget import month_of
 from dingtalk.route import Route
 from ops import doctor
 from ops.startup import refuse_a_clock_far_off
@@ -63,6 +64,20 @@ def test_check_of_a_black_holed_database_ends_within_its_time_limit(pg_url):
     assert not ok and "cannot be reached" in detail and elapsed < 15, (elapsed, detail)
 
 
+def test_checks_budget_line_reads_a_postgres_task_db_by_kind(pg_url, tmp_path):
+    now = time.time()
+    assert doctor.api_budget_line(pg_url, 5000, now).startswith("· API budget: not counted yet")  # no tables yet
+    store = open_store(pg_url)
+    month = month_of(now)
+    store.add_api_calls(month, 3, "download", "2026-11-29", "u1")
+    store.add_api_calls(month, 2, "card_stream")
+    store.close()
+    line = doctor.api_budget_line(pg_url, 5000, now)
+    assert line.startswith(f"· API budget: 5 of 5000 metered calls in {month} (0%)") and "no task DB" not in line
+    assert line.endswith("; downloads 3, uploads 0, pushes 0, cards 2")
+    assert doctor.api_budget_line(str(tmp_path / "none.db"), 5000, now).endswith("(no task DB yet)")
+
+
 def test_migrate_store_copies_a_sqlite_db_into_postgres_once(tmp_path, pg_url):
     path = tmp_path / "tasks.db"
     store = open_store(str(path))
@@ -73,14 +88,17 @@ def test_migrate_store_copies_a_sqlite_db_into_postgres_once(tmp_path, pg_url):
     store.set_session("c", "s1")
     store.record_duration("u1", "报告", 42.0, time.time())
     store.add_api_calls("2026-11", 17)
+    store.add_api_calls("2026-11", 2, "download", "2026-11-29", "u1")
     store.close()
 
     result = _bot(tmp_path, "migrate-store", str(path), "--to", pg_url)
     assert result.returncode == 0, result.stderr
-    assert "copied 3 tasks, 1 seen_messages, 1 durations, 1 sessions, 1 api_calls" in result.stdout
+    assert ("copied 3 tasks, 1 seen_messages, 1 durations, 1 sessions, 1 api_calls, 1 api_calls_by_kind, "
+            "1 user_api_calls") in result.stdout
     target = open_store(pg_url)
     assert [t.prompt for t in target.load()] == ["p0", "p1", "p2"] and target.session_for("c") == "s1"
-    assert target.durations("报告") == [42.0] and target.api_calls("2026-11") == 17
+    assert target.durations("报告") == [42.0] and target.api_calls("2026-11") == 19
+    assert target.api_calls_by_kind("2026-11") == {"download": 2} and target.user_api_calls("2026-11-29", "u1") == 2
     assert not target.remember_message("m1", time.time())  # a redelivery after the move is still caught
     target.close()
 

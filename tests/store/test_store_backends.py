@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
@@ -76,12 +77,32 @@ def test_api_calls_are_counted_per_month_by_every_store():
     assert memory.api_calls("2026-11") == 7 and memory.api_calls("2026-12") == 0
 
 
+def test_api_calls_are_counted_by_kind_and_by_user_and_day_and_kept_across_a_restart(target):
+    store = target.open(**FAST)
+    for kind, day, user in (("download", "2026-11-29", "u1"), ("download", "2026-11-29", "u1"),
+                            ("batchSend", "2026-11-30", "u1"), ("card_create", "", "")):
+        store.add_api_calls("2026-11", 1, kind, day, user)
+    assert store.user_api_calls("2026-11-29", "u1") == 2  # read before the journal was written: DB plus journal
+    store.close()
+    again = target.open(**FAST)
+    assert again.api_calls("2026-11") == 4
+    assert again.api_calls_by_kind("2026-11") == {"download": 2, "batchSend": 1, "card_create": 1}
+    assert again.api_calls_by_kind("2026-12") == {}
+    assert [again.user_api_calls(day, user) for day, user in (("2026-11-29", "u1"), ("2026-11-30", "u1"),
+                                                             ("2026-11-29", "u2"))] == [2, 1, 0]
+    again.purge(finished_before=datetime(2026, 11, 30, 12, tzinfo=UTC).timestamp(), seen_before=0)  # Beijing's 30th
+    assert again.wait_written(10)
+    assert again.user_api_calls("2026-11-29", "u1") == 0 and again.user_api_calls("2026-11-30", "u1") == 1
+    assert again.api_calls_by_kind("2026-11")["download"] == 2  # the month's counters stay
+    again.close()
+
+
 def test_api_calls_added_by_several_processes_at_once_all_count(target):
     stores = [target.open(**FAST) for _ in range(3)]  # each one like a bot process of its own
 
     def add(store) -> None:
         for _ in range(40):
-            store.add_api_calls("2026-11", 1)
+            store.add_api_calls("2026-11", 1, "download", "2026-11-29", "u1")
         assert store.wait_written(30)  # three writers contend for one row: generous on a loaded machine
 
     threads = [threading.Thread(target=add, args=(store,)) for store in stores]
@@ -90,9 +111,12 @@ def test_api_calls_added_by_several_processes_at_once_all_count(target):
     for thread in threads:
         thread.join()
     assert all(store.api_calls("2026-11") == 120 for store in stores)
+    assert all(store.user_api_calls("2026-11-29", "u1") == 120 for store in stores)  # one user, three hosts
     for store in stores:
         store.close()
     assert target.rows("SELECT calls FROM api_calls") == [(120,)]
+    assert target.rows("SELECT calls FROM api_calls_by_kind") == target.rows("SELECT calls FROM user_api_calls") == [
+        (120,)]
 
 
 def test_one_msgid_delivered_to_several_processes_is_new_to_exactly_one(pg_url):

@@ -133,7 +133,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SYNC_TIMEOUT", "sync_timeout", "60", positive_float,
             "Seconds a short task may run before it moves to the background"),
     Setting("TASK_TIMEOUT", "task_timeout", "1800", positive_float,
-            "Hard cap in seconds on one CLI run (waits for the sender's approval not counted); then the turn stops"),
+            "Hard cap in seconds on one CLI run, waits for the sender's answers included; then the turn stops"),
     Setting("LONG_TASK_KEYWORDS", "long_task_keywords", "", comma_list,
             "Comma-separated keywords added to the built-in long-task list"),
     Setting("LOG_FILE", "log_file", "", any_text,

@@ -232,7 +232,7 @@ class ChatApp:
             lines.append(texts.waiting_status(hold, self.manager.queue_position(task.id),
                                                    self.config.max_tasks_per_user))
         if task.status == RUNNING and self.manager.workers.approvals.is_waiting(task):
-            lines.append("等待你的确认: 回复「同意」或「拒绝」 (计时暂停)")
+            lines.append("等待你的确认: 回复「同意」或「拒绝」 (等待计入任务时限)")
         if task.status == RUNNING:
             if self.manager.cluster is not None:  # issue 16: several hosts share the tasks
                 lines.append(f"执行主机: {self.manager.cluster.host_of(task.id) or '未知'}")

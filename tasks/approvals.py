@@ -128,6 +128,10 @@ def reply_for(kind: str, task_id: str) -> str:
             "deny": f"已拒绝，任务 {task_id} 继续执行。"}[kind]
 
 
+APPROVALS_OFF = Decision(False, "tool approvals are off for this bot (APPROVALS=off); the permission mode does not "
+                               "allow this tool")
+
+
 @dataclass
 class Pending:
     """One question waiting for its answer."""
@@ -156,13 +160,22 @@ class Approvals:
         # (cluster_questions.SharedQuestions; None on one host).
         self.remote: Any = None
 
+    def for_run(self, task: Task, *, stop: threading.Event,
+                shown: Callable[[Pending], None] | None = None) -> RunQuestions:
+        """The `ask` of one run of `task`: its questions end with the run (`RunQuestions.end`) or `stop` (a cancel)."""
+        return RunQuestions(self, task, stop=stop, shown=shown)
+
     def ask(self, task: Task, request: ToolRequest, stop: threading.Event | None = None,
             shown: Callable[[Pending], None] | None = None) -> Decision:
         """Ask the task's sender and wait for the answer, `timeout` s, or `stop` (a cancel): deny on either.
         `shown(pending)` runs once the question is asked (the task's AI card shows it, with buttons)."""
         if not self.enabled:
-            return Decision(False, "tool approvals are off for this bot (APPROVALS=off); the permission mode "
-                                   "does not allow this tool")
+            return APPROVALS_OFF
+        return self.ask_until(task, request, lambda: stop is not None and stop.is_set(), shown)
+
+    def ask_until(self, task: Task, request: ToolRequest, stopped: Callable[[], bool],
+                  shown: Callable[[Pending], None] | None = None) -> Decision:
+        """`ask`, until `stopped()` says the run was cancelled or has ended."""
         with self._lock:
             self.asked += 1
             pending = Pending(task, request, id=f"{task.id}-{self.asked}")
@@ -177,8 +190,9 @@ class Approvals:
                 shown(pending)
             deadline = self.clock() + self.timeout
             while not pending.answered.wait(0.1):
-                if stop is not None and stop.is_set():
-                    return Decision(False, "the task was cancelled")
+                if stopped():
+                    tlog.info("任务 %s 已结束或被取消，撤回确认请求", task.id)
+                    return Decision(False, "the task was cancelled or has ended")
                 if self.clock() >= deadline:
                     with self._lock:
                         self.timed_out += 1
@@ -269,3 +283,28 @@ class Approvals:
         verb = "同意" if decision.allowed else "拒绝"
         task_log(log, pending.task).info("任务 %s 的确认请求已被%s (user=%s)", pending.task.id, verb, user_id)
         return True
+
+
+class RunQuestions:
+    """One run's questions to its sender: the CLI client's `ask` for that run. A question still waiting when the run
+    ends (its TASK_TIMEOUT passed while nobody answered, say) or is cancelled is withdrawn and denied."""
+
+    def __init__(self, approvals: Approvals, task: Task, *, stop: threading.Event,
+                 shown: Callable[[Pending], None] | None = None) -> None:
+        self.approvals = approvals
+        self.task = task
+        self.stop = stop
+        self.shown = shown
+        self._ended = threading.Event()
+
+    def __call__(self, request: ToolRequest) -> Decision:
+        if not self.approvals.enabled:
+            return APPROVALS_OFF
+        return self.approvals.ask_until(self.task, request, self.stopped, self.shown)
+
+    def stopped(self) -> bool:
+        return self.stop.is_set() or self._ended.is_set()
+
+    def end(self) -> None:
+        """The run is over: nothing more is asked, and a question still waiting is withdrawn."""
+        self._ended.set()

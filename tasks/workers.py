@@ -9,7 +9,7 @@ from codebuddy.warm_sessions import Decision, ToolRequest
 from common.logs import task_log
 from common.redaction import redact_secrets
 from common.supervision import Supervisor
-from tasks.approvals import Approvals, card_outcome, card_question
+from tasks.approvals import Approvals, RunQuestions, card_outcome, card_question
 from tasks.board import Running, TaskBoard
 from tasks.delivery import Outbox
 from tasks.seams import Client
@@ -60,17 +60,16 @@ class Workers:
             finally:
                 self.board.release(task)
 
-    def _ask(self, task: Task, running: Running, request: ToolRequest) -> Decision:
-        """The CLI asks to use a tool: ask the task's sender; the wait does not count as the task's running time."""
+    def _ask(self, task: Task, running: Running, questions: RunQuestions, request: ToolRequest) -> Decision:
+        """The CLI asks to use a tool: ask the task's sender. The wait counts towards TASK_TIMEOUT (the client's), not
+        towards SYNC_TIMEOUT (the monitor's)."""
         since = self.board.clock()
-        cards = self.outbox.cards  # with AI cards the task's card shows the question, and buttons for a tool
+        cards = self.outbox.cards
         with self.board.lock:
             running.awaiting_since = since
         decision = None
         try:
-            decision = self.approvals.ask(task, request, stop=running.cancel_event, shown=(
-                (lambda pending: cards.ask(task.id, "" if request.is_question else pending.id,
-                                           card_question(request))) if cards is not None else None))
+            decision = questions(request)
             return decision
         finally:
             with self.board.lock:
@@ -92,11 +91,18 @@ class Workers:
             if card is not None:
                 cards.step(task.id, step)
 
-        result = self.client.run(task.prompt, conversation=task.conversation_key, session_id=session,
-                                 timeout=self.task_timeout,
-                                 cancel_event=running.cancel_event, run_tag=task.id, on_step=on_step,
-                                 on_text=(lambda text: cards.text(task.id, text)) if card is not None else None,
-                                 ask=lambda request: self._ask(task, running, request))
+        # With AI cards the task's card shows the question, and buttons for a tool request.
+        questions = self.approvals.for_run(task, stop=running.cancel_event, shown=(
+            (lambda pending: cards.ask(task.id, "" if pending.request.is_question else pending.id,
+                                       card_question(pending.request))) if cards is not None else None))
+        try:
+            result = self.client.run(task.prompt, conversation=task.conversation_key, session_id=session,
+                                     timeout=self.task_timeout,
+                                     cancel_event=running.cancel_event, run_tag=task.id, on_step=on_step,
+                                     on_text=(lambda text: cards.text(task.id, text)) if card is not None else None,
+                                     ask=lambda request: self._ask(task, running, questions, request))
+        finally:
+            questions.end()  # a question still waiting (the run timed out) is withdrawn
         with self.board.lock:  # the outcome is decided once, against a cancel arriving at the same moment
             if result.cancelled and running.by_shutdown and not task.cancel_requested:
                 # Stopped by a shutdown, not by the user: leave it to be re-run on the next start.

@@ -140,19 +140,29 @@ def test_a_tool_the_mode_does_not_allow_is_asked_of_the_sender_and_only_the_send
     bot.wait_log(r"任务 \w+ 的确认请求已被同意 \(user=owner\)")
 
 
-def test_deny_and_timeout_deny_the_tool_and_the_wait_does_not_count_as_running_time(standin, make_bot, tmp_path):
-    make_bot(APPROVAL_TIMEOUT="5", TASK_TIMEOUT="4")
+def test_deny_denies_the_tool_and_no_answer_is_a_denial_after_approval_timeout(standin, make_bot, tmp_path):
+    make_bot(APPROVAL_TIMEOUT="2")
     sent = standin.send_bot_message("删掉 [tool=Bash:touch denied.txt]", sender_staff_id="w6")
     replies(standin, sent, 2)  # the acknowledgement and the question
     answer(standin, "拒绝", "w6", count=1)
     assert "工具 Bash 被拒绝: the user denied this tool use" in replies(standin, sent, 3)[2]
 
-    waited = standin.send_bot_message("再试 [tool=Bash:touch late.txt] [sleep=0.5]", sender_staff_id="w6")
-    result = replies(standin, waited, 3, timeout=30)[2]
-    # 5 s waiting for an answer + 0.5 s of work: past TASK_TIMEOUT=4 only if the wait counted (without it, the
-    # run has 3.5 s to spare for starting the CLI on a loaded machine).
-    assert "the user did not answer within 5 seconds" in result and "执行超时" not in result
+    waited = standin.send_bot_message("再试 [tool=Bash:touch late.txt]", sender_staff_id="w6")
+    assert "the user did not answer within 2 seconds" in replies(standin, waited, 3, timeout=30)[2]
     assert not list((tmp_path / "workspace").glob("conversations/*/workspace/*.txt"))
+
+
+def test_a_question_nobody_answers_ends_its_task_as_timed_out_at_task_timeout(standin, make_bot, tmp_path):
+    bot = make_bot(APPROVAL_TIMEOUT="300", TASK_TIMEOUT="4")
+    sent = standin.send_bot_message("等人确认 [tool=Bash:touch never.txt]", sender_staff_id="w10")
+    replies(standin, sent, 2)  # the acknowledgement and the question
+    started = time.monotonic()
+    result = replies(standin, sent, 3, timeout=30)[2]
+    # The wait counts towards TASK_TIMEOUT (4 s), long before APPROVAL_TIMEOUT (300 s): the worker is free again.
+    assert "执行超时" in result and time.monotonic() - started < 20
+    bot.wait_log(r"任务 \w+ 已结束或被取消，撤回确认请求")
+    assert "回答: 下一条" in answer(standin, "下一条", "w10")  # a fresh message, not an answer to the old question
+    assert not list((tmp_path / "workspace").glob("conversations/*/workspace/never.txt"))
 
 
 def test_a_question_from_the_agent_is_answered_by_the_senders_next_message(standin, make_bot, tmp_path):

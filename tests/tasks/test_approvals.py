@@ -61,3 +61,23 @@ def test_a_reply_to_several_questions_reaches_the_cli_as_one_answer_each():
     asking.join(5)
     assert decisions[0].allowed and decisions[0].updated_input["answers"] == {"A？": "甲", "B？": "乙"}
     assert approvals.answer("c", "olga", False, "1. 再答一次") is None  # nothing waits any more
+
+
+def _wait_for(predicate, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def test_a_question_still_waiting_when_its_run_ends_is_withdrawn_and_denied():
+    approvals = Approvals(lambda task, text: None, timeout=300)
+    questions = approvals.for_run(_task(), stop=threading.Event())
+    decisions: list = []
+    asking = threading.Thread(target=lambda: decisions.append(questions(ToolRequest("Bash", {"command": "ls"}))))
+    asking.start()
+    _wait_for(lambda: approvals.waiting("c") is not None)
+    questions.end()  # the run timed out while nobody answered
+    asking.join(5)
+    assert decisions and not decisions[0].allowed and approvals.waiting("c") is None
+    assert approvals.answer("c", "olga", False, "同意") is None  # a late 同意 answers nothing

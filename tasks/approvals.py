@@ -2,8 +2,9 @@
 to know? — asked in the task's chat and answered there by that person (or an admin), or denied after
 APPROVAL_TIMEOUT.
 
-One question at a time per conversation (a conversation runs one task at a time). Who may answer is checked
-here, against the task's sender, never against what the answering message claims.
+Questions of one conversation are asked one at a time, in the order they came: the next is shown once the one before
+it is settled, so each reply or card click answers the question it was shown with. Who may answer is checked here,
+against the task's sender, never against what the answering message claims.
 """
 
 from __future__ import annotations
@@ -134,17 +135,22 @@ APPROVALS_OFF = Decision(False, "tool approvals are off for this bot (APPROVALS=
 
 @dataclass
 class Pending:
-    """One question waiting for its answer."""
+    """One question: waiting its turn, then asked in the chat (`shown`) until it has its answer."""
 
     task: Task
     request: ToolRequest
     id: str = ""  # "<task id>-<n>": what an AI card's approve/deny buttons answer (cards/actions.py)
     answered: threading.Event = field(default_factory=threading.Event)
     decision: Decision | None = None
+    shown: bool = False  # asked in the chat; the questions behind it in its conversation wait their turn
+
+
+Settled = Callable[[ToolRequest, "Decision | None"], None]  # a question's outcome, told before the next is shown
 
 
 class Approvals:
-    """The questions waiting for an answer, by conversation."""
+    """The questions of running tasks, by conversation: asked one at a time in the order they came, each answered by
+    its own reply or card click."""
 
     def __init__(self, send_question: Callable[[Task, str], None], *, timeout: float, enabled: bool = True,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -153,65 +159,103 @@ class Approvals:
         self.enabled = enabled
         self.clock = clock
         self._lock = threading.Lock()
-        self._pending: dict[str, Pending] = {}  # by conversation key
+        self._turns = threading.Condition(self._lock)  # a conversation's question settled: the next one may go
+        self._queues: dict[str, list[Pending]] = {}  # by conversation key, the one asked first
         self.asked = 0
         self.timed_out = 0
         # Several hosts (issue 16): the questions shared with them, so an answer reaching another host gets here
         # (cluster_questions.SharedQuestions; None on one host).
         self.remote: Any = None
 
-    def for_run(self, task: Task, *, stop: threading.Event,
-                shown: Callable[[Pending], None] | None = None) -> RunQuestions:
+    def for_run(self, task: Task, *, stop: threading.Event, shown: Callable[[Pending], None] | None = None,
+                settled: Settled | None = None) -> RunQuestions:
         """The `ask` of one run of `task`: its questions end with the run (`RunQuestions.end`) or `stop` (a cancel)."""
-        return RunQuestions(self, task, stop=stop, shown=shown)
+        return RunQuestions(self, task, stop=stop, shown=shown, settled=settled)
 
     def ask(self, task: Task, request: ToolRequest, stop: threading.Event | None = None,
-            shown: Callable[[Pending], None] | None = None) -> Decision:
-        """Ask the task's sender and wait for the answer, `timeout` s, or `stop` (a cancel): deny on either.
-        `shown(pending)` runs once the question is asked (the task's AI card shows it, with buttons)."""
+            shown: Callable[[Pending], None] | None = None, settled: Settled | None = None) -> Decision:
+        """Ask the task's sender once the questions before it in the conversation are settled, and wait for the
+        answer, `timeout` s, or `stop` (a cancel): deny on either. `shown(pending)` runs once the question is asked
+        (the task's AI card shows it, with buttons), `settled(request, decision)` once it is answered, before the
+        next question of the conversation is shown."""
         if not self.enabled:
             return APPROVALS_OFF
-        return self.ask_until(task, request, lambda: stop is not None and stop.is_set(), shown)
+        return self.ask_until(task, request, lambda: stop is not None and stop.is_set(), shown, settled)
 
     def ask_until(self, task: Task, request: ToolRequest, stopped: Callable[[], bool],
-                  shown: Callable[[Pending], None] | None = None) -> Decision:
+                  shown: Callable[[Pending], None] | None = None, settled: Settled | None = None) -> Decision:
         """`ask`, until `stopped()` says the run was cancelled or has ended."""
         with self._lock:
             self.asked += 1
             pending = Pending(task, request, id=f"{task.id}-{self.asked}")
-            self._pending[task.conversation_key] = pending
+            queue = self._queues.setdefault(task.conversation_key, [])
+            queue.append(pending)
         tlog = task_log(log, task)
-        tlog.info("任务 %s 等待用户确认: %s %s", task.id, request.tool_name, request_detail(request))
+        decision: Decision | None = None
         try:
+            if not self._wait_turn(pending, queue, stopped):
+                tlog.info("任务 %s 已结束或被取消，撤回确认请求", task.id)
+                decision = Decision(False, "the task was cancelled or has ended")
+                return decision
+            tlog.info("任务 %s 等待用户确认: %s %s", task.id, request.tool_name, request_detail(request))
             if self.remote is not None:
                 self.remote.asked(pending)
             self.send_question(task, question_text(task, request, self.timeout))
             if shown is not None:
                 shown(pending)
-            deadline = self.clock() + self.timeout
-            while not pending.answered.wait(0.1):
-                if stopped():
-                    tlog.info("任务 %s 已结束或被取消，撤回确认请求", task.id)
-                    return Decision(False, "the task was cancelled or has ended")
-                if self.clock() >= deadline:
-                    with self._lock:
-                        self.timed_out += 1
-                    tlog.info("任务 %s 的确认请求超时，按拒绝处理", task.id)
-                    return Decision(False, f"the user did not answer within {self.timeout:.0f} seconds; "
-                                           "do not retry this tool")
-            assert pending.decision is not None
-            return pending.decision
+            decision = self._wait_answer(pending, stopped)
+            return decision
         finally:
+            if pending.shown:
+                if settled is not None:
+                    settled(request, decision)
+                if self.remote is not None:
+                    self.remote.settled(pending)
             with self._lock:
-                if self._pending.get(task.conversation_key) is pending:
-                    del self._pending[task.conversation_key]
-            if self.remote is not None:
-                self.remote.settled(pending)
+                queue.remove(pending)
+                if not queue and self._queues.get(task.conversation_key) is queue:
+                    del self._queues[task.conversation_key]
+                self._turns.notify_all()
+
+    def _wait_turn(self, pending: Pending, queue: list[Pending], stopped: Callable[[], bool]) -> bool:
+        """Wait until `pending` is the first of its conversation's questions and mark it shown; False if `stopped()`
+        first."""
+        with self._lock:
+            while queue[0] is not pending:
+                if stopped():
+                    return False
+                self._turns.wait(0.1)
+            if stopped():
+                return False
+            pending.shown = True
+            return True
+
+    def _wait_answer(self, pending: Pending, stopped: Callable[[], bool]) -> Decision:
+        """The answer to the question being asked; a denial after `timeout` s or once `stopped()`."""
+        tlog = task_log(log, pending.task)
+        deadline = self.clock() + self.timeout
+        while not pending.answered.wait(0.1):
+            if stopped():
+                tlog.info("任务 %s 已结束或被取消，撤回确认请求", pending.task.id)
+                return Decision(False, "the task was cancelled or has ended")
+            if self.clock() >= deadline:
+                with self._lock:
+                    self.timed_out += 1
+                tlog.info("任务 %s 的确认请求超时，按拒绝处理", pending.task.id)
+                return Decision(False, f"the user did not answer within {self.timeout:.0f} seconds; "
+                                       "do not retry this tool")
+        assert pending.decision is not None
+        return pending.decision
+
+    def _asking(self, conversation_key: str) -> Pending | None:
+        """(Under the lock.) The question being asked in this conversation, if any."""
+        queue = self._queues.get(conversation_key)
+        return queue[0] if queue and queue[0].shown else None
 
     def waiting(self, conversation_key: str) -> Task | None:
         """The task waiting for an answer in this conversation, if any."""
         with self._lock:
-            pending = self._pending.get(conversation_key)
+            pending = self._asking(conversation_key)
         return pending.task if pending is not None else None
 
     def is_waiting(self, task: Task) -> bool:
@@ -225,7 +269,7 @@ class Approvals:
         ("" for none); None when the message is not an answer (it is handled as usual). A question another host's
         task waits on is answered there (`remote`)."""
         with self._lock:
-            pending = self._pending.get(conversation_key)
+            pending = self._asking(conversation_key)
         if pending is None:
             return self.remote.answer(conversation_key, user_id, is_admin, text) if self.remote is not None else None
         return self._answer(pending, user_id, is_admin, text)
@@ -238,7 +282,7 @@ class Approvals:
 
     def _by_id(self, question_id: str) -> Pending | None:
         with self._lock:
-            return next((p for p in self._pending.values() if p.id == question_id), None)
+            return next((p for queue in self._queues.values() for p in queue if p.id == question_id and p.shown), None)
 
     def _answer(self, pending: Pending, user_id: str, is_admin: bool, text: str) -> str | None:
         if pending.answered.is_set():
@@ -290,17 +334,24 @@ class RunQuestions:
     ends (its TASK_TIMEOUT passed while nobody answered, say) or is cancelled is withdrawn and denied."""
 
     def __init__(self, approvals: Approvals, task: Task, *, stop: threading.Event,
-                 shown: Callable[[Pending], None] | None = None) -> None:
+                 shown: Callable[[Pending], None] | None = None, settled: Settled | None = None) -> None:
         self.approvals = approvals
         self.task = task
         self.stop = stop
         self.shown = shown
+        self.settled = settled
         self._ended = threading.Event()
 
     def __call__(self, request: ToolRequest) -> Decision:
         if not self.approvals.enabled:
-            return APPROVALS_OFF
-        return self.approvals.ask_until(self.task, request, self.stopped, self.shown)
+            return self._settle(request, APPROVALS_OFF)
+        return self.approvals.ask_until(self.task, request, self.stopped, self.shown, self.settled)
+
+    def _settle(self, request: ToolRequest, decision: Decision) -> Decision:
+        """A request decided without asking anyone: its outcome is told as an asked one's is."""
+        if self.settled is not None:
+            self.settled(request, decision)
+        return decision
 
     def stopped(self) -> bool:
         return self.stop.is_set() or self._ended.is_set()

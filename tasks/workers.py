@@ -60,23 +60,30 @@ class Workers:
             finally:
                 self.board.release(task)
 
-    def _ask(self, task: Task, running: Running, questions: RunQuestions, request: ToolRequest) -> Decision:
+    def _questions(self, task: Task, running: Running) -> RunQuestions:
+        """The run's questions to its sender; with AI cards the task's card shows the one asked (and buttons for a
+        tool request) and keeps each one's outcome among its steps."""
+        cards = self.outbox.cards
+        if cards is None:
+            return self.approvals.for_run(task, stop=running.cancel_event)
+        return self.approvals.for_run(
+            task, stop=running.cancel_event,
+            shown=lambda pending: cards.ask(task.id, "" if pending.request.is_question else pending.id,
+                                            card_question(pending.request)),
+            settled=lambda request, decision: cards.settled(task.id, card_outcome(request, decision)))
+
+    def _ask(self, running: Running, questions: RunQuestions, request: ToolRequest) -> Decision:
         """The CLI asks to use a tool: ask the task's sender. The wait counts towards TASK_TIMEOUT (the client's), not
         towards SYNC_TIMEOUT (the monitor's)."""
         since = self.board.clock()
-        cards = self.outbox.cards
         with self.board.lock:
             running.awaiting_since = since
-        decision = None
         try:
-            decision = questions(request)
-            return decision
+            return questions(request)
         finally:
             with self.board.lock:
                 running.awaiting_since = None
                 running.waited += self.board.clock() - since
-            if cards is not None:
-                cards.settled(task.id, card_outcome(request, decision))
 
     def _run(self, task: Task, running: Running) -> None:
         tlog = task_log(log, task)
@@ -91,16 +98,13 @@ class Workers:
             if card is not None:
                 cards.step(task.id, step)
 
-        # With AI cards the task's card shows the question, and buttons for a tool request.
-        questions = self.approvals.for_run(task, stop=running.cancel_event, shown=(
-            (lambda pending: cards.ask(task.id, "" if pending.request.is_question else pending.id,
-                                       card_question(pending.request))) if cards is not None else None))
+        questions = self._questions(task, running)
         try:
             result = self.client.run(task.prompt, conversation=task.conversation_key, session_id=session,
                                      timeout=self.task_timeout,
                                      cancel_event=running.cancel_event, run_tag=task.id, on_step=on_step,
                                      on_text=(lambda text: cards.text(task.id, text)) if card is not None else None,
-                                     ask=lambda request: self._ask(task, running, questions, request))
+                                     ask=lambda request: self._ask(running, questions, request))
         finally:
             questions.end()  # a question still waiting (the run timed out) is withdrawn
         with self.board.lock:  # the outcome is decided once, against a cancel arriving at the same moment

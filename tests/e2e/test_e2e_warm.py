@@ -165,6 +165,24 @@ def test_a_question_nobody_answers_ends_its_task_as_timed_out_at_task_timeout(st
     assert not list((tmp_path / "workspace").glob("conversations/*/workspace/never.txt"))
 
 
+def test_two_tool_requests_at_once_are_asked_one_after_the_other_each_answered_by_its_own_reply(
+        standin, make_bot, tmp_path):
+    bot = make_bot()
+    sent = standin.send_bot_message("两个命令 [tools-at-once=echo first|echo second]", sender_staff_id="w11")
+    first = replies(standin, sent, 2)[1]
+    assert "echo first" in first and "echo second" not in first
+    time.sleep(0.5)
+    assert len(standin.webhook_posts(sent.session)) == 2  # the second request waits its turn, unseen
+    assert "已同意" in answer(standin, "同意", "w11", count=1)
+    second = replies(standin, sent, 3)[2]
+    assert "echo second" in second and "echo first" not in second
+    assert "已拒绝" in answer(standin, "拒绝", "w11", count=1)
+    result = replies(standin, sent, 4)[3]
+    assert "工具 Bash 已执行: echo first → first" in result
+    assert "工具 Bash 被拒绝: the user denied this tool use" in result and "→ second" not in result
+    bot.wait_log(r"任务 \w+ 的确认请求已被拒绝 \(user=w11\)")
+
+
 def test_a_question_from_the_agent_is_answered_by_the_senders_next_message(standin, make_bot, tmp_path):
     make_bot()
     sent = standin.send_bot_message("帮我建库 [ask=用哪个数据库？]", sender_staff_id="w7")

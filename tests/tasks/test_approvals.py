@@ -81,3 +81,36 @@ def test_a_question_still_waiting_when_its_run_ends_is_withdrawn_and_denied():
     asking.join(5)
     assert decisions and not decisions[0].allowed and approvals.waiting("c") is None
     assert approvals.answer("c", "olga", False, "同意") is None  # a late 同意 answers nothing
+
+
+def test_two_requests_at_once_are_asked_one_after_the_other_each_answered_by_its_own_reply_or_click():
+    sent: list[str] = []
+    approvals = Approvals(lambda task, text: sent.append(text), timeout=30)
+    outcomes: list = []
+    shown: list = []
+    questions = approvals.for_run(_task(), stop=threading.Event(), shown=shown.append,
+                                  settled=lambda request, decision: outcomes.append((request.input["command"],
+                                                                                     decision.allowed)))
+    decisions: dict = {}
+
+    def ask(command: str) -> None:
+        decisions[command] = questions(ToolRequest("Bash", {"command": command}))
+
+    first = threading.Thread(target=ask, args=("echo one",))
+    first.start()
+    _wait_for(lambda: len(sent) == 1)
+    second = threading.Thread(target=ask, args=("echo two",))
+    second.start()
+    time.sleep(0.3)
+    assert len(sent) == 1 and "echo one" in sent[0]  # the second waits its turn, unseen
+    assert approvals.click("t1-2", "olga", False, True) == "ignored"  # the second's buttons: not shown yet
+    assert approvals.answer("c", "olga", False, "同意") == "已同意，任务 t1 继续执行。"
+    _wait_for(lambda: len(sent) == 2)
+    assert "echo two" in sent[1] and decisions == {"echo one": decisions["echo one"]}
+    assert approvals.click(shown[0].id, "olga", False, False) == "ignored"  # the first is settled: its button is stale
+    assert approvals.click(shown[1].id, "olga", False, False) == "denied"
+    first.join(5)
+    second.join(5)
+    assert decisions["echo one"].allowed and not decisions["echo two"].allowed
+    assert outcomes == [("echo one", True), ("echo two", False)]  # the card hid the first before showing the second
+    assert approvals.waiting("c") is None

@@ -19,6 +19,7 @@ from typing import Any
 
 from codebuddy.warm_sessions import Decision, ToolRequest
 from common.logs import task_log
+from tasks import texts
 from tasks.task import Task
 
 log = logging.getLogger("async_task_manager")
@@ -153,10 +154,11 @@ class Approvals:
     its own reply or card click."""
 
     def __init__(self, send_question: Callable[[Task, str], None], *, timeout: float, enabled: bool = True,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 max_waits: int = 3, clock: Callable[[], float] = time.monotonic) -> None:
         self.send_question = send_question
         self.timeout = timeout
         self.enabled = enabled
+        self.max_waits = max_waits  # questions one run may ask (RunQuestions)
         self.clock = clock
         self._lock = threading.Lock()
         self._turns = threading.Condition(self._lock)  # a conversation's question settled: the next one may go
@@ -167,10 +169,11 @@ class Approvals:
         # (cluster_questions.SharedQuestions; None on one host).
         self.remote: Any = None
 
-    def for_run(self, task: Task, *, stop: threading.Event, shown: Callable[[Pending], None] | None = None,
-                settled: Settled | None = None) -> RunQuestions:
-        """The `ask` of one run of `task`: its questions end with the run (`RunQuestions.end`) or `stop` (a cancel)."""
-        return RunQuestions(self, task, stop=stop, shown=shown, settled=settled)
+    def for_run(self, task: Task, *, stop: threading.Event, end_run: Callable[[str], None] = lambda reason: None,
+                shown: Callable[[Pending], None] | None = None, settled: Settled | None = None) -> RunQuestions:
+        """The `ask` of one run of `task`: at most `max_waits` questions (the next ends the run through `end_run`),
+        ending with the run (`RunQuestions.end`) or `stop` (a cancel)."""
+        return RunQuestions(self, task, stop=stop, end_run=end_run, shown=shown, settled=settled)
 
     def ask(self, task: Task, request: ToolRequest, stop: threading.Event | None = None,
             shown: Callable[[Pending], None] | None = None, settled: Settled | None = None) -> Decision:
@@ -330,22 +333,44 @@ class Approvals:
 
 
 class RunQuestions:
-    """One run's questions to its sender: the CLI client's `ask` for that run. A question still waiting when the run
-    ends (its TASK_TIMEOUT passed while nobody answered, say) or is cancelled is withdrawn and denied."""
+    """One run's questions to its sender: the CLI client's `ask` for that run. At most `approvals.max_waits` are asked:
+    the first request past them is denied and ends the run (`end_run(reason)`, the reason for the chat), as do those
+    after it. A question still waiting when the run ends (its TASK_TIMEOUT passed while nobody answered, say) or is
+    cancelled is withdrawn and denied."""
 
     def __init__(self, approvals: Approvals, task: Task, *, stop: threading.Event,
-                 shown: Callable[[Pending], None] | None = None, settled: Settled | None = None) -> None:
+                 end_run: Callable[[str], None] = lambda reason: None, shown: Callable[[Pending], None] | None = None,
+                 settled: Settled | None = None) -> None:
         self.approvals = approvals
         self.task = task
         self.stop = stop
+        self.end_run = end_run
         self.shown = shown
         self.settled = settled
+        self.asked = 0
+        self.over = ""  # why the run was ended, once it asked past max_waits
+        self._lock = threading.Lock()
         self._ended = threading.Event()
 
     def __call__(self, request: ToolRequest) -> Decision:
         if not self.approvals.enabled:
             return self._settle(request, APPROVALS_OFF)
-        return self.approvals.ask_until(self.task, request, self.stopped, self.shown, self.settled)
+        limit = self.approvals.max_waits
+        with self._lock:
+            self.asked += 1
+            count = self.asked
+            first_over = count == limit + 1
+            if first_over:
+                self.over = texts.too_many_questions(limit, request.tool_name, request.is_question)
+        if count <= limit:
+            return self.approvals.ask_until(self.task, request, self.stopped, self.shown, self.settled)
+        if first_over:
+            task_log(log, self.task).warning("任务 %s 的确认请求超过上限 (%d 次)，已拒绝并结束任务: %s",
+                                             self.task.id, limit, request.tool_name)
+            self.end_run(self.over)
+        return self._settle(request, Decision(
+            False, f"this task has already asked its user {limit} times (APPROVAL_MAX_WAITS); no further request is "
+                   "allowed and the task is being stopped"))
 
     def _settle(self, request: ToolRequest, decision: Decision) -> Decision:
         """A request decided without asking anyone: its outcome is told as an asked one's is."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from functools import partial
 
 from codebuddy.warm_sessions import Decision, ToolRequest
 from common.logs import task_log
@@ -23,7 +24,8 @@ class Workers:
 
     def __init__(self, board: TaskBoard, client: Client, outbox: Outbox, *, task_timeout: float,
                  session_for: Callable[[str], str], supervisor: Supervisor,
-                 secrets: Iterable[str] = (), approval_timeout: float = 300.0, approvals: bool = True) -> None:
+                 secrets: Iterable[str] = (), approval_timeout: float = 300.0, approvals: bool = True,
+                 approval_max_waits: int = 3) -> None:
         self.board = board
         self.client = client
         self.outbox = outbox
@@ -33,7 +35,7 @@ class Workers:
         self.supervisor = supervisor
         # Questions a run asks its sender go to the task's chat, ahead of its result.
         self.approvals = Approvals(lambda task, text: outbox.notice(task.route, text, task_id=task.id, markdown=True),
-                                   timeout=approval_timeout, enabled=approvals)
+                                   timeout=approval_timeout, enabled=approvals, max_waits=approval_max_waits)
 
     def start(self) -> None:
         """Start one supervised thread per worker slot (a crash is logged and the worker restarted)."""
@@ -64,13 +66,20 @@ class Workers:
         """The run's questions to its sender; with AI cards the task's card shows the one asked (and buttons for a
         tool request) and keeps each one's outcome among its steps."""
         cards = self.outbox.cards
+        end_run = partial(self._end_run, running)
         if cards is None:
-            return self.approvals.for_run(task, stop=running.cancel_event)
+            return self.approvals.for_run(task, stop=running.cancel_event, end_run=end_run)
         return self.approvals.for_run(
-            task, stop=running.cancel_event,
+            task, stop=running.cancel_event, end_run=end_run,
             shown=lambda pending: cards.ask(task.id, "" if pending.request.is_question else pending.id,
                                             card_question(pending.request)),
             settled=lambda request, decision: cards.settled(task.id, card_outcome(request, decision)))
+
+    def _end_run(self, running: Running, reason: str) -> None:
+        """Stop a run the bot itself ends (it asked past APPROVAL_MAX_WAITS): its task fails with `reason`."""
+        with self.board.lock:
+            running.stop_reason = reason
+            running.cancel_event.set()  # the client interrupts the turn within its poll
 
     def _ask(self, running: Running, questions: RunQuestions, request: ToolRequest) -> Decision:
         """The CLI asks to use a tool: ask the task's sender. The wait counts towards TASK_TIMEOUT (the client's), not
@@ -108,12 +117,15 @@ class Workers:
         finally:
             questions.end()  # a question still waiting (the run timed out) is withdrawn
         with self.board.lock:  # the outcome is decided once, against a cancel arriving at the same moment
-            if result.cancelled and running.by_shutdown and not task.cancel_requested:
+            stopped_here = bool(running.stop_reason) and not task.cancel_requested  # too many questions
+            if result.cancelled and running.by_shutdown and not task.cancel_requested and not stopped_here:
                 # Stopped by a shutdown, not by the user: leave it to be re-run on the next start.
                 self.board.transition(task, status=QUEUED, attempts=max(0, task.attempts - 1))
                 tlog.info("任务 %s 因停止服务而中断，下次启动时重新执行", task.id)
                 return
-            if result.ok:  # an answer that was complete before a cancel reached the CLI is still the answer
+            if stopped_here:  # whatever the CLI still wrote after the refusal, the run was ended mid-work
+                self.board.fail(task.id, running.stop_reason)
+            elif result.ok:  # an answer that was complete before a cancel reached the CLI is still the answer
                 self.board.complete(task.id, result.text, result.duration)
             elif result.cancelled:
                 self.board.fail(task.id, "已被用户取消", status=CANCELLED)

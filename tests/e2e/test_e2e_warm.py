@@ -183,6 +183,19 @@ def test_two_tool_requests_at_once_are_asked_one_after_the_other_each_answered_b
     bot.wait_log(r"任务 \w+ 的确认请求已被拒绝 \(user=w11\)")
 
 
+def test_a_request_past_approval_max_waits_is_denied_and_ends_the_task_with_the_reason(standin, make_bot, tmp_path):
+    bot = make_bot(APPROVAL_MAX_WAITS="1")
+    sent = standin.send_bot_message("两步 [tool=Bash:echo one] [tool=Bash:touch two.txt]", sender_staff_id="w12")
+    assert "echo one" in replies(standin, sent, 2)[1]
+    answer(standin, "同意", "w12", count=1)
+    result = replies(standin, sent, 3, timeout=30)[2]
+    assert result.startswith("CodeBuddy 执行失败: 确认次数已达上限: 本任务已向你确认 1 次") and "Bash" in result
+    assert not any("touch two.txt" in post for post in replies(standin, sent, 3))  # never asked
+    assert not list((tmp_path / "workspace").glob("conversations/*/workspace/two.txt"))
+    bot.wait_log(r"任务 \w+ 的确认请求超过上限 \(1 次\)，已拒绝并结束任务: Bash")
+    assert "回答: 之后" in answer(standin, "之后", "w12")  # the conversation goes on
+
+
 def test_a_question_from_the_agent_is_answered_by_the_senders_next_message(standin, make_bot, tmp_path):
     make_bot()
     sent = standin.send_bot_message("帮我建库 [ask=用哪个数据库？]", sender_staff_id="w7")

@@ -6,10 +6,14 @@ from __future__ import annotations
 import threading
 import time
 
+from async_task_manager import AsyncTaskManager
 from codebuddy.warm_sessions import ASK_QUESTION_TOOL, ToolRequest
+from codebuddy_client import RunResult
 from dingtalk.route import Route
+from dingtalk_sender import Delivery
+from store.memory import MemoryTaskStore
 from tasks.approvals import Approvals, question_text, split_answers, verdict
-from tasks.task import RUNNING, Task
+from tasks.task import FAILED, RUNNING, Task
 
 
 def _task(user: str = "olga") -> Task:
@@ -114,3 +118,73 @@ def test_two_requests_at_once_are_asked_one_after_the_other_each_answered_by_its
     assert decisions["echo one"].allowed and not decisions["echo two"].allowed
     assert outcomes == [("echo one", True), ("echo two", False)]  # the card hid the first before showing the second
     assert approvals.waiting("c") is None
+
+
+def test_a_run_asks_at_most_max_waits_questions_and_the_next_request_is_denied_and_ends_the_run():
+    sent: list[str] = []
+    approvals = Approvals(lambda task, text: sent.append(text), timeout=30, max_waits=2)
+    ended: list[str] = []
+    questions = approvals.for_run(_task(), stop=threading.Event(), end_run=ended.append)
+    for number in (1, 2):
+        asking = threading.Thread(target=questions, args=(ToolRequest("Bash", {"command": f"echo {number}"}),))
+        asking.start()
+        _wait_for(lambda: approvals.waiting("c") is not None)
+        approvals.answer("c", "olga", False, "同意")
+        asking.join(5)
+    third = questions(ToolRequest("Bash", {"command": "echo 3"}))
+    assert not third.allowed and "APPROVAL_MAX_WAITS" in third.reason
+    assert len(sent) == 2 and approvals.waiting("c") is None  # the third was never asked
+    assert len(ended) == 1 and ended[0].startswith("确认次数已达上限") and "最多 2 次" in ended[0]
+    assert "Bash" in ended[0]
+    assert not questions(ToolRequest("Bash", {"command": "echo 4"})).allowed and len(ended) == 1  # ended once
+
+
+class _Sender:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def send(self, route, text, **kwargs):
+        self.sent.append(text)
+        return Delivery(ok=True, path="batchSend")
+
+
+class _AskingClient:
+    """A CLI client whose run asks for each command in turn, going on after a denial (as the CLI does) until the
+    run's cancel event stops it."""
+
+    def __init__(self, commands: list[str]) -> None:
+        self.commands = commands
+
+    def run(self, prompt, *, cancel_event=None, ask=None, **kwargs):
+        for command in self.commands:
+            if cancel_event.is_set():
+                return RunResult(ok=False, cancelled=True, error="任务已取消")
+            ask(ToolRequest("Bash", {"command": command}))
+        return RunResult(ok=True, text="都做完了")
+
+    def cancel(self, run_tag):
+        return True
+
+    def kill_leftovers(self, run_tag):
+        return 0
+
+    def close(self):
+        pass
+
+
+def test_a_task_asking_past_approval_max_waits_fails_with_the_reason_in_the_chat():
+    sender = _Sender()
+    manager = AsyncTaskManager(_AskingClient(["echo 1", "echo 2", "echo 3"]), sender, MemoryTaskStore(), tick=0.02,
+                               approval_max_waits=1)
+    manager.start()
+    try:
+        task = manager.submit("做三件事", Route("1", "olga", ""), user_id="olga", conversation_key="c")
+        _wait_for(lambda: manager.workers.approvals.waiting("c") is not None)
+        assert manager.workers.approvals.answer("c", "olga", False, "同意")
+        _wait_for(lambda: task.finished and task.delivered)
+        assert task.status == FAILED and task.error.startswith("确认次数已达上限")
+        failure = [text for text in sender.sent if "确认次数已达上限" in text]
+        assert failure and failure[0].startswith("CodeBuddy 执行失败: 确认次数已达上限")
+        assert sum("echo" in text for text in sender.sent) == 1  # one question asked; echo 2 never reached the chat
+    finally:
+        manager.shutdown(0.5)

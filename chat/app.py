@@ -111,11 +111,13 @@ class ChatApp:
             if not self._over_limit(message, "command"):
                 self.reply(message, self.without_text(message.msgtype))
             return
-        answered = self.manager.workers.approvals.answer(message.conversation_key, message.user_id,
-                                                         self.is_admin(message.user_id), message.text)
+        answered = self.manager.workers.approvals.respond(message.conversation_key, message.user_id,
+                                                          self.is_admin(message.user_id), message.text)
         if answered is not None:  # the sender (or an admin) answering a question a running task asked
-            if answered:
-                self.reply(message, answered)
+            if answered.kind == "detail" and self._over_limit(message, "command"):  # a page of a long request
+                return
+            if answered.reply:
+                self.reply(message, answered.reply)
             return
         words = message.text.split(maxsplit=1)
         command = COMMANDS.get(words[0].lower())

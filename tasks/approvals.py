@@ -15,77 +15,19 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from codebuddy.warm_sessions import Decision, ToolRequest
 from common.logs import task_log
 from tasks import texts
+from tasks.request_view import SHOWN_PAGES, detail_page, question_messages, request_detail, wants_page
 from tasks.task import Task
 
 log = logging.getLogger("async_task_manager")
 
 APPROVE_WORDS = ("同意", "/approve", "批准", "允许")
 DENY_WORDS = ("拒绝", "/deny", "不同意", "不允许")
-DETAIL_CHARS = 300  # of a command, path or question shown in the chat
 _NUMBERED = re.compile(r"^\s*(\d+)\s*[.、)）:：]\s*(.*)$")  # "1. …", "2、…", "3) …" in an answer to several questions
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]#|~<>])")  # what makes emphasis, code, links, headings, HTML
-
-
-def escape_markdown(text: str) -> str:
-    """`text` shown literally in DingTalk markdown (no links, emphasis, headings or HTML from the agent)."""
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
-
-
-def shorten(text: str, limit: int = DETAIL_CHARS) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def request_detail(request: ToolRequest) -> str:
-    """What the tool wants to do, in one short line: the command, the file, or its input."""
-    data = request.input
-    for key in ("command", "file_path", "path", "url", "pattern", "query", "prompt"):
-        if isinstance(data.get(key), str) and data[key].strip():
-            return shorten(data[key])
-    return shorten(", ".join(f"{k}={v}" for k, v in data.items() if k != "description")) or "(无参数)"
-
-
-def question_text(task: Task, request: ToolRequest, timeout: float) -> str:
-    """The markdown message that asks the task's sender."""
-    who = f"@{escape_markdown(task.user_name)} " if task.user_name else ""
-    minutes = f"{timeout / 60:.0f} 分钟" if timeout >= 120 else f"{timeout:.0f} 秒"
-    if request.is_question:
-        lines = [f"**CodeBuddy 有问题问你** (任务 {task.id})", ""]
-        for number, question in enumerate(request.questions or [{"question": "?"}], 1):
-            options = [str(o.get("label")) for o in question.get("options") or [] if isinstance(o, dict)]
-            line = f"{number}. {escape_markdown(shorten(str(question.get('question'))))}"
-            if options:
-                line += " (" + " / ".join(escape_markdown(shorten(o, 60)) for o in options) + ")"
-            lines.append(line)
-        several = "，多个问题请按编号逐行回答 (「1. …」换行「2. …」)" if len(request.questions) > 1 else ""
-        lines += ["", f"{who}请直接回复你的答案{several} (回复「拒绝」则不回答)，{minutes}内未回复视为不回答。"]
-        return "\n".join(lines)
-    return "\n".join([
-        f"**CodeBuddy 请求使用工具 {escape_markdown(request.tool_name)}** (任务 {task.id})", "",
-        f"> {escape_markdown(request_detail(request))}", "",
-        f"{who}回复「同意」允许，回复「拒绝」拒绝 (也可用 /approve、/deny)。{minutes}内未回复视为拒绝。",
-    ])
-
-
-def card_question(request: ToolRequest) -> str:
-    """The line a task's AI card shows while the request waits (its buttons answer a tool request)."""
-    if request.is_question:
-        return "⏸ **CodeBuddy 在等你的回答** (见聊天消息，直接回复即可)"
-    return (f"⏸ **等待确认: 工具 {escape_markdown(request.tool_name)}** — "
-            f"{escape_markdown(shorten(request_detail(request), 120))}\n\n点「同意」或「拒绝」，或在聊天中回复")
-
-
-def card_outcome(request: ToolRequest, decision: Decision | None) -> str:
-    """The step a task's AI card keeps once the request was answered, refused or timed out."""
-    allowed = decision is not None and decision.allowed
-    if request.is_question:
-        return f"问题: {'已回答' if allowed else '未回答'}"
-    return f"工具 {escape_markdown(request.tool_name)}: {'已同意' if allowed else '已拒绝'}"
 
 
 def verdict(owner: str, is_question: bool, user_id: str, is_admin: bool, text: str) -> str | None:
@@ -144,6 +86,15 @@ class Pending:
     answered: threading.Event = field(default_factory=threading.Event)
     decision: Decision | None = None
     shown: bool = False  # asked in the chat; the questions behind it in its conversation wait their turn
+    pages: list[str] = field(default_factory=list)  # the whole request as the chat reads it (request_view)
+
+
+class Answer(NamedTuple):
+    """What a chat message did to a waiting question: `verdict`'s kind, "detail" (a page of a long request was asked
+    for) or "relayed" (another host's question); and the reply to show ("" for none)."""
+
+    kind: str
+    reply: str
 
 
 Settled = Callable[[ToolRequest, "Decision | None"], None]  # a question's outcome, told before the next is shown
@@ -170,10 +121,12 @@ class Approvals:
         self.remote: Any = None
 
     def for_run(self, task: Task, *, stop: threading.Event, end_run: Callable[[str], None] = lambda reason: None,
-                shown: Callable[[Pending], None] | None = None, settled: Settled | None = None) -> RunQuestions:
+                deadline: float | None = None, shown: Callable[[Pending], None] | None = None,
+                settled: Settled | None = None) -> RunQuestions:
         """The `ask` of one run of `task`: at most `max_waits` questions (the next ends the run through `end_run`),
-        ending with the run (`RunQuestions.end`) or `stop` (a cancel)."""
-        return RunQuestions(self, task, stop=stop, end_run=end_run, shown=shown, settled=settled)
+        ending with the run (`RunQuestions.end`) or `stop` (a cancel); `deadline` (on `clock`) is when the run's
+        TASK_TIMEOUT passes, which a question names when it comes before APPROVAL_TIMEOUT."""
+        return RunQuestions(self, task, stop=stop, end_run=end_run, deadline=deadline, shown=shown, settled=settled)
 
     def ask(self, task: Task, request: ToolRequest, stop: threading.Event | None = None,
             shown: Callable[[Pending], None] | None = None, settled: Settled | None = None) -> Decision:
@@ -186,8 +139,9 @@ class Approvals:
         return self.ask_until(task, request, lambda: stop is not None and stop.is_set(), shown, settled)
 
     def ask_until(self, task: Task, request: ToolRequest, stopped: Callable[[], bool],
-                  shown: Callable[[Pending], None] | None = None, settled: Settled | None = None) -> Decision:
-        """`ask`, until `stopped()` says the run was cancelled or has ended."""
+                  shown: Callable[[Pending], None] | None = None, settled: Settled | None = None,
+                  deadline: float | None = None) -> Decision:
+        """`ask`, until `stopped()` says the run was cancelled or has ended (`deadline`: see `for_run`)."""
         with self._lock:
             self.asked += 1
             pending = Pending(task, request, id=f"{task.id}-{self.asked}")
@@ -203,7 +157,10 @@ class Approvals:
             tlog.info("任务 %s 等待用户确认: %s %s", task.id, request.tool_name, request_detail(request))
             if self.remote is not None:
                 self.remote.asked(pending)
-            self.send_question(task, question_text(task, request, self.timeout))
+            remaining = deadline - self.clock() if deadline is not None else None
+            messages, pending.pages = question_messages(task, request, self.timeout, remaining)
+            for message in messages:  # the whole request: one message, or a few pages of a long one
+                self.send_question(task, message)
             if shown is not None:
                 shown(pending)
             decision = self._wait_answer(pending, stopped)
@@ -268,34 +225,42 @@ class Approvals:
         return self.remote is not None and self.remote.waits(task.id)
 
     def answer(self, conversation_key: str, user_id: str, is_admin: bool, text: str) -> str | None:
-        """If `text` answers the question waiting in this conversation: take it and return the reply to show
-        ("" for none); None when the message is not an answer (it is handled as usual). A question another host's
-        task waits on is answered there (`remote`)."""
+        """`respond`'s reply to show ("" for none); None when the message is not an answer."""
+        answered = self.respond(conversation_key, user_id, is_admin, text)
+        return answered.reply if answered is not None else None
+
+    def respond(self, conversation_key: str, user_id: str, is_admin: bool, text: str) -> Answer | None:
+        """If `text` answers the question asked in this conversation (or asks for a page of it): take it and say what
+        it did; None when the message is not an answer (it is handled as usual). A question another host's task
+        waits on is answered there (`remote`)."""
         with self._lock:
             pending = self._asking(conversation_key)
         if pending is None:
-            return self.remote.answer(conversation_key, user_id, is_admin, text) if self.remote is not None else None
+            reply = self.remote.answer(conversation_key, user_id, is_admin, text) if self.remote is not None else None
+            return Answer("relayed", reply) if reply is not None else None
         return self._answer(pending, user_id, is_admin, text)
 
     def answer_relayed(self, question_id: str, user_id: str, is_admin: bool, text: str) -> None:
         """An answer another host received for a question asked here: checked here again, as if it came here."""
         pending = self._by_id(question_id)
-        if pending is not None:
+        if pending is not None and not wants_page(text):
             self._answer(pending, user_id, is_admin, text)
 
     def _by_id(self, question_id: str) -> Pending | None:
         with self._lock:
             return next((p for queue in self._queues.values() for p in queue if p.id == question_id and p.shown), None)
 
-    def _answer(self, pending: Pending, user_id: str, is_admin: bool, text: str) -> str | None:
+    def _answer(self, pending: Pending, user_id: str, is_admin: bool, text: str) -> Answer | None:
         if pending.answered.is_set():
             return None
+        if len(pending.pages) > SHOWN_PAGES and wants_page(text):  # anyone in the chat saw the first pages too
+            return Answer("detail", detail_page(pending.pages, text))
         kind = verdict(pending.task.user_id, pending.request.is_question, user_id, is_admin, text)
         if kind is None:
             return None
         if kind == "refused":
             log.warning("拒绝非发起人的确认: 任务 %s user=%s", pending.task.id, user_id)
-            return reply_for(kind, pending.task.id)
+            return Answer(kind, reply_for(kind, pending.task.id))
         if kind == "answer":
             answers = split_answers([str(q.get("question")) for q in pending.request.questions], text)
             decision = Decision(True, updated_input={**pending.request.input, "answers": answers})
@@ -304,7 +269,7 @@ class Approvals:
                                 "the user declined to answer" if kind == "decline" else "the user denied this tool use")
         if not self._settle(pending, decision, user_id):
             return None  # answered a moment ago (a button click): this message is an ordinary one
-        return reply_for(kind, pending.task.id)
+        return Answer(kind, reply_for(kind, pending.task.id))
 
     def click(self, question_id: str, user_id: str, is_admin: bool, approve: bool) -> str:
         """An AI card's approve or deny button for the tool request `question_id`: "approved", "denied",
@@ -339,12 +304,13 @@ class RunQuestions:
     cancelled is withdrawn and denied."""
 
     def __init__(self, approvals: Approvals, task: Task, *, stop: threading.Event,
-                 end_run: Callable[[str], None] = lambda reason: None, shown: Callable[[Pending], None] | None = None,
-                 settled: Settled | None = None) -> None:
+                 end_run: Callable[[str], None] = lambda reason: None, deadline: float | None = None,
+                 shown: Callable[[Pending], None] | None = None, settled: Settled | None = None) -> None:
         self.approvals = approvals
         self.task = task
         self.stop = stop
         self.end_run = end_run
+        self.deadline = deadline
         self.shown = shown
         self.settled = settled
         self.asked = 0
@@ -363,7 +329,7 @@ class RunQuestions:
             if first_over:
                 self.over = texts.too_many_questions(limit, request.tool_name, request.is_question)
         if count <= limit:
-            return self.approvals.ask_until(self.task, request, self.stopped, self.shown, self.settled)
+            return self.approvals.ask_until(self.task, request, self.stopped, self.shown, self.settled, self.deadline)
         if first_over:
             task_log(log, self.task).warning("任务 %s 的确认请求超过上限 (%d 次)，已拒绝并结束任务: %s",
                                              self.task.id, limit, request.tool_name)

@@ -10,9 +10,10 @@ from codebuddy.warm_sessions import Decision, ToolRequest
 from common.logs import task_log
 from common.redaction import redact_secrets
 from common.supervision import Supervisor
-from tasks.approvals import Approvals, RunQuestions, card_outcome, card_question
+from tasks.approvals import Approvals, RunQuestions
 from tasks.board import Running, TaskBoard
 from tasks.delivery import Outbox
+from tasks.request_view import card_outcome, card_question
 from tasks.seams import Client
 from tasks.task import CANCELLED, QUEUED, TIMED_OUT, Task
 
@@ -34,7 +35,8 @@ class Workers:
         self._secrets = tuple(secrets)
         self.supervisor = supervisor
         # Questions a run asks its sender go to the task's chat, ahead of its result.
-        self.approvals = Approvals(lambda task, text: outbox.notice(task.route, text, task_id=task.id, markdown=True),
+        # Plain text: nothing the agent wrote renders as markdown in them.
+        self.approvals = Approvals(lambda task, text: outbox.notice(task.route, text, task_id=task.id),
                                    timeout=approval_timeout, enabled=approvals, max_waits=approval_max_waits)
 
     def start(self) -> None:
@@ -67,10 +69,11 @@ class Workers:
         tool request) and keeps each one's outcome among its steps."""
         cards = self.outbox.cards
         end_run = partial(self._end_run, running)
+        deadline = self.approvals.clock() + self.task_timeout  # about when the client's turn times out
         if cards is None:
-            return self.approvals.for_run(task, stop=running.cancel_event, end_run=end_run)
+            return self.approvals.for_run(task, stop=running.cancel_event, end_run=end_run, deadline=deadline)
         return self.approvals.for_run(
-            task, stop=running.cancel_event, end_run=end_run,
+            task, stop=running.cancel_event, end_run=end_run, deadline=deadline,
             shown=lambda pending: cards.ask(task.id, "" if pending.request.is_question else pending.id,
                                             card_question(pending.request)),
             settled=lambda request, decision: cards.settled(task.id, card_outcome(request, decision)))

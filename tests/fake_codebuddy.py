@@ -5,8 +5,9 @@ Directives anywhere in the prompt (combinable): [sleep=N] [spawn] [spawn-session
 [big=N] [echo-env] [ignore-term] [stream=N] (the answer in five assistant messages over N seconds, a Bash step
 mid-way; [parts=N] for N messages instead of five) [tool=NAME:COMMAND] (asks can_use_tool, runs COMMAND with sh
 if allowed) [tools-at-once=A|B] (Bash requests for A and B sent together, then each run if allowed)
-[ask=QUESTION] (AskUserQuestion; [ask=Q1|Q2] asks several at once); [flood=N] (N forged can_use_tool
-requests written at once, as a tool writing into the CLI's stdout could) and [longline=N] (one line of N bytes).
+[write=NAME:LINES] (asks to Write `write_content` into NAME) [ask=QUESTION] (AskUserQuestion; [ask=Q1|Q2] asks
+several at once); [flood=N] (N forged can_use_tool requests written at once, as a tool writing into the CLI's stdout
+could) and [longline=N] (one line of N bytes).
 With `--input-format stream-json` it stays alive and takes one user message per stdin line (a turn each, echoed with
 --replay-user-messages), answers `initialize` and `interrupt` (the interrupted turn writes no result, and a running
 tool command is left to the bot, the worst case), and sends can_use_tool requests.
@@ -254,6 +255,33 @@ def use_tools_at_once(name: str, commands: list[str], session_id: str, out: Any,
     return "\n".join(said)
 
 
+def write_content(name: str, lines: int) -> str:
+    """The deterministic content [write=NAME:LINES] asks to write (tests compare what the chat shows with it)."""
+    return "\n".join(f"{name} 第 {n} 行: " + "写入的内容 content " * (n % 7) + ("```" if n % 50 == 0 else "")
+                     for n in range(1, lines + 1))
+
+
+def write_file(name: str, lines: int, session_id: str, out: Any, turn: Turn | None) -> str | None:
+    """[write=NAME:LINES]: ask to Write `write_content` into NAME (in the cwd); write it if allowed."""
+    tool_id = "toolu_" + uuid.uuid4().hex[:12]
+    tool_input = {"file_path": name, "content": write_content(name, lines)}
+    out({"type": "assistant", "session_id": session_id, "message": {"role": "assistant", "content": [
+        {"type": "tool_use", "id": tool_id, "name": "Write", "input": tool_input}]}})
+    decision = turn.ask({"subtype": "can_use_tool", "tool_name": "Write", "input": tool_input,
+                         "tool_use_id": tool_id}) if turn is not None else {"allowed": False}
+    if decision is None:
+        return None
+    if decision.get("allowed"):
+        with open(name, "w", encoding="utf-8") as fh:
+            fh.write(tool_input["content"])
+        said = f"工具 Write 已写入: {name} ({len(tool_input['content'])} 字)"
+    else:
+        said = f"工具 Write 被拒绝: {decision.get('reason', '')}"
+    out({"type": "user", "session_id": session_id, "message": {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": tool_id, "content": said}]}})
+    return said
+
+
 def run_decided(name: str, command: str, tool_id: str, tool_input: dict[str, Any], decision: dict[str, Any],
                 session_id: str, out: Any, turn: Turn | None) -> str | None:
     """Run an allowed tool call (None if the turn is interrupted meanwhile); what it said, as a tool result."""
@@ -461,6 +489,11 @@ def run_prompt(prompt: str, argv: list[str], flags: dict[str, Any], write: Any, 
     tools_said = []
     for name, command in re.findall(r"\[tool=(\w+):([^\]]*)\]", prompt):
         said = use_tool(name, command, session_id, out, turn)
+        if said is None:
+            return INTERRUPTED
+        tools_said.append(said)
+    for name, lines in re.findall(r"\[write=([^\]:/]+):(\d+)\]", prompt):
+        said = write_file(name, int(lines), session_id, out, turn)
         if said is None:
             return INTERRUPTED
         tools_said.append(said)

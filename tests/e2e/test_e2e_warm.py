@@ -8,12 +8,16 @@ stdin message, `interrupt`, `can_use_tool`). Every fake CLI process has its own 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
 import pytest
 
+from tasks.request_view import SHOWN_PAGES
 from tests.conftest import cli_runs, process_alive, processes_of_this_test, replies, wait_for_process
+from tests.fake_codebuddy import write_content
+from tests.tasks.test_request_view import joined_pages, shown_value
 
 pytestmark = pytest.mark.e2e
 
@@ -194,6 +198,24 @@ def test_a_request_past_approval_max_waits_is_denied_and_ends_the_task_with_the_
     assert not list((tmp_path / "workspace").glob("conversations/*/workspace/two.txt"))
     bot.wait_log(r"任务 \w+ 的确认请求超过上限 \(1 次\)，已拒绝并结束任务: Bash")
     assert "回答: 之后" in answer(standin, "之后", "w12")  # the conversation goes on
+
+
+def test_a_long_write_is_shown_whole_in_several_messages_and_its_further_pages_on_request(standin, make_bot, tmp_path):
+    make_bot()
+    sent = standin.send_bot_message("写文件 [write=big.txt:700]", sender_staff_id="w13", sender_nick="Wu")
+    shown = replies(standin, sent, 1 + SHOWN_PAGES)[1:]
+    total = int(re.search(r"共 (\d+) 页", shown[-1]).group(1))
+    assert total > SHOWN_PAGES and shown[0].startswith(f"(1/{total})\nCodeBuddy 请求使用工具 Write")
+    assert "文件:\n│ big.txt" in shown[0] and "@Wu 回复「同意」允许" in shown[-1]
+    pages = [*shown[:-1], shown[-1].split("\n\n⚠️")[0]]
+    for number in range(SHOWN_PAGES + 1, total + 1):
+        pages.append(answer(standin, f"详情 {number}", "w13", count=1).split(f"\n\n(第 {number} 页")[0])
+    assert shown_value(joined_pages(pages), "内容") == write_content("big.txt", 700)  # every character reached the chat
+    assert not runs_of(tmp_path, "详情")  # page requests are not prompts
+    assert "已同意" in answer(standin, "同意", "w13", count=1)
+    assert "工具 Write 已写入: big.txt" in replies(standin, sent, 2 + SHOWN_PAGES)[-1]
+    [written] = (tmp_path / "workspace").glob("conversations/*/workspace/big.txt")
+    assert written.read_text(encoding="utf-8") == write_content("big.txt", 700)
 
 
 def test_a_question_from_the_agent_is_answered_by_the_senders_next_message(standin, make_bot, tmp_path):

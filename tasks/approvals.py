@@ -28,6 +28,11 @@ log = logging.getLogger("async_task_manager")
 
 APPROVE_WORDS = ("同意", "/approve", "批准", "允许")
 DENY_WORDS = ("拒绝", "/deny", "不同意", "不允许")
+# Seconds after a question that follows another of its conversation at once (several requests in a row) during which a
+# reply is not taken for it: it was sent before the question arrived (a 同意 sent twice must not approve the next one).
+FOLLOW_UP_GRACE = 1.0
+EARLY_REPLY = "这条回复发出时下一个确认请求还没送到，未作为回答：请看完上面的新请求再回复。"
+REPEATED_REPLY = "这个确认请求刚刚已经回答过了，这条回复未作处理。"
 _REFUSAL = re.compile(r"只有发起任务 \S+ 的人或管理员可以确认这个操作。")  # reply_for("refused", …)
 _NUMBERED = re.compile(r"^\s*(\d+)\s*[.、)）:：]\s*(.*)$")  # "1. …", "2、…", "3) …" in an answer to several questions
 
@@ -93,12 +98,15 @@ class Pending:
     answered: threading.Event = field(default_factory=threading.Event)
     decision: Decision | None = None
     shown: bool = False  # asked in the chat; the questions behind it in its conversation wait their turn
+    shown_at: float = 0.0
+    follows: bool = False  # shown right as the one before it in its conversation was settled (FOLLOW_UP_GRACE)
     pages: list[str] = field(default_factory=list)  # the whole request as the chat reads it (request_view)
 
 
 class Answer(NamedTuple):
     """What a chat message did to a waiting question: `verdict`'s kind, "detail" (a page of a long request was asked
-    for) or "relayed" (another host's question); and the reply to show ("" for none)."""
+    for), "early" (sent before the question arrived, or again after it was answered: not taken) or "relayed" (another
+    host's question); and the reply to show ("" for none)."""
 
     kind: str
     reply: str
@@ -121,6 +129,7 @@ class Approvals:
         self._lock = threading.Lock()
         self._turns = threading.Condition(self._lock)  # a conversation's question settled: the next one may go
         self._queues: dict[str, list[Pending]] = {}  # by conversation key, the one asked first
+        self._settled_at: dict[str, float] = {}  # when each conversation's last question was settled, lately
         self.asked = 0
         self.timed_out = 0
         # Several hosts (issue 16): the questions shared with them, so an answer reaching another host gets here
@@ -185,6 +194,8 @@ class Approvals:
                 queue.remove(pending)
                 if not queue and self._queues.get(task.conversation_key) is queue:
                     del self._queues[task.conversation_key]
+                if pending.shown:
+                    self._note_settled(task.conversation_key)
                 self._turns.notify_all()
 
     def _wait_turn(self, pending: Pending, queue: list[Pending], stopped: Callable[[], bool]) -> bool:
@@ -197,8 +208,18 @@ class Approvals:
                 self._turns.wait(0.1)
             if stopped():
                 return False
-            pending.shown = True
+            pending.shown, pending.shown_at = True, self.clock()
+            settled_at = self._settled_at.pop(pending.task.conversation_key, None)
+            pending.follows = settled_at is not None and pending.shown_at - settled_at < FOLLOW_UP_GRACE
             return True
+
+    def _note_settled(self, conversation_key: str) -> None:
+        """(Under the lock.) A question of this conversation was settled now; older notes are dropped."""
+        now = self.clock()
+        for key, at in list(self._settled_at.items()):
+            if now - at >= FOLLOW_UP_GRACE:
+                del self._settled_at[key]
+        self._settled_at[conversation_key] = now
 
     def _wait_answer(self, pending: Pending, stopped: Callable[[], bool]) -> Decision:
         """The answer to the question being asked; a denial after `timeout` s or once `stopped()`."""
@@ -245,6 +266,10 @@ class Approvals:
         waits on is answered there (`remote`)."""
         with self._lock:
             pending = self._asking(conversation_key)
+            just_settled = self.clock() - self._settled_at.get(conversation_key, float("-inf")) < FOLLOW_UP_GRACE
+        words = text.split()
+        if pending is None and just_settled and words and words[0].lower() in APPROVE_WORDS + DENY_WORDS:
+            return Answer("early", REPEATED_REPLY)  # the same 同意 twice: neither the next question's nor a prompt
         if pending is None:
             reply = self.remote.answer(conversation_key, user_id, is_admin, text) if self.remote is not None else None
             if reply is not None and is_refusal(reply):
@@ -273,6 +298,10 @@ class Approvals:
             return None
         if kind == "refused":  # the host that received it told the sender already, if the chat's limit allowed
             return Answer(kind, "" if relayed else self._refusal(pending.task.id, user_id))
+        if pending.follows and self.clock() - pending.shown_at < FOLLOW_UP_GRACE:
+            task_log(log, pending.task).info("任务 %s 的回复早于新的确认请求送达，未作为回答 (user=%s)",
+                                             pending.task.id, user_id)
+            return Answer("early", EARLY_REPLY)
         if kind == "answer":
             answers = split_answers([str(q.get("question")) for q in pending.request.questions], text)
             decision = Decision(True, updated_input={**pending.request.input, "answers": answers})

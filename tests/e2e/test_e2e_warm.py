@@ -180,14 +180,20 @@ def test_two_tool_requests_at_once_are_asked_one_after_the_other_each_answered_b
     assert "echo first" in first and "echo second" not in first
     time.sleep(0.5)
     assert len(standin.webhook_posts(sent.session)) == 2  # the second request waits its turn, unseen
-    assert "已同意" in answer(standin, "同意", "w11", count=1)
+    approve = standin.send_bot_message("同意", sender_staff_id="w11")
+    double_tap = standin.send_bot_message("同意", sender_staff_id="w11")  # the same 同意 again at once
+    assert "已同意" in replies(standin, approve, 1)[0]
+    not_taken = ("这条回复发出时下一个确认请求还没送到", "这个确认请求刚刚已经回答过了")  # whichever it met first
+    assert replies(standin, double_tap, 1)[0].startswith(not_taken)
     second = replies(standin, sent, 3)[2]
     assert "echo second" in second and "echo first" not in second
+    time.sleep(1.0)  # read it: a reply within FOLLOW_UP_GRACE of a question that follows another is not taken
     assert "已拒绝" in answer(standin, "拒绝", "w11", count=1)
     result = replies(standin, sent, 4)[3]
     assert "工具 Bash 已执行: echo first → first" in result
     assert "工具 Bash 被拒绝: the user denied this tool use" in result and "→ second" not in result
     bot.wait_log(r"任务 \w+ 的确认请求已被拒绝 \(user=w11\)")
+    assert not runs_of(tmp_path, "同意")  # no 同意 became a prompt
 
 
 def test_a_request_past_approval_max_waits_is_denied_and_ends_the_task_with_the_reason(standin, make_bot, tmp_path):

@@ -113,14 +113,16 @@ def test_two_requests_at_once_are_asked_one_after_the_other_each_answered_by_its
 
 def test_a_run_asks_at_most_max_waits_questions_and_the_next_request_is_denied_and_ends_the_run():
     sent: list[str] = []
-    approvals = Approvals(lambda task, text: sent.append(text), timeout=30, max_waits=2)
+    now = [100.0]
+    approvals = Approvals(lambda task, text: sent.append(text), timeout=30, max_waits=2, clock=lambda: now[0])
     ended: list[str] = []
     questions = approvals.for_run(_task(), stop=threading.Event(), end_run=ended.append)
     for number in (1, 2):
         asking = threading.Thread(target=questions, args=(ToolRequest("Bash", {"command": f"echo {number}"}),))
         asking.start()
         _wait_for(lambda: approvals.waiting("c") is not None)
-        approvals.answer("c", "olga", False, "同意")
+        now[0] += 2  # read before answered
+        assert approvals.answer("c", "olga", False, "同意").startswith("已同意")
         asking.join(5)
     third = questions(ToolRequest("Bash", {"command": "echo 3"}))
     assert not third.allowed and "APPROVAL_MAX_WAITS" in third.reason
@@ -179,3 +181,29 @@ def test_a_task_asking_past_approval_max_waits_fails_with_the_reason_in_the_chat
         assert sum("echo" in text for text in sender.sent) == 1  # one question asked; echo 2 never reached the chat
     finally:
         manager.shutdown(0.5)
+
+
+def test_a_reply_sent_before_the_next_question_arrived_is_not_taken_for_it():
+    sent: list[str] = []
+    now = [100.0]
+    approvals = Approvals(lambda task, text: sent.append(text), timeout=30, clock=lambda: now[0])
+    questions = approvals.for_run(_task(), stop=threading.Event())
+    decisions: list = []
+    asking = threading.Thread(target=lambda: decisions.extend(  # one after the other, as the CLI's requests come
+        questions(ToolRequest("Bash", {"command": command})) for command in ("echo one", "rm -rf data")))
+    asking.start()
+    _wait_for(lambda: len(sent) == 1)
+    now[0] += 3
+    assert approvals.answer("c", "olga", False, "同意") == "已同意，任务 t1 继续执行。"
+    _wait_for(lambda: len(sent) == 2)
+    double_tap = approvals.answer("c", "olga", False, "同意")  # the same 同意 sent twice
+    assert double_tap.startswith("这条回复发出时下一个确认请求还没送到")
+    assert approvals.waiting("c") is not None and len(decisions) == 1  # rm -rf data still waits
+    now[0] += 3  # read, then answered
+    assert approvals.answer("c", "olga", False, "拒绝") == "已拒绝，任务 t1 继续执行。"
+    asking.join(5)
+    assert [d.allowed for d in decisions] == [True, False]
+    repeated = approvals.answer("c", "olga", False, "拒绝")  # once more at once: not a prompt either
+    assert repeated.startswith("这个确认请求刚刚已经回答过了")
+    now[0] += 3
+    assert approvals.answer("c", "olga", False, "同意") is None  # later, with nothing asked: an ordinary message

@@ -194,7 +194,7 @@ class Approvals:
                 queue.remove(pending)
                 if not queue and self._queues.get(task.conversation_key) is queue:
                     del self._queues[task.conversation_key]
-                if pending.shown:
+                if pending.answered.is_set():  # by its sender (not withdrawn, not timed out)
                     self._note_settled(task.conversation_key)
                 self._turns.notify_all()
 

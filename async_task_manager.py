@@ -47,6 +47,7 @@ class AsyncTaskManager:
                  retry_backoff: float = 60.0, give_up_after: float = 86400.0,
                  clock: Callable[[], float] = time.time, secrets: Iterable[str] = (),
                  supervisor: Supervisor | None = None, approval_timeout: float = 300.0, approvals: bool = True,
+                 approval_max_waits: int = 3,
                  after_result: Callable[[Task], object] | None = None) -> None:
         self.client, self.clock = client, clock
         self.supervisor = supervisor if supervisor is not None else Supervisor()
@@ -60,7 +61,8 @@ class AsyncTaskManager:
                              written=lambda: self.store.wait_written(DELIVERED_WRITE_WAIT), retry_backoff=retry_backoff)
         self.workers = Workers(self.board, client, self.outbox, task_timeout=task_timeout, secrets=secrets,
                                session_for=self.conversation_session, supervisor=self.supervisor,
-                               approval_timeout=approval_timeout, approvals=approvals)
+                               approval_timeout=approval_timeout, approvals=approvals,
+                               approval_max_waits=approval_max_waits)
         self.monitor = Monitor(self.board, self.outbox, sync_timeout=sync_timeout,
                                progress_interval=progress_interval, tick=tick, supervisor=self.supervisor)
         self._accepting, self.cluster = True, None  # cluster: issue 16, hosts sharing a PostgreSQL DB (join_cluster)
@@ -75,7 +77,8 @@ class AsyncTaskManager:
                    progress_interval=config.progress_interval, retention_days=config.task_retention_days,
                    retry_backoff=min(60.0, config.delivery_retry_window),
                    give_up_after=config.delivery_give_up_hours * 3600, secrets=config.secrets,
-                   approval_timeout=config.approval_timeout, approvals=config.approvals, after_result=after_result)
+                   approval_timeout=config.approval_timeout, approvals=config.approvals,
+                   approval_max_waits=config.approval_max_waits, after_result=after_result)
 
     # ------------------------------------------------------------ routing and the board, for callers
 

@@ -273,7 +273,7 @@ class CodeBuddyClient:
             on_text: Callable[[str], None] | None = None, ask: Ask | None = None,
             clock: Callable[[], float] | None = None) -> RunResult:
         """Run `prompt` in `conversation`'s warm process (started in its sandbox if there is none) to its answer,
-        `timeout` (time waiting for `ask` not counted) or a cancel.
+        `timeout` (time waiting for `ask` included) or a cancel.
 
         `on_step` gets each step the agent takes ("工具 Bash"), `on_text` the answer as written so far (the whole
         text each time); `ask` answers the CLI's requests to use a tool the permission mode does not allow

@@ -133,7 +133,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SYNC_TIMEOUT", "sync_timeout", "60", positive_float,
             "Seconds a short task may run before it moves to the background"),
     Setting("TASK_TIMEOUT", "task_timeout", "1800", positive_float,
-            "Hard cap in seconds on one CLI run (waits for the sender's approval not counted); then the turn stops"),
+            "Hard cap in seconds on one CLI run, waits for the sender's answers included; then the turn stops"),
     Setting("LONG_TASK_KEYWORDS", "long_task_keywords", "", comma_list,
             "Comma-separated keywords added to the built-in long-task list"),
     Setting("LOG_FILE", "log_file", "", any_text,
@@ -175,6 +175,9 @@ SETTINGS: tuple[Setting, ...] = (
             "on: a tool the permission mode does not allow is asked of the sender in the chat; off: denied"),
     Setting("APPROVAL_TIMEOUT", "approval_timeout", "300", positive_float,
             "Seconds to wait for the sender's 同意/拒绝 (or an answer to CodeBuddy's question); no answer = denied"),
+    Setting("APPROVAL_MAX_WAITS", "approval_max_waits", "3", parse_positive_int,
+            "Questions one task may ask its sender (tool requests and CodeBuddy's own); a further request is denied "
+            "and the task ends with the reason"),
     Setting("DINGTALK_OAPI_ENDPOINT", "oapi_endpoint", "https://oapi.dingtalk.com", any_text,
             "Host of the legacy media upload API (files and pictures sent to chats)"),
     Setting("MAX_ATTACHMENT_MB", "max_attachment_mb", "20", parse_positive_int,
@@ -269,6 +272,7 @@ class Config:
     approval_timeout: float = 300.0
     max_attachments_per_message: int = 5
     user_daily_api_calls: int = 100
+    approval_max_waits: int = 3
     # CodeBuddy CLI variables (CODEBUDDY_API_KEY, CODEBUDDY_BASE_URL, …) found in .env, passed to every run.
     cli_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # Values of CODEBUDDY_API_KEY / CODEBUDDY_AUTH_TOKEN (environment or .env): never shown to a chat.

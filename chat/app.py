@@ -57,6 +57,7 @@ class ChatApp:
         self.clock = clock
         self.attachments = attachments  # None: pictures and files get the "not supported" reply
         self.limits = RateLimits(clock)  # per user: prompts and commands per minute, one refusal per while
+        manager.workers.approvals.refusal_gate = self.may_refuse  # a non-owner's 同意/拒绝, message or card button
 
     def route_for(self, message: IncomingMessage) -> Route:
         """Where answers to `message` go: its chat, and its session webhook while alive."""
@@ -83,6 +84,14 @@ class ChatApp:
         if self._once_per(message.user_id, f"{kind}-rate", 60):
             self.reply(message, f"请求过于频繁，请稍后再试 (每分钟最多 {limit} {unit})。")
         return True
+
+    def may_refuse(self, user_id: str) -> bool:
+        """Whether someone pressing 同意/拒绝 on a question they may not answer (a message or a card button) may be
+        told so: the press counts against their command limit first, and a refusal line goes out at most once per
+        person per window (none while over the limit)."""
+        if not self.limits.allow((user_id, "command"), self.config.user_rate_limit * COMMANDS_PER_PROMPT):
+            return False
+        return self._once_per(user_id, "approval-refusal", self.limits.window)
 
     def is_admin(self, user_id: str) -> bool:
         return user_id in self.config.admin_users
@@ -112,11 +121,13 @@ class ChatApp:
             if not self._over_limit(message, "command"):
                 self.reply(message, self.without_text(message.msgtype))
             return
-        answered = self.manager.workers.approvals.answer(message.conversation_key, message.user_id,
-                                                         self.is_admin(message.user_id), message.text)
+        answered = self.manager.workers.approvals.respond(message.conversation_key, message.user_id,
+                                                          self.is_admin(message.user_id), message.text)
         if answered is not None:  # the sender (or an admin) answering a question a running task asked
-            if answered:
-                self.reply(message, answered)
+            if answered.kind == "detail" and self._over_limit(message, "command"):  # a page of a long request
+                return
+            if answered.reply:
+                self.reply(message, answered.reply)
             return
         words = message.text.split(maxsplit=1)
         command = COMMANDS.get(words[0].lower())
@@ -234,7 +245,7 @@ class ChatApp:
             lines.append(texts.waiting_status(hold, self.manager.queue_position(task.id),
                                                    self.config.max_tasks_per_user))
         if task.status == RUNNING and self.manager.workers.approvals.is_waiting(task):
-            lines.append("等待你的确认: 回复「同意」或「拒绝」 (计时暂停)")
+            lines.append("等待你的确认: 回复「同意」或「拒绝」 (等待计入任务时限)")
         if task.status == RUNNING:
             if self.manager.cluster is not None:  # issue 16: several hosts share the tasks
                 lines.append(f"执行主机: {self.manager.cluster.host_of(task.id) or '未知'}")

@@ -123,11 +123,6 @@ class ToolDesk:
             self._closed = True
             self._ask = None
 
-    def waited(self) -> float:
-        """Seconds this turn has spent waiting for answers (including one being waited for now)."""
-        with self._lock:
-            return self._waited + (self.clock() - self._waiting_since if self._waiting_since is not None else 0.0)
-
     def request(self, request_id: str, raw: dict) -> None:
         """A `can_use_tool` request arrived (on the reader's thread: returns at once)."""
         with self._lock:

@@ -226,10 +226,6 @@ class CliPipes:
         if not self._lines.put(raw):
             self._flooded(f"more than {self._lines.max_lines} lines or {self._lines.max_bytes >> 20} MiB waiting")
 
-    def waited(self) -> float:
-        """Seconds this turn has spent waiting for answers to tool requests (including one waiting now)."""
-        return self._desk.waited()
-
     def wait_ready(self, timeout: float = START_TIMEOUT) -> str:
         """Wait for the CLI to answer `initialize`: "" when it did, else why it did not."""
         if not self._initialized.wait(timeout):
@@ -249,7 +245,8 @@ class WarmProcess(CliPipes):
     def turn(self, prompt: str, *, limit: float, cancel_event: threading.Event | None, ask: Ask,
              on_event: Callable[[dict], None], poll: float = 0.1) -> tuple[TurnOutcome, bool, bool]:
         """Send `prompt` and follow its turn to the end, a cancel or `limit` seconds (time waiting for `ask`
-        answers not counted). Returns (outcome, cancelled, timed_out); `on_event` sees each line of the turn."""
+        answers included: a question nobody answers cannot hold the turn past it). Returns (outcome, cancelled,
+        timed_out); `on_event` sees each line of the turn."""
         self._wait_quiet()
         self._lines.clear()  # leftovers of an earlier turn (a late line after its result) are not this turn's
         self.turns += 1
@@ -294,7 +291,7 @@ class WarmProcess(CliPipes):
                         break
             if cancel_event is not None and cancel_event.is_set():
                 cancelled = True
-            elif self.clock() - started - self.waited() >= limit:
+            elif self.clock() - started >= limit:
                 timed_out = True
             if cancelled or timed_out:
                 outcome.interrupted = self.interrupt()

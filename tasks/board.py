@@ -38,6 +38,7 @@ class Running:
     cancel_requested_at: float | None = None
     awaiting_since: float | None = None  # waiting for its sender to answer a question (tasks/approvals.py)
     waited: float = 0.0  # seconds spent waiting for answers (not counted towards SYNC_TIMEOUT)
+    stop_reason: str = ""  # why the bot itself stopped the run (it asked past APPROVAL_MAX_WAITS): its task fails
 
     def waiting_time(self, now: float) -> float:
         return self.waited + (now - self.awaiting_since if self.awaiting_since is not None else 0.0)

@@ -74,6 +74,13 @@ def result(task: Task, now: float) -> str:
     return f"CodeBuddy 执行失败: {task.error or '未知错误'} (任务ID: {task.id})"
 
 
+def too_many_questions(max_waits: int, tool_name: str, is_question: bool) -> str:
+    """Why a run that asked its sender past APPROVAL_MAX_WAITS was ended (its task's error)."""
+    what = "又要提问" if is_question else f"又请求使用工具 {tool_name}"
+    return (f"确认次数已达上限: 本任务已向你确认 {max_waits} 次 (每个任务最多 {max_waits} 次, APPROVAL_MAX_WAITS)，"
+            f"CodeBuddy {what}，已拒绝并结束任务。可以把任务拆小后重新发送。")
+
+
 def cancelled(task: Task) -> str:
     """The confirmation of a cancel: nothing of the task runs any more."""
     return f"已取消任务 {task.id}"

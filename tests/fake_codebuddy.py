@@ -4,8 +4,10 @@
 Directives anywhere in the prompt (combinable): [sleep=N] [spawn] [spawn-session] [fail] [error] [crash] [noresult]
 [big=N] [echo-env] [ignore-term] [stream=N] (the answer in five assistant messages over N seconds, a Bash step
 mid-way; [parts=N] for N messages instead of five) [tool=NAME:COMMAND] (asks can_use_tool, runs COMMAND with sh
-if allowed) [ask=QUESTION] (AskUserQuestion; [ask=Q1|Q2] asks several at once); [flood=N] (N forged can_use_tool
-requests written at once, as a tool writing into the CLI's stdout could) and [longline=N] (one line of N bytes).
+if allowed) [tools-at-once=A|B] (Bash requests for A and B sent together, then each run if allowed)
+[write=NAME:LINES] (asks to Write `write_content` into NAME) [ask=QUESTION] (AskUserQuestion; [ask=Q1|Q2] asks
+several at once); [flood=N] (N forged can_use_tool requests written at once, as a tool writing into the CLI's stdout
+could) and [longline=N] (one line of N bytes).
 With `--input-format stream-json` it stays alive and takes one user message per stdin line (a turn each, echoed with
 --replay-user-messages), answers `initialize` and `interrupt` (the interrupted turn writes no result, and a running
 tool command is left to the bot, the worst case), and sends can_use_tool requests.
@@ -109,8 +111,16 @@ class Turn:
 
     def ask(self, request: dict[str, Any]) -> dict[str, Any] | None:
         """Send a control request to the bot and wait for its answer (None if the turn is interrupted first)."""
+        return self.wait(self.send(request))
+
+    def send(self, request: dict[str, Any]) -> str:
+        """Send a control request to the bot; its request id."""
         request_id = f"perm_{uuid.uuid4().hex[:10]}"
         emit({"type": "control_request", "request_id": request_id, "request": request})
+        return request_id
+
+    def wait(self, request_id: str) -> dict[str, Any] | None:
+        """The bot's answer to a request sent (None if the turn is interrupted first)."""
         with self._arrived:
             while request_id not in self._answers:
                 if self.interrupted.is_set():
@@ -215,18 +225,66 @@ def save_state(path: str, state: dict[str, list[str]]) -> None:
 
 def use_tool(name: str, command: str, session_id: str, out: Any, turn: Turn | None) -> str | None:
     """A tool call the permission mode does not allow: ask the bot (stream-json), run it if allowed."""
-    tool_id = "toolu_" + uuid.uuid4().hex[:12]
-    tool_input = {"command": command, "description": "run a command"}
+    return use_tools_at_once(name, [command], session_id, out, turn)
+
+
+def use_tools_at_once(name: str, commands: list[str], session_id: str, out: Any, turn: Turn | None) -> str | None:
+    """Tool calls of one assistant message ([tools-at-once=A|B]): every request sent before any answer is awaited,
+    as the real CLI does for parallel tool calls; each command run if allowed."""
+    calls = [("toolu_" + uuid.uuid4().hex[:12], command, {"command": command, "description": "run a command"})
+             for command in commands]
     out({"type": "assistant", "session_id": session_id, "message": {"role": "assistant", "content": [
-        {"type": "tool_use", "id": tool_id, "name": name, "input": tool_input}]}})
+        {"type": "tool_use", "id": tool_id, "name": name, "input": tool_input} for tool_id, _, tool_input in calls]}})
     if turn is None:
-        decision: dict[str, Any] | None = {"allowed": False,
-                                           "reason": "permission prompts are not available in non-interactive mode"}
+        refusal = {"allowed": False, "reason": "permission prompts are not available in non-interactive mode"}
+        decisions: list[dict[str, Any] | None] = [refusal] * len(calls)
     else:
-        decision = turn.ask({"subtype": "can_use_tool", "tool_name": name, "input": tool_input,
-                             "tool_use_id": tool_id, "decision_reason": "not allowed by the permission mode"})
-        if decision is None:
+        sent = [turn.send({"subtype": "can_use_tool", "tool_name": name, "input": tool_input, "tool_use_id": tool_id,
+                           "decision_reason": "not allowed by the permission mode"})
+                for tool_id, _, tool_input in calls]
+        decisions = [turn.wait(request_id) for request_id in sent]
+        if any(decision is None for decision in decisions):
             return None
+    said = []
+    for (tool_id, command, tool_input), decision in zip(calls, decisions, strict=True):
+        assert decision is not None
+        one = run_decided(name, command, tool_id, tool_input, decision, session_id, out, turn)
+        if one is None:
+            return None
+        said.append(one)
+    return "\n".join(said)
+
+
+def write_content(name: str, lines: int) -> str:
+    """The deterministic content [write=NAME:LINES] asks to write (tests compare what the chat shows with it)."""
+    return "\n".join(f"{name} 第 {n} 行: " + "写入的内容 content " * (n % 7) + ("```" if n % 50 == 0 else "")
+                     for n in range(1, lines + 1))
+
+
+def write_file(name: str, lines: int, session_id: str, out: Any, turn: Turn | None) -> str | None:
+    """[write=NAME:LINES]: ask to Write `write_content` into NAME (in the cwd); write it if allowed."""
+    tool_id = "toolu_" + uuid.uuid4().hex[:12]
+    tool_input = {"file_path": name, "content": write_content(name, lines)}
+    out({"type": "assistant", "session_id": session_id, "message": {"role": "assistant", "content": [
+        {"type": "tool_use", "id": tool_id, "name": "Write", "input": tool_input}]}})
+    decision = turn.ask({"subtype": "can_use_tool", "tool_name": "Write", "input": tool_input,
+                         "tool_use_id": tool_id}) if turn is not None else {"allowed": False}
+    if decision is None:
+        return None
+    if decision.get("allowed"):
+        with open(name, "w", encoding="utf-8") as fh:
+            fh.write(tool_input["content"])
+        said = f"工具 Write 已写入: {name} ({len(tool_input['content'])} 字)"
+    else:
+        said = f"工具 Write 被拒绝: {decision.get('reason', '')}"
+    out({"type": "user", "session_id": session_id, "message": {"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": tool_id, "content": said}]}})
+    return said
+
+
+def run_decided(name: str, command: str, tool_id: str, tool_input: dict[str, Any], decision: dict[str, Any],
+                session_id: str, out: Any, turn: Turn | None) -> str | None:
+    """Run an allowed tool call (None if the turn is interrupted meanwhile); what it said, as a tool result."""
     if decision.get("allowed"):
         command = (decision.get("updatedInput") or tool_input).get("command", command)
         child = subprocess.Popen(["sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -431,6 +489,16 @@ def run_prompt(prompt: str, argv: list[str], flags: dict[str, Any], write: Any, 
     tools_said = []
     for name, command in re.findall(r"\[tool=(\w+):([^\]]*)\]", prompt):
         said = use_tool(name, command, session_id, out, turn)
+        if said is None:
+            return INTERRUPTED
+        tools_said.append(said)
+    for name, lines in re.findall(r"\[write=([^\]:/]+):(\d+)\]", prompt):
+        said = write_file(name, int(lines), session_id, out, turn)
+        if said is None:
+            return INTERRUPTED
+        tools_said.append(said)
+    for commands in re.findall(r"\[tools-at-once=([^\]]*)\]", prompt):
+        said = use_tools_at_once("Bash", commands.split("|"), session_id, out, turn)
         if said is None:
             return INTERRUPTED
         tools_said.append(said)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 
-from codebuddy_client import StreamState, parse_stream_line, result_from_stream
+from codebuddy.warm_sessions import Decision
+from codebuddy_client import CodeBuddyClient, StreamState, parse_stream_line, result_from_stream
+from tests.conftest import FAKE_CLI
 
 
 def _run(lines, returncode=0, stderr=""):
@@ -67,3 +71,22 @@ def test_answer_text_grows_with_partial_and_whole_assistant_messages() -> None:
     parse_stream_line(json.dumps({"type": "assistant", "message": {"content": [{"type": "text", "text": "结论"}]}}),
                       state)
     assert state.answer_text == "先看看代码。\n\n结论"
+
+
+def test_time_waiting_for_an_answer_counts_towards_the_run_timeout(tmp_path):
+    """A question nobody answers cannot hold a run past its timeout: the run ends as timed out."""
+    client = CodeBuddyClient(str(FAKE_CLI), str(tmp_path / "ws"), timeout=1.0, kill_grace=0.3,
+                             env={**os.environ, "HOME": str(tmp_path)})
+    release, asked = threading.Event(), []
+
+    def ask(request):
+        asked.append(request.tool_name)
+        release.wait(20)  # nobody answers until the run is over
+        return Decision(True)
+
+    started = time.monotonic()
+    result = client.run("[tool=Bash:echo hi]", ask=ask, run_tag="t-unanswered")
+    release.set()
+    assert asked == ["Bash"] and result.timed_out and "执行超时" in result.error
+    assert time.monotonic() - started < 10
+    client.close()

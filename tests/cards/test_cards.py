@@ -226,7 +226,8 @@ def test_approve_and_deny_buttons_answer_only_the_request_the_card_shows_and_onl
     assert handle_card_callback(callback("cb-t1-1", "boss", actions=("deny",)), cards, manager, ["boss"]) == "denied"
     asking.join(5)
     assert decisions and not decisions[0].allowed and "denied" in decisions[0].reason
-    assert approvals.answer("c", "alice", False, "同意") is None  # answered already: a later 同意 is a message
+    # Answered already: a 同意 right after answers nothing (and is not run as a prompt either).
+    assert approvals.answer("c", "alice", False, "同意").startswith("这个确认请求刚刚已经回答过了")
     assert handle_card_callback(callback("cb-t1-1", "alice", actions=("approve",)), cards, manager, []) == "ignored"
     cards.settled(live.id, "工具 Bash: 已拒绝")
     live.status, live.result = SUCCEEDED, "done"

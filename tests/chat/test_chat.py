@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import pytest
@@ -10,11 +11,14 @@ import pytest
 from async_task_manager import AsyncTaskManager
 from chat.app import ChatApp
 from chat.rate_limits import RateLimits
+from codebuddy.warm_sessions import ToolRequest
 from config import load_config
 from dingtalk.api_budget import ApiBudget
 from dingtalk.incoming import IncomingMessage
+from dingtalk.route import Route
 from dingtalk_sender import Delivery
 from store.memory import MemoryTaskStore
+from tasks.task import RUNNING, Task
 
 GROUP_A, GROUP_B = "cidGroupA+/==", "cidGroupB+/=="
 
@@ -163,6 +167,38 @@ def test_prompts_are_rate_limited_and_the_user_told_once_a_minute():
     assert chat.say("第三个") == "请求过于频繁，请稍后再试 (每分钟最多 2 个任务)。"
     assert chat.say("第四个") == ""
     assert chat.say("/status").startswith("任务 ")  # commands are not held up by the prompt limit
+
+
+def test_a_non_owners_approve_or_deny_counts_against_the_rate_limit_and_is_refused_once_per_window():
+    now = [1000.0]
+    chat = _App(clock=lambda: now[0], USER_RATE_LIMIT="2")  # 4 commands a minute
+    approvals = chat.manager.workers.approvals
+    told: list[str] = []  # lines sent to the task's chat (the card refusal goes there)
+    approvals.send_question = lambda task, text: told.append(text)
+    task = Task(id="t1", user_id="olga", user_name="Olga", conversation_key=GROUP_A, route=Route("2", "olga", GROUP_A),
+                prompt="p", status=RUNNING)
+    decisions: list = []
+    request = ToolRequest("Bash", {"command": "ls"})
+    asking = threading.Thread(target=lambda: decisions.append(approvals.ask(task, request)))
+    asking.start()
+    deadline = time.monotonic() + 5
+    while approvals.waiting(GROUP_A) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    asked = len(told)
+    assert chat.say("同意", user="mallory", group=GROUP_A) == "只有发起任务 t1 的人或管理员可以确认这个操作。"
+    assert chat.say("拒绝", user="mallory", group=GROUP_A) == ""  # one refusal line per person per window
+    assert approvals.click(f"t1-{approvals.asked}", "mallory", False, True) == "refused" and len(told) == asked
+    assert chat.say("/help", user="mallory").startswith("可用命令")  # the 4th command of the minute: 3 were presses
+    assert chat.say("同意", user="mallory", group=GROUP_A) == ""  # over the limit: nothing at all
+    assert chat.say("/help", user="mallory") == "请求过于频繁，请稍后再试 (每分钟最多 4 条命令)。"  # as any command
+    assert approvals.waiting(GROUP_A) is task  # nothing mallory did answered it
+    now[0] += 60
+    assert approvals.click(f"t1-{approvals.asked}", "mallory", False, True) == "refused"
+    assert told[asked:] == ["只有发起任务 t1 的人或管理员可以确认这个操作。"]  # a new window: one line again
+    assert chat.say("同意", user="mallory", group=GROUP_A) == ""
+    assert chat.say("同意", user="olga", group=GROUP_A) == "已同意，任务 t1 继续执行。"
+    asking.join(5)
+    assert decisions and decisions[0].allowed
 
 
 def test_per_user_limit_state_is_pruned_once_users_go_quiet():

@@ -103,7 +103,10 @@ def test_a_tool_request_puts_approve_and_deny_buttons_on_the_card_and_only_the_o
 
     cards.send_card_callback(card.track, "mallory", action="approve")  # someone else in the group
     bot.wait_log(r"拒绝非发起人的卡片确认: 任务 \w+ user=mallory")
+    standin.wait_for(lambda: result_texts(standin, "只有发起任务"), message="the refusal line in the chat")
+    cards.send_card_callback(card.track, "mallory", action="deny")  # again, within the same minute
     time.sleep(0.5)
+    assert len(result_texts(standin, "只有发起任务")) == 1  # one refusal line per person per window
     assert card.params["pendingApproval"] == question and card.status not in ("3", "5")  # still waiting
     assert not list((tmp_path / "workspace").glob("conversations/*/workspace/carded.txt"))
 

@@ -8,12 +8,16 @@ stdin message, `interrupt`, `can_use_tool`). Every fake CLI process has its own 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 
 import pytest
 
+from tasks.request_view import SHOWN_PAGES
 from tests.conftest import cli_runs, process_alive, processes_of_this_test, replies, wait_for_process
+from tests.fake_codebuddy import write_content
+from tests.tasks.test_request_view import joined_pages, shown_value
 
 pytestmark = pytest.mark.e2e
 
@@ -130,7 +134,10 @@ def test_a_tool_the_mode_does_not_allow_is_asked_of_the_sender_and_only_the_send
 
     refused = answer(standin, "同意", "mallory", count=1, **group)
     assert "只有发起任务" in refused
-    assert len(standin.webhook_posts(sent.session)) == 2  # still waiting: mallory's 同意 changed nothing
+    again = standin.send_bot_message("拒绝", sender_staff_id="mallory", **group)  # within the same minute
+    time.sleep(1.0)
+    assert standin.webhook_posts(again.session) == []  # one refusal line per person per window, no more
+    assert len(standin.webhook_posts(sent.session)) == 2  # still waiting: mallory's presses changed nothing
 
     approved = standin.send_bot_message("同意", sender_staff_id="owner", **group)
     assert "已同意" in replies(standin, approved, 1)[0]
@@ -140,19 +147,84 @@ def test_a_tool_the_mode_does_not_allow_is_asked_of_the_sender_and_only_the_send
     bot.wait_log(r"任务 \w+ 的确认请求已被同意 \(user=owner\)")
 
 
-def test_deny_and_timeout_deny_the_tool_and_the_wait_does_not_count_as_running_time(standin, make_bot, tmp_path):
-    make_bot(APPROVAL_TIMEOUT="5", TASK_TIMEOUT="4")
+def test_deny_denies_the_tool_and_no_answer_is_a_denial_after_approval_timeout(standin, make_bot, tmp_path):
+    make_bot(APPROVAL_TIMEOUT="2")
     sent = standin.send_bot_message("删掉 [tool=Bash:touch denied.txt]", sender_staff_id="w6")
     replies(standin, sent, 2)  # the acknowledgement and the question
     answer(standin, "拒绝", "w6", count=1)
     assert "工具 Bash 被拒绝: the user denied this tool use" in replies(standin, sent, 3)[2]
 
-    waited = standin.send_bot_message("再试 [tool=Bash:touch late.txt] [sleep=0.5]", sender_staff_id="w6")
-    result = replies(standin, waited, 3, timeout=30)[2]
-    # 5 s waiting for an answer + 0.5 s of work: past TASK_TIMEOUT=4 only if the wait counted (without it, the
-    # run has 3.5 s to spare for starting the CLI on a loaded machine).
-    assert "the user did not answer within 5 seconds" in result and "执行超时" not in result
+    waited = standin.send_bot_message("再试 [tool=Bash:touch late.txt]", sender_staff_id="w6")
+    assert "the user did not answer within 2 seconds" in replies(standin, waited, 3, timeout=30)[2]
     assert not list((tmp_path / "workspace").glob("conversations/*/workspace/*.txt"))
+
+
+def test_a_question_nobody_answers_ends_its_task_as_timed_out_at_task_timeout(standin, make_bot, tmp_path):
+    bot = make_bot(APPROVAL_TIMEOUT="300", TASK_TIMEOUT="4")
+    sent = standin.send_bot_message("等人确认 [tool=Bash:touch never.txt]", sender_staff_id="w10")
+    replies(standin, sent, 2)  # the acknowledgement and the question
+    started = time.monotonic()
+    result = replies(standin, sent, 3, timeout=30)[2]
+    # The wait counts towards TASK_TIMEOUT (4 s), long before APPROVAL_TIMEOUT (300 s): the worker is free again.
+    assert "执行超时" in result and time.monotonic() - started < 20
+    bot.wait_log(r"任务 \w+ 已结束或被取消，撤回确认请求")
+    assert "回答: 下一条" in answer(standin, "下一条", "w10")  # a fresh message, not an answer to the old question
+    assert not list((tmp_path / "workspace").glob("conversations/*/workspace/never.txt"))
+
+
+def test_two_tool_requests_at_once_are_asked_one_after_the_other_each_answered_by_its_own_reply(
+        standin, make_bot, tmp_path):
+    bot = make_bot()
+    sent = standin.send_bot_message("两个命令 [tools-at-once=echo first|echo second]", sender_staff_id="w11")
+    first = replies(standin, sent, 2)[1]
+    assert "echo first" in first and "echo second" not in first
+    time.sleep(0.5)
+    assert len(standin.webhook_posts(sent.session)) == 2  # the second request waits its turn, unseen
+    approve = standin.send_bot_message("同意", sender_staff_id="w11")
+    double_tap = standin.send_bot_message("同意", sender_staff_id="w11")  # the same 同意 again at once
+    assert "已同意" in replies(standin, approve, 1)[0]
+    not_taken = ("这条回复发出时下一个确认请求还没送到", "这个确认请求刚刚已经回答过了")  # whichever it met first
+    assert replies(standin, double_tap, 1)[0].startswith(not_taken)
+    second = replies(standin, sent, 3)[2]
+    assert "echo second" in second and "echo first" not in second
+    time.sleep(1.0)  # read it: a reply within FOLLOW_UP_GRACE of a question that follows another is not taken
+    assert "已拒绝" in answer(standin, "拒绝", "w11", count=1)
+    result = replies(standin, sent, 4)[3]
+    assert "工具 Bash 已执行: echo first → first" in result
+    assert "工具 Bash 被拒绝: the user denied this tool use" in result and "→ second" not in result
+    bot.wait_log(r"任务 \w+ 的确认请求已被拒绝 \(user=w11\)")
+    assert not runs_of(tmp_path, "同意")  # no 同意 became a prompt
+
+
+def test_a_request_past_approval_max_waits_is_denied_and_ends_the_task_with_the_reason(standin, make_bot, tmp_path):
+    bot = make_bot(APPROVAL_MAX_WAITS="1")
+    sent = standin.send_bot_message("两步 [tool=Bash:echo one] [tool=Bash:touch two.txt]", sender_staff_id="w12")
+    assert "echo one" in replies(standin, sent, 2)[1]
+    answer(standin, "同意", "w12", count=1)
+    result = replies(standin, sent, 3, timeout=30)[2]
+    assert result.startswith("CodeBuddy 执行失败: 确认次数已达上限: 本任务已向你确认 1 次") and "Bash" in result
+    assert not any("touch two.txt" in post for post in replies(standin, sent, 3))  # never asked
+    assert not list((tmp_path / "workspace").glob("conversations/*/workspace/two.txt"))
+    bot.wait_log(r"任务 \w+ 的确认请求超过上限 \(1 次\)，已拒绝并结束任务: Bash")
+    assert "回答: 之后" in answer(standin, "之后", "w12")  # the conversation goes on
+
+
+def test_a_long_write_is_shown_whole_in_several_messages_and_its_further_pages_on_request(standin, make_bot, tmp_path):
+    make_bot()
+    sent = standin.send_bot_message("写文件 [write=big.txt:700]", sender_staff_id="w13", sender_nick="Wu")
+    shown = replies(standin, sent, 1 + SHOWN_PAGES)[1:]
+    total = int(re.search(r"共 (\d+) 页", shown[-1]).group(1))
+    assert total > SHOWN_PAGES and shown[0].startswith(f"(1/{total})\nCodeBuddy 请求使用工具 Write")
+    assert "文件:\n│ big.txt" in shown[0] and "@Wu 回复「同意」允许" in shown[-1]
+    pages = [*shown[:-1], shown[-1].split("\n\n⚠️")[0]]
+    for number in range(SHOWN_PAGES + 1, total + 1):
+        pages.append(answer(standin, f"详情 {number}", "w13", count=1).split(f"\n\n(第 {number} 页")[0])
+    assert shown_value(joined_pages(pages), "内容") == write_content("big.txt", 700)  # every character reached the chat
+    assert not runs_of(tmp_path, "详情")  # page requests are not prompts
+    assert "已同意" in answer(standin, "同意", "w13", count=1)
+    assert "工具 Write 已写入: big.txt" in replies(standin, sent, 2 + SHOWN_PAGES)[-1]
+    [written] = (tmp_path / "workspace").glob("conversations/*/workspace/big.txt")
+    assert written.read_text(encoding="utf-8") == write_content("big.txt", 700)
 
 
 def test_a_question_from_the_agent_is_answered_by_the_senders_next_message(standin, make_bot, tmp_path):

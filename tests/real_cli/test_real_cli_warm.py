@@ -129,3 +129,15 @@ def test_a_bash_call_the_mode_does_not_allow_waits_for_the_senders_answer(standi
     timed_out = standin.wait_for(lambda: [p for p in standin.webhook_posts(posts[0].session) if "回答:" in p.text],
                                  timeout=CLI_START_TIMEOUT)
     assert "did not answer within 8 seconds" in timed_out[0].text
+
+
+def test_a_question_nobody_answers_ends_the_real_clis_turn_at_task_timeout(standin, real_bot, model_server, tmp_path):
+    bot = real_bot(CODEBUDDY_PERMISSION_MODE="acceptEdits", APPROVAL_TIMEOUT="300", TASK_TIMEOUT="10")
+    posts = ask(standin, "没人回答 [bash:echo nobody-answered]", "rw5")
+    assert "CodeBuddy 请求使用工具 Bash" in posts[1].text and "echo nobody-answered" in posts[1].text
+    timed_out = standin.wait_for(lambda: [p for p in standin.webhook_posts(posts[0].session) if "执行超时" in p.text],
+                                 timeout=CLI_START_TIMEOUT)  # long before APPROVAL_TIMEOUT
+    assert timed_out[0].text.startswith("任务 ") and "最近步骤: 工具 Bash" in timed_out[0].text
+    bot.wait_log(r"任务 \w+ 已结束或被取消，撤回确认请求")
+    after = ask(standin, "超时之后的问题", "rw5")  # the interrupted CLI, or a fresh one, answers the next message
+    assert "回答:" in after[1].text

@@ -38,6 +38,7 @@ from common.logs import TaskLogger
 from common.redaction import replace_secrets
 from config import HTTP_TIMEOUT
 from dingtalk.incoming import display_name
+from dingtalk.route import Route
 from dingtalk_sender import BATCH_SEND_PATH, GROUP_SEND_PATH, DeliveryError, DingTalkSender, describe_network_error
 from files.attachments import human_size
 from tasks.task import Task
@@ -256,7 +257,7 @@ class OutboxFiles:
             path = os.path.join(stage_dir, name)
             try:
                 media_id = self.upload(path, name)
-                self.push_file(task, name, media_id)
+                self.push_file(task.route, name, media_id)
             except FileSendError as exc:
                 tlog.error("文件发送失败: %s: %s", name, exc)
                 failed.append(name)
@@ -312,9 +313,8 @@ class OutboxFiles:
                 self._sleep(min(30.0, 2.0 ** attempt))
         raise FileSendError(f"gave up after {UPLOAD_ATTEMPTS} attempts: {error}")
 
-    def push_file(self, task: Task, name: str, media_id: str) -> None:
-        """Push one uploaded file to the task's chat: a picture message or a file message."""
-        route = task.route
+    def push_file(self, route: Route, name: str, media_id: str) -> None:
+        """Push one uploaded file to the chat of `route`: a picture message or a file message."""
         ext = name.rpartition(".")[2].lower() if "." in name else ""
         if ext in IMAGE_EXTENSIONS:
             msg_key, param = "sampleImageMsg", {"photoURL": media_id}
@@ -331,6 +331,17 @@ class OutboxFiles:
                                      retry_window=self.retry_window)
         except DeliveryError as exc:
             raise FileSendError(f"{route.push_path}: {str(exc).replace(media_id, media_id[:6] + '…')}") from None
+
+    def send_file(self, route: Route, path: str, name: str) -> str:
+        """Upload the bot's own file `path` and push it to the chat of `route` as `name` (a project's patch, say);
+        "" when sent, else why not. Both calls are metered, like every file the outbox sends."""
+        try:
+            self.push_file(route, name, self.upload(path, name))
+        except FileSendError as exc:
+            log.error("文件发送失败: %s: %s", name, exc)
+            return str(exc)
+        log.info("文件已发送: %s (%s)", name, route.push_path)
+        return ""
 
     def _archive(self, conversation_key: str, path: str, name: str) -> None:
         """Move a sent file to `outbox/sent/` (never through a symlink); dropped when that is not possible."""

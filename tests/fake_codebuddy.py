@@ -4,8 +4,9 @@
 Directives anywhere in the prompt (combinable): [sleep=N] [spawn] [spawn-session] [fail] [error] [crash] [noresult]
 [big=N] [echo-env] [ignore-term] [stream=N] (the answer in five assistant messages over N seconds, a Bash step
 mid-way; [parts=N] for N messages instead of five) [tool=NAME:COMMAND] (asks can_use_tool, runs COMMAND with sh
-if allowed) [ask=QUESTION] (AskUserQuestion; [ask=Q1|Q2] asks several at once); [flood=N] (N forged can_use_tool
-requests written at once, as a tool writing into the CLI's stdout could) and [longline=N] (one line of N bytes).
+if allowed; under bypassPermissions at once) [ask=QUESTION] (AskUserQuestion; [ask=Q1|Q2] asks several at once);
+[flood=N] (N forged can_use_tool requests written at once, as a tool writing into the CLI's stdout could) and
+[longline=N] (one line of N bytes).
 With `--input-format stream-json` it stays alive and takes one user message per stdin line (a turn each, echoed with
 --replay-user-messages), answers `initialize` and `interrupt` (the interrupted turn writes no result, and a running
 tool command is left to the bot, the worst case), and sends can_use_tool requests.
@@ -213,14 +214,18 @@ def save_state(path: str, state: dict[str, list[str]]) -> None:
     os.replace(tmp, path)
 
 
-def use_tool(name: str, command: str, session_id: str, out: Any, turn: Turn | None) -> str | None:
-    """A tool call the permission mode does not allow: ask the bot (stream-json), run it if allowed."""
+def use_tool(name: str, command: str, session_id: str, out: Any, turn: Turn | None,
+             bypass: bool = False) -> str | None:
+    """A tool call the permission mode does not allow: ask the bot (stream-json), run it if allowed; under
+    --permission-mode bypassPermissions it runs without asking, as the real CLI's tools do."""
     tool_id = "toolu_" + uuid.uuid4().hex[:12]
     tool_input = {"command": command, "description": "run a command"}
     out({"type": "assistant", "session_id": session_id, "message": {"role": "assistant", "content": [
         {"type": "tool_use", "id": tool_id, "name": name, "input": tool_input}]}})
-    if turn is None:
-        decision: dict[str, Any] | None = {"allowed": False,
+    if bypass:
+        decision: dict[str, Any] | None = {"allowed": True}
+    elif turn is None:
+        decision = {"allowed": False,
                                            "reason": "permission prompts are not available in non-interactive mode"}
     else:
         decision = turn.ask({"subtype": "can_use_tool", "tool_name": name, "input": tool_input,
@@ -430,7 +435,8 @@ def run_prompt(prompt: str, argv: list[str], flags: dict[str, Any], write: Any, 
 
     tools_said = []
     for name, command in re.findall(r"\[tool=(\w+):([^\]]*)\]", prompt):
-        said = use_tool(name, command, session_id, out, turn)
+        said = use_tool(name, command, session_id, out, turn,
+                        bypass=flags.get("--permission-mode") == "bypassPermissions")
         if said is None:
             return INTERRUPTED
         tools_said.append(said)

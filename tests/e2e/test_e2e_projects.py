@@ -11,18 +11,21 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from codebuddy.sandbox import Workspaces
 from projects.bindings import short_id
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, BotProcess, cli_runs, fake_cli_env, replies
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT, BotProcess, cli_runs, fake_cli_env, replies
+from tests.git_http_server import GitHttpServer
 from tests.standin import DingTalkStandin, _conversation_id
 
 pytestmark = pytest.mark.e2e
 
 GROUP = "cidPROJECTS+group/test=="
+TOKEN = "GIT-TOKEN-tVq83kd02LmZ"
 
 
 def git(*args: str, cwd: Path | None = None, check: bool = True) -> str:
@@ -63,14 +66,19 @@ def advance_remote(root: Path, name: str, text: str) -> str:
 
 @pytest.fixture(scope="module")
 def project_bot(tmp_path_factory):
-    """(stand-in, bot, tmp dir): one bot with three projects on bare repositories on disk."""
+    """(stand-in, bot, tmp dir, git server): one bot with three projects on bare repositories on disk, and two on a
+    local HTTP git server that wants a token (one with it, one without)."""
     tmp_path = tmp_path_factory.mktemp("projects")
     (tmp_path / "home").mkdir()
     demo, team = make_remote(tmp_path, "demo"), make_remote(tmp_path, "team")
+    make_remote(tmp_path, "secure")
+    server = GitHttpServer(tmp_path / "remotes", TOKEN).start()
     (tmp_path / "projects.toml").write_text(
         f'[demo]\nurl = "{demo}"\nusers = ["*"]\npush = true\n\n'
         f'[team]\nurl = "file://{team}"\nbranch = "main"\nusers = ["olga", "boss"]\npush = true\n\n'
-        f'[readonly]\nurl = "{demo}"\nusers = ["*"]\n', encoding="utf-8")
+        f'[readonly]\nurl = "{demo}"\nusers = ["*"]\n\n'
+        f'[secure]\nurl = "{server.url("secure")}"\nusers = ["*"]\npush = true\ntoken_env = "SECURE_GIT_TOKEN"\n\n'
+        f'[tokenless]\nurl = "{server.url("secure")}"\nusers = ["*"]\n', encoding="utf-8")
     standin = DingTalkStandin(client_id=CLIENT_ID, client_secret=CLIENT_SECRET).start()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("DINGTALK_", "CODEBUDDY_"))}
     env.update({
@@ -81,16 +89,18 @@ def project_bot(tmp_path_factory):
         "CODEBUDDY_PERMISSION_MODE": "bypassPermissions", "ADMIN_USERS": "boss",
         "LOG_FILE": str(tmp_path / "logs" / "bot.log"), "TASK_DB": str(tmp_path / "data" / "tasks.db"),
         "SHUTDOWN_GRACE": "3", "USER_RATE_LIMIT": "100", "PROJECTS_FILE": str(tmp_path / "projects.toml"),
+        "SECURE_GIT_TOKEN": TOKEN,
     })
     bot = BotProcess(tmp_path, env).start()
     try:
         standin.wait_connected(timeout=60)
-        yield standin, bot, tmp_path
+        yield standin, bot, tmp_path, server
     finally:
         if bot.proc is not None and bot.proc.poll() is None:
             bot.proc.kill()
             bot.proc.wait(timeout=10)
         standin.stop()
+        server.stop()
 
 
 def say(standin, text: str, user: str, count: int = 1, timeout: float = 30.0, **chat) -> list[str]:
@@ -124,7 +134,7 @@ def all_objects(remote: Path) -> bytes:
 
 
 def test_bind_edit_commit_diff_and_push_end_to_end(project_bot):
-    standin, bot, tmp_path = project_bot
+    standin, bot, tmp_path, _ = project_bot
     remote = tmp_path / "remotes" / "demo.git"
     main_before = git("rev-parse", "main", cwd=remote)
     listed = say(standin, "/project", "olga")[0]
@@ -182,7 +192,7 @@ def test_bind_edit_commit_diff_and_push_end_to_end(project_bot):
 
 
 def test_pull_fast_forwards_a_clean_checkout_and_says_why_not_otherwise(project_bot):
-    standin, bot, tmp_path = project_bot
+    standin, bot, tmp_path, _ = project_bot
     assert say(standin, "/project team", "boss")[0].startswith("已绑定项目 team")
     assert "已是最新" in say(standin, "/pull", "boss")[0]
     new = advance_remote(tmp_path, "team", "v2\n")
@@ -202,7 +212,7 @@ def test_pull_fast_forwards_a_clean_checkout_and_says_why_not_otherwise(project_
 
 
 def test_a_user_not_in_users_cannot_bind_diff_or_push(project_bot):
-    standin, bot, tmp_path = project_bot
+    standin, bot, tmp_path, _ = project_bot
     assert say(standin, "/project team", "mallory")[0] == "没有你可用的项目 team。发送 /project 查看可用的项目。"
     assert "team" not in say(standin, "项目", "mallory")[0]  # not even listed
     group = {"conversation_type": "2", "conversation_id": GROUP}
@@ -276,7 +286,7 @@ def plant_config_attacks(checkout: Path, canary: Path, secret: Path) -> None:
 
 
 def test_hooks_and_config_planted_in_the_checkout_run_nothing_and_leak_nothing(project_bot):
-    standin, bot, tmp_path = project_bot
+    standin, bot, tmp_path, _ = project_bot
     canary, secret = tmp_path / "canary-config", tmp_path / "host-secret.txt"
     secret.write_text("TOP-SECRET-OF-THE-HOST\n")
     assert say(standin, "/project demo", "eve")[0].startswith("已绑定项目 demo")
@@ -304,7 +314,7 @@ def test_hooks_and_config_planted_in_the_checkout_run_nothing_and_leak_nothing(p
 
 
 def test_pull_with_hooks_and_config_planted_runs_no_hook_and_nothing_outside(project_bot):
-    standin, bot, tmp_path = project_bot
+    standin, bot, tmp_path, _ = project_bot
     canary, secret = tmp_path / "canary-pull", tmp_path / "host-secret.txt"
     secret.write_text("TOP-SECRET-OF-THE-HOST\n")
     assert say(standin, "/project demo", "pat")[0].startswith("已绑定项目 demo")
@@ -320,7 +330,7 @@ def test_pull_with_hooks_and_config_planted_runs_no_hook_and_nothing_outside(pro
 
 @pytest.mark.parametrize("shape", ["alternates", "git-symlink", "gitdir-file"])
 def test_a_git_dir_that_reaches_another_conversation_is_refused(project_bot, shape):
-    standin, bot, tmp_path = project_bot
+    standin, bot, tmp_path, _ = project_bot
     victim, attacker = f"victim-{shape}", f"thief-{shape}"
     assert say(standin, "/project demo", victim)[0].startswith("已绑定项目 demo")
     say(standin, "秘密 [tool=Bash:echo VICTIM-SECRET-DATA > secret.txt && git add secret.txt && git commit -qm s]",
@@ -346,3 +356,41 @@ def test_a_git_dir_that_reaches_another_conversation_is_refused(project_bot, sha
     assert b"VICTIM-SECRET-DATA" not in all_objects(remote)
     assert not any(b"VICTIM-SECRET-DATA" in upload.data for upload in standin.files.uploads.values())
     assert not git("for-each-ref", f"refs/heads/codebuddy/{short_id(_single_id(standin, attacker))}-*", cwd=remote)
+
+
+# ---------------------------------------------------------------- a remote over HTTP that wants a token
+
+
+def test_a_token_remote_is_reached_by_the_bots_git_only_and_no_run_ever_sees_the_token(project_bot):
+    standin, bot, tmp_path, server = project_bot
+    turned_away = len([r for r in server.requests if r.status == 401])
+    refused = say(standin, "/project tokenless", "tina")[0]  # the same remote without the token: 401, no prompt
+    assert refused.startswith("git 操作失败") and len([r for r in server.requests if r.status == 401]) > turned_away
+    assert say(standin, "/project secure", "tina")[0].startswith("已绑定项目 secure")
+    answer = say(standin, "看看 [tool=Bash:env; cat .git/config; git remote -v; grep -rl tVq83kd /workspace "
+                          "/home/codebuddy; echo edit >> README.md; echo done]", "tina", count=2)[1]
+    assert "→ " in answer and "HOME=/home/codebuddy" in answer and TOKEN not in answer
+    pushed = say(standin, "/push", "tina")[0]
+    branch = re.search(r"codebuddy/\w+-1", pushed).group(0)
+    remote = tmp_path / "remotes" / "secure.git"
+    assert git("show", f"{branch}:README.md", cwd=remote) == "hello\nedit"
+    authorized = [r for r in server.requests if r.authorized]
+    assert any("git-receive-pack" in r.path for r in authorized) and any("upload-pack" in r.path for r in authorized)
+    # Nowhere a run could look, nor in any file the bot wrote for the conversation (mirror config included).
+    conversation = Path(Workspaces(str(tmp_path / "workspace")).base_for(_single_id(standin, "tina")))
+    for path in conversation.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    assert TOKEN not in bot.log_text() and TOKEN not in "".join(p.text or "" for p in standin.webhook_posts())
+
+
+def test_check_says_which_project_remotes_answer(project_bot):
+    standin, bot, tmp_path, server = project_bot
+    env = {**bot.env, "DINGTALK_OPENAPI_ENDPOINT": standin.base_url}
+    result = subprocess.run([sys.executable, str(ROOT / "bot.py"), "check"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    lines = {line.split(":")[0]: line for line in result.stdout.splitlines() if line[2:].startswith("project ")}
+    assert lines["✓ project demo"] and "answers: main at" in lines["✓ project demo"]
+    assert "token from SECURE_GIT_TOKEN" in lines["✓ project secure"]
+    assert "does not answer" in lines["✗ project tokenless"]
+    assert TOKEN not in result.stdout + result.stderr

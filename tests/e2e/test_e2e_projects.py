@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from codebuddy.sandbox import Workspaces
+from ops.doctor import api_budget_line
 from projects.bindings import short_id
 from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT, BotProcess, cli_runs, fake_cli_env, replies
 from tests.git_http_server import GitHttpServer
@@ -123,6 +124,13 @@ def patches_for(standin, user: str) -> list[tuple[object, object]]:
             if record.user_ids == [user] and upload.filename.endswith(".patch")]
 
 
+def metered_calls(tmp_path: Path) -> int:
+    """This month's metered DingTalk calls, as the task DB counts them."""
+    line = api_budget_line(str(tmp_path / "data" / "tasks.db"), 5000)
+    match = re.search(r"(\d+) of 5000 metered calls", line)
+    return int(match.group(1)) if match else 0
+
+
 def all_objects(remote: Path) -> bytes:
     """Every object of a repository, as git stores it uncompressed (what reached the remote)."""
     listed = subprocess.run(["git", f"--git-dir={remote}", "cat-file", "--batch-all-objects", "--batch"],
@@ -159,6 +167,7 @@ def test_bind_edit_commit_diff_and_push_end_to_end(project_bot):
     assert "git checkout of the project demo" in prompt and "../outbox/" in prompt
     say(standin, "再加个文件 [tool=Bash:echo fresh > notes.txt]", "olga", count=2)  # left uncommitted
 
+    metered_before = metered_calls(tmp_path)
     diffed = say(standin, "/diff", "olga")[0]
     assert "相对起点 " + main_before[:10] + ": 1 个提交，以及未提交的改动" in diffed
     assert "README.md" in diffed and "notes.txt" in diffed and "随后发送文件: demo-" in diffed
@@ -167,6 +176,8 @@ def test_bind_edit_commit_diff_and_push_end_to_end(project_bot):
     assert record.msg_key == "sampleFile" and record.msg_param["fileType"] == "patch"
     patch = upload.data.decode()
     assert "+changed" in patch and "+fresh" in patch
+    # The patch went out like any file: its upload and its push are metered calls (the answer came by webhook).
+    standin.wait_for(lambda: metered_calls(tmp_path) >= metered_before + 2, timeout=20)
     # The patch applies to the commit the checkout started from and gives the agent's files.
     check = tmp_path / "apply-check"
     git("clone", "-q", str(remote), str(check))
@@ -189,6 +200,12 @@ def test_bind_edit_commit_diff_and_push_end_to_end(project_bot):
     again = say(standin, "/push", "olga")[0]  # a second push makes the next branch, never the same one forced
     assert f"codebuddy/{short_id(_single_id(standin, 'olga'))}-2" in again
     bot.wait_log(r"项目 demo 已推送分支 codebuddy/\w+-1")
+
+    renewed = say(standin, "/new", "olga")[0]  # a new session removes the checkout the bot made
+    assert renewed.endswith("项目工作副本已移除: demo/") and not checkout.exists()
+    assert "本会话未绑定项目" in say(standin, "/project", "olga")[0]
+    assert say(standin, "/project demo", "olga")[0].startswith("已绑定项目 demo")  # a fresh checkout again
+    assert (checkout / "README.md").read_text() == "hello\n"
 
 
 def test_pull_fast_forwards_a_clean_checkout_and_says_why_not_otherwise(project_bot):

@@ -149,6 +149,8 @@ def run_daemon(config: Config) -> int:
     manager.supervisor.stop()
     intake.shutdown()  # messages already ACKed become queued tasks, re-run after the restart
     manager.shutdown(config.shutdown_grace)
+    if app.projects is not None:
+        app.projects.shutdown()
     sender.stop()
     if status_server is not None:
         status_server.stop()

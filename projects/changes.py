@@ -53,9 +53,11 @@ class ProjectChanges:
     """/diff, /push and /pull of a conversation's bound project (callers hold the conversation's lock)."""
 
     def __init__(self, git: Git, bindings: Bindings, *, send_file: Callable[[Route, str, str], str] | None,
-                 jail: Callable[[str, str, list[str]], tuple[int, str]] | None, max_patch_bytes: int) -> None:
+                 jail: Callable[[str, str, list[str]], tuple[int, str]] | None, max_patch_bytes: int,
+                 quiesce: Callable[[str], object] = lambda key: None) -> None:
         self.git = git
         self.bindings = bindings
+        self.quiesce = quiesce  # ends the conversation's warm CLI process: nothing of the agent runs while we read
         self.send_file = send_file
         self.jail = jail
         self.max_patch_bytes = max_patch_bytes
@@ -69,7 +71,9 @@ class ProjectChanges:
             shutil.rmtree(path, ignore_errors=True)
 
     def _snapshot(self, key: str, name: str, author: Identity, message: str) -> Snapshot:
-        """The checkout's HEAD and files as commits in the mirror (refs/conversation/…)."""
+        """The checkout's HEAD and files as commits in the mirror (refs/conversation/…), read while no process of the
+        agent can change them (the caller holds the conversation's lock, and its warm process is ended)."""
+        self.quiesce(key)
         with self._scratch(key) as scratch:
             snap = snapshot(self.git, scratch, self.bindings.workspace(key), name, author, message)
             fetch_snapshot(self.git, self.bindings.mirror(key, name), scratch)

@@ -35,5 +35,6 @@ def project_commands(config: Config, cli: CodeBuddyClient, bindings: Bindings, *
     git = Git()
     changes = ProjectChanges(git, bindings, send_file=send_file,
                              jail=lambda key, subdir, argv: run_in_jail(cli, key, subdir, argv),
-                             max_patch_bytes=config.max_attachment_mb * 1024 * 1024)
+                             max_patch_bytes=config.max_attachment_mb * 1024 * 1024,
+                             quiesce=lambda key: cli.pool.end_idle(key, "项目命令读取工作副本"))
     return ProjectCommands(config.projects, bindings, git, changes, new_session=new_session)

@@ -171,6 +171,8 @@ def test_bind_edit_commit_diff_and_push_end_to_end(project_bot):
     diffed = say(standin, "/diff", "olga")[0]
     assert "相对起点 " + main_before[:10] + ": 1 个提交，以及未提交的改动" in diffed
     assert "README.md" in diffed and "notes.txt" in diffed and "随后发送文件: demo-" in diffed
+    # The chat's warm CLI process (its jail, and whatever a turn could have left running there) ended first.
+    bot.wait_log(r"结束 CodeBuddy 进程 \d+: 项目命令读取工作副本")
     record, upload = standin.wait_for(lambda: patches_for(standin, "olga"))[0]
     assert upload.filename == f"demo-{short_id(_single_id(standin, 'olga'))}.patch"
     assert record.msg_key == "sampleFile" and record.msg_param["fileType"] == "patch"

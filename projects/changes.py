@@ -90,7 +90,8 @@ class ProjectChanges:
         key, name, mirror = asker.conversation_key, project.name, self.bindings.mirror(asker.conversation_key,
                                                                                        project.name)
         snap = self._snapshot(key, name, Identity(*BOT_IDENTITY), "uncommitted changes (/diff)")
-        stat = self.git.text(["diff", "--stat=100", *DIFF_OPTIONS, checkout.base, snap.worktree], git_dir=mirror)
+        stat = self.git.text(["diff", "--stat=100", *DIFF_OPTIONS, checkout.base, snap.worktree], git_dir=mirror,
+                             config=[("core.quotePath", "false")])  # names as they are (control characters quoted)
         if not stat:
             return f"项目 {name} 没有改动 (相对起点 {checkout.base[:10]})。" + self._skipped(snap), None
         commits = int(self.git.text(["rev-list", "--count", f"{checkout.base}..{snap.head}"], git_dir=mirror))

@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,10 +45,26 @@ class ProjectCommands:
         self.changes = changes
         self.new_session = new_session
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="projects")
+        self._pending = 0  # commands taken and not yet answered (the console waits for them at its end)
+        self._pending_lock = threading.Lock()
+
+    @property
+    def pending(self) -> int:
+        with self._pending_lock:
+            return self._pending
 
     def handle(self, command: str, argument: str, asker: Asker, reply: Callable[[str], None]) -> None:
         """Answer one project command on the pool (never on the caller's thread)."""
-        self.pool.submit(self._answer, command, argument.strip(), asker, reply)
+        with self._pending_lock:
+            self._pending += 1
+        self.pool.submit(self._answer_counted, command, argument.strip(), asker, reply)
+
+    def _answer_counted(self, command: str, argument: str, asker: Asker, reply: Callable[[str], None]) -> None:
+        try:
+            self._answer(command, argument, asker, reply)
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
 
     def _answer(self, command: str, argument: str, asker: Asker, reply: Callable[[str], None]) -> None:
         if command == "project" and not argument:

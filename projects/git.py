@@ -129,7 +129,7 @@ class Git:
         except OSError as exc:
             raise GitError(f"git could not start: {exc.strerror or exc}") from None
         if done.returncode != 0:
-            detail = _tail(done.stderr, [token]) or f"exit code {done.returncode}"
+            detail = _tail(done.stderr, [token, auth_header(token)] if token else []) or f"exit code {done.returncode}"
             raise GitError(f"git {args[0]} failed: {detail}")
         return done.stdout
 

@@ -92,8 +92,12 @@ class ProjectCommands:
         finally:
             lock.release()
         reply(text)
-        if after is not None:
-            note = after()
+        if after is not None:  # the patch file, after the answer (the lock is not needed: it is the bot's file)
+            try:
+                note = after()
+            except Exception:  # runs in a pool: an escaping exception would vanish unlogged
+                log.exception("项目补丁文件发送出错 user=%s", asker.user_id)
+                note = "补丁文件未能发送 (详情见机器人日志)。"
             if note:
                 reply(note)
 

@@ -63,6 +63,7 @@ from ops.startup import (
 )
 from ops.status_server import StatusSources, start_status_server
 from ops.store_admin import migrate_store
+from projects.wiring import project_commands, with_project_runs
 from store.schema import StoreError
 
 __all__ = ["main", "run_daemon", "setup_logging"]
@@ -78,13 +79,17 @@ def build_app(config: Config, durations: DurationHistogram | None = None
     """Create the sender, client (its runs timed into `durations`), store, manager and chat app from `config`."""
     sender = DingTalkSender(config.openapi_endpoint, config.client_id, config.client_secret, config.robot_code,
                             retry_window=config.delivery_retry_window, secrets=config.secrets)
-    client, after_result, attachments = with_file_transfer(config, sender, CodeBuddyClient.from_config(config))
+    cli = CodeBuddyClient.from_config(config)
+    files_client, after_result, attachments = with_file_transfer(config, sender, cli)
+    client, bindings = with_project_runs(config, cli, files_client)  # a bound chat's runs start in its checkout
     client = TimedClient(client, durations or DurationHistogram())
     store = open_task_store_when_up(config)  # a PostgreSQL that does not answer yet is waited for, not exit 2
     refuse_a_clock_far_off(config, store)  # hosts on one DB must agree on the time
     manager = AsyncTaskManager.from_config(config, client, sender, store, after_result)
     attach_budget_and_cards(config, sender, manager)  # the monthly call budget; AI cards when a template is set
-    return sender, client, manager, ChatApp(manager, config, attachments=attachments)
+    projects = None if bindings is None else project_commands(  # /project, /pull, /diff, /push
+        config, cli, bindings, new_session=manager.new_session, send_file=files_client.files.send_file)
+    return sender, client, manager, ChatApp(manager, config, attachments=attachments, projects=projects)
 
 
 def run_daemon(config: Config) -> int:
@@ -144,6 +149,8 @@ def run_daemon(config: Config) -> int:
     manager.supervisor.stop()
     intake.shutdown()  # messages already ACKed become queued tasks, re-run after the restart
     manager.shutdown(config.shutdown_grace)
+    if app.projects is not None:
+        app.projects.shutdown()
     sender.stop()
     if status_server is not None:
         status_server.stop()

@@ -25,7 +25,15 @@ from codebuddy.egress import EgressPolicy
 from codebuddy.jail_limits import JailLimits
 from codebuddy.jail_network import JailNetwork
 from codebuddy.run_limits import RunLimits
-from codebuddy.sandbox import Bubblewrap, NoSandbox, Sandbox, Workspaces, run_environment
+from codebuddy.sandbox import (
+    Bubblewrap,
+    NoSandbox,
+    RunPlace,
+    Sandbox,
+    Workspaces,
+    run_environment,
+    start_dir,
+)
 from codebuddy.warm_pool import WarmPool
 from codebuddy.warm_sessions import CLI_MARKER, PROTOCOL_FLAGS, Ask, TurnOutcome, WarmProcess, deny_all
 from config import KILL_GRACE, SETTINGS, Config, bot_files
@@ -207,6 +215,7 @@ class CodeBuddyClient:
         self.clock = clock
         self.sandbox: Sandbox = sandbox if sandbox is not None else NoSandbox()
         self.append_system_prompt = append_system_prompt  # e.g. where to leave files for the chat (outbox_files)
+        self.place_for: Callable[[str], RunPlace] | None = None  # where a conversation starts (a project's checkout)
         # Where each run's allowlisted environment is taken from (sandbox.run_environment picks).
         self._env_source = dict(os.environ if env is None else env)
         self.pool = WarmPool(warm_sessions, warm_idle_seconds, clock=clock,
@@ -235,8 +244,9 @@ class CodeBuddyClient:
             env[RUN_TAG_VARIABLE] = run_tag
         return env
 
-    def command(self, session_id: str) -> list[str]:
-        """The argv of one CLI process (prompts go on stdin as stream-json messages, never on the command line)."""
+    def command(self, session_id: str, note: str = "") -> list[str]:
+        """The argv of one CLI process (prompts go on stdin as stream-json messages, never on the command line);
+        `note` is added to the system prompt."""
         argv = [self.binary, "-p", *PROTOCOL_FLAGS]
         if self.permission_mode:
             argv += ["--permission-mode", self.permission_mode]
@@ -245,8 +255,9 @@ class CodeBuddyClient:
         # --session-id continues the session if it exists; --resume-create-missing with `initialize` loses the
         # first message (docs/warm-sessions.md).
         argv += ["--session-id", session_id]
-        if self.append_system_prompt:
-            argv += ["--append-system-prompt", self.append_system_prompt]
+        system_prompt = "\n\n".join(part for part in (self.append_system_prompt, note) if part)
+        if system_prompt:
+            argv += ["--append-system-prompt", system_prompt]
         argv += list(self.extra_args)
         return argv
 
@@ -349,7 +360,10 @@ class CodeBuddyClient:
         tag = self.tag_prefix + uuid.uuid4().hex[:12]
         try:
             dirs = self.workspaces.dirs_for(conversation)
-            argv, cwd = self.sandbox.command(self.command(session_id), dirs, run_id=tag)
+            place = self.place_for(conversation) if self.place_for is not None else RunPlace()
+            subdir = start_dir(dirs.workspace, place.subdir)  # gone or replaced by a link: the workspace
+            argv, cwd = self.sandbox.command(self.command(session_id, place.note if subdir else ""), dirs, run_id=tag,
+                                             subdir=subdir)
             proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 cwd=cwd, env={**self.run_env(self.sandbox.home(dirs), tag), **self.sandbox.environment()},

@@ -32,6 +32,7 @@ from common.setting_values import (  # noqa: F401 (ConfigError and parse_positiv
     sandbox_name,
     shell_words,
 )
+from projects.catalog import Project, load_projects, projects_path
 
 DEFAULT_OPENAPI_ENDPOINT = "https://api.dingtalk.com"
 CLI_ENV_PREFIX = "CODEBUDDY_"
@@ -205,6 +206,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CARD_UPDATE_INTERVAL", "card_update_interval", "1.5", positive_float, "Seconds between two updates "
             "of a streaming card (stretched when the month's spend runs ahead)"),
     Setting("CARD_BACKOFF", "card_backoff", "1800", non_negative_float, "Seconds cards pause after 3 failures"),
+    Setting("PROJECTS_FILE", "projects_file", "projects.toml", any_text, "TOML file of the git projects a chat may "
+            "bind (/project); relative: beside .env; missing: no projects (docs/projects.md)"),
 )
 
 
@@ -265,6 +268,7 @@ class Config:
     card_variables: tuple[str, ...]
     card_update_interval: float
     card_backoff: float
+    projects_file: str = "projects.toml"
     stream_connections: int = 2
     warm_sessions: int = 4
     warm_idle_seconds: float = 600.0
@@ -277,11 +281,14 @@ class Config:
     cli_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # Values of CODEBUDDY_API_KEY / CODEBUDDY_AUTH_TOKEN (environment or .env): never shown to a chat.
     cli_secrets: tuple[str, ...] = field(default=(), repr=False)
+    # The projects of PROJECTS_FILE, their tokens read from the environment or .env (never handed to a run).
+    projects: tuple[Project, ...] = field(default=(), repr=False)
 
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every secret value the bot holds: replaced by *** in anything it logs or sends."""
-        return tuple(s for s in (self.client_secret, *self.cli_secrets, *dsn_passwords(self.task_db)) if s)
+        return tuple(s for s in (self.client_secret, *self.cli_secrets, *dsn_passwords(self.task_db),
+                                 *(project.token for project in self.projects)) if s)
 
     @property
     def all_long_task_keywords(self) -> tuple[str, ...]:
@@ -357,7 +364,11 @@ def read_config(environ: Mapping[str, str] | None = None, dotenv_path: str | os.
         parsed["codebuddy_sandbox_paths"] = ()
     cli_secrets = tuple(values[name].strip() for name in CLI_SECRET_VARIABLES
                         if values.get(name, "").strip() and name not in unfilled)
-    config = Config(**parsed, cli_env=cli_env, cli_secrets=cli_secrets)  # type: ignore[arg-type]
+    projects, project_problems = load_projects(projects_path(str(parsed["projects_file"]), dotenv_path), values,
+                                               required=bool(values.get("PROJECTS_FILE", "").strip()),
+                                               bot_settings=own)
+    problems += project_problems
+    config = Config(**parsed, cli_env=cli_env, cli_secrets=cli_secrets, projects=projects)  # type: ignore[arg-type]
     return config, (ConfigError(problems, unfilled) if problems else None)
 
 

@@ -19,6 +19,10 @@ from dingtalk.api_budget import GROUP_LABELS
 from dingtalk.incoming import IncomingMessage
 from dingtalk.route import Route
 from files.attachments import AttachmentIntake
+from projects.changes import Asker
+from projects.commands import COMMANDS as PROJECT_COMMANDS
+from projects.commands import HELP_LINES as PROJECT_HELP
+from projects.commands import ProjectCommands
 from tasks import texts
 from tasks.task import ACTIVE_STATUSES, QUEUED, RUNNING, STATUS_LABELS, Task
 
@@ -51,11 +55,12 @@ class ChatApp:
     """Decides what to do with one message: refuse, answer a command, or submit a task."""
 
     def __init__(self, manager: AsyncTaskManager, config: Config, *, clock: Callable[[], float] = time.time,
-                 attachments: AttachmentIntake | None = None) -> None:
+                 attachments: AttachmentIntake | None = None, projects: ProjectCommands | None = None) -> None:
         self.manager = manager
         self.config = config
         self.clock = clock
         self.attachments = attachments  # None: pictures and files get the "not supported" reply
+        self.projects = projects  # None: no PROJECTS_FILE, no project commands
         self.limits = RateLimits(clock)  # per user: prompts and commands per minute, one refusal per while
         manager.workers.approvals.refusal_gate = self.may_refuse  # a non-owner's 同意/拒绝, message or card button
 
@@ -130,7 +135,7 @@ class ChatApp:
                 self.reply(message, answered.reply)
             return
         words = message.text.split(maxsplit=1)
-        command = COMMANDS.get(words[0].lower())
+        command = COMMANDS.get(words[0].lower()) or (PROJECT_COMMANDS.get(words[0].lower()) if self.projects else None)
         if command is not None:
             if not self._over_limit(message, "command"):
                 self.run_command(command, words[1].strip() if len(words) > 1 else "", message)
@@ -155,6 +160,8 @@ class ChatApp:
             return
         if self.attachments is not None:
             prompt = self.attachments.with_pending(message.conversation_key, message.user_id, prompt)
+        if self.projects is not None:  # the sender of a bound chat's latest task may /push
+            self.projects.note_prompt(message.conversation_key, message.user_id)
         task = self.manager.submit(prompt, self.route_for(message), user_id=message.user_id,
                                    user_name=message.user_name, conversation_key=message.conversation_key,
                                    msg_id=message.msg_id)
@@ -175,8 +182,13 @@ class ChatApp:
 
     def run_command(self, command: str, argument: str, message: IncomingMessage) -> None:
         """Answer one chat command at once (commands never wait behind tasks)."""
-        if command == "help":
-            self.reply(message, HELP_TEXT)
+        if command in PROJECT_COMMANDS.values() and self.projects is not None:
+            asker = Asker(message.conversation_key, message.user_id, message.user_name, message.in_group,
+                          self.is_admin(message.user_id), self.route_for(message))
+            self.projects.handle(command, argument, asker, lambda text: self.reply(message, text))
+        elif command == "help":
+            head, last = HELP_TEXT.rsplit("\n", 1)
+            self.reply(message, f"{head}\n{PROJECT_HELP}\n{last}" if self.projects is not None else HELP_TEXT)
         elif command == "tasks":
             self.reply(message, self.describe_tasks(message))
         elif command == "status":  # without an id: the sender's latest task, then the DingTalk calls spent
@@ -186,7 +198,9 @@ class ChatApp:
             self.cancel(argument, message)
         elif command == "new":
             self.manager.new_session(message.conversation_key)
-            self.reply(message, "已开始新的 CodeBuddy 会话，之前的对话不再作为上下文。")
+            removed = self.projects.forget(message.conversation_key) if self.projects is not None else ""
+            started = "已开始新的 CodeBuddy 会话，之前的对话不再作为上下文。"
+            self.reply(message, f"{started}\n{removed}" if removed else started)
 
     def tasks_here(self, message: IncomingMessage, limit: int) -> list[Task]:
         """The sender's newest tasks this chat may list: in a group only that group's."""

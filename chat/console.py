@@ -17,6 +17,7 @@ from config import KILL_GRACE, Config
 from dingtalk.incoming import IncomingMessage
 from dingtalk.route import Route
 from dingtalk_sender import Delivery
+from projects.wiring import project_commands, with_project_runs
 from store.memory import MemoryTaskStore
 
 
@@ -63,7 +64,8 @@ def _busy(manager: AsyncTaskManager) -> bool:
 
 
 def wait_until_idle(manager: AsyncTaskManager, sender: ConsoleSender, *, quiet: float = 0.3, poll: float = 0.05,
-                    timeout: float | None = None, clock: Callable[[], float] = time.monotonic) -> bool:
+                    timeout: float | None = None, clock: Callable[[], float] = time.monotonic,
+                    also_busy: Callable[[], bool] = lambda: False) -> bool:
     """Block until no task is queued, running or undelivered and nothing was printed for `quiet` seconds.
 
     The quiet period lets answers already on their way (a /cancel confirmation, a command reply) come out.
@@ -73,7 +75,7 @@ def wait_until_idle(manager: AsyncTaskManager, sender: ConsoleSender, *, quiet: 
     last_busy = started
     while True:
         now = clock()
-        if _busy(manager):
+        if _busy(manager) or also_busy():  # also_busy: project commands still at work
             last_busy = now
         elif now - max(last_busy, sender.last_activity) >= quiet:
             return True
@@ -82,9 +84,15 @@ def wait_until_idle(manager: AsyncTaskManager, sender: ConsoleSender, *, quiet: 
         time.sleep(poll)
 
 
-def build_console_manager(config: Config, sender: ConsoleSender) -> AsyncTaskManager:
-    """A task manager like the daemon's (same settings, real CLI) with an in-memory store and the console sender."""
-    return AsyncTaskManager.from_config(config, CodeBuddyClient.from_config(config), sender, MemoryTaskStore())
+def build_console_app(config: Config, sender: ConsoleSender) -> ChatApp:
+    """A chat app like the daemon's (same settings, real CLI, the projects of PROJECTS_FILE; no files sent) with an
+    in-memory store and the console sender."""
+    cli = CodeBuddyClient.from_config(config)
+    client, bindings = with_project_runs(config, cli, cli)
+    manager = AsyncTaskManager.from_config(config, client, sender, MemoryTaskStore())
+    projects = None if bindings is None else project_commands(config, cli, bindings, new_session=manager.new_session,
+                                                               send_file=None)
+    return ChatApp(manager, config, projects=projects)
 
 
 CONSOLE_BANNER = ("CodeBuddy console: each line you type goes to the bot as a DingTalk 1:1 message would.\n"
@@ -101,8 +109,8 @@ def run_console(config: Config, *, user_id: str = "console", stdin: TextIO | Non
     """
     stdin = stdin or sys.stdin
     sender = ConsoleSender(out, wall_clock=wall_clock)
-    manager = build_console_manager(config, sender)
-    app = ChatApp(manager, config)
+    app = build_console_app(config, sender)
+    manager = app.manager
     interactive = stdin.isatty()
     if interactive:
         sender.print_line(CONSOLE_BANNER)
@@ -122,7 +130,8 @@ def run_console(config: Config, *, user_id: str = "console", stdin: TextIO | Non
                 msg_id=f"console-{uuid.uuid4().hex}", user_id=user_id, user_name=user_id, conversation_type="1",
                 conversation_id=conversation, text=text, msgtype="text", session_webhook="console://session",
                 webhook_expires_ms=int((wall_clock() + _CONSOLE_WEBHOOK_TTL) * 1000)))
-        wait_until_idle(manager, sender, quiet=quiet)
+        wait_until_idle(manager, sender, quiet=quiet,
+                        also_busy=lambda: app.projects is not None and app.projects.pending > 0)
     except KeyboardInterrupt:
         sender.print_line("interrupted: stopping running tasks")
         manager.shutdown(0, after_grace=KILL_GRACE + 1)

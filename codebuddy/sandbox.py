@@ -14,6 +14,7 @@ import glob
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -95,6 +96,28 @@ class Workspaces:
         return dirs
 
 
+def workspace_subdir(name: str) -> str:
+    """`name` if it is one plain directory name (a run may start there), else "" (the workspace itself)."""
+    return name if name and "/" not in name and "\0" not in name and name not in (".", "..") else ""
+
+
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a conversation's CLI process starts inside its workspace, and what it is told about that place."""
+
+    subdir: str = ""  # a directory of the workspace (a project's checkout); "": the workspace itself
+    note: str = ""  # added to --append-system-prompt
+
+
+def start_dir(workspace: str, subdir: str) -> str:
+    """`subdir` when it is a plain name of a real directory of `workspace` (no symlink), else ""."""
+    name = workspace_subdir(subdir)
+    try:
+        return name if name and stat.S_ISDIR(os.lstat(os.path.join(workspace, name)).st_mode) else ""
+    except OSError:
+        return ""
+
+
 def run_environment(source: Mapping[str, str], home: str, bot_settings: Collection[str]) -> dict[str, str]:
     """The environment of one run: the allowlisted variables of `source`, the CLI's own, and HOME.
 
@@ -118,7 +141,8 @@ class Sandbox(Protocol):
     name: str
 
     def home(self, dirs: ConversationDirs) -> str: ...
-    def command(self, argv: list[str], dirs: ConversationDirs, run_id: str = "") -> tuple[list[str], str]: ...
+    def command(self, argv: list[str], dirs: ConversationDirs, run_id: str = "",
+                subdir: str = "") -> tuple[list[str], str]: ...  # `subdir`: the workspace directory it starts in
     def environment(self) -> dict[str, str]: ...  # variables every run gets on top of the allowlisted ones
     def preexec(self, run_id: str, dirs: ConversationDirs) -> Callable[[], None] | None: ...  # Popen's preexec_fn
     def refusal(self, dirs: ConversationDirs) -> str: ...  # why the conversation may not run now ("" if it may)
@@ -136,8 +160,10 @@ class NoSandbox:
     def home(self, dirs: ConversationDirs) -> str:
         return dirs.home
 
-    def command(self, argv: list[str], dirs: ConversationDirs, run_id: str = "") -> tuple[list[str], str]:
-        return list(argv), dirs.workspace
+    def command(self, argv: list[str], dirs: ConversationDirs, run_id: str = "",
+                subdir: str = "") -> tuple[list[str], str]:
+        name = workspace_subdir(subdir)
+        return list(argv), os.path.join(dirs.workspace, name) if name else dirs.workspace
 
     def environment(self) -> dict[str, str]:
         return {}
@@ -221,11 +247,15 @@ class Bubblewrap:
         """The bot's own files a bind of `directory` would show a run (it is one of them or holds one)."""
         return [path for path in self.hidden if _under(path, directory)]
 
-    def command(self, argv: list[str], dirs: ConversationDirs, run_id: str = "") -> tuple[list[str], str]:
-        """`bwrap … -- argv`, run from the conversation's workspace mounted at /workspace. With a network and a
+    def command(self, argv: list[str], dirs: ConversationDirs, run_id: str = "",
+                subdir: str = "") -> tuple[list[str], str]:
+        """`bwrap … -- argv`, run from the conversation's workspace mounted at /workspace (or its directory `subdir`,
+        a project's checkout). With a network and a
         `run_id`, the process must be started with `preexec(run_id, dirs)`, which puts it in its own network
         namespace whose one way out is the egress proxy (`release(run_id)` after); without a `run_id`, bwrap gives
         it an empty network namespace."""
+        name = workspace_subdir(subdir)
+        start = f"{SANDBOX_WORKSPACE}/{name}" if name else SANDBOX_WORKSPACE
         network: list[str] = []
         if self.network is not None:
             if run_id:
@@ -241,7 +271,7 @@ class Bubblewrap:
                 "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "codebuddy",
                 *network, *self._mounts(),  # the system paths and the covers of the bot's files come last
                 "--bind", dirs.workspace, SANDBOX_WORKSPACE, "--bind", dirs.home, SANDBOX_HOME,
-                "--chdir", SANDBOX_WORKSPACE, "--", *argv], dirs.workspace
+                "--chdir", start, "--", *argv], dirs.workspace
 
     def environment(self) -> dict[str, str]:
         return self.network.environment() if self.network is not None else {}

@@ -128,6 +128,15 @@ class WarmPool:
         thread.start()
         return thread
 
+    def end_idle(self, conversation: str, reason: str) -> bool:
+        """End the conversation's idle process now (its jail, and anything a turn left running there, go with it);
+        False when it had none."""
+        with self._lock:
+            process = self._idle.pop(conversation, None)
+        if process is not None:
+            self._end(process, reason)
+        return process is not None
+
     def stop_all(self) -> None:
         """End every idle process (shutdown); busy ones end with their runs."""
         self._reaper_stop.set()

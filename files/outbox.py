@@ -38,6 +38,7 @@ from common.logs import TaskLogger
 from common.redaction import replace_secrets
 from config import HTTP_TIMEOUT
 from dingtalk.incoming import display_name
+from dingtalk.route import Route
 from dingtalk_sender import (
     BATCH_SEND_PATH,
     GROUP_SEND_PATH,
@@ -265,7 +266,7 @@ class OutboxFiles:
             try:
                 self._has_room(task)
                 media_id = self.upload(path, name, task.user_id)
-                self.push_file(task, name, media_id)
+                self.push_file(task.route, name, media_id)
             except SpendRefused as exc:  # the call budget: nothing was sent, the file stays staged
                 tlog.warning("文件未发送 (钉钉接口调用额度): %s: %s", name, exc)
                 refused.append(name)
@@ -337,9 +338,8 @@ class OutboxFiles:
                 self._sleep(min(30.0, 2.0 ** attempt))
         raise FileSendError(f"gave up after {UPLOAD_ATTEMPTS} attempts: {error}")
 
-    def push_file(self, task: Task, name: str, media_id: str) -> None:
-        """Push one uploaded file to the task's chat: a picture message or a file message."""
-        route = task.route
+    def push_file(self, route: Route, name: str, media_id: str) -> None:
+        """Push one uploaded file to the chat of `route`: a picture message or a file message."""
         ext = name.rpartition(".")[2].lower() if "." in name else ""
         if ext in IMAGE_EXTENSIONS:
             msg_key, param = "sampleImageMsg", {"photoURL": media_id}
@@ -358,6 +358,20 @@ class OutboxFiles:
             raise
         except DeliveryError as exc:
             raise FileSendError(f"{route.push_path}: {str(exc).replace(media_id, media_id[:6] + '…')}") from None
+
+    def send_file(self, route: Route, path: str, name: str) -> str:
+        """Upload the bot's own file `path` and push it to the chat of `route` as `name` (a project's patch, say);
+        "" when sent, else why not. Both calls are metered, like every file the outbox sends."""
+        try:
+            self.push_file(route, name, self.upload(path, name, route.user_id))
+        except SpendRefused as exc:  # the call budget: nothing was sent
+            log.warning("文件未发送 (钉钉接口调用额度): %s: %s", name, exc)
+            return str(exc)
+        except FileSendError as exc:
+            log.error("文件发送失败: %s: %s", name, exc)
+            return str(exc)
+        log.info("文件已发送: %s (%s)", name, route.push_path)
+        return ""
 
     def _archive(self, conversation_key: str, path: str, name: str) -> None:
         """Move a sent file to `outbox/sent/` (never through a symlink); dropped when that is not possible."""

@@ -33,6 +33,7 @@ from dingtalk_sender import (
     open_stream_connection,
 )
 from ops.store_admin import check_postgres
+from projects.git import Git, check_remote
 from store.postgres import DB_ERRORS, PostgresTaskStore, is_postgres_url, safe_url
 from store.schema import StoreError
 from store.sqlite import SQLiteTaskStore, store_writable
@@ -234,6 +235,16 @@ def check_sandbox(config: Config) -> CheckResult:
                                         "jail")
 
 
+def check_projects(config: Config) -> list[CheckResult]:
+    """One line per project of PROJECTS_FILE: whether its remote answers the bot's git (with its token)."""
+    results = []
+    for project in config.projects:
+        with tempfile.TemporaryDirectory(prefix="bot-project-check-") as scratch:
+            ok, detail = check_remote(Git(), project, os.path.join(scratch, "probe.git"))
+        results.append(CheckResult(f"project {project.name}", ok, detail))
+    return results
+
+
 def run_wall_lines(config: Config) -> list[str]:
     """Under the sandbox line: the run's network and each resource limit, ✓ enforced or ✗ not (and why)."""
     if config.codebuddy_egress == "off":
@@ -307,7 +318,7 @@ def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", o
     for check in (lambda: check_dingtalk(config, error), lambda: [check_cli(config, cli_timeout)],
                   lambda: [check_cli_login(config, environ)], lambda: [check_sandbox(config)],
                   lambda: [check_workspace(config.codebuddy_workdir)], lambda: [check_task_db(config.task_db)],
-                  lambda: [check_log_file(config.log_file)]):
+                  lambda: [check_log_file(config.log_file)], lambda: check_projects(config)):
         for result in check():
             results.append(result)
             print(result.line(), file=out, flush=True)

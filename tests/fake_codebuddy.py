@@ -4,10 +4,10 @@
 Directives anywhere in the prompt (combinable): [sleep=N] [spawn] [spawn-session] [fail] [error] [crash] [noresult]
 [big=N] [echo-env] [ignore-term] [stream=N] (the answer in five assistant messages over N seconds, a Bash step
 mid-way; [parts=N] for N messages instead of five) [tool=NAME:COMMAND] (asks can_use_tool, runs COMMAND with sh
-if allowed) [tools-at-once=A|B] (Bash requests for A and B sent together, then each run if allowed)
-[write=NAME:LINES] (asks to Write `write_content` into NAME) [ask=QUESTION] (AskUserQuestion; [ask=Q1|Q2] asks
-several at once); [flood=N] (N forged can_use_tool requests written at once, as a tool writing into the CLI's stdout
-could) and [longline=N] (one line of N bytes).
+if allowed; under bypassPermissions at once) [tools-at-once=A|B] (Bash requests for A and B sent together, then
+each run if allowed) [write=NAME:LINES] (asks to Write `write_content` into NAME) [ask=QUESTION] (AskUserQuestion;
+[ask=Q1|Q2] asks several at once); [flood=N] (N forged can_use_tool requests written at once, as a tool writing
+into the CLI's stdout could) and [longline=N] (one line of N bytes).
 With `--input-format stream-json` it stays alive and takes one user message per stdin line (a turn each, echoed with
 --replay-user-messages), answers `initialize` and `interrupt` (the interrupted turn writes no result, and a running
 tool command is left to the bot, the worst case), and sends can_use_tool requests.
@@ -223,21 +223,26 @@ def save_state(path: str, state: dict[str, list[str]]) -> None:
     os.replace(tmp, path)
 
 
-def use_tool(name: str, command: str, session_id: str, out: Any, turn: Turn | None) -> str | None:
-    """A tool call the permission mode does not allow: ask the bot (stream-json), run it if allowed."""
-    return use_tools_at_once(name, [command], session_id, out, turn)
+def use_tool(name: str, command: str, session_id: str, out: Any, turn: Turn | None,
+             bypass: bool = False) -> str | None:
+    """A tool call the permission mode does not allow: ask the bot (stream-json), run it if allowed; under
+    --permission-mode bypassPermissions it runs without asking, as the real CLI's tools do."""
+    return use_tools_at_once(name, [command], session_id, out, turn, bypass)
 
 
-def use_tools_at_once(name: str, commands: list[str], session_id: str, out: Any, turn: Turn | None) -> str | None:
+def use_tools_at_once(name: str, commands: list[str], session_id: str, out: Any, turn: Turn | None,
+                      bypass: bool = False) -> str | None:
     """Tool calls of one assistant message ([tools-at-once=A|B]): every request sent before any answer is awaited,
-    as the real CLI does for parallel tool calls; each command run if allowed."""
+    as the real CLI does for parallel tool calls; each command run if allowed (at once under bypassPermissions)."""
     calls = [("toolu_" + uuid.uuid4().hex[:12], command, {"command": command, "description": "run a command"})
              for command in commands]
     out({"type": "assistant", "session_id": session_id, "message": {"role": "assistant", "content": [
         {"type": "tool_use", "id": tool_id, "name": name, "input": tool_input} for tool_id, _, tool_input in calls]}})
-    if turn is None:
+    if bypass:
+        decisions: list[dict[str, Any] | None] = [{"allowed": True}] * len(calls)
+    elif turn is None:
         refusal = {"allowed": False, "reason": "permission prompts are not available in non-interactive mode"}
-        decisions: list[dict[str, Any] | None] = [refusal] * len(calls)
+        decisions = [refusal] * len(calls)
     else:
         sent = [turn.send({"subtype": "can_use_tool", "tool_name": name, "input": tool_input, "tool_use_id": tool_id,
                            "decision_reason": "not allowed by the permission mode"})
@@ -488,7 +493,8 @@ def run_prompt(prompt: str, argv: list[str], flags: dict[str, Any], write: Any, 
 
     tools_said = []
     for name, command in re.findall(r"\[tool=(\w+):([^\]]*)\]", prompt):
-        said = use_tool(name, command, session_id, out, turn)
+        said = use_tool(name, command, session_id, out, turn,
+                        bypass=flags.get("--permission-mode") == "bypassPermissions")
         if said is None:
             return INTERRUPTED
         tools_said.append(said)

@@ -51,6 +51,16 @@ COMMANDS_PER_PROMPT = 2
 SCAN_FOR_CHAT = 200
 
 
+def without_text(msgtype: str) -> str:
+    """The reply to a message with no text: what is not supported, or that it was empty."""
+    if msgtype in UNSUPPORTED_TYPES:
+        return (f"暂不支持{UNSUPPORTED_TYPES[msgtype]}消息 (语音需开启钉钉的语音转文字)。"
+                "请发送文字，或发送 /help 查看命令。")
+    if msgtype not in ("text", "richText", "audio", ""):
+        return f"暂不支持 {msgtype} 类型的消息，请发送文字。"
+    return "消息为空。请直接输入想让 CodeBuddy 处理的问题，或发送 /help 查看命令。"
+
+
 class ChatApp:
     """Decides what to do with one message: refuse, answer a command, or submit a task."""
 
@@ -124,7 +134,7 @@ class ChatApp:
             return
         if not message.text:
             if not self._over_limit(message, "command"):
-                self.reply(message, self.without_text(message.msgtype))
+                self.reply(message, without_text(message.msgtype))
             return
         answered = self.manager.workers.approvals.respond(message.conversation_key, message.user_id,
                                                           self.is_admin(message.user_id), message.text)
@@ -167,16 +177,6 @@ class ChatApp:
                                    msg_id=message.msg_id)
         if task is None:
             self.reply(message, "机器人正在重启，请稍后重新发送。")
-
-    @staticmethod
-    def without_text(msgtype: str) -> str:
-        """The reply to a message with no text: what is not supported, or that it was empty."""
-        if msgtype in UNSUPPORTED_TYPES:
-            return (f"暂不支持{UNSUPPORTED_TYPES[msgtype]}消息 (语音需开启钉钉的语音转文字)。"
-                    "请发送文字，或发送 /help 查看命令。")
-        if msgtype not in ("text", "richText", "audio", ""):
-            return f"暂不支持 {msgtype} 类型的消息，请发送文字。"
-        return "消息为空。请直接输入想让 CodeBuddy 处理的问题，或发送 /help 查看命令。"
 
     # ------------------------------------------------------------ commands
 

@@ -140,6 +140,15 @@ def _copy_to_stage(outbox_fd: int, name: str, shown: str, stage_dir: str, max_by
     return target, size
 
 
+def has_room_for_a_file(sender: DingTalkSender, user_id: str) -> None:
+    """SpendRefused unless `user_id` may still spend a file's two calls (upload, push) today: an upload whose push is
+    then refused would be a call spent for nothing."""
+    budget = sender.meter
+    why = budget.short_of(user_id, FILE_CALLS) if budget is not None else ""
+    if why:
+        raise SpendRefused(why)
+
+
 class FileSendError(Exception):
     """Uploading or sending one file failed."""
 
@@ -264,7 +273,7 @@ class OutboxFiles:
         for name in names:
             path = os.path.join(stage_dir, name)
             try:
-                self._has_room(task)
+                has_room_for_a_file(self.sender, task.user_id)
                 media_id = self.upload(path, name, task.user_id)
                 self.push_file(task.route, name, media_id)
             except SpendRefused as exc:  # the call budget: nothing was sent, the file stays staged
@@ -294,14 +303,6 @@ class OutboxFiles:
             except OSError:
                 pass
         return sent
-
-    def _has_room(self, task: Task) -> None:
-        """SpendRefused unless the task's user may still spend a file's two calls (upload, push) today: an upload
-        whose push is then refused would be a call spent for nothing."""
-        budget = self.sender.meter
-        why = budget.short_of(task.user_id, FILE_CALLS) if budget is not None else ""
-        if why:
-            raise SpendRefused(why)
 
     def upload(self, path: str, name: str, user_id: str = "") -> str:
         """Upload one staged file for `user_id`'s task; its media id. Retries connection errors, 5xx and an expired
@@ -363,6 +364,7 @@ class OutboxFiles:
         """Upload the bot's own file `path` and push it to the chat of `route` as `name` (a project's patch, say);
         "" when sent, else why not. Both calls are metered, like every file the outbox sends."""
         try:
+            has_room_for_a_file(self.sender, route.user_id)
             self.push_file(route, name, self.upload(path, name, route.user_id))
         except SpendRefused as exc:  # the call budget: nothing was sent
             log.warning("文件未发送 (钉钉接口调用额度): %s: %s", name, exc)

@@ -42,7 +42,7 @@ from dingtalk.incoming import incoming_from_callback
 from dingtalk.intake import Intake
 from dingtalk.stream import INTAKE_ACK_WAIT, StreamConnections
 from dingtalk_sender import DingTalkSender
-from files.wiring import with_file_transfer
+from files.wiring import start_attachment_sweep, with_file_transfer
 from ops import (
     command_line,
     doctor,
@@ -103,6 +103,7 @@ def run_daemon(config: Config) -> int:
     client.start()  # kills CLI processes a crash of this bot left behind; ends idle warm ones from now on
     join_cluster(config, manager)  # recover this host's tasks; with PostgreSQL, share them with the other hosts
     client.files.resume(manager.get_task)  # files staged for answers delivered just before the bot stopped
+    start_attachment_sweep(config, manager.supervisor)  # what people sent goes after ATTACHMENT_RETENTION_DAYS
     manager.start()
 
     def on_data(data: dict) -> None:

@@ -187,6 +187,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Files from a run's outbox/ sent with one answer; the rest are listed as not sent"),
     Setting("MAX_ATTACHMENTS_PER_MESSAGE", "max_attachments_per_message", "5", parse_positive_int,
             "Pictures and files fetched from one message; the rest are not downloaded and the sender is told which"),
+    Setting("ATTACHMENT_RETENTION_DAYS", "attachment_retention_days", "7", positive_float,
+            "Pictures and files people sent are removed from the conversation's attachments/ after this many days"),
     Setting("HOST_NAME", "host_name", "", any_text,
             "Names this process in /metrics and the task DB (unset: the hostname)"),
     Setting("LEASE_SECONDS", "lease_seconds", "30", positive_float,
@@ -275,6 +277,7 @@ class Config:
     approvals: bool = True
     approval_timeout: float = 300.0
     max_attachments_per_message: int = 5
+    attachment_retention_days: float = 7.0
     user_daily_api_calls: int = 100
     approval_max_waits: int = 3
     # CodeBuddy CLI variables (CODEBUDDY_API_KEY, CODEBUDDY_BASE_URL, …) found in .env, passed to every run.

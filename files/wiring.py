@@ -6,8 +6,10 @@ from collections.abc import Callable
 
 from codebuddy.sandbox import Workspaces
 from codebuddy_client import CodeBuddyClient
+from common.supervision import Supervisor
 from config import Config
 from dingtalk_sender import DingTalkSender
+from files.attachment_sweep import AttachmentSweeper
 from files.attachments import AttachmentFetcher, AttachmentIntake, PendingAttachments
 from files.outbox import OutboxClient, OutboxFiles, system_prompt
 from tasks.task import Task
@@ -24,3 +26,10 @@ def with_file_transfer(config: Config, sender: DingTalkSender, cli: CodeBuddyCli
     intake = AttachmentIntake(AttachmentFetcher(sender, workspaces, config.robot_code, max_bytes=max_bytes),
                               PendingAttachments(workspaces), max_per_message=config.max_attachments_per_message)
     return OutboxClient(cli, files), files.deliver_after, intake
+
+
+def start_attachment_sweep(config: Config, supervisor: Supervisor) -> AttachmentSweeper:
+    """Remove attachments older than ATTACHMENT_RETENTION_DAYS now and every few hours (a supervised thread)."""
+    sweeper = AttachmentSweeper(config.codebuddy_workdir, config.attachment_retention_days * 86400)
+    supervisor.start("attachment-sweep", sweeper.loop, critical=False)
+    return sweeper

@@ -51,6 +51,8 @@ class WarmPool:
             log.info("复用 CodeBuddy 进程 %d (会话已有 %d 轮)", process.pid, process.turns)
             return process
         if process is not None:
+            with self._lock:  # it holds no slot from now on
+                self._busy.pop(process.pid, None)
             self._end(process, "输出异常" if process.flood else "进程已退出" if not process.alive()
                       else "会话已重置 (/new)")
         with self._lock:

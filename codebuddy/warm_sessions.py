@@ -91,10 +91,11 @@ class CliPipes:
     the caps on what it writes (a flood ends the process)."""
 
     def __init__(self, proc: subprocess.Popen, *, conversation: str, session_id: str, tag: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, cli_session: str = "") -> None:
         self.proc = proc
-        self.conversation = conversation
-        self.session_id = session_id
+        self.conversation = conversation  # "" for a spare, until a conversation adopts it (codebuddy/spares.py)
+        self.session_id = session_id  # the conversation's session, as the bot knows it
+        self.cli_session = cli_session or session_id  # the --session-id it runs on (a spare's own, once adopted)
         self.tag = tag  # the value of the run tag variable in its environment (finds its processes)
         self.clock = clock
         self.started_at = clock()
@@ -257,7 +258,7 @@ class WarmProcess(CliPipes):
         self._gauge.new_turn()
         outcome = TurnOutcome()
         started = self.clock()
-        if not self.flood and not self._send(user_message(prompt, self.session_id)):
+        if not self.flood and not self._send(user_message(prompt, self.cli_session)):
             outcome.process_died = True
             return outcome, False, False
         echoed = False

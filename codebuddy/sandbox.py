@@ -13,7 +13,9 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
@@ -101,12 +103,14 @@ class Workspaces:
 
     @property
     def spares_root(self) -> str:
-        return os.path.join(self.root, "spares")
+        """This host's spares (with CODEBUDDY_WORKDIR on shared storage, each host clears only its own at start)."""
+        return os.path.join(self.root, "spares", re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "-")
 
     def new_spare(self) -> ConversationDirs:
         """Fresh, empty directories for a spare process (never used before: made here, 0700), beside no
         conversation's."""
-        os.makedirs(self.spares_root, mode=0o700, exist_ok=True)
+        for path in (self.root, os.path.dirname(self.spares_root), self.spares_root):
+            os.makedirs(path, mode=0o700, exist_ok=True)
         base = os.path.join(self.spares_root, "s-" + uuid.uuid4().hex)
         dirs = ConversationDirs(os.path.join(base, "workspace"), os.path.join(base, "home"))
         for path in (base, dirs.workspace, dirs.home):

@@ -158,8 +158,10 @@ class SpareKeeper:
         if process is None:
             return None
         with self._lock:
-            spare = self._dirs.pop(process.tag)
+            spare = self._dirs.pop(process.tag, None)
         try:
+            if spare is None:  # not one this keeper started
+                raise OSError(f"no directories known for {process.tag}")
             self.workspaces.adopt(conversation, spare)
             record_cli_session(self.workspaces, conversation, session_id, process.cli_session)
         except OSError as exc:

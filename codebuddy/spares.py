@@ -6,8 +6,8 @@ in directories of its own under CODEBUDDY_WORKDIR/spares/ and on a CLI session i
 prompt. When a conversation's first prompt (a new chat, or the first after /new) finds no warm process, it takes the
 oldest spare: the spare's directories become the conversation's (`Workspaces.adopt`: the jail's bind mounts follow
 the rename), the conversation's session is recorded as the spare's CLI session (a process started later for it
-resumes that one), and a new spare starts a moment later. A spare only takes a free WARM_SESSIONS slot, is the first
-evicted, is replaced after WARM_IDLE_SECONDS, and is not started while the host is short of memory.
+resumes that one), and a new spare starts once its first turn is over. A spare only takes a free WARM_SESSIONS slot,
+is the first evicted, is replaced after WARM_IDLE_SECONDS, and is not started while the host is short of memory.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from codebuddy.warm_sessions import WarmProcess
 log = logging.getLogger("codebuddy_client")
 
 ALIASES_FILE = "cli-sessions.json"  # beside the conversation's workspace and home, out of its runs' sight
-REFILL_DELAY = 1.0  # seconds between an adoption and the next spare's start: the adopted first turn's CPU comes first
+# The next spare starts when the adopted process's first turn has ended (its CPU first: a CLI start takes 2-4 s of CPU),
+# or this many seconds after the adoption if the turn is still running then (waiting for the model, mostly).
+REFILL_AFTER = 5.0
 RETRY_SECONDS = 60.0  # after a spare failed to start
 # What a CLI start reads and a spare, started before its conversation was known, has not: CODEBUDDY.md is read at
 # start only (checked with the real CLI 2.163.0), and so, presumably, are the others. Where the conversation's
@@ -135,6 +137,7 @@ class SpareKeeper:
         self._dirs: dict[str, ConversationDirs] = {}  # a live spare's directories, by its run tag
         self._retry_at = 0.0
         self._problem = ""  # the last reason spares could not start (logged once per change)
+        self._adopted: list[WarmProcess] = []  # adopted since the keeper last looked: their first turns come first
         self._stopping = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -170,6 +173,8 @@ class SpareKeeper:
             return None
         process.conversation, process.session_id = conversation, session_id
         log.info("备用 CodeBuddy 进程 %d 接手新会话 (启动于 %.0f 秒前)", process.pid, self.clock() - process.started_at)
+        with self._lock:
+            self._adopted.append(process)
         self.wake()
         return process
 
@@ -251,19 +256,22 @@ class SpareKeeper:
         self._thread.start()
 
     def wake(self) -> None:
-        """Start a spare soon (REFILL_DELAY): one was just adopted."""
+        """Start a spare soon: one was just adopted (its first turn ends first, for REFILL_AFTER s at most)."""
         self._wake.set()
 
     def _run(self) -> None:
-        pause = 0.0
-        while not self._stopping.wait(pause):
+        while not self._stopping.is_set():
             try:
                 self.tend()
             except Exception:  # the next round tries again
                 log.exception("维护备用 CodeBuddy 进程时出错")
-            woken = self._wake.wait(self.interval)
+            self._wake.wait(self.interval)
             self._wake.clear()
-            pause = REFILL_DELAY if woken else 0.0
+            with self._lock:
+                adopted, self._adopted = self._adopted, []
+            deadline = time.monotonic() + REFILL_AFTER
+            for process in adopted:
+                self.pool.wait_given_back(process, max(0.0, deadline - time.monotonic()))
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop starting spares (one being started is ended once it is ready: the pool is closed by then)."""

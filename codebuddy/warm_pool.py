@@ -30,6 +30,7 @@ class WarmPool:
         self.clock = clock
         self._stop_process = stop or (lambda process: process.stop())
         self._lock = threading.Lock()
+        self._given_back = threading.Condition(self._lock)  # notified when a turn's process is given back
         self._idle: collections.OrderedDict[str, WarmProcess] = collections.OrderedDict()
         self._busy: dict[int, WarmProcess] = {}  # by pid: processes running a turn
         self._reserved = 0  # warm slots promised to processes being started
@@ -105,6 +106,7 @@ class WarmPool:
         """The turn is over: keep the process warm for the conversation's next message, or end it (`reason`)."""
         with self._lock:
             self._busy.pop(process.pid, None)
+            self._given_back.notify_all()
             room = self._used() < self.capacity
             if keep and room and process.alive():
                 replaced = self._idle.pop(process.conversation, None)
@@ -150,6 +152,11 @@ class WarmPool:
                     self.adopted += 1
                     return process
             self._end(process, "进程已退出")
+
+    def wait_given_back(self, process: WarmProcess, timeout: float) -> bool:
+        """Wait up to `timeout` s for `process` to end its turn (to be given back); True when it has."""
+        with self._lock:
+            return self._given_back.wait_for(lambda: process.pid not in self._busy, timeout)
 
     def end_spares(self, reason: str, *, started_before: float | None = None) -> int:
         """End the spares (only those started before `started_before`, if given); return how many."""

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from codebuddy.sandbox import Bubblewrap, Workspaces
 from codebuddy.spares import (
+    REFILL_AFTER,
     RETRY_SECONDS,
     SpareKeeper,
     cli_session,
@@ -299,6 +301,24 @@ def test_a_new_conversation_adopts_a_spare_but_an_existing_session_or_start_time
     assert keeper.adopt("chat-c", "s-c") is started[1][0]  # /new in chat-a would be the same: a new session id
     assert json.loads(Path(workspaces.base_for("chat-c"), "cli-sessions.json").read_text()) == {
         "s-c": started[1][0].cli_session}
+
+
+def test_after_an_adoption_the_next_spare_starts_once_the_adopted_turn_is_over(tmp_path):
+    clock = Clock()
+    keeper, pool, started = keeper_of(tmp_path, clock)
+    second = threading.Event()
+    start = keeper._start
+    keeper._start = lambda dirs, cli: (second.set() if started else None, start(dirs, cli))[1]
+    keeper.start()
+    try:
+        poll_until(lambda: pool.spare_count() == 1, 10, 0.01, lambda: "no spare")
+        process = keeper.adopt("chat-a", "s-a")
+        assert process is not None
+        assert not second.wait(0.5)  # its first turn runs: no CLI start beside it
+        pool.give_back(process, keep=True)
+        assert second.wait(REFILL_AFTER - 1)  # the turn is over: the next spare starts
+    finally:
+        keeper.stop()
 
 
 # ---------------------------------------------------------------- through the client, the fake CLI in its jail

@@ -38,10 +38,11 @@ RETRY_SECONDS = 60.0  # after a spare failed to start
 WORKSPACE_STARTUP_NAMES = ("CODEBUDDY.md", "CODEBUDDY.local.md", "AGENTS.md", "CLAUDE.md", ".codebuddy", ".claude",
                            ".mcp.json")
 HOME_STARTUP_NAMES = ("CODEBUDDY.md", ".claude", ".mcp.json")
-# What the CLI keeps of its own in $HOME/.codebuddy (state, not settings; seen after runs of 2.163.0). Anything else
-# there may be settings, memory, agents, commands, hooks, …
+# What the CLI keeps of its own in $HOME/.codebuddy (state, not settings; seen after runs of 2.163.0 with Bash, Read and
+# Write, and `todos`, its TodoWrite store, read from the binary). Anything else there may be settings, memory, agents,
+# commands, hooks, …
 CLI_STATE_NAMES = frozenset(("projects", "sessions", "local_storage", "logs", "traces", "shell-snapshots",
-                             "diagnostics", "user-state.json"))
+                             "diagnostics", "user-state.json", "file-history", "todos"))
 CLI_STATE_IF_EMPTY = frozenset(("plugins",))
 
 # (directories, CLI session id) → a started process (not waited for), or None and why not

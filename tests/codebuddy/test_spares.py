@@ -227,7 +227,7 @@ def test_sessions_and_what_a_cli_reads_at_start(tmp_path):
     Path(dirs.home, ".codebuddy", "projects", "workspace", "s3.jsonl").write_text("{}")  # from before spares
     assert has_cli_session(workspaces, "chat-c", "s3", dirs)
 
-    for name in ("projects", "sessions", "plugins"):
+    for name in ("projects", "sessions", "file-history", "plugins"):
         Path(dirs.home, ".codebuddy", name).mkdir(parents=True, exist_ok=True)
     Path(dirs.workspace, "notes.md").write_text("")
     assert startup_files(dirs) == []

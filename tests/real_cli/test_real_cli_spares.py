@@ -9,6 +9,7 @@ model received against the processes alive before the prompt was sent.
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def test_first_prompts_are_answered_by_spares_started_before_them_and_nothing_is
     spare_a, cli_a, session_a = the_spare(bot, tmp_path, 1)
     assert not [r for r in model_server.requests if r.headers.get("x-conversation-id") == session_a]  # no prompt yet
 
-    sent_a, posts = ask(standin, "会话一 [bash:echo secret-of-a > a.txt]", "spare1")
+    # Written with the Write tool: the CLI keeps file-history in its home, which must not keep /new from a spare.
+    sent_a, posts = ask(standin, f"会话一 [write:/workspace/a.txt:{base64.b64encode(b'secret-of-a').decode()}]",
+                        "spare1")
     assert "回答: 会话一" in posts[1].text
     assert request_for(model_server, "会话一").headers["x-conversation-id"] == session_a
     assert process_alive(cli_a) and cli_sessions(tmp_path)[cli_a] == session_a  # the same process, kept warm
@@ -90,4 +93,4 @@ def test_first_prompts_are_answered_by_spares_started_before_them_and_nothing_is
     workspaces = Workspaces(str(tmp_path / "workspace"))
     mine = Path(workspaces.dirs_for(sent_a.payload["conversationId"]).workspace)
     other = Path(workspaces.dirs_for(sent_c.payload["conversationId"]).workspace)
-    assert (mine / "a.txt").read_text() == "secret-of-a\n" and not (other / "a.txt").exists()
+    assert (mine / "a.txt").read_text().strip() == "secret-of-a" and not (other / "a.txt").exists()

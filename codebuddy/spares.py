@@ -63,7 +63,10 @@ def cli_session(workspaces: Workspaces, conversation: str, session_id: str) -> s
     id — recorded as in use, so that no spare is ever adopted for this session later."""
     aliases = _aliases(workspaces, conversation)
     if session_id not in aliases:
-        record_cli_session(workspaces, conversation, session_id, session_id)
+        try:
+            record_cli_session(workspaces, conversation, session_id, session_id)
+        except OSError as exc:  # the run goes on; at worst a later first prompt of this session takes a spare
+            log.warning("无法记录会话的 CLI 会话: %s", exc)
     return aliases.get(session_id, session_id)
 
 
@@ -98,10 +101,16 @@ def startup_files(dirs: ConversationDirs) -> list[str]:
     except OSError:
         entries = []
     for entry in entries:
-        empty_dir = entry.is_dir(follow_symlinks=False) and not os.listdir(entry.path)
-        if entry.name not in CLI_STATE_NAMES and not (entry.name in CLI_STATE_IF_EMPTY and empty_dir):
+        if entry.name not in CLI_STATE_NAMES and not (entry.name in CLI_STATE_IF_EMPTY and _empty_dir(entry)):
             found.append("~/.codebuddy/" + entry.name)
     return found
+
+
+def _empty_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False) and not os.listdir(entry.path)
+    except OSError:
+        return False
 
 
 def memory_available(meminfo: str = "/proc/meminfo") -> int | None:

@@ -59,6 +59,7 @@ class SpareCost:
     quick_off: list[float] = field(default_factory=list)
     spare_rss: list[int] = field(default_factory=list)  # bytes of a ready spare's tree
     spare_cpu: list[float] = field(default_factory=list)  # CPU seconds a spare took to get ready
+    refill: list[float] = field(default_factory=list)  # seconds from the first answer to the next spare ready (at most)
     adopted: int = 0  # first messages the spares bot answered in a spare
     load: tuple[float, float] = (0.0, 0.0)  # load average before and after
 
@@ -70,6 +71,7 @@ class Bot:
         workdir.mkdir(parents=True, exist_ok=True)
         self.standin = DingTalkStandin(client_id=CLIENT_ID, client_secret=CLIENT_SECRET).start()
         self.log = workdir / "bot.log"
+        self.answered_at = 0.0  # when the latest answer reached the stand-in (time.monotonic)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DINGTALK_", "CODEBUDDY_"))}
         env.update({
             "NO_PROXY": "127.0.0.1,localhost", "HOME": str(workdir), "PYTHONUNBUFFERED": "1",
@@ -109,7 +111,8 @@ class Bot:
         return spare, process_tree.rss_bytes([spare, *process_tree.descendants(spare)]), used
 
     def ask(self, user: str, text: str) -> float:
-        """Seconds from the message frame sent to its answer (the second webhook post) at the stand-in."""
+        """Seconds from the message frame sent to its answer (the second webhook post) at the stand-in; the answer's
+        arrival (monotonic) is kept in `answered_at`."""
         sent = self.standin.send_bot_message(text, sender_staff_id=user)
         sent_at = time.monotonic()
         posts = self.standin.wait_for(lambda: len(self.standin.webhook_posts(sent.session)) >= 2
@@ -117,6 +120,7 @@ class Bot:
                                       message=f"the answer to {text!r}")
         if "回答" not in (posts[1].text or ""):
             raise RuntimeError(f"not an answer: {posts[1].text!r}")
+        self.answered_at = posts[1].time
         return posts[1].time - sent_at
 
     def stop(self) -> None:
@@ -150,10 +154,13 @@ def spare_cost(workdir: Path, rounds: int = 8) -> SpareCost:
                         _spare, rss, cpu = bot.settled_spare(spares)
                     user = f"{name}-user-{number}"
                     first = bot.ask(user, f"第一条消息 {number}")
+                    answered = bot.answered_at
                     time.sleep(0.3)  # a follow-up comes later than the CLI's quiet period after an answer
                     quick = bot.ask(user, f"马上追问 {number}")
                     if name == "on":
-                        bot.settled_spare(spares + 1)  # the adopted spare's replacement
+                        bot.wait_spares_ready(spares + 1)  # the adopted spare's replacement
+                        refill = time.monotonic() - answered  # at most: it may have been ready a moment earlier
+                        bot.settled_spare(spares + 1)
                     time.sleep(0.3)
                     follow = bot.ask(user, f"追问 {number}")
                     if number == 0:
@@ -164,6 +171,7 @@ def spare_cost(workdir: Path, rounds: int = 8) -> SpareCost:
                     if name == "on":
                         cost.spare_rss.append(rss)
                         cost.spare_cpu.append(cpu)
+                        cost.refill.append(refill)
             cost.adopted = len(bots["on"].log_matches(ADOPTED)) - 1
             if bots["off"].log_matches(ADOPTED):
                 raise RuntimeError("the bot without spares adopted one")
@@ -191,6 +199,8 @@ def rows(cost: SpareCost) -> list[tuple[str, str, str, str, str, str]]:
          f"{follow_off * 1000:.0f} ms", f"{follow_on / follow_off:.2f}", "unchanged (≈ 1)", "—"),
         (f"  a follow-up 0.3 s after the first answer, p50 of {n} (the next spare starting)",
          f"{quick_on * 1000:.0f} ms", f"{quick_off * 1000:.0f} ms", f"{quick_on / quick_off:.2f}", "", "—"),
+        (f"  the next spare ready after the first answer, p50 / max of {n} (at most)",
+         f"{statistics.median(cost.refill):.1f} / {max(cost.refill):.1f} s", "", "", "a few seconds", "—"),
         ("a ready spare: RSS of its tree (bwrap + CLI), p50 / CPU s it used until settled, p50",
          f"{statistics.median(cost.spare_rss) / 2**20:.0f} MB / {statistics.median(cost.spare_cpu):.2f} s",
          "", "", "", "—"),

@@ -7,10 +7,11 @@ the run limits), against the loopback model server of the tests, which answers a
 one with SPARE_SESSIONS=0; otherwise the same settings (WARM_SESSIONS large enough that no conversation is evicted).
 Each round, in alternating order, sends each bot a first message from a new user, then two follow-ups from the same
 user: one 0.3 s after the first answer (on the spares bot the next spare is starting then: the worst case), and one
-once that spare is ready and settled (a person reading the answer first). A latency is "frame sent by the stand-in →
-the answer's webhook post arriving there". Before each first message the spares bot has a spare ready and settled
-(new conversations are not seconds apart). Settled: the spare's tree used less than 20 ms of CPU in 0.5 s (a CLI
-goes on working for about a second after it answered `initialize`).
+6 s after the first answer, once that spare is ready and settled (a person reading the answer first; both bots wait
+as long, so that their processes have idled alike). A latency is "frame sent by the stand-in → the answer's webhook
+post arriving there". Before each first message the spares bot has a spare ready and settled (new conversations are
+not seconds apart). Settled: the spare's tree used less than 20 ms of CPU in 0.5 s (a CLI goes on working for about
+a second after it answered `initialize`).
 
 A spare's cost: the resident memory of its process tree (bwrap and the CLI) when it is ready, and the CPU it took to
 get there, read from /proc before it is adopted.
@@ -47,6 +48,7 @@ CLIENT_ID, CLIENT_SECRET = "bench-spares-id", "bench-spares-secret"
 SPARE_READY = re.compile(r"备用 CodeBuddy 进程 (\d+) 已就绪")
 ADOPTED = re.compile(r"备用 CodeBuddy 进程 (\d+) 接手新会话")
 TIMEOUT = 120.0
+FOLLOW_UP_AFTER = 6.0  # seconds from the first answer to the later follow-up (longer if the next spare is not settled)
 
 
 @dataclass
@@ -161,7 +163,8 @@ def spare_cost(workdir: Path, rounds: int = 8) -> SpareCost:
                         bot.wait_spares_ready(spares + 1)  # the adopted spare's replacement
                         refill = time.monotonic() - answered  # at most: it may have been ready a moment earlier
                         bot.settled_spare(spares + 1)
-                    time.sleep(0.3)
+                    # Both bots' processes idle as long before it.
+                    time.sleep(max(0.3, answered + FOLLOW_UP_AFTER - time.monotonic()))
                     follow = bot.ask(user, f"追问 {number}")
                     if number == 0:
                         continue  # warm-up: the first CLI start of a run reads the CLI from disk

@@ -27,6 +27,7 @@ from codebuddy.jail_network import JailNetwork
 from codebuddy.run_limits import RunLimits
 from codebuddy.sandbox import (
     Bubblewrap,
+    ConversationDirs,
     NoSandbox,
     RunPlace,
     Sandbox,
@@ -34,6 +35,7 @@ from codebuddy.sandbox import (
     run_environment,
     start_dir,
 )
+from codebuddy.spares import SpareKeeper, cli_session
 from codebuddy.warm_pool import WarmPool
 from codebuddy.warm_sessions import CLI_MARKER, PROTOCOL_FLAGS, Ask, TurnOutcome, WarmProcess, deny_all
 from config import KILL_GRACE, SETTINGS, Config, bot_files
@@ -202,7 +204,8 @@ class CodeBuddyClient:
                  permission_mode: str = "acceptEdits", timeout: float = 1800.0, kill_grace: float = 3.0,
                  env: Mapping[str, str] | None = None, poll_interval: float = 0.1,
                  sandbox: Sandbox | None = None, warm_sessions: int = 0, warm_idle_seconds: float = 600.0,
-                 clock: Callable[[], float] = time.monotonic, append_system_prompt: str = "") -> None:
+                 clock: Callable[[], float] = time.monotonic, append_system_prompt: str = "",
+                 spare_sessions: int = 0, spare_memory_floor: int = 0) -> None:
         # A relative path with a slash would be looked up from the run's cwd (the workspace): pin it now.
         self.binary = os.path.abspath(binary) if os.sep in binary and not os.path.isabs(binary) else binary
         self.workspaces = Workspaces(workdir)
@@ -220,6 +223,10 @@ class CodeBuddyClient:
         self._env_source = dict(os.environ if env is None else env)
         self.pool = WarmPool(warm_sessions, warm_idle_seconds, clock=clock,
                              stop=lambda process: self._end_process(process))
+        self.spares = SpareKeeper(spare_sessions if self.sandbox.name != "none" else 0, self.pool, self.workspaces,
+                                  lambda dirs, cli: self._spawn("", cli, cli, dirs), self._end_process,
+                                  memory_floor=spare_memory_floor, max_age=warm_idle_seconds,
+                                  interval=min(30.0, warm_idle_seconds / 4), clock=clock)
         # Every process of this bot's workspaces carries a tag starting with this (found again after a crash).
         self.tag_prefix = "w" + hashlib.sha256(os.path.abspath(workdir).encode()).hexdigest()[:10] + "-"
         self._running: dict[str, WarmProcess] = {}  # by run tag (the task id)
@@ -235,7 +242,8 @@ class CodeBuddyClient:
                    extra_args=config.codebuddy_extra_args, permission_mode=config.codebuddy_permission_mode,
                    timeout=config.task_timeout, kill_grace=KILL_GRACE, env={**os.environ, **dict(config.cli_env)},
                    sandbox=sandbox_from_config(config), warm_sessions=config.warm_sessions,
-                   warm_idle_seconds=config.warm_idle_seconds)
+                   warm_idle_seconds=config.warm_idle_seconds, spare_sessions=config.spare_sessions,
+                   spare_memory_floor=config.run_memory_mb << 20)
 
     def run_env(self, home: str, run_tag: str = "") -> dict[str, str]:
         """The environment of one run: allowlisted (never a bot setting or secret), HOME = the conversation's."""
@@ -243,6 +251,10 @@ class CodeBuddyClient:
         if run_tag:
             env[RUN_TAG_VARIABLE] = run_tag
         return env
+
+    def place(self, conversation: str) -> RunPlace:
+        """Where the conversation's CLI process starts (a project's checkout, with a note), by `place_for`."""
+        return self.place_for(conversation) if self.place_for is not None and conversation else RunPlace()
 
     def command(self, session_id: str, note: str = "") -> list[str]:
         """The argv of one CLI process (prompts go on stdin as stream-json messages, never on the command line);
@@ -298,7 +310,9 @@ class CodeBuddyClient:
         if refusal:  # the conversation's workspace is full: no turn until files are deleted (or /new)
             return RunResult(ok=False, error=refusal, session_id=session_id)
         state = StreamState()
-        process = self.pool.take(conversation, session_id)
+        # The conversation's warm process, else a spare for its session's first prompt (codebuddy/spares.py).
+        process = self.pool.take(conversation, session_id) or (  # a project's chat starts in its checkout: no spare
+            None if self.place(conversation).subdir else self.spares.adopt(conversation, session_id))
         reused = process is not None
         while True:
             if process is None:
@@ -345,7 +359,7 @@ class CodeBuddyClient:
             keep = outcome.ended and not outcome.process_died and not any(
                 e.get("type") == "error" for e in outcome.events)
             if cancelled or timed_out:
-                keep = outcome.interrupted and self._stop_tools(process)
+                keep = outcome.interrupted and process.stop_tools()
             cli = process_tree.cli_pid(process.proc.pid, CLI_MARKER)
             keep = self.sandbox.end_turn(process.tag, cli) and keep  # nothing of the turn outlives it
             return outcome, cancelled, timed_out, keep
@@ -356,26 +370,12 @@ class CodeBuddyClient:
 
     def _start(self, conversation: str, session_id: str) -> tuple[WarmProcess | None, RunResult | None]:
         """Start the conversation's CLI process in its sandbox and wait for it to answer `initialize`."""
-        reserved = self.pool.reserve()
-        tag = self.tag_prefix + uuid.uuid4().hex[:12]
-        try:
-            dirs = self.workspaces.dirs_for(conversation)
-            place = self.place_for(conversation) if self.place_for is not None else RunPlace()
-            subdir = start_dir(dirs.workspace, place.subdir)  # gone or replaced by a link: the workspace
-            argv, cwd = self.sandbox.command(self.command(session_id, place.note if subdir else ""), dirs, run_id=tag,
-                                             subdir=subdir)
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=cwd, env={**self.run_env(self.sandbox.home(dirs), tag), **self.sandbox.environment()},
-                start_new_session=True, preexec_fn=self.sandbox.preexec(tag, dirs),
-            )
-        except (OSError, subprocess.SubprocessError) as exc:  # a limit the preexec could not set: no unbounded run
-            self.sandbox.release(tag)
+        reserved = self.pool.reserve()  # below: the CLI session is an adopted spare's, if any (codebuddy/spares.py)
+        process, error = self._spawn(conversation, session_id, cli_session(self.workspaces, conversation, session_id))
+        if process is None:
             if reserved:
                 self.pool.unreserve()
-            failure = RunResult(ok=False, error=f"无法启动 CodeBuddy CLI ({self.binary}): {exc.strerror or exc}")
-            return None, failure
-        process = WarmProcess(proc, conversation=conversation, session_id=session_id, tag=tag, clock=self.clock)
+            return None, RunResult(ok=False, error=error)
         self.pool.started(process, reserved)
         problem = process.wait_ready()
         if problem and not process.alive() and process.stderr_tail:
@@ -387,23 +387,34 @@ class CodeBuddyClient:
             return process, RunResult(ok=False, error=f"CLI exited with code {process.proc.poll()}: {detail}")
         return process, None
 
-    def _stop_tools(self, process: WarmProcess, wait: float = 2.0) -> bool:
-        """After an interrupt: end what the turn's tools left running; True once nothing is left."""
-        deadline = self.clock() + wait
-        while True:
-            if not process.descendants():
-                return True
-            process.kill_tools()
-            if self.clock() >= deadline:
-                return False
-            time.sleep(0.05)
+    def _spawn(self, conversation: str, session_id: str, cli: str,
+               dirs: ConversationDirs | None = None) -> tuple[WarmProcess | None, str]:
+        """A CLI process on the CLI session `cli` in `dirs`' jail (default: the conversation's), or None and why."""
+        tag = self.tag_prefix + uuid.uuid4().hex[:12]
+        try:
+            dirs = dirs or self.workspaces.dirs_for(conversation)
+            place = self.place(conversation)
+            subdir = start_dir(dirs.workspace, place.subdir)  # gone or replaced by a link: the workspace
+            argv, cwd = self.sandbox.command(self.command(cli, place.note if subdir else ""), dirs, run_id=tag,
+                                             subdir=subdir)
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                cwd=cwd, env={**self.run_env(self.sandbox.home(dirs), tag), **self.sandbox.environment()},
+                start_new_session=True, preexec_fn=self.sandbox.preexec(tag, dirs),
+            )
+        except (OSError, subprocess.SubprocessError) as exc:  # a limit the preexec could not set: no unbounded run
+            self.sandbox.release(tag)
+            return None, f"无法启动 CodeBuddy CLI ({self.binary}): {exc.strerror or exc}"
+        return WarmProcess(proc, conversation=conversation, session_id=session_id, tag=tag, clock=self.clock,
+                           cli_session=cli), ""
 
     def _end_process(self, process: WarmProcess) -> None:
         """Stop a process and all its tools started (in a jail its pid namespace takes them; outside, its run tag)."""
         process.stop(self.kill_grace)
         self.sandbox.release(process.tag)
-        if self.sandbox.name == "none":
-            self.kill_leftovers(process.tag)
+        self.spares.ended(process)  # a spare nobody adopted: its directories go
+        if self.sandbox.name == "none":  # every process tagged with it
+            process_tree.kill_tagged(RUN_TAG_VARIABLE, process.tag)
 
     def egress_refused(self, process_tag: str, host: str, reason: str) -> None:
         """The egress proxy refused `host` to a run (once per process and host): logged with the task it serves."""
@@ -418,26 +429,21 @@ class CodeBuddyClient:
             return run_tag in self._running
 
     def start(self) -> None:
-        """At the bot's start: kill what a crash of this bot left running, then end idle warm processes in time."""
+        """At start: kill what a crash of this bot left, end idle processes in time, keep spares ready."""
         orphans = self.kill_orphans()
         if orphans:
             log.warning("已结束上次运行遗留的 %d 个 CLI 进程", orphans)
         self.pool.start_reaper(min(30.0, self.pool.idle_seconds / 4))
+        self.spares.start()
 
     def close(self) -> None:
-        """End every idle warm process (shutdown), then the egress proxy."""
+        """Stop starting spares, end every idle warm process and spare (shutdown), then the egress proxy."""
+        self.spares.stop()
         self.pool.stop_all()
         if getattr(self.sandbox, "network", None) is not None:
             self.sandbox.network.close()
 
     def kill_orphans(self) -> int:
         """SIGKILL every process a previous run of this bot (same workspaces) left behind, e.g. after a crash."""
-        live = {process.tag for process in self.pool.processes()}
-        return self.kill_leftovers(self.tag_prefix, prefix=True, keep=live)
-
-    @staticmethod
-    def kill_leftovers(run_tag: str, proc_root: str = "/proc", *, prefix: bool = False,
-                       keep: Iterable[str] = ()) -> int:
-        """SIGKILL every process tagged `run_tag` (or, with `prefix`, any tag starting with it, but those in
-        `keep`); return how many."""
-        return process_tree.kill_tagged(RUN_TAG_VARIABLE, run_tag, proc_root, prefix=prefix, keep=keep)
+        live = {process.tag for process in self.pool.processes()}  # tags starting with this bot's prefix, but these
+        return process_tree.kill_tagged(RUN_TAG_VARIABLE, self.tag_prefix, prefix=True, keep=live)

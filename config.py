@@ -172,6 +172,9 @@ SETTINGS: tuple[Setting, ...] = (
             "CLI processes kept alive between a conversation's messages (least recently used ended first; 0 = none)"),
     Setting("WARM_IDLE_SECONDS", "warm_idle_seconds", "600", positive_float,
             "A warm CLI process idle this long is ended (the next message resumes the session from disk)"),
+    Setting("SPARE_SESSIONS", "spare_sessions", "1", non_negative_int,
+            "CLI processes started ahead in fresh, empty directories, each taken by the next new conversation (or the "
+            "first message after /new); they hold free WARM_SESSIONS slots and go first when one is needed (0 = none)"),
     Setting("APPROVALS", "approvals", "on", on_off,
             "on: a tool the permission mode does not allow is asked of the sender in the chat; off: denied"),
     Setting("APPROVAL_TIMEOUT", "approval_timeout", "300", positive_float,
@@ -274,6 +277,7 @@ class Config:
     stream_connections: int = 2
     warm_sessions: int = 4
     warm_idle_seconds: float = 600.0
+    spare_sessions: int = 1
     approvals: bool = True
     approval_timeout: float = 300.0
     max_attachments_per_message: int = 5

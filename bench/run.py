@@ -4,8 +4,8 @@
 Everything runs on 127.0.0.1 against the local DingTalk stand-in (tests/standin.py) with an instant fake
 CLI (bench/instant_cli.sh); `python bot.py` and the baseline run as real subprocesses (the bot's CLI runs in its
 sandbox, bwrap by default, as in production). The `sandbox` step runs the CLI through `CodeBuddyClient.run` in and
-out of the bubblewrap jail. Prints a table and rewrites the generated part of BENCHMARKS.md. Run from the
-repository root:
+out of the bubblewrap jail; the `warm` and `spares` steps (bench/warm.py, bench/spares.py) run the real CLI against a
+loopback model. Prints a table and rewrites the generated part of BENCHMARKS.md. Run from the repository root:
 
     .venv/bin/python bench/run.py            # the full run (~5 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick    # smaller numbers, for trying changes (not written to BENCHMARKS.md)
@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import spares  # noqa: E402  (bench/spares.py: the real CLI through the bot, a new conversation with and without a spare)
 import warm  # noqa: E402  (bench/warm.py: the real CLI, cold vs warm)
 
 from tests.conftest import process_alive  # noqa: E402
@@ -664,6 +665,8 @@ def build_rows(r: dict) -> list[tuple[str, str, str, str, str, str]]:
                      f"{percentile(jailed, 50) / percentile(bare, 50):.2f}", "", "—"))
     if "warm" in r:
         rows += warm.rows(r["warm"])
+    if "spares" in r:
+        rows += spares.rows(r["spares"])
     return rows
 
 
@@ -693,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="extra bot setting, e.g. LOG_LEVEL=WARNING (BENCHMARKS.md is not written)")
     parser.add_argument("--only", default="", help="comma-separated steps to run (ack, slow, tp, cancel, recovery, "
-                        "sandbox, warm); BENCHMARKS.md is not written")
+                        "sandbox, warm, spares); BENCHMARKS.md is not written")
     args = parser.parse_args(argv)
     global BOT_DIR
     BOT_DIR = args.bot_dir.resolve()
@@ -701,10 +704,10 @@ def main(argv: list[str] | None = None) -> int:
     official = not (args.quick or args.set or args.only or BOT_DIR != ROOT)
     params = {"burst": 500, "burst_users": 50, "workers": 4, "slow_users": 20, "tasks": 10_000, "first_mark": 100,
               "window": 64, "tp_users": 100, "cancel_rounds": 10, "undelivered": 100, "burst_rounds": 3,
-              "sandbox_runs": 200, "warm_cold_runs": 6, "warm_runs": 20}
+              "sandbox_runs": 200, "warm_cold_runs": 6, "warm_runs": 20, "spare_rounds": 8}
     if args.quick:
         params.update(burst=200, tasks=2_500, cancel_rounds=3, burst_rounds=1, sandbox_runs=40, warm_cold_runs=3,
-                      warm_runs=8)
+                      warm_runs=8, spare_rounds=3)
     os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
     load_before = load_average()
     if load_before > 0.5:
@@ -729,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         ("baseline_start", lambda: baseline_start(scratch / "start-base")),
         ("sandbox", lambda: sandbox_cost(scratch / "sandbox", params["sandbox_runs"])),
         ("warm", lambda: warm.warm_cost(scratch / "warm", params["warm_cold_runs"], params["warm_runs"])),
+        ("spares", lambda: spares.spare_cost(scratch / "spares", params["spare_rounds"])),
     ]
     only = {part.strip() for part in args.only.split(",") if part.strip()}
     groups = {"slow_base": "slow", "slow_bot": "slow", "tp_base": "tp",

@@ -13,10 +13,13 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import re
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -76,7 +79,8 @@ class ConversationDirs:
 
 
 class Workspaces:
-    """Creates and finds each conversation's directories under CODEBUDDY_WORKDIR, all mode 0700."""
+    """Creates and finds each conversation's directories under CODEBUDDY_WORKDIR, all mode 0700, and a spare
+    process's fresh ones, which a conversation adopts (`adopt`)."""
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
@@ -94,6 +98,67 @@ class Workspaces:
         for path in (base, dirs.workspace, dirs.home):
             os.chmod(path, 0o700)
         return dirs
+
+    # -- a spare process's directories (codebuddy/spares.py)
+
+    @property
+    def spares_root(self) -> str:
+        """This host's spares (with CODEBUDDY_WORKDIR on shared storage, each host clears only its own at start)."""
+        return os.path.join(self.root, "spares", re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname())[:64] or "-")
+
+    def new_spare(self) -> ConversationDirs:
+        """Fresh, empty directories for a spare process (never used before: made here, 0700), beside no
+        conversation's."""
+        for path in (self.root, os.path.dirname(self.spares_root), self.spares_root):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        base = os.path.join(self.spares_root, "s-" + uuid.uuid4().hex)
+        dirs = ConversationDirs(os.path.join(base, "workspace"), os.path.join(base, "home"))
+        for path in (base, dirs.workspace, dirs.home):
+            os.mkdir(path, 0o700)  # fails if it existed
+        return dirs
+
+    def remove_spare(self, spare: ConversationDirs) -> None:
+        """Delete a spare's directories (its process has ended without a conversation)."""
+        shutil.rmtree(os.path.dirname(spare.workspace), ignore_errors=True)
+
+    def clear_spares(self) -> None:
+        """Delete every spare's directories (at start: what a stopped bot's spares left)."""
+        shutil.rmtree(self.spares_root, ignore_errors=True)
+
+    def adopt(self, conversation_key: str, spare: ConversationDirs) -> ConversationDirs:
+        """Make a spare's directories the conversation's: what the conversation already holds (files sent with its
+        first message, the workspace kept across /new) is moved into them, then they are renamed into its place.
+
+        A jail's bind mounts follow a rename (checked with bwrap: tests/codebuddy/test_spares.py), so the spare's
+        process now reads and writes the conversation's directories. On a name both hold that is not two
+        directories, the spare's stays (its CLI made it at start: `.codebuddy/sessions/2.json`) and the
+        conversation's is deleted. Its process must not run meanwhile, nor any of the conversation's.
+        """
+        dirs = self.dirs_for(conversation_key)
+        base = os.path.dirname(dirs.workspace)
+        # Into the conversation's own directory first: what is moved is never under spares/ (cleared at start).
+        staged = os.path.join(base, ".adopting-" + os.path.basename(os.path.dirname(spare.workspace)))
+        os.rename(os.path.dirname(spare.workspace), staged)
+        for current in (dirs.workspace, dirs.home):
+            incoming = os.path.join(staged, os.path.basename(current))
+            _move_into(current, incoming)
+            os.rename(current, os.path.join(staged, "previous-" + os.path.basename(current)))
+            os.rename(incoming, current)
+        shutil.rmtree(staged, ignore_errors=True)
+        return dirs
+
+
+def _move_into(source: str, target: str) -> None:
+    """Move every entry of directory `source` into directory `target`, merging the directories both hold; any
+    other name both hold stays in `source`. Symbolic links are moved, never followed."""
+    for path in (source, target):  # the jail's user owns them and may have taken their write bit
+        os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) | 0o700)
+    for entry in os.scandir(source):
+        destination = os.path.join(target, entry.name)
+        if not os.path.lexists(destination):
+            os.rename(entry.path, destination)
+        elif entry.is_dir(follow_symlinks=False) and os.path.isdir(destination) and not os.path.islink(destination):
+            _move_into(entry.path, destination)
 
 
 def workspace_subdir(name: str) -> str:

@@ -91,10 +91,11 @@ class CliPipes:
     the caps on what it writes (a flood ends the process)."""
 
     def __init__(self, proc: subprocess.Popen, *, conversation: str, session_id: str, tag: str,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, cli_session: str = "") -> None:
         self.proc = proc
-        self.conversation = conversation
-        self.session_id = session_id
+        self.conversation = conversation  # "" for a spare, until a conversation adopts it (codebuddy/spares.py)
+        self.session_id = session_id  # the conversation's session, as the bot knows it
+        self.cli_session = cli_session or session_id  # the --session-id it runs on (a spare's own, once adopted)
         self.tag = tag  # the value of the run tag variable in its environment (finds its processes)
         self.clock = clock
         self.started_at = clock()
@@ -254,7 +255,7 @@ class WarmProcess(CliPipes):
         self._gauge.new_turn()
         outcome = TurnOutcome()
         started = self.clock()
-        if not self.flood and not self._send(user_message(prompt, self.session_id)):
+        if not self.flood and not self._send(user_message(prompt, self.cli_session)):
             outcome.process_died = True
             return outcome, False, False
         echoed = False
@@ -368,6 +369,17 @@ class WarmProcess(CliPipes):
         """Resident memory of the process and everything below it (`children`: /proc's tree, if already read)."""
         below = process_tree.descendants(self.proc.pid, children=children)
         return process_tree.rss_bytes([self.proc.pid, *below])
+
+    def stop_tools(self, wait: float = 2.0) -> bool:
+        """After an interrupt: end what the turn's tools left running; True once nothing is left."""
+        deadline = self.clock() + wait
+        while True:
+            if not self.descendants():
+                return True
+            self.kill_tools()
+            if self.clock() >= deadline:
+                return False
+            time.sleep(0.05)
 
 
 def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:

@@ -243,6 +243,8 @@ def make_bot(tmp_path, standin):
             "CODEBUDDY_WORKDIR": str(tmp_path / "workspace"),
             "LOG_FILE": str(tmp_path / "logs" / "bot.log"), "TASK_DB": str(tmp_path / "data" / "tasks.db"),
             "SHUTDOWN_GRACE": "3",
+            # Spare CLI processes change which process answers a first message: tests of spares turn them on.
+            "SPARE_SESSIONS": "0",
         })
         env.update(overrides)
         connects_before = standin.stream_connects

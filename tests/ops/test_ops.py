@@ -412,8 +412,9 @@ def test_status_port_serves_healthz_and_metrics(standin, make_bot):
     assert json.loads(body) == {"status": "ok", "stream_connected": True,
                                 "stream_connections": {"live": 2, "wanted": 2}, "store_writable": True,
                                 "store_pending": 0, "dead_threads": [],
-                                "warm_processes": {"live": 0, "idle": 0, "busy": 0, "capacity": 4, "hits": 0,
-                                                   "misses": 0, "ended": 0, "rss_bytes": 0}}
+                                "warm_processes": {"live": 0, "idle": 0, "busy": 0, "spares": 0, "capacity": 4,
+                                                   "hits": 0, "misses": 0, "adopted": 0, "ended": 0,
+                                                   "rss_bytes": 0}}
 
     short = standin.send_bot_message("你好", sender_staff_id="u1")
     standin.wait_for(lambda: len(standin.webhook_posts(short.session)) >= 2)

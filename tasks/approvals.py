@@ -31,6 +31,10 @@ DENY_WORDS = ("拒绝", "/deny", "不同意", "不允许")
 # Seconds after a question that follows another of its conversation at once (several requests in a row) during which a
 # reply is not taken for it: it was sent before the question arrived (a 同意 sent twice must not approve the next one).
 FOLLOW_UP_GRACE = 1.0
+# A bare 同意/拒绝 this soon after this conversation's question was settled, with none waiting, is a repeat of that
+# answer (a double tap, or the same word typed twice), never a prompt: longer than FOLLOW_UP_GRACE because a loaded
+# host may take seconds between two messages sent together.
+REPEAT_GRACE = 10.0
 EARLY_REPLY = "这条回复发出时下一个确认请求还没送到，未作为回答：请看完上面的新请求再回复。"
 REPEATED_REPLY = "这个确认请求刚刚已经回答过了，这条回复未作处理。"
 _REFUSAL = re.compile(r"只有发起任务 \S+ 的人或管理员可以确认这个操作。")  # reply_for("refused", …)
@@ -217,7 +221,7 @@ class Approvals:
         """(Under the lock.) A question of this conversation was settled now; older notes are dropped."""
         now = self.clock()
         for key, at in list(self._settled_at.items()):
-            if now - at >= FOLLOW_UP_GRACE:
+            if now - at >= REPEAT_GRACE:
                 del self._settled_at[key]
         self._settled_at[conversation_key] = now
 
@@ -239,9 +243,10 @@ class Approvals:
         return pending.decision
 
     def _asking(self, conversation_key: str) -> Pending | None:
-        """(Under the lock.) The question being asked in this conversation, if any."""
+        """(Under the lock.) The question being asked in this conversation, if any (one answered a moment ago, its
+        waiter not yet awake, is not: a second 同意 right after the first is then a repeat, not an answer to it)."""
         queue = self._queues.get(conversation_key)
-        return queue[0] if queue and queue[0].shown else None
+        return queue[0] if queue and queue[0].shown and not queue[0].answered.is_set() else None
 
     def waiting(self, conversation_key: str) -> Task | None:
         """The task waiting for an answer in this conversation, if any."""
@@ -266,7 +271,7 @@ class Approvals:
         waits on is answered there (`remote`)."""
         with self._lock:
             pending = self._asking(conversation_key)
-            just_settled = self.clock() - self._settled_at.get(conversation_key, float("-inf")) < FOLLOW_UP_GRACE
+            just_settled = self.clock() - self._settled_at.get(conversation_key, float("-inf")) < REPEAT_GRACE
         words = text.split()
         if pending is None and just_settled and words and words[0].lower() in APPROVE_WORDS + DENY_WORDS:
             return Answer("early", REPEATED_REPLY)  # the same 同意 twice: neither the next question's nor a prompt
@@ -344,6 +349,7 @@ class Approvals:
                 return False
             pending.decision = decision
             pending.answered.set()
+            self._note_settled(pending.task.conversation_key)  # now, not when its waiter wakes: a repeat is caught
         verb = "同意" if decision.allowed else "拒绝"
         task_log(log, pending.task).info("任务 %s 的确认请求已被%s (user=%s)", pending.task.id, verb, user_id)
         return True

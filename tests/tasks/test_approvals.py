@@ -205,5 +205,5 @@ def test_a_reply_sent_before_the_next_question_arrived_is_not_taken_for_it():
     assert [d.allowed for d in decisions] == [True, False]
     repeated = approvals.answer("c", "olga", False, "拒绝")  # once more at once: not a prompt either
     assert repeated.startswith("这个确认请求刚刚已经回答过了")
-    now[0] += 3
+    now[0] += 11  # past REPEAT_GRACE
     assert approvals.answer("c", "olga", False, "同意") is None  # later, with nothing asked: an ordinary message

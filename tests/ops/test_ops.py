@@ -406,7 +406,9 @@ def test_status_port_serves_healthz_and_metrics(standin, make_bot):
     bot = make_bot(STATUS_PORT="0", HOST_NAME="bot-a")
     port = bot.status_port()
     base = f"http://127.0.0.1:{port}"
-    standin.wait_for(lambda: json.loads(_get(base + "/healthz")[1])["stream_connections"]["live"] == 2)  # both up
+    # both connections up, and the start's own writes (the host's row, …) committed: store_pending counts them
+    standin.wait_for(lambda: (lambda h: h["stream_connections"]["live"] == 2 and h["store_pending"] == 0)(
+        json.loads(_get(base + "/healthz")[1])))
     status, body = _get(base + "/healthz")
     assert status == 200, body
     assert json.loads(body) == {"status": "ok", "stream_connected": True,

@@ -133,7 +133,8 @@ class Approvals:
         self._lock = threading.Lock()
         self._turns = threading.Condition(self._lock)  # a conversation's question settled: the next one may go
         self._queues: dict[str, list[Pending]] = {}  # by conversation key, the one asked first
-        self._settled_at: dict[str, float] = {}  # when each conversation's last question was settled, lately
+        # when each conversation's last question was settled, lately, and whose task it was
+        self._settled_at: dict[str, tuple[float, str]] = {}
         self.asked = 0
         self.timed_out = 0
         # Several hosts (issue 16): the questions shared with them, so an answer reaching another host gets here
@@ -199,7 +200,7 @@ class Approvals:
                 if not queue and self._queues.get(task.conversation_key) is queue:
                     del self._queues[task.conversation_key]
                 if pending.answered.is_set():  # by its sender (not withdrawn, not timed out)
-                    self._note_settled(task.conversation_key)
+                    self._note_settled(task)
                 self._turns.notify_all()
 
     def _wait_turn(self, pending: Pending, queue: list[Pending], stopped: Callable[[], bool]) -> bool:
@@ -213,17 +214,19 @@ class Approvals:
             if stopped():
                 return False
             pending.shown, pending.shown_at = True, self.clock()
-            settled_at = self._settled_at.pop(pending.task.conversation_key, None)
-            pending.follows = settled_at is not None and pending.shown_at - settled_at < FOLLOW_UP_GRACE
+            settled = self._settled_at.pop(pending.task.conversation_key, None)
+            # Only the same task's next question: a new task's question came after a prompt sent after the answer.
+            pending.follows = (settled is not None and settled[1] == pending.task.id
+                               and pending.shown_at - settled[0] < FOLLOW_UP_GRACE)
             return True
 
-    def _note_settled(self, conversation_key: str) -> None:
-        """(Under the lock.) A question of this conversation was settled now; older notes are dropped."""
+    def _note_settled(self, task: Task) -> None:
+        """(Under the lock.) A question of `task` was settled now; older notes are dropped."""
         now = self.clock()
-        for key, at in list(self._settled_at.items()):
+        for key, (at, _task_id) in list(self._settled_at.items()):
             if now - at >= REPEAT_GRACE:
                 del self._settled_at[key]
-        self._settled_at[conversation_key] = now
+        self._settled_at[task.conversation_key] = (now, task.id)
 
     def _wait_answer(self, pending: Pending, stopped: Callable[[], bool]) -> Decision:
         """The answer to the question being asked; a denial after `timeout` s or once `stopped()`."""
@@ -271,7 +274,7 @@ class Approvals:
         waits on is answered there (`remote`)."""
         with self._lock:
             pending = self._asking(conversation_key)
-            just_settled = self.clock() - self._settled_at.get(conversation_key, float("-inf")) < REPEAT_GRACE
+            just_settled = self.clock() - self._settled_at.get(conversation_key, (float("-inf"), ""))[0] < REPEAT_GRACE
         words = text.split()
         if pending is None and just_settled and words and words[0].lower() in APPROVE_WORDS + DENY_WORDS:
             return Answer("early", REPEATED_REPLY)  # the same 同意 twice: neither the next question's nor a prompt
@@ -302,7 +305,10 @@ class Approvals:
         if kind is None:
             return None
         if kind == "refused":  # the host that received it told the sender already, if the chat's limit allowed
-            return Answer(kind, "" if relayed else self._refusal(pending.task.id, user_id))
+            if relayed:
+                log.warning("拒绝非发起人的确认: 任务 %s user=%s (另一主机收到)", pending.task.id, user_id)
+                return Answer(kind, "")
+            return Answer(kind, self._refusal(pending.task.id, user_id))
         if pending.follows and self.clock() - pending.shown_at < FOLLOW_UP_GRACE:
             task_log(log, pending.task).info("任务 %s 的回复早于新的确认请求送达，未作为回答 (user=%s)",
                                              pending.task.id, user_id)
@@ -349,7 +355,7 @@ class Approvals:
                 return False
             pending.decision = decision
             pending.answered.set()
-            self._note_settled(pending.task.conversation_key)  # now, not when its waiter wakes: a repeat is caught
+            self._note_settled(pending.task)  # now, not when its waiter wakes: a repeat is caught
         verb = "同意" if decision.allowed else "拒绝"
         task_log(log, pending.task).info("任务 %s 的确认请求已被%s (user=%s)", pending.task.id, verb, user_id)
         return True

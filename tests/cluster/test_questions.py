@@ -44,7 +44,8 @@ class _Asking:
 
     def waiting_id(self) -> str:
         poll_until(lambda: self.approvals.waiting(TASK.conversation_key), 5.0, 0.01, lambda: "nothing asked")
-        return next(iter(self.approvals._pending.values())).id
+        with self.approvals._lock:
+            return self.approvals._asking(TASK.conversation_key).id
 
 
 @pytest.fixture

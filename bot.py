@@ -64,6 +64,8 @@ from ops.startup import (
 from ops.status_server import StatusSources, start_status_server
 from ops.store_admin import migrate_store
 from projects.wiring import project_commands, with_project_runs
+from schedules.firing import ScheduleFiring
+from schedules.wiring import schedule_parts
 from store.schema import StoreError
 
 __all__ = ["main", "run_daemon", "setup_logging"]
@@ -75,8 +77,9 @@ log = logging.getLogger("bot")
 
 
 def build_app(config: Config, durations: DurationHistogram | None = None
-              ) -> tuple[DingTalkSender, TimedClient, AsyncTaskManager, ChatApp]:
-    """Create the sender, client (its runs timed into `durations`), store, manager and chat app from `config`."""
+              ) -> tuple[DingTalkSender, TimedClient, AsyncTaskManager, ChatApp, ScheduleFiring]:
+    """Create the sender, client (its runs timed into `durations`), store, manager, chat app and the schedules'
+    firing thread from `config`."""
     sender = DingTalkSender(config.openapi_endpoint, config.client_id, config.client_secret, config.robot_code,
                             retry_window=config.delivery_retry_window, secrets=config.secrets)
     cli = CodeBuddyClient.from_config(config)
@@ -89,14 +92,16 @@ def build_app(config: Config, durations: DurationHistogram | None = None
     attach_budget_and_cards(config, sender, manager)  # the monthly call budget; AI cards when a template is set
     projects = None if bindings is None else project_commands(  # /project, /pull, /diff, /push
         config, cli, bindings, new_session=manager.new_session, send_file=files_client.files.send_file)
-    return sender, client, manager, ChatApp(manager, config, attachments=attachments, projects=projects)
+    schedules, firing = schedule_parts(config, manager)  # /every, /schedules …, and the thread that fires them
+    app = ChatApp(manager, config, attachments=attachments, projects=projects, schedules=schedules)
+    return sender, client, manager, app, firing
 
 
 def run_daemon(config: Config) -> int:
     """Run the bot until SIGTERM/SIGINT."""
     os.environ["DINGTALK_OPENAPI_ENDPOINT"] = config.openapi_endpoint  # the SDK reads it at import
     durations = DurationHistogram()  # every run's duration feeds /metrics
-    sender, client, manager, app = build_app(config, durations)
+    sender, client, manager, app, firing = build_app(config, durations)
     print(log_destination(), file=sys.stderr, flush=True)  # after the store opened: a start-up fault stays one line
     log.info("启动 DingTalk CodeBuddy 机器人: workers=%d, sync_timeout=%.0fs, task_timeout=%.0fs, cli=%s",
              config.max_workers, config.sync_timeout, config.task_timeout, client.binary)
@@ -104,6 +109,7 @@ def run_daemon(config: Config) -> int:
     join_cluster(config, manager)  # recover this host's tasks; with PostgreSQL, share them with the other hosts
     client.files.resume(manager.get_task)  # files staged for answers delivered just before the bot stopped
     manager.start()
+    firing.start()  # due schedules become tasks (docs/schedules.md)
 
     def on_data(data: dict) -> None:
         try:
@@ -147,6 +153,7 @@ def run_daemon(config: Config) -> int:
     asyncio.run(main())
     log.info("收到停止信号，停止接收新消息，等待运行中的任务 (最多 %.0f 秒)", config.shutdown_grace)
     manager.supervisor.stop()
+    firing.stop()
     intake.shutdown()  # messages already ACKed become queued tasks, re-run after the restart
     manager.shutdown(config.shutdown_grace)
     if app.projects is not None:

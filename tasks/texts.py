@@ -61,7 +61,12 @@ def restarted(task: Task, interrupted: bool) -> str:
 
 
 def result(task: Task, now: float) -> str:
-    """What the user reads for a finished task."""
+    """What the user reads for a finished task (after its label, when it has one: a schedule's fire)."""
+    text = _result(task, now)
+    return f"{task.label}\n\n{text}" if task.label else text
+
+
+def _result(task: Task, now: float) -> str:
     if task.status == SUCCEEDED:
         text = task.result.strip() or "(CodeBuddy 没有返回内容)"
         if task.background:

@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS user_api_calls (day TEXT NOT NULL, user_id TEXT NOT N
 """,
     # Scheduled prompts (schedules/), and the label a task's answer opens with (a fire names its schedule).
     6: """
+ALTER TABLE tasks ADD COLUMN label TEXT DEFAULT '';
 CREATE TABLE IF NOT EXISTS schedules (id TEXT PRIMARY KEY, user_id TEXT NOT NULL, user_name TEXT,
     conversation_key TEXT NOT NULL, route TEXT NOT NULL, cron TEXT NOT NULL, words TEXT NOT NULL, prompt TEXT NOT NULL,
     created_at REAL NOT NULL, next_fire REAL NOT NULL, paused INTEGER NOT NULL DEFAULT 0, last_fire REAL,

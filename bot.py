@@ -47,6 +47,7 @@ from ops import (
     command_line,
     doctor,
     health,
+    schedule_table,
     systemd_notify,
     task_table,
 )
@@ -182,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return task_table.print_tasks(db, user=args.user, status=args.status, limit=args.limit,
                                           secrets=config.secrets)
+        except StoreError as exc:
+            return startup_failure(f"任务数据库无法打开: {exc}", (*config.secrets, *dsn_passwords(db)))
+    if command == "schedules":  # reads the task DB only, like tasks
+        config = read_config(os.environ)[0]
+        db = args.db or config.task_db
+        try:
+            return schedule_table.print_schedules(db, config.schedule_tz, secrets=config.secrets)
         except StoreError as exc:
             return startup_failure(f"任务数据库无法打开: {exc}", (*config.secrets, *dsn_passwords(db)))
     if command == "migrate-store":  # needs the target only: a half-filled .env does not stop it

@@ -11,7 +11,17 @@ from dataclasses import dataclass, replace
 from async_task_manager import AsyncTaskManager
 from config import MAX_PROMPT_CHARS
 from dingtalk.route import Route
-from schedules.forms import FORMS, ScheduleError, local_time, next_fire, next_fires, parse, shortest_gap
+from schedules.forms import (
+    FORMS,
+    ScheduleError,
+    Timing,
+    fires_within,
+    local_time,
+    next_fire,
+    next_fires,
+    parse,
+    shortest_gap,
+)
 from schedules.table import Schedule, ScheduleTable
 from tasks.task import STATUS_LABELS
 
@@ -24,6 +34,8 @@ COMMANDS = {
     "/pause": "pause", "暂停定时": "pause",
     "/resume": "resume", "恢复定时": "resume",
 }
+CALLS_PER_FIRE = 1  # a fire's answer is one push (no acknowledgement; no card when the budget is tight)
+MONTH = 30 * 86400.0  # the month a schedule's calls are estimated over
 HELP_LINES = """/every 时间 内容 (定时) — 定时执行，如 /every 工作日 09:00 生成日报
 /schedules (定时任务) — 本会话的定时任务；/unschedule ID (取消定时)、/pause ID、/resume ID"""
 
@@ -101,6 +113,9 @@ class ScheduleCommands:
         if owned >= self.limits.per_user:
             return (f"你已有 {owned} 个定时任务 (每人最多 {self.limits.per_user} 个, MAX_SCHEDULES_PER_USER)，"
                     "请先 /unschedule 一个。")
+        over_budget = self.over_budget(timing, now)
+        if over_budget:
+            return over_budget
         fires = next_fires(timing.cron, now, tz, 3)
         schedule = Schedule(id=uuid.uuid4().hex[:8], user_id=sender.user_id, user_name=sender.user_name,
                             conversation_key=sender.conversation_key,
@@ -111,6 +126,24 @@ class ScheduleCommands:
         times = "\n".join(f"- {local_time(fire, tz)}" for fire in fires)
         return (f"已创建定时任务 {schedule.id}: {timing.words} ({tz})\n内容: {prompt[:40]}"
                 f"{'…' if len(prompt) > 40 else ''}\n接下来三次:\n{times}\n/unschedule {schedule.id} 取消")
+
+    def over_budget(self, timing: Timing, now: float) -> str:
+        """Why a new schedule would take the month's projected DingTalk calls past DINGTALK_MONTHLY_CALL_BUDGET: this
+        month's spend, plus 30 days of every active schedule's fires and of this one's (CALLS_PER_FIRE each); "" if
+        it fits or no budget is kept."""
+        budget = self.manager.outbox.budget
+        if budget is None:
+            return ""
+        limit, tz = budget.monthly_budget, self.limits.tz
+        spent = budget.month_spend()[0]
+        others = sum(CALLS_PER_FIRE * fires_within(schedule.cron, now, MONTH, tz, limit + 1)
+                     for schedule in self.table.listed() if not schedule.paused)
+        mine = CALLS_PER_FIRE * fires_within(timing.cron, now, MONTH, tz, limit + 1)
+        if spent + others + mine <= limit:
+            return ""
+        return (f"钉钉接口调用预算不足，未创建: 本月已用 {spent} 次，现有定时任务每月约 {others} 次，"
+                f"这个定时任务每月约 {mine} 次，合计约 {spent + others + mine} 次，超过每月预算 {limit} 次 "
+                "(DINGTALK_MONTHLY_CALL_BUDGET)。")
 
     def describe(self, sender: Sender, every_chat: bool) -> str:
         """The chat's schedules (an admin's `all`: every schedule), one line each."""

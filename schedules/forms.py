@@ -106,6 +106,14 @@ def previous_fire(cron: str, before: float, tz: str) -> float:
     return next(CronSim(cron, datetime.fromtimestamp(math.floor(before) + 1, ZoneInfo(tz)), reverse=True)).timestamp()
 
 
+def fires_within(cron: str, now: float, seconds: float, tz: str, cap: int) -> int:
+    """How many times the schedule fires in the `seconds` after `now`, counted up to `cap`."""
+    fires, end, count = CronSim(cron, datetime.fromtimestamp(now, ZoneInfo(tz))), now + seconds, 0
+    while count < cap and next(fires).timestamp() <= end:
+        count += 1
+    return count
+
+
 def shortest_gap(cron: str, now: float, tz: str) -> float:
     """The shortest time between two of the next SAMPLE_FIRES fires (seconds): what SCHEDULE_MIN_INTERVAL judges."""
     fires = next_fires(cron, now, tz, SAMPLE_FIRES)

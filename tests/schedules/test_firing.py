@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from async_task_manager import AsyncTaskManager
+from dingtalk.api_budget import ApiBudget
 from dingtalk.route import Route
 from schedules.commands import Limits, ScheduleCommands, Sender
 from schedules.firing import ScheduleFiring
@@ -187,3 +188,16 @@ def test_only_the_owner_or_an_admin_may_unschedule_pause_or_resume(db):
     assert bot.say(f"/unschedule {schedule_id}").startswith(f"已取消定时任务 {schedule_id}")
     clock.now = NINE + 24 * 3600 + 1
     assert bot.fire() == [] and bot.table.listed() == []
+
+
+def test_a_schedule_that_would_take_the_months_projected_calls_past_the_budget_is_refused_with_the_numbers(db):
+    clock = Clock(MONDAY_0830)
+    bot = Bot(db, clock, min_interval=60)
+    store = MemoryTaskStore()
+    store.add_api_calls("2026-12", 1000)
+    bot.manager.outbox.budget = ApiBudget(store, 2500, clock=clock)
+    assert bot.say("/every 每小时 x").startswith("已创建")  # 720 a month: 1000 + 720 fits in 2500
+    answer = bot.say("/every 每30分钟 y")  # 1440 more: 3160 in all
+    assert answer == ("钉钉接口调用预算不足，未创建: 本月已用 1000 次，现有定时任务每月约 720 次，"
+                      "这个定时任务每月约 1440 次，合计约 3160 次，超过每月预算 2500 次 (DINGTALK_MONTHLY_CALL_BUDGET)。")
+    assert bot.say("/every 每天 09:00 z").startswith("已创建")  # 30 more fits

@@ -199,5 +199,6 @@ def test_a_schedule_that_would_take_the_months_projected_calls_past_the_budget_i
     assert bot.say("/every 每小时 x").startswith("已创建")  # 720 a month: 1000 + 720 fits in 2500
     answer = bot.say("/every 每30分钟 y")  # 1440 more: 3160 in all
     assert answer == ("钉钉接口调用预算不足，未创建: 本月已用 1000 次，现有定时任务每月约 720 次，"
-                      "这个定时任务每月约 1440 次，合计约 3160 次，超过每月预算 2500 次 (DINGTALK_MONTHLY_CALL_BUDGET)。")
+                      "这个定时任务每月约 1440 次，合计约 3160 次，"
+                      "超过每月预算 2500 次 (DINGTALK_MONTHLY_CALL_BUDGET)。")
     assert bot.say("/every 每天 09:00 z").startswith("已创建")  # 30 more fits

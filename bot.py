@@ -132,7 +132,8 @@ def run_daemon(config: Config) -> int:
     notifier = systemd_notify.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
     status_server = start_status_server(config.status_port, StatusSources(
         manager=manager, sender=sender, client=client, stream=stream, store=manager.store,
-        supervisor=manager.supervisor, intake=intake, durations=durations, host=this_host(config)))
+        supervisor=manager.supervisor, intake=intake, durations=durations, schedules=firing,
+        host=this_host(config)))
 
     def core_alive() -> bool:  # a dead core thread stops the watchdog pings, and systemd restarts the bot
         return not health.core_problems(manager.supervisor, intake)

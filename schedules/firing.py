@@ -36,7 +36,7 @@ class ScheduleFiring:
         self.allowed = allowed  # whether a sender may still use the bot (ALLOWED_USERS, read at each fire)
         self.clock = clock
         self.tick = tick
-        self.counts = {"fired": 0, "skipped": 0}  # for /metrics
+        self.counts = {"fired": 0, "skipped": 0, "schedules": 0}  # for /metrics (the count as of the last look)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -58,6 +58,7 @@ class ScheduleFiring:
     def fire_due(self, now: float) -> list[str]:
         """Claim every due fire and run or skip each; the ids of the tasks started."""
         started = []
+        self.counts["schedules"] = self.table.count()
         for claim in self.table.claim_due(now, self.tz):
             task_id = self._fire(claim, now)
             if task_id:

@@ -136,6 +136,10 @@ class ScheduleTable:
                                (conversation_key,))
         return [_schedule(row) for row in rows]
 
+    def count(self) -> int:
+        """Schedules in the table, paused ones too."""
+        return int(self._query("SELECT count(*) AS n FROM schedules")[0]["n"])
+
     def count_for_user(self, user_id: str) -> int:
         return int(self._query("SELECT count(*) AS n FROM schedules WHERE user_id = %s", (user_id,))[0]["n"])
 

@@ -6,6 +6,7 @@ restart and fires again; a sender removed from ALLOWED_USERS is not run (the sch
 from __future__ import annotations
 
 import re
+import urllib.request
 
 import pytest
 
@@ -25,8 +26,14 @@ def pushed_to(standin, user: str, phrase: str) -> list[str]:
     return [push.text for push in standin.batch_sends() if push.user_ids == [user] and phrase in (push.text or "")]
 
 
+def metrics(bot) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{bot.status_port()}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
 def test_a_schedule_fires_each_minute_survives_a_restart_and_stops_when_unscheduled(standin, make_bot):
-    settings = {"SCHEDULE_MIN_INTERVAL": "60", "ALLOWED_USERS": "alice,carol,bob", "SHUTDOWN_GRACE": "1"}
+    settings = {"SCHEDULE_MIN_INTERVAL": "60", "ALLOWED_USERS": "alice,carol,bob", "SHUTDOWN_GRACE": "1",
+                "STATUS_PORT": "0"}
     bot = make_bot(**settings)
     created = say(standin, '/every "* * * * *" 每分钟简报', "alice")
     assert created.startswith("已创建定时任务 ") and "(Asia/Shanghai)" in created and "接下来三次" in created, created
@@ -38,6 +45,9 @@ def test_a_schedule_fires_each_minute_survives_a_restart_and_stops_when_unschedu
     first = standin.wait_for(lambda: pushed_to(standin, "alice", label), timeout=FIRE_WAIT)
     assert "回答: 每分钟简报" in first[0]
     bot.wait_log(f"定时任务 {alice} 触发")
+    text = standin.wait_for(lambda: (lambda t: 'dingtalk_bot_schedule_fires_total{outcome="run"} 2' in t and t)(
+        metrics(bot)), timeout=FIRE_WAIT)  # alice's and carol's first fires
+    assert "dingtalk_bot_schedules 2" in text and 'dingtalk_bot_schedule_fires_total{outcome="skipped"} 0' in text
 
     assert bot.terminate() == 0  # the schedule lives in the task DB; carol is no longer allowed after the restart
     bot = make_bot(**{**settings, "ALLOWED_USERS": "alice,bob"})

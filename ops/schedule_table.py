@@ -36,6 +36,30 @@ def format_schedule_table(schedules: list[Schedule], tz: str, secrets: Iterable[
     return "\n".join("  ".join(_pad(cell, widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
 
 
+def _read(db_path: str) -> list[Schedule]:
+    table = ScheduleTable(db_path)
+    try:
+        return table.listed()
+    finally:
+        table.close()
+
+
+def schedules_line(db_path: str, tz: str) -> str:
+    """`bot.py check`'s line: how many schedules the task DB holds, how many paused, and the next fire (information)."""
+    if not is_postgres_url(db_path) and (db_path == ":memory:" or not os.path.isfile(db_path)):
+        return "· schedules: none (no task DB yet)"
+    try:
+        schedules = _read(db_path)
+    except (psycopg.Error, sqlite3.Error) as exc:
+        return f"· schedules: not read ({type(exc).__name__}: {' '.join(str(exc).split())})"
+    active = [schedule for schedule in schedules if not schedule.paused]
+    if not active:
+        return f"· schedules: {len(schedules)} ({len(schedules)} paused)" if schedules else "· schedules: none"
+    upcoming = min(active, key=lambda schedule: schedule.next_fire)
+    return (f"· schedules: {len(schedules)} ({len(schedules) - len(active)} paused); next fire "
+            f"{local_time(upcoming.next_fire, tz)} {tz}, schedule {escape_controls(upcoming.id)}")
+
+
 def print_schedules(db_path: str, tz: str, *, out: TextIO | None = None, secrets: Iterable[str] = ()) -> int:
     """`python bot.py schedules`: every schedule of the task DB (a file or a postgresql:// URL); 1 if there is none."""
     secrets = (*secrets, *dsn_passwords(db_path))
@@ -44,11 +68,7 @@ def print_schedules(db_path: str, tz: str, *, out: TextIO | None = None, secrets
         print(f"no task DB at {os.path.abspath(db_path)} (set TASK_DB, or run the bot once)", file=err)
         return 1
     try:
-        table = ScheduleTable(db_path)
-        try:
-            schedules = table.listed()
-        finally:
-            table.close()
+        schedules = _read(db_path)
     except (psycopg.Error, sqlite3.Error) as exc:  # not reached, or a DB from before schema version 6
         print(f"task DB {safe_url(db_path)} has no schedules to show ({' '.join(str(exc).split())})", file=err)
         return 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 import io
 
 from dingtalk.route import Route
-from ops.schedule_table import print_schedules
+from ops.schedule_table import print_schedules, schedules_line
+from schedules.forms import local_time
 from schedules.table import Schedule, ScheduleTable
 from store.sqlite import SQLiteTaskStore
 
@@ -35,3 +36,18 @@ def test_the_table_lists_every_schedule_with_its_next_fire_in_the_zone(tmp_path)
 def test_no_db_is_one_line_and_exit_1(tmp_path, capsys):
     assert print_schedules(str(tmp_path / "none.db"), "Asia/Shanghai") == 1
     assert "no task DB at" in capsys.readouterr().err
+
+
+def test_check_shows_the_count_and_the_next_fire(tmp_path):
+    path = str(tmp_path / "tasks.db")
+    assert schedules_line(path, "Asia/Shanghai") == "· schedules: none (no task DB yet)"
+    SQLiteTaskStore(path).close()
+    assert schedules_line(path, "Asia/Shanghai") == "· schedules: none"
+    table = ScheduleTable(path)
+    for number, (next_at, paused) in enumerate(((NINE + 3600, False), (NINE, True), (NINE + 60, False))):
+        table.add(Schedule(id=f"s{number}", user_id="u", user_name="U", conversation_key="c",
+                           route=Route("1", "u", ""), cron="* * * * *", words="w", prompt="p", created_at=NINE,
+                           next_fire=next_at, paused=paused))
+    table.close()
+    assert schedules_line(path, "Asia/Shanghai") == (
+        f"· schedules: 3 (1 paused); next fire {local_time(NINE + 60, 'Asia/Shanghai')} Asia/Shanghai, schedule s2")

@@ -4,9 +4,12 @@ schedule must keep (SCHEDULE_MIN_INTERVAL, MAX_SCHEDULES_PER_USER), and their an
 from __future__ import annotations
 
 import logging
+import sqlite3
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+
+import psycopg
 
 from async_task_manager import AsyncTaskManager
 from config import MAX_PROMPT_CHARS
@@ -71,8 +74,14 @@ class ScheduleCommands:
         self.clock = clock
 
     def handle(self, command: str, argument: str, sender: Sender) -> str:
-        """The answer to one schedule command."""
-        argument = argument.strip()
+        """The answer to one schedule command (a one-line apology while the task DB cannot be reached)."""
+        try:
+            return self._answer(command, argument.strip(), sender)
+        except (psycopg.Error, sqlite3.Error) as exc:
+            log.warning("定时任务命令失败: 任务数据库不可用 (%s) user=%s", " ".join(str(exc).split()), sender.user_id)
+            return "暂时无法访问任务数据库，定时任务命令未执行，请稍后再试。"
+
+    def _answer(self, command: str, argument: str, sender: Sender) -> str:
         if command == "every":
             return self.create(argument, sender)
         if command == "schedules":

@@ -81,10 +81,10 @@ class ScheduleTable:
 
     def __init__(self, task_db: str) -> None:
         self.shared = is_postgres_url(task_db)
+        self._url = task_db
         self._lock = threading.Lock()  # one statement or transaction at a time on the one connection
         if self.shared:
-            self._conn: Any = connect(task_db, autocommit=False)
-            self._conn.row_factory = dict_row
+            self._conn: Any = self._connect()
             self._conn.execute("SELECT 1 FROM schedules LIMIT 0")  # the task store migrated it (schema version 6)
             self._conn.commit()
         else:
@@ -93,6 +93,11 @@ class ScheduleTable:
             if task_db == ":memory:":
                 migrate(self._conn, task_db)
 
+    def _connect(self) -> Any:
+        conn = connect(self._url, autocommit=False)
+        conn.row_factory = dict_row
+        return conn
+
     def _sql(self, sql: str) -> str:
         return sql if self.shared else sql.replace("%s", "?").replace(" FOR UPDATE SKIP LOCKED", "")
 
@@ -100,6 +105,9 @@ class ScheduleTable:
     def _transaction(self) -> Iterator[Callable[[str, tuple], list[dict]]]:
         """A transaction, as a function running one statement in it and returning its rows."""
         with self._lock:
+            if self.shared and (self._conn.closed or self._conn.broken):  # the DB came back: a new connection
+                self._conn = self._connect()
+
             def run(sql: str, args: tuple = ()) -> list[dict]:
                 cursor = self._conn.execute(self._sql(sql), args)
                 return [dict(row) for row in cursor.fetchall()] if cursor.description else []

@@ -202,3 +202,9 @@ def test_a_schedule_that_would_take_the_months_projected_calls_past_the_budget_i
                       "这个定时任务每月约 1440 次，合计约 3160 次，"
                       "超过每月预算 2500 次 (DINGTALK_MONTHLY_CALL_BUDGET)。")
     assert bot.say("/every 每天 09:00 z").startswith("已创建")  # 30 more fits
+
+
+def test_a_command_while_the_task_db_cannot_be_reached_is_answered_with_one_line(db):
+    bot = Bot(db, Clock(MONDAY_0830))
+    bot.table._conn.close()  # as a DB gone away would leave it
+    assert bot.say("/every 每天 09:00 x") == "暂时无法访问任务数据库，定时任务命令未执行，请稍后再试。"

@@ -12,8 +12,10 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from async_task_manager import AsyncTaskManager
+from config import PUSH_MAX_BYTES
 from dingtalk.api_budget import ApiBudget
 from dingtalk.route import Route
+from dingtalk_sender import Delivery
 from schedules.commands import Limits, ScheduleCommands, Sender
 from schedules.firing import ScheduleFiring
 from schedules.table import ScheduleTable
@@ -208,3 +210,35 @@ def test_a_command_while_the_task_db_cannot_be_reached_is_answered_with_one_line
     bot = Bot(db, Clock(MONDAY_0830))
     bot.table._conn.close()  # as a DB gone away would leave it
     assert bot.say("/every 每天 09:00 x") == "暂时无法访问任务数据库，定时任务命令未执行，请稍后再试。"
+
+
+class _RecordingSender:
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+
+    def send(self, route, text, **kwargs) -> Delivery:
+        self.texts.append(text)
+        return Delivery(ok=True, path="batchSend")
+
+
+def test_near_the_budget_a_fires_long_answer_is_cut_to_one_push_and_says_so(db):
+    clock = Clock(MONDAY_0830)
+    sender = _RecordingSender()
+    manager = AsyncTaskManager(_Unused(), sender, MemoryTaskStore(), clock=clock)
+    store = MemoryTaskStore()
+    manager.outbox.budget = ApiBudget(store, 1000, clock=clock)
+    long_answer = "\n\n".join(f"第 {n} 段。" + "内容" * 400 for n in range(20))  # ~48 KB: four pushes at least
+
+    def deliver(label: str) -> str:
+        task = manager.board.create("alice", "生成报告", Route("1", "alice", ""), background=True, label=label)
+        manager.board.transition(task, status=SUCCEEDED, result=long_answer, finished_at=clock.now)
+        assert manager.outbox.deliver_result(task)
+        return sender.texts[-1]
+
+    assert deliver("⏰ 定时任务 ab12cd34 (每天 09:00)").endswith(long_answer)  # room in the budget: all of it
+    store.add_api_calls("2026-12", 950)  # past 90 % of the month's budget: cards off, fires in one push
+    manager.outbox.budget = ApiBudget(store, 1000, clock=clock)
+    cut = deliver("⏰ 定时任务 ab12cd34 (每天 09:00)")
+    assert len(cut.encode()) < PUSH_MAX_BYTES - 1000 and cut.startswith("⏰ 定时任务 ab12cd34")
+    assert cut.endswith("（钉钉接口调用预算紧张，定时任务的回答只推送第一段；需要全文请在会话中再问一次。）")
+    assert deliver("").endswith(long_answer)  # a task of no schedule keeps its whole answer

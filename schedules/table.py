@@ -102,8 +102,9 @@ class ScheduleTable:
         return sql if self.shared else sql.replace("%s", "?").replace(" FOR UPDATE SKIP LOCKED", "")
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[Callable[[str, tuple], list[dict]]]:
-        """A transaction, as a function running one statement in it and returning its rows."""
+    def _transaction(self, write: bool = True) -> Iterator[Callable[[str, tuple], list[dict]]]:
+        """A transaction, as a function running one statement in it and returning its rows (SQLite: a read one takes
+        no write lock)."""
         with self._lock:
             if self.shared and (self._conn.closed or self._conn.broken):  # the DB came back: a new connection
                 self._conn = self._connect()
@@ -112,7 +113,7 @@ class ScheduleTable:
                 cursor = self._conn.execute(self._sql(sql), args)
                 return [dict(row) for row in cursor.fetchall()] if cursor.description else []
             if not self.shared:
-                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield run
                 self._conn.execute("COMMIT") if not self.shared else self._conn.commit()
@@ -122,7 +123,7 @@ class ScheduleTable:
                 raise
 
     def _query(self, sql: str, args: tuple = ()) -> list[dict]:
-        with self._transaction() as run:
+        with self._transaction(write=False) as run:
             return run(sql, args)
 
     def add(self, schedule: Schedule) -> None:
@@ -167,6 +168,8 @@ class ScheduleTable:
     def claim_due(self, now: float, tz: str) -> list[Claim]:
         """Take every due, unpaused schedule for this host in one transaction: its `next_fire` moves to the first
         fire time after `now` (cron read in `tz`), so no other host, nor a restart, fires it again."""
+        if not self._query("SELECT id FROM schedules WHERE paused = 0 AND next_fire <= %s LIMIT 1", (now,)):
+            return []  # the usual look: nothing due, and no write lock taken for it
         claims = []
         with self._transaction() as run:
             rows = run("SELECT * FROM schedules WHERE paused = 0 AND next_fire <= %s ORDER BY next_fire "

@@ -154,17 +154,20 @@ class AsyncTaskManager:
         return session
 
     def submit(self, prompt: str, route: Route, *, user_id: str, user_name: str = "", conversation_key: str = "",
-               msg_id: str = "") -> Task | None:
-        """Create a task for `prompt`, acknowledge it at once and queue it. None if not accepting."""
+               msg_id: str = "", label: str = "") -> Task | None:
+        """Create a task for `prompt`, acknowledge it at once and queue it. None if not accepting.
+
+        A labelled task (a schedule's fire: `label` names it) runs in the background and is not acknowledged: its
+        answer, opening with the label, is the one message (a push, as nobody's session webhook is alive)."""
         with self.board.lock:
             if not self._accepting:
                 return None
         keyword = self.router.matched_keyword(prompt)
-        background = keyword is not None or self.router.should_use_async(prompt, user_id)
+        background = bool(label) or keyword is not None or self.router.should_use_async(prompt, user_id)
         if background:
             log.info("检测到长时间任务 (关键词: %s) user=%s", keyword or "历史耗时", user_id)
         task = self.board.create(user_id, prompt, route, user_name=user_name, conversation_key=conversation_key,
-                                 msg_id=msg_id, background=background, keyword=keyword or NO_KEYWORD)
+                                 msg_id=msg_id, background=background, keyword=keyword or NO_KEYWORD, label=label)
         expected = self.router.expected_duration(task.keyword) if background else ""
         if self.cluster is not None and self.cluster.place(self, task, expected):  # issue 16: lives on another host
             return task
@@ -172,7 +175,8 @@ class AsyncTaskManager:
             position = self.board.enqueue(task)
             waiting = texts.waiting_note(self.board.hold_reason(task), position,
                                              self.board.limits.max_tasks_per_user)
-            self.outbox.acknowledge(task, texts.acknowledgement(task, waiting, expected))
+            if not label:
+                self.outbox.acknowledge(task, texts.acknowledgement(task, waiting, expected))
         if background:
             task_log(log, task).info("异步任务已启动: %s", task.id)
         return task

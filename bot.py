@@ -47,6 +47,7 @@ from ops import (
     command_line,
     doctor,
     health,
+    schedule_table,
     systemd_notify,
     task_table,
 )
@@ -64,6 +65,8 @@ from ops.startup import (
 from ops.status_server import StatusSources, start_status_server
 from ops.store_admin import migrate_store
 from projects.wiring import project_commands, with_project_runs
+from schedules.firing import ScheduleFiring
+from schedules.wiring import schedule_parts
 from store.schema import StoreError
 
 __all__ = ["main", "run_daemon", "setup_logging"]
@@ -75,8 +78,9 @@ log = logging.getLogger("bot")
 
 
 def build_app(config: Config, durations: DurationHistogram | None = None
-              ) -> tuple[DingTalkSender, TimedClient, AsyncTaskManager, ChatApp]:
-    """Create the sender, client (its runs timed into `durations`), store, manager and chat app from `config`."""
+              ) -> tuple[DingTalkSender, TimedClient, AsyncTaskManager, ChatApp, ScheduleFiring]:
+    """Create the sender, client (its runs timed into `durations`), store, manager, chat app and the schedules'
+    firing thread from `config`."""
     sender = DingTalkSender(config.openapi_endpoint, config.client_id, config.client_secret, config.robot_code,
                             retry_window=config.delivery_retry_window, secrets=config.secrets)
     cli = CodeBuddyClient.from_config(config)
@@ -89,14 +93,16 @@ def build_app(config: Config, durations: DurationHistogram | None = None
     attach_budget_and_cards(config, sender, manager)  # the monthly call budget; AI cards when a template is set
     projects = None if bindings is None else project_commands(  # /project, /pull, /diff, /push
         config, cli, bindings, new_session=manager.new_session, send_file=files_client.files.send_file)
-    return sender, client, manager, ChatApp(manager, config, attachments=attachments, projects=projects)
+    schedules, firing = schedule_parts(config, manager)  # /every, /schedules …, and the thread that fires them
+    app = ChatApp(manager, config, attachments=attachments, projects=projects, schedules=schedules)
+    return sender, client, manager, app, firing
 
 
 def run_daemon(config: Config) -> int:
     """Run the bot until SIGTERM/SIGINT."""
     os.environ["DINGTALK_OPENAPI_ENDPOINT"] = config.openapi_endpoint  # the SDK reads it at import
     durations = DurationHistogram()  # every run's duration feeds /metrics
-    sender, client, manager, app = build_app(config, durations)
+    sender, client, manager, app, firing = build_app(config, durations)
     print(log_destination(), file=sys.stderr, flush=True)  # after the store opened: a start-up fault stays one line
     log.info("启动 DingTalk CodeBuddy 机器人: workers=%d, sync_timeout=%.0fs, task_timeout=%.0fs, cli=%s",
              config.max_workers, config.sync_timeout, config.task_timeout, client.binary)
@@ -105,6 +111,7 @@ def run_daemon(config: Config) -> int:
     client.files.resume(manager.get_task)  # files staged for answers delivered just before the bot stopped
     start_attachment_sweep(config, manager.supervisor)  # what people sent goes after ATTACHMENT_RETENTION_DAYS
     manager.start()
+    firing.start()  # due schedules become tasks (docs/schedules.md)
 
     def on_data(data: dict) -> None:
         try:
@@ -126,7 +133,8 @@ def run_daemon(config: Config) -> int:
     notifier = systemd_notify.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
     status_server = start_status_server(config.status_port, StatusSources(
         manager=manager, sender=sender, client=client, stream=stream, store=manager.store,
-        supervisor=manager.supervisor, intake=intake, durations=durations, host=this_host(config)))
+        supervisor=manager.supervisor, intake=intake, durations=durations, schedules=firing,
+        host=this_host(config)))
 
     def core_alive() -> bool:  # a dead core thread stops the watchdog pings, and systemd restarts the bot
         return not health.core_problems(manager.supervisor, intake)
@@ -148,6 +156,7 @@ def run_daemon(config: Config) -> int:
     asyncio.run(main())
     log.info("收到停止信号，停止接收新消息，等待运行中的任务 (最多 %.0f 秒)", config.shutdown_grace)
     manager.supervisor.stop()
+    firing.stop()
     intake.shutdown()  # messages already ACKed become queued tasks, re-run after the restart
     manager.shutdown(config.shutdown_grace)
     if app.projects is not None:
@@ -176,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return task_table.print_tasks(db, user=args.user, status=args.status, limit=args.limit,
                                           secrets=config.secrets)
+        except StoreError as exc:
+            return startup_failure(f"任务数据库无法打开: {exc}", (*config.secrets, *dsn_passwords(db)))
+    if command == "schedules":  # reads the task DB only, like tasks
+        config = read_config(os.environ)[0]
+        db = args.db or config.task_db
+        try:
+            return schedule_table.print_schedules(db, config.schedule_tz, secrets=config.secrets)
         except StoreError as exc:
             return startup_failure(f"任务数据库无法打开: {exc}", (*config.secrets, *dsn_passwords(db)))
     if command == "migrate-store":  # needs the target only: a half-filled .env does not stop it

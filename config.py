@@ -31,6 +31,7 @@ from common.setting_values import (  # noqa: F401 (ConfigError and parse_positiv
     positive_float,
     sandbox_name,
     shell_words,
+    time_zone,
 )
 from projects.catalog import Project, load_projects, projects_path
 
@@ -211,6 +212,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CARD_UPDATE_INTERVAL", "card_update_interval", "1.5", positive_float, "Seconds between two updates "
             "of a streaming card (stretched when the month's spend runs ahead)"),
     Setting("CARD_BACKOFF", "card_backoff", "1800", non_negative_float, "Seconds cards pause after 3 failures"),
+    Setting("SCHEDULE_TZ", "schedule_tz", "Asia/Shanghai", time_zone,
+            "Time zone of scheduled prompts' times (/every; docs/schedules.md)"),
+    Setting("SCHEDULE_MIN_INTERVAL", "schedule_min_interval", "3600", positive_float,
+            "Seconds a schedule must leave between two fires; a schedule firing more often is refused"),
+    Setting("SCHEDULE_CATCH_UP", "schedule_catch_up", "3600", non_negative_float,
+            "After downtime a missed fire runs once if it is less than this many seconds late, else it is skipped"),
+    Setting("MAX_SCHEDULES_PER_USER", "max_schedules_per_user", "5", parse_positive_int,
+            "Schedules one user may have (paused ones count)"),
     Setting("PROJECTS_FILE", "projects_file", "projects.toml", any_text, "TOML file of the git projects a chat may "
             "bind (/project); relative: beside .env; missing: no projects (docs/projects.md)"),
 )
@@ -284,6 +293,10 @@ class Config:
     attachment_retention_days: float = 7.0
     user_daily_api_calls: int = 100
     approval_max_waits: int = 3
+    schedule_tz: str = "Asia/Shanghai"
+    schedule_min_interval: float = 3600.0
+    schedule_catch_up: float = 3600.0
+    max_schedules_per_user: int = 5
     # CodeBuddy CLI variables (CODEBUDDY_API_KEY, CODEBUDDY_BASE_URL, …) found in .env, passed to every run.
     cli_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     # Values of CODEBUDDY_API_KEY / CODEBUDDY_AUTH_TOKEN (environment or .env): never shown to a chat.

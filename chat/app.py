@@ -23,6 +23,9 @@ from projects.changes import Asker
 from projects.commands import COMMANDS as PROJECT_COMMANDS
 from projects.commands import HELP_LINES as PROJECT_HELP
 from projects.commands import ProjectCommands
+from schedules.commands import COMMANDS as SCHEDULE_COMMANDS
+from schedules.commands import HELP_LINES as SCHEDULE_HELP
+from schedules.commands import ScheduleCommands, Sender
 from tasks import texts
 from tasks.task import ACTIVE_STATUSES, QUEUED, RUNNING, STATUS_LABELS, Task
 
@@ -61,16 +64,31 @@ def without_text(msgtype: str) -> str:
     return "消息为空。请直接输入想让 CodeBuddy 处理的问题，或发送 /help 查看命令。"
 
 
+def command_for(word: str, projects: bool, schedules: bool) -> str | None:
+    """The command `word` names (a project or schedule one only when those are on), or None."""
+    return COMMANDS.get(word) or (PROJECT_COMMANDS.get(word) if projects else None) or (
+        SCHEDULE_COMMANDS.get(word) if schedules else None)
+
+
+def help_text(projects: bool, schedules: bool) -> str:
+    """/help: the commands, with the project and schedule ones when those are on."""
+    head, last = HELP_TEXT.rsplit("\n", 1)
+    extra = [PROJECT_HELP] * projects + [SCHEDULE_HELP] * schedules
+    return "\n".join([head, *extra, last])
+
+
 class ChatApp:
     """Decides what to do with one message: refuse, answer a command, or submit a task."""
 
     def __init__(self, manager: AsyncTaskManager, config: Config, *, clock: Callable[[], float] = time.time,
-                 attachments: AttachmentIntake | None = None, projects: ProjectCommands | None = None) -> None:
+                 attachments: AttachmentIntake | None = None, projects: ProjectCommands | None = None,
+                 schedules: ScheduleCommands | None = None) -> None:
         self.manager = manager
         self.config = config
         self.clock = clock
         self.attachments = attachments  # None: pictures and files get the "not supported" reply
         self.projects = projects  # None: no PROJECTS_FILE, no project commands
+        self.schedules = schedules  # None: no schedule commands (the console)
         self.limits = RateLimits(clock)  # per user: prompts and commands per minute, one refusal per while
         manager.workers.approvals.refusal_gate = self.may_refuse  # a non-owner's 同意/拒绝, message or card button
 
@@ -84,9 +102,6 @@ class ChatApp:
         """Answer in the message's chat, off this thread."""
         self.manager.outbox.notice(self.route_for(message), text)
 
-    def _once_per(self, user_id: str, kind: str, seconds: float) -> bool:
-        return self.limits.once_per((user_id, kind), seconds)
-
     def _over_limit(self, message: IncomingMessage, kind: str) -> bool:
         """True (and the user told once a minute) when the sender has sent too many of `kind` this minute."""
         if kind == "prompt":
@@ -96,7 +111,7 @@ class ChatApp:
         if self.limits.allow((message.user_id, kind), limit):
             return False
         log.warning("请求过于频繁%s user=%s", "" if kind == "prompt" else " (命令)", message.user_id)
-        if self._once_per(message.user_id, f"{kind}-rate", 60):
+        if self.limits.once_per((message.user_id, f"{kind}-rate"), 60):
             self.reply(message, f"请求过于频繁，请稍后再试 (每分钟最多 {limit} {unit})。")
         return True
 
@@ -106,7 +121,7 @@ class ChatApp:
         person per window (none while over the limit)."""
         if not self.limits.allow((user_id, "command"), self.config.user_rate_limit * COMMANDS_PER_PROMPT):
             return False
-        return self._once_per(user_id, "approval-refusal", self.limits.window)
+        return self.limits.once_per((user_id, "approval-refusal"), self.limits.window)
 
     def is_admin(self, user_id: str) -> bool:
         return user_id in self.config.admin_users
@@ -122,7 +137,7 @@ class ChatApp:
         log.info("收到消息类型: %s user=%s", message.msgtype or "-", message.user_id)
         if self.config.allowed_users and message.user_id not in self.config.allowed_users:
             log.warning("拒绝未授权用户 user=%s", message.user_id)
-            if self._once_per(message.user_id, "refusal", 3600):
+            if self.limits.once_per((message.user_id, "refusal"), 3600):
                 self.reply(message, "抱歉，你没有使用此机器人的权限。如需开通，请联系管理员。")
             return
         if message.attachments and self.attachments is not None:
@@ -145,7 +160,7 @@ class ChatApp:
                 self.reply(message, answered.reply)
             return
         words = message.text.split(maxsplit=1)
-        command = COMMANDS.get(words[0].lower()) or (PROJECT_COMMANDS.get(words[0].lower()) if self.projects else None)
+        command = command_for(words[0].lower(), self.projects is not None, self.schedules is not None)
         if command is not None:
             if not self._over_limit(message, "command"):
                 self.run_command(command, words[1].strip() if len(words) > 1 else "", message)
@@ -186,9 +201,12 @@ class ChatApp:
             asker = Asker(message.conversation_key, message.user_id, message.user_name, message.in_group,
                           self.is_admin(message.user_id), self.route_for(message))
             self.projects.handle(command, argument, asker, lambda text: self.reply(message, text))
+        elif command in SCHEDULE_COMMANDS.values() and self.schedules is not None:
+            sender = Sender(message.user_id, message.user_name, message.conversation_key,
+                            self.is_admin(message.user_id), self.route_for(message))
+            self.reply(message, self.schedules.handle(command, argument, sender))
         elif command == "help":
-            head, last = HELP_TEXT.rsplit("\n", 1)
-            self.reply(message, f"{head}\n{PROJECT_HELP}\n{last}" if self.projects is not None else HELP_TEXT)
+            self.reply(message, help_text(self.projects is not None, self.schedules is not None))
         elif command == "tasks":
             self.reply(message, self.describe_tasks(message))
         elif command == "status":  # without an id: the sender's latest task, then the DingTalk calls spent

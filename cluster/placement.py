@@ -45,7 +45,8 @@ def place_task(cluster: Any, manager: Any, task: Task, expected: str) -> None:
             if not _still_new(board, task):
                 return
             board.tasks.pop(task.id, None)
-            manager.outbox.acknowledge(task, texts.acknowledgement(task, "", expected))
+            if not task.label:  # a schedule's fire: its answer is its one message
+                manager.outbox.acknowledge(task, texts.acknowledgement(task, "", expected))
         if hand_off(cluster, task.id, owner):
             log.info("任务 %s 交给会话所在主机 %s", task.id, owner)
             return
@@ -58,7 +59,8 @@ def place_task(cluster: Any, manager: Any, task: Task, expected: str) -> None:
             return
         position = board.enqueue(task)
         waiting = texts.waiting_note(board.hold_reason(task), position, board.limits.max_tasks_per_user)
-        manager.outbox.acknowledge(task, texts.acknowledgement(task, waiting, expected))
+        if not task.label:
+            manager.outbox.acknowledge(task, texts.acknowledgement(task, waiting, expected))
     if task.background:
         task_log(log, task).info("异步任务已启动: %s", task.id)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 from collections.abc import Iterable
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,15 @@ def parse_positive_int(name: str, raw: str) -> int:
 
 def non_negative_int(name: str, raw: str) -> int:
     return int(_number(name, raw, int, "a whole number", zero_allowed=True))
+
+
+def time_zone(name: str, raw: str) -> str:
+    """`raw` as an IANA time zone name (Asia/Shanghai); ConfigError naming `name` otherwise."""
+    try:
+        ZoneInfo(raw)
+    except (ValueError, ZoneInfoNotFoundError):
+        raise ConfigError(f"{name} must be a time zone name such as Asia/Shanghai, got {raw!r}") from None
+    return raw
 
 
 def optional_port(name: str, raw: str) -> int | None:

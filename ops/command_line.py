@@ -1,4 +1,4 @@
-"""The bot's command line: its commands (run, check, tasks, console) and their options, for `bot.py`'s `main`."""
+"""The bot's command line: its commands (run, check, tasks, schedules, console) and their options."""
 
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     tasks.add_argument("--status", choices=list(STATUS_LABELS), help="only tasks with this status")
     tasks.add_argument("--limit", metavar="N", type=positive_int, default=20, help="at most N rows (20)")
     tasks.add_argument("--db", metavar="PATH", help="task DB file or postgresql:// URL (default: TASK_DB)")
+    schedules = commands.add_parser("schedules", help="table of scheduled prompts from the task DB (TASK_DB)",
+                                    description="Print every schedule of the task DB (SQLite or PostgreSQL): owner, "
+                                    "chat, when, next fire (SCHEDULE_TZ), fires, skips, the last result, the prompt.")
+    schedules.add_argument("--db", metavar="PATH", help="task DB file or postgresql:// URL (default: TASK_DB)")
     add_migrate_command(commands)
     console_command = commands.add_parser(
         "console", help="chat with the bot in this terminal, no DingTalk needed",

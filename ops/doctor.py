@@ -32,6 +32,7 @@ from dingtalk_sender import (
     JsonHttp,
     open_stream_connection,
 )
+from ops.schedule_table import schedules_line
 from ops.store_admin import check_postgres
 from projects.git import Git, check_remote
 from store.postgres import DB_ERRORS, PostgresTaskStore, is_postgres_url, safe_url
@@ -331,6 +332,7 @@ def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", o
           f"{config.warm_idle_seconds:.0f} s idle; {approvals}"
           + ("" if config.status_port is not None else " (STATUS_PORT shows the live processes here)"), file=out)
     print(api_budget_line(config.task_db, config.monthly_call_budget), file=out)
+    print(schedules_line(config.task_db, config.schedule_tz), file=out)
     if config.status_port is not None:
         running = check_running_bot(config.status_port)
         if running is None:

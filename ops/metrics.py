@@ -95,6 +95,7 @@ class StatusSources:
     supervisor: Any  # .dead(): critical threads that died
     intake: Any  # .backlog_age(now)
     durations: DurationHistogram
+    schedules: Any = None  # .counts: schedules, fired, skipped (schedules/firing.py)
     host: str = ""  # HOST_NAME: every sample carries host="…" (several bot processes on one app); "" = no label
 
 
@@ -182,6 +183,14 @@ def render_metrics(sources: StatusSources) -> str:
     for path in DELIVERY_PATHS:
         out.sample("dingtalk_bot_delivery_failures_total", sent.get(f"{path}_failed", 0), {"path": path})
     render_api_budget(out, getattr(sources.sender, "meter", None))
+    if sources.schedules is not None:  # scheduled prompts (docs/schedules.md)
+        counts = dict(sources.schedules.counts)
+        out.family("dingtalk_bot_schedules", "gauge", "Schedules in the task DB (all hosts', paused ones too).")
+        out.sample("dingtalk_bot_schedules", counts["schedules"])
+        out.family("dingtalk_bot_schedule_fires_total", "counter", "Fires of schedules this host claimed since start, "
+                   "by outcome: run (a task) or skipped (the previous still ran, too late, the sender not allowed).")
+        out.sample("dingtalk_bot_schedule_fires_total", counts["fired"], {"outcome": "run"})
+        out.sample("dingtalk_bot_schedule_fires_total", counts["skipped"], {"outcome": "skipped"})
     out.family("dingtalk_bot_token_fetches_total", "counter", "Access tokens fetched from DingTalk.")
     out.sample("dingtalk_bot_token_fetches_total", sources.sender.tokens.fetches)
     out.family("dingtalk_bot_stream_connected", "gauge", "1 while at least one DingTalk Stream connection is live.")

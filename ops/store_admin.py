@@ -18,6 +18,7 @@ from typing import TextIO
 
 import psycopg
 
+from schedules.table import COLUMNS
 from store import pg_connect
 from store.postgres import PostgresTaskStore, is_postgres_url, safe_url
 from store.schema import SCHEMA_VERSION, StoreError
@@ -74,6 +75,9 @@ def check_postgres(url: str, *, clock: Callable[[], float] = time.time, timeout:
     return True, f"{shown} answers; {state}; clock skew {skew:+.2f} s"
 
 
+SCHEDULE_COLUMNS = ", ".join(COLUMNS)
+
+
 def _sqlite_rows(path: str, table: str) -> list[tuple]:
     db = sqlite3.connect(read_only_uri(os.path.abspath(path)), uri=True)
     try:
@@ -81,6 +85,8 @@ def _sqlite_rows(path: str, table: str) -> list[tuple]:
             return []
         if table == "durations":
             return db.execute("SELECT user_id, keyword, seconds, finished_at FROM durations ORDER BY rowid").fetchall()
+        if table == "schedules":
+            return db.execute(f"SELECT {SCHEDULE_COLUMNS} FROM schedules").fetchall()
         return db.execute(f"SELECT * FROM {table}").fetchall()
     finally:
         db.close()
@@ -89,8 +95,9 @@ def _sqlite_rows(path: str, table: str) -> list[tuple]:
 def add_migrate_command(commands: argparse._SubParsersAction) -> None:
     """`bot.py migrate-store SQLITE_PATH [--to URL]`."""
     migrate = commands.add_parser("migrate-store", help="copy a SQLite task DB into the PostgreSQL TASK_DB",
-                                  description="Copy every task, msgId, session, duration and API call counter of a "
-                                  "SQLite task DB into an empty PostgreSQL one (TASK_DB or --to), in one transaction.")
+                                  description="Copy every task, msgId, session, duration, API call counter and "
+                                  "schedule of a SQLite task DB into an empty PostgreSQL one (TASK_DB or --to), in one "
+                                  "transaction.")
     migrate.add_argument("sqlite_path", metavar="SQLITE_PATH", help="the SQLite task DB file (the old TASK_DB)")
     migrate.add_argument("--to", metavar="URL", help="postgresql:// URL (default: TASK_DB)")
 
@@ -124,14 +131,15 @@ def migrate_store(sqlite_path: str, url: str, out: TextIO | None = None) -> int:
         tasks = source.load()
         tables = {name: _sqlite_rows(absolute, name)
                   for name in ("seen_messages", "durations", "sessions", "api_calls", "api_calls_by_kind",
-                               "user_api_calls")}
+                               "user_api_calls", "schedules")}
         with target.transaction(), target.connection() as conn:
             for task in tasks:
                 target.save(task)
             for table, columns in (("seen_messages", "msg_id, seen_at"), ("sessions", "conversation_key, session_id"),
                                    ("api_calls", "month, calls"), ("api_calls_by_kind", "month, kind, calls"),
                                    ("user_api_calls", "day, user_id, calls"),
-                                   ("durations", "user_id, keyword, seconds, finished_at")):
+                                   ("durations", "user_id, keyword, seconds, finished_at"),
+                                   ("schedules", SCHEDULE_COLUMNS)):
                 width = len(columns.split(","))
                 with conn.cursor() as cursor:
                     cursor.executemany(f"INSERT INTO {table} ({columns}) VALUES ({', '.join(['%s'] * width)})",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tasks.task import Task
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 TASK_COLUMNS = [f.name for f in Task.__dataclass_fields__.values()]
 FLAGS = ("background", "delivered", "cancel_requested", "undeliverable")  # booleans stored as 0/1
 
@@ -47,6 +47,17 @@ CREATE TABLE IF NOT EXISTS api_calls_by_kind (month TEXT NOT NULL, kind TEXT NOT
     calls INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (month, kind));
 CREATE TABLE IF NOT EXISTS user_api_calls (day TEXT NOT NULL, user_id TEXT NOT NULL,
     calls INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (day, user_id));
+""",
+    # Scheduled prompts (schedules/), and the label a task's answer opens with (a fire names its schedule).
+    6: """
+ALTER TABLE tasks ADD COLUMN label TEXT DEFAULT '';
+CREATE TABLE IF NOT EXISTS schedules (id TEXT PRIMARY KEY, user_id TEXT NOT NULL, user_name TEXT,
+    conversation_key TEXT NOT NULL, route TEXT NOT NULL, cron TEXT NOT NULL, words TEXT NOT NULL, prompt TEXT NOT NULL,
+    created_at REAL NOT NULL, next_fire REAL NOT NULL, paused INTEGER NOT NULL DEFAULT 0, last_fire REAL,
+    last_task TEXT NOT NULL DEFAULT '', last_result TEXT NOT NULL DEFAULT '', note TEXT NOT NULL DEFAULT '',
+    fires INTEGER NOT NULL DEFAULT 0, skipped INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS schedules_due ON schedules (paused, next_fire);
+CREATE INDEX IF NOT EXISTS schedules_conversation ON schedules (conversation_key);
 """,
 }
 SQLITE_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
@@ -93,6 +104,17 @@ CREATE TABLE IF NOT EXISTS api_calls_by_kind (month TEXT NOT NULL, kind TEXT NOT
     calls BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (month, kind));
 CREATE TABLE IF NOT EXISTS user_api_calls (day TEXT NOT NULL, user_id TEXT NOT NULL,
     calls BIGINT NOT NULL DEFAULT 0, PRIMARY KEY (day, user_id));
+""",
+    # Scheduled prompts (schedules/), and the label a task's answer opens with (a fire names its schedule).
+    6: """
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS label TEXT DEFAULT '';
+CREATE TABLE IF NOT EXISTS schedules (id TEXT PRIMARY KEY, user_id TEXT NOT NULL, user_name TEXT,
+    conversation_key TEXT NOT NULL, route TEXT NOT NULL, cron TEXT NOT NULL, words TEXT NOT NULL, prompt TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL, next_fire DOUBLE PRECISION NOT NULL, paused INTEGER NOT NULL DEFAULT 0,
+    last_fire DOUBLE PRECISION, last_task TEXT NOT NULL DEFAULT '', last_result TEXT NOT NULL DEFAULT '',
+    note TEXT NOT NULL DEFAULT '', fires INTEGER NOT NULL DEFAULT 0, skipped INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS schedules_due ON schedules (paused, next_fire);
+CREATE INDEX IF NOT EXISTS schedules_conversation ON schedules (conversation_key);
 """,
 }
 PG_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"

@@ -184,11 +184,12 @@ class TaskBoard(_TakingNext):
         self.transition(task, undeliverable=True)
 
     def create(self, user_id: str, prompt: str, route: Route, *, user_name: str = "", conversation_key: str = "",
-               msg_id: str = "", background: bool = False, keyword: str = NO_KEYWORD) -> Task:
+               msg_id: str = "", background: bool = False, keyword: str = NO_KEYWORD, label: str = "") -> Task:
         """Create a queued task, remember it and persist it."""
         task = Task(id=self._unused_id(), user_id=user_id, user_name=user_name,
                     conversation_key=conversation_key or route.conversation_id or user_id, route=route,
-                    prompt=prompt, keyword=keyword, background=background, created_at=self.clock(), msg_id=msg_id)
+                    prompt=prompt, keyword=keyword, background=background, created_at=self.clock(), msg_id=msg_id,
+                    label=label)
         with self.lock:
             self.tasks[task.id] = task
             self.store.save(task)

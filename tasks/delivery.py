@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 
 from common.logs import TaskLogger, task_log
+from config import PUSH_MAX_BYTES
 from dingtalk.route import Route
 from dingtalk_sender import Delivery
 from tasks import texts
@@ -173,6 +174,8 @@ class Outbox:
         if lease is None:
             return False
         text = texts.result(task, self.clock())
+        if task.label and self.budget is not None and not self.budget.cards_allowed(task.user_id):
+            text = texts.within_one_push(text, PUSH_MAX_BYTES - 1024)  # a fire near the budget: one call
         if self.cards is not None and self.cards.finish(task):
             return self._delivered(task, "card")
         # Several hosts: each send retries only within the lease it started under (the fence's answer), and goes

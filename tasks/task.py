@@ -44,6 +44,7 @@ class Task:
     last_progress_at: float | None = None
     cancel_requested: bool = False  # the user asked to stop it: final, even across a restart
     undeliverable: bool = False  # delivery was given up (DELIVERY_GIVE_UP_HOURS, or a permanent refusal)
+    label: str = ""  # the line its answer opens with: a schedule's fire names the schedule (docs/schedules.md)
 
     @property
     def finished(self) -> bool:

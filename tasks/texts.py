@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+
+from dingtalk.message_parts import split_message, utf8_json_cost
 from tasks.admission import HELD_BY_CONVERSATION, HELD_BY_USER, HELD_BY_WORKERS
 from tasks.task import CANCELLED, RUNNING, STATUS_LABELS, SUCCEEDED, TIMED_OUT, Task
 
@@ -61,7 +64,12 @@ def restarted(task: Task, interrupted: bool) -> str:
 
 
 def result(task: Task, now: float) -> str:
-    """What the user reads for a finished task."""
+    """What the user reads for a finished task (after its label, when it has one: a schedule's fire)."""
+    text = _result(task, now)
+    return f"{task.label}\n\n{text}" if task.label else text
+
+
+def _result(task: Task, now: float) -> str:
     if task.status == SUCCEEDED:
         text = task.result.strip() or "(CodeBuddy 没有返回内容)"
         if task.background:
@@ -72,6 +80,16 @@ def result(task: Task, now: float) -> str:
         return (f"任务 {task.id} 执行超时 (已用时 {task.elapsed(now) / 60:.1f} 分钟, "
                 f"最近步骤: {step})，已终止。")
     return f"CodeBuddy 执行失败: {task.error or '未知错误'} (任务ID: {task.id})"
+
+
+def within_one_push(text: str, limit: int) -> str:
+    """`text` cut to what one push of `limit` bytes carries (a fire's answer while the call budget is tight)."""
+    parts = split_message(text, limit - len(BUDGET_CUT.encode()) - 16, utf8_json_cost)
+    first = re.sub(r"^\(1/\d+\)\n", "", parts[0])  # not "(1/4)": the other parts are not sent
+    return text if len(parts) == 1 else f"{first.rstrip()}\n\n{BUDGET_CUT}"
+
+
+BUDGET_CUT = "（钉钉接口调用预算紧张，定时任务的回答只推送第一段；需要全文请在会话中再问一次。）"
 
 
 def too_many_questions(max_waits: int, tool_name: str, is_question: bool) -> str:

@@ -98,7 +98,7 @@ FLOORS: tuple[tuple[tuple[str, ...], ...], ...] = (
     (("tasks.task",),),
     (("store",),),
     (("tasks", "async_task_manager"),),
-    (("cards",), ("files",), ("cluster",), ("projects",)),
+    (("cards",), ("files",), ("cluster",), ("projects",), ("schedules",)),
     (("chat",),),
     (("ops",),),
     (("bot",),),

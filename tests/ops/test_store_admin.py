@@ -16,6 +16,7 @@ from dingtalk.route import Route
 from ops import doctor
 from ops.startup import refuse_a_clock_far_off
 from ops.store_admin import check_postgres, clock_problem
+from schedules.table import Schedule, ScheduleTable
 from store.journal import open_store
 from store.postgres import PostgresTaskStore
 from store.schema import SCHEMA_VERSION, StoreError
@@ -90,17 +91,24 @@ def test_migrate_store_copies_a_sqlite_db_into_postgres_once(tmp_path, pg_url):
     store.add_api_calls("2026-11", 17)
     store.add_api_calls("2026-11", 2, "download", "2026-11-29", "u1")
     store.close()
+    schedules = ScheduleTable(str(path))
+    schedules.add(Schedule(id="ab12cd34", user_id="u1", user_name="U", conversation_key="c", route=Route("1", "u1", ""),
+                           cron="0 9 * * 1-5", words="工作日 09:00", prompt="生成日报", created_at=1.0, next_fire=2.0))
+    schedules.close()
 
     result = _bot(tmp_path, "migrate-store", str(path), "--to", pg_url)
     assert result.returncode == 0, result.stderr
     assert ("copied 3 tasks, 1 seen_messages, 1 durations, 1 sessions, 1 api_calls, 1 api_calls_by_kind, "
-            "1 user_api_calls") in result.stdout
+            "1 user_api_calls, 1 schedules") in result.stdout
     target = open_store(pg_url)
     assert [t.prompt for t in target.load()] == ["p0", "p1", "p2"] and target.session_for("c") == "s1"
     assert target.durations("报告") == [42.0] and target.api_calls("2026-11") == 19
     assert target.api_calls_by_kind("2026-11") == {"download": 2} and target.user_api_calls("2026-11-29", "u1") == 2
     assert not target.remember_message("m1", time.time())  # a redelivery after the move is still caught
     target.close()
+    moved = ScheduleTable(pg_url)
+    assert moved.get("ab12cd34").prompt == "生成日报" and moved.get("ab12cd34").route == Route("1", "u1", "")
+    moved.close()
 
     again = _bot(tmp_path, "migrate-store", str(path), "--to", pg_url)
     assert again.returncode == 1 and "already holds 3 task(s)" in again.stderr

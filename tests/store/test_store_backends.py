@@ -19,7 +19,7 @@ from dingtalk.route import Route
 from store.journal import open_backend, open_store
 from store.memory import MemoryTaskStore
 from store.postgres import PostgresTaskStore, is_postgres_url, safe_url
-from store.schema import SCHEMA_VERSION, SQLITE_STEPS, StoreError
+from store.schema import PG_STEPS, SCHEMA_VERSION, SQLITE_STEPS, StoreError
 from tasks.task import Task
 
 FAST = {"busy_timeout": 0.2, "backoff": 0.05, "max_backoff": 0.2}
@@ -206,3 +206,37 @@ def test_a_key_value_task_db_opens_postgresql_not_a_sqlite_file_named_after_it(p
         assert conn.execute("SELECT count(*) FROM tasks WHERE id = %s", ("cd" * 8,)).fetchone()[0] == 1
     assert list(tmp_path.iterdir()) == []  # no SQLite file named after the DSN
     assert not is_postgres_url("./data/a=b.db") and not is_postgres_url("tasks.db")
+
+
+_OLD_TASK = ("INSERT INTO tasks (id, user_id, route, prompt, status, created_at) VALUES ('t5', 'u1', "
+             "'{\"conversation_type\": \"1\", \"user_id\": \"u1\", \"conversation_id\": \"\"}', 'old prompt', "
+             "'succeeded', 1000.0)")
+
+
+def test_a_version_5_db_is_migrated_to_6_keeping_its_tasks_and_gaining_schedules_and_the_label(target):
+    if target.kind == "sqlite":
+        db = sqlite3.connect(target.url)
+        db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for step in range(1, 6):
+            db.executescript(SQLITE_STEPS[step])
+        db.execute("INSERT INTO schema_version VALUES (5)")
+        db.execute(_OLD_TASK)
+        db.commit()
+        db.close()
+    else:
+        with psycopg.connect(target.url) as conn:
+            conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+            for step in range(1, 6):
+                conn.execute(PG_STEPS[step])
+            conn.execute("INSERT INTO schema_version VALUES (5)")
+            conn.execute(_OLD_TASK)
+    store = target.backend()
+    assert store.schema_version() == 6
+    old = store.get("t5")
+    assert old.prompt == "old prompt" and old.label == ""
+    labelled = _task("t6")
+    labelled.label = "⏰ 定时任务 ab12cd34"
+    store.save(labelled)
+    assert store.get("t6").label == "⏰ 定时任务 ab12cd34"
+    store.close()
+    assert target.rows("SELECT count(*) FROM schedules") == [(0,)]

@@ -1,0 +1,1 @@
+"""Scheduled prompts (/every, /schedules): kept in the task DB, each fire run once across restarts and hosts."""

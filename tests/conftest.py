@@ -46,6 +46,17 @@ def _skipped_under_ci(report: pytest.TestReport | pytest.CollectReport, what: st
         report.longrepr = f"{what} was skipped under CI=true, where nothing may be skipped: {reason}"
 
 
+# ---------------------------------------------------------------- the slowest files first
+
+# Files that wait on real minutes (cron fires) or run hundreds of jailed CLIs: started first, so under xdist's
+# --dist loadfile they run beside the rest instead of after it (the whole run's wall time is its longest tail).
+SLOW_FIRST = ("tests/e2e/test_e2e_schedules", "tests/e2e/test_e2e_cluster.py", "tests/real_cli/")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: 0 if item.nodeid.startswith(SLOW_FIRST) else 1)  # stable: the order within stays
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield

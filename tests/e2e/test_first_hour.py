@@ -414,7 +414,7 @@ def test_outside_the_venv_even_help_is_one_line_saying_to_install(tmp_path):
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith("bot.py: dingtalk-stream, requests, python-dotenv, urllib3, psycopg, "
-                                    "psycopg-pool not installed for ")
+                                    "psycopg-pool, cronsim not installed for ")
     assert "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt" in result.stderr
 
 

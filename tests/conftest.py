@@ -49,7 +49,8 @@ def _skipped_under_ci(report: pytest.TestReport | pytest.CollectReport, what: st
 # ---------------------------------------------------------------- the slowest files first
 
 # Files that wait on real minutes (cron fires) or run hundreds of jailed CLIs: started first, so under xdist's
-# --dist loadfile they run beside the rest instead of after it (the whole run's wall time is its longest tail).
+# --dist loadfile they run beside the rest instead of after it (the run's wall time is its longest tail). The
+# addopts' --no-loadscope-reorder keeps this order (by default xdist starts the files with the most tests first).
 SLOW_FIRST = ("tests/e2e/test_e2e_schedules", "tests/e2e/test_e2e_cluster.py", "tests/real_cli/")
 
 

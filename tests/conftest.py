@@ -239,6 +239,21 @@ def standin():
     server.stop()
 
 
+def bot_env(standin, tmp_path: Path, home: Path, **overrides: str) -> dict[str, str]:
+    """A bot process's environment against the stand-in and the fake CLI, its files under `tmp_path`, + `overrides`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("DINGTALK_", "CODEBUDDY_"))}
+    env.update({
+        "NO_PROXY": "127.0.0.1,localhost", "HOME": str(home), "PYTHONUNBUFFERED": "1",
+        "DINGTALK_CLIENT_ID": CLIENT_ID, "DINGTALK_CLIENT_SECRET": CLIENT_SECRET,
+        "DINGTALK_OPENAPI_ENDPOINT": standin.base_url, **fake_cli_env(tmp_path),
+        "CODEBUDDY_WORKDIR": str(tmp_path / "workspace"),
+        "LOG_FILE": str(tmp_path / "logs" / "bot.log"), "TASK_DB": str(tmp_path / "data" / "tasks.db"),
+        "SHUTDOWN_GRACE": "3",
+    })
+    env.update(overrides)
+    return env
+
+
 @pytest.fixture
 def make_bot(tmp_path, standin):
     """Factory: make_bot(SYNC_TIMEOUT="2", ...) returns a started BotProcess connected to the stand-in."""
@@ -247,18 +262,8 @@ def make_bot(tmp_path, standin):
     home.mkdir()
 
     def factory(connect: bool = True, **overrides: str) -> BotProcess:
-        env = {key: value for key, value in os.environ.items() if not key.startswith(("DINGTALK_", "CODEBUDDY_"))}
-        env.update({
-            "NO_PROXY": "127.0.0.1,localhost", "HOME": str(home), "PYTHONUNBUFFERED": "1",
-            "DINGTALK_CLIENT_ID": CLIENT_ID, "DINGTALK_CLIENT_SECRET": CLIENT_SECRET,
-            "DINGTALK_OPENAPI_ENDPOINT": standin.base_url, **fake_cli_env(tmp_path),
-            "CODEBUDDY_WORKDIR": str(tmp_path / "workspace"),
-            "LOG_FILE": str(tmp_path / "logs" / "bot.log"), "TASK_DB": str(tmp_path / "data" / "tasks.db"),
-            "SHUTDOWN_GRACE": "3",
-            # Spare CLI processes change which process answers a first message: tests of spares turn them on.
-            "SPARE_SESSIONS": "0",
-        })
-        env.update(overrides)
+        # Spare CLI processes change which process answers a first message: tests of spares turn them on.
+        env = bot_env(standin, tmp_path, home, **{"SPARE_SESSIONS": "0", **overrides})
         connects_before = standin.stream_connects
         bot = BotProcess(tmp_path, env).start()
         bots.append(bot)

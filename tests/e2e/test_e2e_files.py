@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from codebuddy.sandbox import Workspaces
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, BotProcess, cli_runs, fake_cli_env
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, BotProcess, bot_env, cli_runs
 from tests.fake_codebuddy import outbox_bytes
 from tests.standin import DingTalkStandin
 from tests.standin_files import DOWNLOAD_PATH, UPLOAD_PATH, send_file, send_picture, send_rich_text
@@ -34,15 +34,8 @@ def files_bot(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("files")
     (tmp_path / "home").mkdir()
     standin = DingTalkStandin(client_id=CLIENT_ID, client_secret=CLIENT_SECRET).start()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DINGTALK_", "CODEBUDDY_"))}
-    env.update({
-        "NO_PROXY": "127.0.0.1,localhost", "HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1",
-        "DINGTALK_CLIENT_ID": CLIENT_ID, "DINGTALK_CLIENT_SECRET": CLIENT_SECRET,
-        "DINGTALK_OPENAPI_ENDPOINT": standin.base_url, "DINGTALK_OAPI_ENDPOINT": standin.base_url,
-        **fake_cli_env(tmp_path), "CODEBUDDY_WORKDIR": str(tmp_path / "workspace"),
-        "LOG_FILE": str(tmp_path / "logs" / "bot.log"), "TASK_DB": str(tmp_path / "data" / "tasks.db"),
-        "SHUTDOWN_GRACE": "3", "MAX_ATTACHMENT_MB": str(LIMIT_MB), "USER_RATE_LIMIT": "100",
-    })
+    env = bot_env(standin, tmp_path, tmp_path / "home", DINGTALK_OAPI_ENDPOINT=standin.base_url,
+                  MAX_ATTACHMENT_MB=str(LIMIT_MB), USER_RATE_LIMIT="100")
     bot = BotProcess(tmp_path, env).start()
     try:
         standin.wait_connected(timeout=20)

@@ -19,7 +19,7 @@ import pytest
 from codebuddy.sandbox import Workspaces
 from ops.doctor import api_budget_line
 from projects.bindings import short_id
-from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT, BotProcess, cli_runs, fake_cli_env, replies
+from tests.conftest import CLIENT_ID, CLIENT_SECRET, ROOT, BotProcess, bot_env, cli_runs, replies
 from tests.git_http_server import GitHttpServer
 from tests.git_remotes import advance_remote, git, make_remote
 from tests.standin import DingTalkStandin, _conversation_id
@@ -46,17 +46,9 @@ def project_bot(tmp_path_factory):
         f'[secure]\nurl = "{server.url("secure")}"\nusers = ["*"]\npush = true\ntoken_env = "SECURE_GIT_TOKEN"\n\n'
         f'[tokenless]\nurl = "{server.url("secure")}"\nusers = ["*"]\n', encoding="utf-8")
     standin = DingTalkStandin(client_id=CLIENT_ID, client_secret=CLIENT_SECRET).start()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("DINGTALK_", "CODEBUDDY_"))}
-    env.update({
-        "NO_PROXY": "127.0.0.1,localhost", "HOME": str(tmp_path / "home"), "PYTHONUNBUFFERED": "1",
-        "DINGTALK_CLIENT_ID": CLIENT_ID, "DINGTALK_CLIENT_SECRET": CLIENT_SECRET,
-        "DINGTALK_OPENAPI_ENDPOINT": standin.base_url, "DINGTALK_OAPI_ENDPOINT": standin.base_url,
-        **fake_cli_env(tmp_path), "CODEBUDDY_WORKDIR": str(tmp_path / "workspace"),
-        "CODEBUDDY_PERMISSION_MODE": "bypassPermissions", "ADMIN_USERS": "boss",
-        "LOG_FILE": str(tmp_path / "logs" / "bot.log"), "TASK_DB": str(tmp_path / "data" / "tasks.db"),
-        "SHUTDOWN_GRACE": "3", "USER_RATE_LIMIT": "100", "PROJECTS_FILE": str(tmp_path / "projects.toml"),
-        "SECURE_GIT_TOKEN": TOKEN,
-    })
+    env = bot_env(standin, tmp_path, tmp_path / "home", DINGTALK_OAPI_ENDPOINT=standin.base_url,
+                  CODEBUDDY_PERMISSION_MODE="bypassPermissions", ADMIN_USERS="boss", USER_RATE_LIMIT="100",
+                  PROJECTS_FILE=str(tmp_path / "projects.toml"), SECURE_GIT_TOKEN=TOKEN)
     bot = BotProcess(tmp_path, env).start()
     try:
         standin.wait_connected(timeout=60)

@@ -11,15 +11,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from files.attachments import ATTACHMENTS_DIR
+from files.attachments import ATTACHMENTS_DIR, open_dir
 
 log = logging.getLogger("files")
 
 SWEEP_INTERVAL = 6 * 3600.0
-
-
-def _open_dir(name: str, dir_fd: int | None = None) -> int:
-    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
 
 
 def sweep_conversation(base: str, cutoff: float) -> int:
@@ -27,11 +23,11 @@ def sweep_conversation(base: str, cutoff: float) -> int:
     their own time; directories the run made are left); how many went."""
     removed = 0
     try:
-        workspace = _open_dir(os.path.join(base, "workspace"))
+        workspace = open_dir(os.path.join(base, "workspace"))
     except OSError:
         return 0
     try:
-        folder = _open_dir(ATTACHMENTS_DIR, workspace)
+        folder = open_dir(ATTACHMENTS_DIR, workspace)
     except OSError:
         return 0
     finally:

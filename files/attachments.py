@@ -89,7 +89,7 @@ def which_attachments(refs: tuple[AttachmentRef, ...], first: int) -> str:
     return f"{numbers}附件 ({'、'.join(parts)})"
 
 
-def _open_dir(name: str, dir_fd: int | None = None) -> int:
+def open_dir(name: str, dir_fd: int | None = None) -> int:
     """Open a directory without following a symlink (ELOOP/ENOTDIR when `name` is one)."""
     return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
 
@@ -153,14 +153,14 @@ class AttachmentFetcher:
         workspace = self.workspaces.dirs_for(conversation_key).workspace
         token = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
         partial = f".partial-{token}"
-        ws_fd = _open_dir(workspace)
+        ws_fd = open_dir(workspace)
         try:
             try:
                 os.mkdir(ATTACHMENTS_DIR, 0o700, dir_fd=ws_fd)
             except FileExistsError:
                 pass
             try:
-                dir_fd = _open_dir(ATTACHMENTS_DIR, ws_fd)
+                dir_fd = open_dir(ATTACHMENTS_DIR, ws_fd)
             except OSError as exc:  # attachments/ replaced by a symlink or a file: never follow it
                 raise AttachmentError(f"工作目录中的 {ATTACHMENTS_DIR}/ 不是目录 ({errno.errorcode.get(exc.errno)})，"
                                       "未保存") from None

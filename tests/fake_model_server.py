@@ -102,6 +102,8 @@ class FakeModelServer:
     def __init__(self, base_path: str = "/v1", chunk_delay: float = 0.0) -> None:
         self.base_path = "/" + base_path.strip("/") if base_path.strip("/") else ""
         self.chunk_delay = chunk_delay
+        # The usage each answer reports (tokens per model request); a test of the bot's accounting sets its own.
+        self.usage: dict[str, Any] = {"prompt_tokens": 10, "completion_tokens": 5}
         self._lock = threading.Lock()
         self._requests: list[ModelRequest] = []
         self._server: http.server.ThreadingHTTPServer | None = None
@@ -206,7 +208,11 @@ def _chunk(delta: dict[str, Any], finish: str | None = None, completion_id: str 
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
 
-def _stream_chunks(reply: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+def _usage(usage: dict[str, Any]) -> dict[str, Any]:
+    return {**usage, "total_tokens": int(usage.get("prompt_tokens", 0)) + int(usage.get("completion_tokens", 0))}
+
+
+def _stream_chunks(reply: dict[str, Any], include_usage: bool, usage: dict[str, Any]) -> list[dict[str, Any]]:
     completion_id = "chatcmpl-" + uuid.uuid4().hex[:12]
     if "tool" in reply:
         call_id = "call_" + uuid.uuid4().hex[:12]
@@ -228,11 +234,11 @@ def _stream_chunks(reply: dict[str, Any], include_usage: bool) -> list[dict[str,
     if include_usage:
         chunks.append({"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
                        "model": MODEL, "choices": [],
-                       "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+                       "usage": _usage(usage)})
     return chunks
 
 
-def _completion(reply: dict[str, Any]) -> dict[str, Any]:
+def _completion(reply: dict[str, Any], usage: dict[str, Any]) -> dict[str, Any]:
     """A non-streaming `chat.completion` (the CLI was not seen asking for one; answered anyway)."""
     message: dict[str, Any] = {"role": "assistant", "content": reply.get("text")}
     if "tool" in reply:
@@ -241,7 +247,7 @@ def _completion(reply: dict[str, Any]) -> dict[str, Any]:
     return {"id": "chatcmpl-" + uuid.uuid4().hex[:12], "object": "chat.completion", "created": int(time.time()),
             "model": MODEL, "choices": [{"index": 0, "message": message,
                                          "finish_reason": "tool_calls" if "tool" in reply else "stop"}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+            "usage": _usage(usage)}
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -292,7 +298,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         request.answer = {"status": 200, **reply}
         owner._record(request)
         if not body.get("stream"):
-            self._json(200, _completion(reply))
+            self._json(200, _completion(reply, owner.usage))
             return
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         self.send_response(200)
@@ -301,7 +307,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         try:
-            for chunk in _stream_chunks(reply, include_usage):
+            for chunk in _stream_chunks(reply, include_usage, owner.usage):
                 self.wfile.write(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode())
                 self.wfile.flush()
                 if owner.chunk_delay:

@@ -7,8 +7,9 @@ import os
 import threading
 import time
 
+from codebuddy.stream_events import StreamState, parse_stream_line
 from codebuddy.warm_sessions import Decision
-from codebuddy_client import CodeBuddyClient, StreamState, parse_stream_line, result_from_stream
+from codebuddy_client import CodeBuddyClient, result_from_stream
 from tests.conftest import FAKE_CLI
 
 

@@ -24,6 +24,7 @@ from codebuddy.egress import EgressPolicy
 from codebuddy.jail_limits import JailLimits
 from codebuddy.jail_network import JailNetwork
 from codebuddy.run_limits import RunLimits
+from codebuddy.run_usage import Usage, turn_usage
 from codebuddy.sandbox import (
     Bubblewrap,
     ConversationDirs,
@@ -65,12 +66,14 @@ class RunResult:
     timed_out: bool = False
     cancelled: bool = False
     last_step: str = ""
+    usage: Usage | None = None  # tokens, cost, model and CPU time of the turn (None: no turn ran)
 
 
 def result_from_stream(state: StreamState, returncode: int | None, stderr_tail: str, duration: float,
                        *, timed_out: bool = False, cancelled: bool = False, limit: float = 0.0) -> RunResult:
     """Decide success or failure from what the stream said, the exit code and stderr."""
-    common = {"duration": duration, "session_id": state.session_id, "last_step": state.last_step}
+    common = {"duration": duration, "session_id": state.session_id, "last_step": state.last_step,
+              "usage": state.usage}
     if cancelled:
         return RunResult(ok=False, error="任务已取消", cancelled=True, **common)
     if timed_out:
@@ -285,11 +288,21 @@ class CodeBuddyClient:
                 keep = outcome.interrupted and process.stop_tools()
             cli = process_tree.cli_pid(process.proc.pid, CLI_MARKER)
             keep = self.sandbox.end_turn(process.tag, cli) and keep  # nothing of the turn outlives it
+            state.usage = self._usage(process, state)
             return outcome, cancelled, timed_out, keep
         finally:
             with self._running_lock:
                 self._running.pop(run_tag, None)
             self.pool.give_back(process, keep=keep, reason="" if keep else "本轮未正常结束")
+
+    def _usage(self, process: WarmProcess, state: StreamState) -> Usage:
+        """The turn's tokens (its share of the session's totals) and the CPU its process used since the last turn
+        (the first turn: since the process started; a spare's start too)."""
+        cpu = self.sandbox.cpu_seconds(process.tag)
+        cpu = process_tree.cpu_seconds(process.proc.pid) if cpu is None else cpu
+        spent, process.cpu_counted = max(0.0, cpu - process.cpu_counted), max(cpu, process.cpu_counted)
+        return turn_usage(state.result, self.workspaces.base_for(process.conversation), process.cli_session, spent,
+                          self.model)
 
     def _start(self, conversation: str, session_id: str) -> tuple[WarmProcess | None, RunResult | None]:
         """Start the conversation's CLI process in its sandbox and wait for it to answer `initialize`."""

@@ -85,6 +85,12 @@ class JailLimits:
             reason = self._reasons.pop(run_id, "")
         return reason or (self._limit_reason(cgroup) if cgroup is not None else "")
 
+    def cpu_seconds(self, run_id: str) -> float | None:
+        """CPU time the run's process and everything it started used so far (its cgroup's), None without one."""
+        with self._lock:
+            cgroup = self._runs.get(run_id)
+        return cgroup.cpu_seconds() if cgroup is not None else None
+
     def _limit_reason(self, cgroup: RunCgroup) -> str:
         if cgroup.memory_exceeded():
             return memory_exceeded_text(self.limits)

@@ -58,6 +58,21 @@ def cli_pid(root: int, marker: str, proc_root: str = "/proc") -> int:
     return root
 
 
+def cpu_seconds(root: int, proc_root: str = "/proc") -> float:
+    """CPU time (user and system) used by `root` and every live process below it, with what each has reaped of its
+    children (a tool that ended is counted in whoever waited for it)."""
+    total = 0
+    for pid in [root, *descendants(root, proc_root)]:
+        try:
+            with open(os.path.join(proc_root, str(pid), "stat"), "rb") as handle:
+                stat = handle.read()
+            fields = stat[stat.rindex(b")") + 2:].split()
+            total += sum(int(value) for value in fields[11:15])  # utime, stime, cutime, cstime
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def kill(pids: Iterable[int]) -> int:
     """SIGKILL each of `pids` still alive; return how many were signalled."""
     killed = 0

@@ -213,6 +213,7 @@ class Sandbox(Protocol):
     def refusal(self, dirs: ConversationDirs) -> str: ...  # why the conversation may not run now ("" if it may)
     def end_turn(self, run_id: str, cli_pid: int) -> bool: ...  # end a turn's leftovers; False: do not keep warm
     def limit_reason(self, run_id: str) -> str: ...  # the limit the run's process met, for the chat ("" if none)
+    def cpu_seconds(self, run_id: str) -> float | None: ...  # CPU its process used so far (None: its tree's /proc)
     def release(self, run_id: str) -> None: ...  # the run's process has ended: free what `command` opened for it
     def probe(self, timeout: float = 15.0) -> str: ...
 
@@ -244,6 +245,9 @@ class NoSandbox:
 
     def limit_reason(self, run_id: str) -> str:
         return ""
+
+    def cpu_seconds(self, run_id: str) -> float | None:
+        return None
 
     def release(self, run_id: str) -> None:
         pass
@@ -365,6 +369,9 @@ class Bubblewrap:
 
     def limit_reason(self, run_id: str) -> str:
         return self.limits.limit_reason(run_id) if self.limits else ""
+
+    def cpu_seconds(self, run_id: str) -> float | None:
+        return self.limits.cpu_seconds(run_id) if self.limits else None
 
     def release(self, run_id: str) -> None:
         if self.network is not None and run_id:

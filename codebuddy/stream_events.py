@@ -8,6 +8,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from codebuddy.run_usage import Usage
+
 log = logging.getLogger("codebuddy_client")
 
 @dataclass
@@ -20,6 +22,7 @@ class StreamState:
     last_step: str = ""
     texts: list[str] = field(default_factory=list)  # the text blocks of the assistant's messages so far
     partial: str = ""  # text of the block being written (partial messages), until its whole message arrives
+    usage: Usage | None = None  # what the turn used, once it is over (codebuddy/run_usage.py)
 
     @property
     def answer_text(self) -> str:

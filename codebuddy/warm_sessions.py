@@ -101,6 +101,7 @@ class CliPipes:
         self.started_at = clock()
         self.last_used = self.started_at
         self.turns = 0
+        self.cpu_counted = 0.0  # CPU seconds of its tree already counted to a turn (codebuddy/run_usage.py)
         self._lines = LineQueue()
         self._gauge = OutputGauge(clock)
         self.flood = ""  # why the output was a flood, once it was one: the process is then ended, never reused

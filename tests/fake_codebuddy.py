@@ -2,7 +2,8 @@
 """A fake `codebuddy` CLI for tests: `-p --output-format stream-json`, driven by prompt directives.
 
 Directives anywhere in the prompt (combinable): [sleep=N] [spawn] [spawn-session] [fail] [error] [crash] [noresult]
-[big=N] [echo-env] [ignore-term] [stream=N] (the answer in five assistant messages over N seconds, a Bash step
+[big=N] [usage=IN:OUT[:COST]] (the turn's model usage; results report the session's totals, as the real CLI
+does) [echo-env] [ignore-term] [stream=N] (the answer in five assistant messages over N seconds, a Bash step
 mid-way; [parts=N] for N messages instead of five) [tool=NAME:COMMAND] (asks can_use_tool, runs COMMAND with sh
 if allowed; under bypassPermissions at once) [tools-at-once=A|B] (Bash requests for A and B sent together, then
 each run if allowed) [write=NAME:LINES] (asks to Write `write_content` into NAME) [ask=QUESTION] (AskUserQuestion;
@@ -396,6 +397,15 @@ def main() -> int:
     return run_prompt(prompt, argv, flags, emit if output_format == "stream-json" else None, output_format)
 
 
+def session_usage(prompts: list[str]) -> dict[str, Any]:
+    """The session totals a result reports (the real CLI 2.163.0 reports the session's, not the turn's): the sum of
+    every prompt's [usage=IN:OUT[:COST]]."""
+    found = [m for p in prompts for m in re.findall(r"\[usage=(\d+):(\d+)(?::([0-9.]+))?\]", p)]
+    return {"usage": {"input_tokens": sum(int(m[0]) for m in found), "output_tokens": sum(int(m[1]) for m in found),
+                      "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0},
+            "total_cost_usd": round(sum(float(m[2] or 0) for m in found), 6)}
+
+
 def run_prompt(prompt: str, argv: list[str], flags: dict[str, Any], write: Any, output_format: str,
                turn: Turn | None = None) -> int:
     """Answer one prompt (a whole text-mode run, or one stream-json turn); returns the exit code."""
@@ -567,7 +577,7 @@ def run_prompt(prompt: str, argv: list[str], flags: dict[str, Any], write: Any, 
                 "role": "assistant", "model": model, "content": [{"type": "text", "text": text}]}})
         result = {"type": "result", "subtype": "success", "is_error": False, "result": text}
     result.update({"session_id": session_id, "duration_ms": duration_ms, "num_turns": 1,
-                   "total_cost_usd": 0, "usage": {}})
+                   **session_usage([*earlier, prompt])})
     out(result)
     if output_format == "json":
         sys.stdout.write(json.dumps(events, ensure_ascii=False) + "\n")

@@ -24,7 +24,7 @@ from codebuddy.egress import EgressPolicy
 from codebuddy.jail_limits import JailLimits
 from codebuddy.jail_network import JailNetwork
 from codebuddy.run_limits import RunLimits
-from codebuddy.run_usage import Usage, turn_usage
+from codebuddy.run_usage import Usage, process_cpu, turn_usage
 from codebuddy.sandbox import (
     Bubblewrap,
     ConversationDirs,
@@ -200,8 +200,7 @@ class CodeBuddyClient:
         return argv
 
     @property
-    def running_processes(self) -> int:
-        """How many CLI processes are alive right now (warm ones included)."""
+    def running_processes(self) -> int:  # CLI processes alive now (warm ones included)
         return len(self.pool.processes())
 
     def warm_stats(self) -> dict[str, int]:
@@ -288,21 +287,13 @@ class CodeBuddyClient:
                 keep = outcome.interrupted and process.stop_tools()
             cli = process_tree.cli_pid(process.proc.pid, CLI_MARKER)
             keep = self.sandbox.end_turn(process.tag, cli) and keep  # nothing of the turn outlives it
-            state.usage = self._usage(process, state)
+            state.usage = turn_usage(state.result, self.workspaces.base_for(process.conversation), process.cli_session,
+                                     process_cpu(self.sandbox, process), self.model)
             return outcome, cancelled, timed_out, keep
         finally:
             with self._running_lock:
                 self._running.pop(run_tag, None)
             self.pool.give_back(process, keep=keep, reason="" if keep else "本轮未正常结束")
-
-    def _usage(self, process: WarmProcess, state: StreamState) -> Usage:
-        """The turn's tokens (its share of the session's totals) and the CPU its process used since the last turn
-        (the first turn: since the process started; a spare's start too)."""
-        cpu = self.sandbox.cpu_seconds(process.tag)
-        cpu = process_tree.cpu_seconds(process.proc.pid) if cpu is None else cpu
-        spent, process.cpu_counted = max(0.0, cpu - process.cpu_counted), max(cpu, process.cpu_counted)
-        return turn_usage(state.result, self.workspaces.base_for(process.conversation), process.cli_session, spent,
-                          self.model)
 
     def _start(self, conversation: str, session_id: str) -> tuple[WarmProcess | None, RunResult | None]:
         """Start the conversation's CLI process in its sandbox and wait for it to answer `initialize`."""
@@ -359,8 +350,7 @@ class CodeBuddyClient:
         log.warning("网络请求被拒绝: %s: %s task=%s", host, reason, task_id)
 
     def cancel(self, run_tag: str) -> bool:
-        """Whether the run tagged `run_tag` is in progress; the run itself interrupts its turn once the caller has
-        set its `cancel_event` (within `poll_interval`)."""
+        """Whether the run `run_tag` is in progress; it interrupts its turn once its `cancel_event` is set."""
         with self._running_lock:
             return run_tag in self._running
 

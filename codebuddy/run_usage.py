@@ -18,6 +18,10 @@ import os
 import uuid
 from dataclasses import dataclass, replace
 
+from codebuddy import process_tree
+from codebuddy.sandbox import Sandbox
+from codebuddy.warm_sessions import WarmProcess
+
 log = logging.getLogger("codebuddy_client")
 
 USAGE_FILE = "cli-usage.json"  # beside the conversation's workspace and home (codebuddy/sandbox.py base_for)
@@ -114,3 +118,12 @@ def turn_usage(result: dict | None, base: str, cli_session: str, cpu_seconds: fl
     except OSError as exc:  # the turn is still counted; the next one may count this one's tokens again
         log.warning("无法记录 CLI 会话的用量: %s", exc)
     return replace(turn, cpu_seconds=cpu_seconds)
+
+
+def process_cpu(sandbox: Sandbox, process: WarmProcess) -> float:
+    """The CPU seconds `process` used since the last time they were counted (its first turn: since it started, a
+    spare's start included): its run cgroup's, else its process tree's."""
+    cpu = sandbox.cpu_seconds(process.tag)
+    cpu = process_tree.cpu_seconds(process.proc.pid) if cpu is None else cpu
+    spent, process.cpu_counted = max(0.0, cpu - process.cpu_counted), max(cpu, process.cpu_counted)
+    return spent

@@ -21,10 +21,11 @@ the count holds across restarts and hosts.
 from __future__ import annotations
 
 import calendar
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -54,6 +55,20 @@ KIND_GROUPS: dict[str, tuple[str, ...]] = {
     "pushes": ("batchSend", "groupMessages", "file_send"), "cards": ("card_create", "card_stream", "card_update"),
 }
 GROUP_LABELS = {"downloads": "下载", "uploads": "上传", "pushes": "推送", "cards": "卡片", "other": "其他"}
+
+
+_SERVING = threading.local()  # the task a thread is sending for (`serving`), so its metered calls are the task's
+
+
+@contextlib.contextmanager
+def serving(task_id: str) -> Iterator[None]:
+    """Calls counted on this thread meanwhile are made for `task_id` (`ApiBudget.on_task_call` hears of each)."""
+    before = getattr(_SERVING, "task", "")
+    _SERVING.task = task_id
+    try:
+        yield
+    finally:
+        _SERVING.task = before
 
 
 class CallCounts(Protocol):
@@ -191,6 +206,8 @@ class ApiBudget:
         self._by_kind: dict[str, int] = {}
         self._limit_month = ""  # the month DingTalk said ApiCountLimitForOrg in
         self._limit_notice_due = False
+        # Told of each call counted while a thread serves a task (`serving`): (task id, user id, wall time).
+        self.on_task_call: Callable[[str, str, float], None] | None = None
 
     def _roll(self, now: float) -> str:
         """The current month; a new month starts from the store's count (held under the lock)."""
@@ -253,6 +270,12 @@ class ApiBudget:
         self._store.add_api_calls(month, 1, kind, day_of(now) if user_id else "", user_id)
         if user_id:
             self.users.counted(user_id, now)
+        task_id = getattr(_SERVING, "task", "")
+        if task_id and self.on_task_call is not None:
+            try:
+                self.on_task_call(task_id, user_id, now)
+            except Exception:  # the task's own count is a report; the month's count above is what limits
+                log.exception("记录任务的钉钉接口调用失败 task=%s", task_id)
         for share in THRESHOLDS:
             if before < share * self.monthly_budget <= spent:
                 log.warning("钉钉接口本月已调用 %d 次，达到月度预算 %d 的 %d%% (%s)", spent, self.monthly_budget,

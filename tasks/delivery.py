@@ -20,6 +20,7 @@ from typing import Any
 
 from common.logs import TaskLogger, task_log
 from config import PUSH_MAX_BYTES
+from dingtalk.api_budget import serving
 from dingtalk.route import Route
 from dingtalk_sender import Delivery
 from tasks import texts
@@ -138,8 +139,9 @@ class Outbox:
             notice_log.warning("通知未推送: 本月钉钉接口调用接近预算，只推送任务结果")
             return Delivery(ok=False, error="notice not pushed: monthly API budget")
         try:
-            delivery = self.sender.send(route, text, allow_webhook=allow_webhook, markdown=markdown,
-                                        retry_window=self.notice_retry_window)
+            with serving(task_id):  # its metered calls are the task's (usage/)
+                delivery = self.sender.send(route, text, allow_webhook=allow_webhook, markdown=markdown,
+                                            retry_window=self.notice_retry_window)
         except Exception as exc:  # runs in a pool: an escaping exception would vanish unlogged
             notice_log.exception("通知发送出错")
             return Delivery(ok=False, error=type(exc).__name__)
@@ -176,8 +178,9 @@ class Outbox:
         text = texts.result(task, self.clock())
         if task.label and self.budget is not None and not self.budget.cards_allowed(task.user_id):
             text = texts.within_one_push(text, PUSH_MAX_BYTES - 1024)  # a fire near the budget: one call
-        if self.cards is not None and self.cards.finish(task):
-            return self._delivered(task, "card")
+        with serving(task.id):
+            if self.cards is not None and self.cards.finish(task):
+                return self._delivered(task, "card")
         # Several hosts: each send retries only within the lease it started under (the fence's answer), and goes
         # on after the fence is asked again, for as long as one send would have retried on one host.
         give_up = self.clock() + getattr(self.sender, "retry_window", 0.0)
@@ -211,8 +214,9 @@ class Outbox:
         """One send of the result: the session webhook while it lives (free), for background results too; else a
         push, retried within `retry_window` (None: the sender's own)."""
         try:
-            return self.sender.send(task.route, text, markdown=task.status == SUCCEEDED, title="CodeBuddy 回复",
-                                    retry_window=retry_window)
+            with serving(task.id):  # its metered calls are the task's (usage/)
+                return self.sender.send(task.route, text, markdown=task.status == SUCCEEDED, title="CodeBuddy 回复",
+                                        retry_window=retry_window)
         except Exception as exc:  # runs in a pool: an escaping exception would vanish unlogged
             task_log(log, task).exception("任务 %s 结果发送出错", task.id)
             return Delivery(ok=False, error=type(exc).__name__)

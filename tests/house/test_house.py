@@ -98,7 +98,7 @@ FLOORS: tuple[tuple[tuple[str, ...], ...], ...] = (
     (("tasks.task",),),
     (("store",),),
     (("tasks", "async_task_manager"),),
-    (("cards",), ("files",), ("cluster",), ("projects",), ("schedules",)),
+    (("cards",), ("files",), ("cluster",), ("projects",), ("schedules",), ("usage",)),
     (("chat",),),
     (("ops",),),
     (("bot",),),

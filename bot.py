@@ -50,6 +50,7 @@ from ops import (
     schedule_table,
     systemd_notify,
     task_table,
+    usage_report,
 )
 from ops.metrics import DurationHistogram, TimedClient
 from ops.startup import (
@@ -68,6 +69,7 @@ from projects.wiring import project_commands, with_project_runs
 from schedules.firing import ScheduleFiring
 from schedules.wiring import schedule_parts
 from store.schema import StoreError
+from usage.wiring import usage_parts
 
 __all__ = ["main", "run_daemon", "setup_logging"]
 
@@ -94,7 +96,9 @@ def build_app(config: Config, durations: DurationHistogram | None = None
     projects = None if bindings is None else project_commands(  # /project, /pull, /diff, /push
         config, cli, bindings, new_session=manager.new_session, send_file=files_client.files.send_file)
     schedules, firing = schedule_parts(config, manager)  # /every, /schedules …, and the thread that fires them
-    app = ChatApp(manager, config, attachments=attachments, projects=projects, schedules=schedules)
+    usage, quotas = usage_parts(config, manager)  # every run's tokens, cost and CPU recorded; quotas; /usage
+    firing.quota = quotas.refusal  # a fire over its sender's quota is skipped
+    app = ChatApp(manager, config, attachments=attachments, projects=projects, schedules=schedules, usage=usage)
     return sender, client, manager, app, firing
 
 
@@ -134,7 +138,7 @@ def run_daemon(config: Config) -> int:
     status_server = start_status_server(config.status_port, StatusSources(
         manager=manager, sender=sender, client=client, stream=stream, store=manager.store,
         supervisor=manager.supervisor, intake=intake, durations=durations, schedules=firing,
-        host=this_host(config)))
+        usage=app.usage.quotas.book if app.usage is not None else None, host=this_host(config)))
 
     def core_alive() -> bool:  # a dead core thread stops the watchdog pings, and systemd restarts the bot
         return not health.core_problems(manager.supervisor, intake)
@@ -159,6 +163,8 @@ def run_daemon(config: Config) -> int:
     firing.stop()
     intake.shutdown()  # messages already ACKed become queued tasks, re-run after the restart
     manager.shutdown(config.shutdown_grace)
+    if app.usage is not None:
+        app.usage.quotas.book.stop()  # the runs that ended last are written
     if app.projects is not None:
         app.projects.shutdown()
     sender.stop()
@@ -194,6 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             return schedule_table.print_schedules(db, config.schedule_tz, secrets=config.secrets)
         except StoreError as exc:
             return startup_failure(f"任务数据库无法打开: {exc}", (*config.secrets, *dsn_passwords(db)))
+    if command == "usage":  # reads the task DB only, like tasks
+        config = read_config(os.environ)[0]
+        db = args.db or config.task_db
+        return usage_report.print_usage(db, config.schedule_tz, month=args.month, by=args.by, as_csv=args.csv,
+                                        secrets=config.secrets)
     if command == "migrate-store":  # needs the target only: a half-filled .env does not stop it
         return migrate_store(args.sqlite_path, args.to or read_config(os.environ)[0].task_db)
     try:

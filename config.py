@@ -205,6 +205,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("USER_DAILY_API_CALLS", "user_daily_api_calls", "100", non_negative_int, "Metered DingTalk calls "
             "made for one user per day (Beijing time, all hosts); over it only webhook replies (ADMIN_USERS exempt; "
             "0 = no limit)"),
+    Setting("USER_DAILY_TOKENS", "user_daily_tokens", "0", non_negative_int, "Input and output tokens one user's "
+            "runs may use per day (SCHEDULE_TZ days, all hosts); over it prompts are refused until the day ends "
+            "(ADMIN_USERS exempt; 0 = no limit)"),
+    Setting("USER_DAILY_RUNS", "user_daily_runs", "0", non_negative_int,
+            "CLI runs one user may start per day (as USER_DAILY_TOKENS)"),
+    Setting("USER_MONTHLY_COST_USD", "user_monthly_cost_usd", "0", non_negative_float, "Cost in USD the CLI "
+            "reported for one user's runs per calendar month (as USER_DAILY_TOKENS; CLI 2.163.0 reports 0)"),
     Setting("DINGTALK_CARD_TEMPLATE_ID", "card_template_id", "", any_text, "AI card template id (unset = no cards)"),
     Setting("DINGTALK_CARD_VARIABLES", "card_variables", "msgContent,flowStatus,msgTitle,pendingApproval",
             comma_list, "The card template's variables: streamed text, status, title (the common AI card template's "
@@ -292,6 +299,9 @@ class Config:
     max_attachments_per_message: int = 5
     attachment_retention_days: float = 7.0
     user_daily_api_calls: int = 100
+    user_daily_tokens: int = 0
+    user_daily_runs: int = 0
+    user_monthly_cost_usd: float = 0.0
     approval_max_waits: int = 3
     schedule_tz: str = "Asia/Shanghai"
     schedule_min_interval: float = 3600.0

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from async_task_manager import AsyncTaskManager
 from chat.rate_limits import RateLimits
 from config import MAX_PROMPT_CHARS, Config
-from dingtalk.api_budget import GROUP_LABELS
+from dingtalk.api_budget import GROUP_LABELS, ApiBudget
 from dingtalk.incoming import IncomingMessage
 from dingtalk.route import Route
 from files.attachments import AttachmentIntake
@@ -28,6 +28,9 @@ from schedules.commands import HELP_LINES as SCHEDULE_HELP
 from schedules.commands import ScheduleCommands, Sender
 from tasks import texts
 from tasks.task import ACTIVE_STATUSES, QUEUED, RUNNING, STATUS_LABELS, Task
+from usage.commands import COMMANDS as USAGE_COMMANDS
+from usage.commands import HELP_LINES as USAGE_HELP
+from usage.commands import UsageCommands
 
 log = logging.getLogger("bot")
 
@@ -64,17 +67,32 @@ def without_text(msgtype: str) -> str:
     return "消息为空。请直接输入想让 CodeBuddy 处理的问题，或发送 /help 查看命令。"
 
 
-def command_for(word: str, projects: bool, schedules: bool) -> str | None:
-    """The command `word` names (a project or schedule one only when those are on), or None."""
+def command_for(word: str, projects: bool, schedules: bool, usage: bool = False) -> str | None:
+    """The command `word` names (a project, schedule or usage one only when those are on), or None."""
     return COMMANDS.get(word) or (PROJECT_COMMANDS.get(word) if projects else None) or (
-        SCHEDULE_COMMANDS.get(word) if schedules else None)
+        SCHEDULE_COMMANDS.get(word) if schedules else None) or (USAGE_COMMANDS.get(word) if usage else None)
 
 
-def help_text(projects: bool, schedules: bool) -> str:
-    """/help: the commands, with the project and schedule ones when those are on."""
+def help_text(projects: bool, schedules: bool, usage: bool = False) -> str:
+    """/help: the commands, with the project, schedule and usage ones when those are on."""
     head, last = HELP_TEXT.rsplit("\n", 1)
-    extra = [PROJECT_HELP] * projects + [SCHEDULE_HELP] * schedules
+    extra = [PROJECT_HELP] * projects + [SCHEDULE_HELP] * schedules + [USAGE_HELP] * usage
     return "\n".join([head, *extra, last])
+
+
+def describe_spend(budget: ApiBudget | None, user_id: str, *, admin: bool, daily_limit: int, mine: bool = True) -> str:
+    """The DingTalk API calls of this month by kind and (`mine`: not in a group, where others read it) the sender's
+    today against their daily limit (`/status`); "" when no budget is kept (the console)."""
+    if budget is None:
+        return ""
+    spent, groups = budget.month_spend()
+    kinds = "、".join(f"{GROUP_LABELS[group]} {calls}" for group, calls in groups.items())
+    line = f"钉钉接口调用: 本月 {spent}/{budget.monthly_budget} 次 ({kinds})"
+    if not mine:
+        return line
+    used = budget.used_today(user_id)
+    today = f"{used} 次 (管理员不限)" if admin else f"{used}/{daily_limit} 次" if daily_limit else f"{used} 次"
+    return f"{line}；你今天 {today}"
 
 
 class ChatApp:
@@ -82,13 +100,14 @@ class ChatApp:
 
     def __init__(self, manager: AsyncTaskManager, config: Config, *, clock: Callable[[], float] = time.time,
                  attachments: AttachmentIntake | None = None, projects: ProjectCommands | None = None,
-                 schedules: ScheduleCommands | None = None) -> None:
+                 schedules: ScheduleCommands | None = None, usage: UsageCommands | None = None) -> None:
         self.manager = manager
         self.config = config
         self.clock = clock
         self.attachments = attachments  # None: pictures and files get the "not supported" reply
         self.projects = projects  # None: no PROJECTS_FILE, no project commands
         self.schedules = schedules  # None: no schedule commands (the console)
+        self.usage = usage  # None: no /usage and no quotas
         self.limits = RateLimits(clock)  # per user: prompts and commands per minute, one refusal per while
         manager.workers.approvals.refusal_gate = self.may_refuse  # a non-owner's 同意/拒绝, message or card button
 
@@ -160,7 +179,8 @@ class ChatApp:
                 self.reply(message, answered.reply)
             return
         words = message.text.split(maxsplit=1)
-        command = command_for(words[0].lower(), self.projects is not None, self.schedules is not None)
+        command = command_for(words[0].lower(), self.projects is not None, self.schedules is not None,
+                              self.usage is not None)
         if command is not None:
             if not self._over_limit(message, "command"):
                 self.run_command(command, words[1].strip() if len(words) > 1 else "", message)
@@ -182,6 +202,11 @@ class ChatApp:
         if waiting >= self.config.max_queued_per_user:
             log.warning("排队任务已达上限 (%d 个) user=%s", waiting, message.user_id)
             self.reply(message, f"你已有 {waiting} 个任务在排队，请等待完成或 /cancel 后再发送。")
+            return
+        over = self.usage.quotas.refusal(message.user_id) if self.usage is not None else ""
+        if over:  # a quota is used up: no run (usage/quotas.py)
+            log.warning("用量已达配额，拒绝任务 user=%s", message.user_id)
+            self.reply(message, over)
             return
         if self.attachments is not None:
             prompt = self.attachments.with_pending(message.conversation_key, message.user_id, prompt)
@@ -205,12 +230,17 @@ class ChatApp:
             sender = Sender(message.user_id, message.user_name, message.conversation_key,
                             self.is_admin(message.user_id), self.route_for(message))
             self.reply(message, self.schedules.handle(command, argument, sender))
+        elif command == "usage" and self.usage is not None:
+            self.reply(message, self.usage.handle(argument, message.user_id, self.is_admin(message.user_id),
+                                                  message.in_group))
         elif command == "help":
-            self.reply(message, help_text(self.projects is not None, self.schedules is not None))
+            self.reply(message, help_text(*(part is not None for part in (self.projects, self.schedules, self.usage))))
         elif command == "tasks":
             self.reply(message, self.describe_tasks(message))
         elif command == "status":  # without an id: the sender's latest task, then the DingTalk calls spent
-            spend = "" if argument else self.describe_spend(message.user_id, mine=not message.in_group)
+            spend = "" if argument else describe_spend(
+                self.manager.outbox.budget, message.user_id, admin=self.is_admin(message.user_id),
+                daily_limit=self.config.user_daily_api_calls, mine=not message.in_group)
             self.reply(message, self.describe_status(argument, message) + (f"\n{spend}" if spend else ""))
         elif command == "cancel":
             self.cancel(argument, message)
@@ -290,22 +320,6 @@ class ChatApp:
         elif task.finished and not task.delivered:
             lines.append("结果尚未送达，稍后重试推送")
         return "\n".join(lines)
-
-    def describe_spend(self, user_id: str, mine: bool = True) -> str:
-        """The DingTalk API calls of this month by kind and (`mine`: not in a group, where others read it) the sender's
-        today against their daily limit (`/status`); "" when no budget is kept (the console)."""
-        budget = self.manager.outbox.budget
-        if budget is None:
-            return ""
-        spent, groups = budget.month_spend()
-        kinds = "、".join(f"{GROUP_LABELS[group]} {calls}" for group, calls in groups.items())
-        line = f"钉钉接口调用: 本月 {spent}/{budget.monthly_budget} 次 ({kinds})"
-        if not mine:
-            return line
-        used, limit = budget.used_today(user_id), self.config.user_daily_api_calls
-        today = (f"{used} 次 (管理员不限)" if self.is_admin(user_id) else
-                 f"{used}/{limit} 次" if limit else f"{used} 次")
-        return f"{line}；你今天 {today}"
 
     def cancel(self, task_id: str, message: IncomingMessage) -> None:
         """Cancel the sender's task (or any, for admins); confirm once nothing of it runs (no thread waits)."""

@@ -1,4 +1,4 @@
-"""The bot's command line: its commands (run, check, tasks, schedules, console) and their options."""
+"""The bot's command line: its commands (run, check, tasks, schedules, usage, console) and their options."""
 
 from __future__ import annotations
 
@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                                     description="Print every schedule of the task DB (SQLite or PostgreSQL): owner, "
                                     "chat, when, next fire (SCHEDULE_TZ), fires, skips, the last result, the prompt.")
     schedules.add_argument("--db", metavar="PATH", help="task DB file or postgresql:// URL (default: TASK_DB)")
+    usage = commands.add_parser("usage", help="who used how much this month, from the task DB (TASK_DB)",
+                                description="Print the month's runs, tokens, cost, CPU time and metered DingTalk "
+                                "calls per user, day or chat (days in SCHEDULE_TZ), with the month's total last.")
+    usage.add_argument("--month", metavar="YYYY-MM", default="", help="the month (default: this one)")
+    usage.add_argument("--by", choices=("user", "day", "conversation"), default="user", help="one row per (user)")
+    usage.add_argument("--csv", action="store_true", help="CSV instead of an aligned table")
+    usage.add_argument("--db", metavar="PATH", help="task DB file or postgresql:// URL (default: TASK_DB)")
     add_migrate_command(commands)
     console_command = commands.add_parser(
         "console", help="chat with the bot in this terminal, no DingTalk needed",

@@ -96,6 +96,7 @@ class StatusSources:
     intake: Any  # .backlog_age(now)
     durations: DurationHistogram
     schedules: Any = None  # .counts: schedules, fired, skipped (schedules/firing.py)
+    usage: Any = None  # .totals: runs, tokens by kind, cost, CPU since start (usage/book.py)
     host: str = ""  # HOST_NAME: every sample carries host="…" (several bot processes on one app); "" = no label
 
 
@@ -191,6 +192,7 @@ def render_metrics(sources: StatusSources) -> str:
                    "by outcome: run (a task) or skipped (the previous still ran, too late, the sender not allowed).")
         out.sample("dingtalk_bot_schedule_fires_total", counts["fired"], {"outcome": "run"})
         out.sample("dingtalk_bot_schedule_fires_total", counts["skipped"], {"outcome": "skipped"})
+    render_usage(out, sources.usage)
     out.family("dingtalk_bot_token_fetches_total", "counter", "Access tokens fetched from DingTalk.")
     out.sample("dingtalk_bot_token_fetches_total", sources.sender.tokens.fetches)
     out.family("dingtalk_bot_stream_connected", "gauge", "1 while at least one DingTalk Stream connection is live.")
@@ -221,3 +223,20 @@ def render_api_budget(out: Exposition, meter: Any) -> None:
     out.family("dingtalk_bot_api_calls_total", "counter", "Metered DingTalk calls since start, by kind.")
     for kind, count in sorted(month["by_kind"].items()):
         out.sample("dingtalk_bot_api_calls_total", count, {"kind": kind})
+
+
+def render_usage(out: Exposition, book: Any) -> None:
+    """What this process's runs used since start (usage/book.py; per user: `bot.py usage`, never a label here)."""
+    if book is None:
+        return
+    totals = dict(book.totals)
+    out.family("dingtalk_bot_usage_runs_total", "counter", "CLI runs recorded since start.")
+    out.sample("dingtalk_bot_usage_runs_total", totals["runs"])
+    out.family("dingtalk_bot_usage_tokens_total", "counter", "Tokens the CLI reported for the runs since start, by "
+               "kind (input includes cache_read).")
+    for kind in ("input", "output", "cache_read", "cache_creation"):
+        out.sample("dingtalk_bot_usage_tokens_total", totals[f"{kind}_tokens"], {"kind": kind})
+    out.family("dingtalk_bot_usage_cost_usd_total", "counter", "Cost in USD the CLI reported for the runs since start.")
+    out.sample("dingtalk_bot_usage_cost_usd_total", totals["cost_usd"])
+    out.family("dingtalk_bot_usage_cpu_seconds_total", "counter", "CPU seconds the runs' processes used since start.")
+    out.sample("dingtalk_bot_usage_cpu_seconds_total", totals["cpu_seconds"])

@@ -23,6 +23,7 @@ from store import pg_connect
 from store.postgres import PostgresTaskStore, is_postgres_url, safe_url
 from store.schema import SCHEMA_VERSION, StoreError
 from store.sqlite import SQLiteTaskStore, read_only_uri
+from usage.table import COLUMNS as USAGE_TABLE_COLUMNS
 
 MAX_CLOCK_SKEW = 2.0  # seconds; leases last LEASE_SECONDS (30): a few seconds' skew already shortens them
 # Past this the bot does not start on a shared DB: its dedup window and purges would misjudge other hosts' records.
@@ -76,6 +77,7 @@ def check_postgres(url: str, *, clock: Callable[[], float] = time.time, timeout:
 
 
 SCHEDULE_COLUMNS = ", ".join(COLUMNS)
+USAGE_COLUMNS = ", ".join(USAGE_TABLE_COLUMNS)
 
 
 def _sqlite_rows(path: str, table: str) -> list[tuple]:
@@ -85,8 +87,9 @@ def _sqlite_rows(path: str, table: str) -> list[tuple]:
             return []
         if table == "durations":
             return db.execute("SELECT user_id, keyword, seconds, finished_at FROM durations ORDER BY rowid").fetchall()
-        if table == "schedules":
-            return db.execute(f"SELECT {SCHEDULE_COLUMNS} FROM schedules").fetchall()
+        if table in ("schedules", "usage"):
+            return db.execute(f"SELECT {SCHEDULE_COLUMNS if table == 'schedules' else USAGE_COLUMNS} FROM {table}"
+                              ).fetchall()
         return db.execute(f"SELECT * FROM {table}").fetchall()
     finally:
         db.close()
@@ -95,9 +98,9 @@ def _sqlite_rows(path: str, table: str) -> list[tuple]:
 def add_migrate_command(commands: argparse._SubParsersAction) -> None:
     """`bot.py migrate-store SQLITE_PATH [--to URL]`."""
     migrate = commands.add_parser("migrate-store", help="copy a SQLite task DB into the PostgreSQL TASK_DB",
-                                  description="Copy every task, msgId, session, duration, API call counter and "
-                                  "schedule of a SQLite task DB into an empty PostgreSQL one (TASK_DB or --to), in one "
-                                  "transaction.")
+                                  description="Copy every task, msgId, session, duration, API call counter, "
+                                  "schedule and usage row of a SQLite task DB into an empty PostgreSQL one (TASK_DB or "
+                                  "--to), in one transaction.")
     migrate.add_argument("sqlite_path", metavar="SQLITE_PATH", help="the SQLite task DB file (the old TASK_DB)")
     migrate.add_argument("--to", metavar="URL", help="postgresql:// URL (default: TASK_DB)")
 
@@ -131,7 +134,7 @@ def migrate_store(sqlite_path: str, url: str, out: TextIO | None = None) -> int:
         tasks = source.load()
         tables = {name: _sqlite_rows(absolute, name)
                   for name in ("seen_messages", "durations", "sessions", "api_calls", "api_calls_by_kind",
-                               "user_api_calls", "schedules")}
+                               "user_api_calls", "schedules", "usage")}
         with target.transaction(), target.connection() as conn:
             for task in tasks:
                 target.save(task)
@@ -139,7 +142,7 @@ def migrate_store(sqlite_path: str, url: str, out: TextIO | None = None) -> int:
                                    ("api_calls", "month, calls"), ("api_calls_by_kind", "month, kind, calls"),
                                    ("user_api_calls", "day, user_id, calls"),
                                    ("durations", "user_id, keyword, seconds, finished_at"),
-                                   ("schedules", SCHEDULE_COLUMNS)):
+                                   ("schedules", SCHEDULE_COLUMNS), ("usage", USAGE_COLUMNS)):
                 width = len(columns.split(","))
                 with conn.cursor() as cursor:
                     cursor.executemany(f"INSERT INTO {table} ({columns}) VALUES ({', '.join(['%s'] * width)})",

@@ -34,6 +34,7 @@ class ScheduleFiring:
         self.tz = tz
         self.catch_up = catch_up
         self.allowed = allowed  # whether a sender may still use the bot (ALLOWED_USERS, read at each fire)
+        self.quota: Callable[[str], str] = lambda user_id: ""  # why a sender may not start a run now (usage/)
         self.clock = clock
         self.tick = tick
         self.counts = {"fired": 0, "skipped": 0, "schedules": 0}  # for /metrics (the count as of the last look)
@@ -86,6 +87,10 @@ class ScheduleFiring:
         previous = self.manager.get_task(schedule.last_task) if schedule.last_task else None
         if previous is not None and not previous.finished:
             self._skip(schedule, f"{when} 的一次未执行: 上一次 (任务 {previous.id}) 仍在进行")
+            return ""
+        over = self.quota(schedule.user_id)
+        if over:  # the sender's quota is used up: this fire is skipped, the schedule stays
+            self._skip(schedule, f"{when} 的一次未执行: {over}")
             return ""
         note = schedule.note
         if claim.missed > 1:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tasks.task import Task
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 TASK_COLUMNS = [f.name for f in Task.__dataclass_fields__.values()]
 FLAGS = ("background", "delivered", "cancel_requested", "undeliverable")  # booleans stored as 0/1
 
@@ -58,6 +58,17 @@ CREATE TABLE IF NOT EXISTS schedules (id TEXT PRIMARY KEY, user_id TEXT NOT NULL
     fires INTEGER NOT NULL DEFAULT 0, skipped INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS schedules_due ON schedules (paused, next_fire);
 CREATE INDEX IF NOT EXISTS schedules_conversation ON schedules (conversation_key);
+""",
+    # What each run used (usage/): tokens, cost, CPU and metered DingTalk calls per task, summed per user and day.
+    7: """
+CREATE TABLE IF NOT EXISTS usage (task_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, user_name TEXT NOT NULL DEFAULT '',
+    conversation_key TEXT NOT NULL DEFAULT '', day TEXT NOT NULL, month TEXT NOT NULL, finished_at REAL NOT NULL,
+    runs INTEGER NOT NULL DEFAULT 0, input_tokens INTEGER NOT NULL DEFAULT 0, output_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_read_tokens INTEGER NOT NULL DEFAULT 0, cache_creation_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0, model TEXT NOT NULL DEFAULT '', wall_seconds REAL NOT NULL DEFAULT 0,
+    cpu_seconds REAL NOT NULL DEFAULT 0, api_calls INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS usage_user_day ON usage (user_id, day);
+CREATE INDEX IF NOT EXISTS usage_month ON usage (month, user_id);
 """,
 }
 SQLITE_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
@@ -115,6 +126,18 @@ CREATE TABLE IF NOT EXISTS schedules (id TEXT PRIMARY KEY, user_id TEXT NOT NULL
     note TEXT NOT NULL DEFAULT '', fires INTEGER NOT NULL DEFAULT 0, skipped INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS schedules_due ON schedules (paused, next_fire);
 CREATE INDEX IF NOT EXISTS schedules_conversation ON schedules (conversation_key);
+""",
+    # What each run used (usage/): tokens, cost, CPU and metered DingTalk calls per task, summed per user and day.
+    7: """
+CREATE TABLE IF NOT EXISTS usage (task_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, user_name TEXT NOT NULL DEFAULT '',
+    conversation_key TEXT NOT NULL DEFAULT '', day TEXT NOT NULL, month TEXT NOT NULL,
+    finished_at DOUBLE PRECISION NOT NULL, runs BIGINT NOT NULL DEFAULT 0, input_tokens BIGINT NOT NULL DEFAULT 0,
+    output_tokens BIGINT NOT NULL DEFAULT 0, cache_read_tokens BIGINT NOT NULL DEFAULT 0,
+    cache_creation_tokens BIGINT NOT NULL DEFAULT 0, cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+    model TEXT NOT NULL DEFAULT '', wall_seconds DOUBLE PRECISION NOT NULL DEFAULT 0,
+    cpu_seconds DOUBLE PRECISION NOT NULL DEFAULT 0, api_calls BIGINT NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS usage_user_day ON usage (user_id, day);
+CREATE INDEX IF NOT EXISTS usage_month ON usage (month, user_id);
 """,
 }
 PG_VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"

@@ -262,6 +262,11 @@ class TaskBoard(_TakingNext):
         with self.lock:
             return sum(1 for t in self.queue if t in self.tasks and self.tasks[t].user_id == user_id)
 
+    def running_count(self, user_id: str) -> int:
+        """How many of the user's tasks run on this host now."""
+        with self.lock:
+            return sum(1 for t in self.running if t in self.tasks and self.tasks[t].user_id == user_id)
+
     def _running_tasks(self) -> list[Task]:
         return [self.tasks[t] for t in self.running if t in self.tasks]
 

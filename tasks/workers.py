@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from functools import partial
 
 from codebuddy.warm_sessions import Decision, ToolRequest
+from codebuddy_client import RunResult
 from common.logs import task_log
 from common.redaction import redact_secrets
 from common.supervision import Supervisor
@@ -34,6 +35,7 @@ class Workers:
         self.session_for = session_for  # the CodeBuddy session id of a conversation
         self._secrets = tuple(secrets)
         self.supervisor = supervisor
+        self.on_run: Callable[[Task, RunResult], None] | None = None  # told of every run's result (usage/)
         # Questions a run asks its sender go to the task's chat, ahead of its result.
         # Plain text: nothing the agent wrote renders as markdown in them.
         self.approvals = Approvals(lambda task, text: outbox.notice(task.route, text, task_id=task.id),
@@ -119,6 +121,11 @@ class Workers:
                                      ask=lambda request: self._ask(running, questions, request))
         finally:
             questions.end()  # a question still waiting (the run timed out) is withdrawn
+        if self.on_run is not None:
+            try:
+                self.on_run(task, result)
+            except Exception:  # what the run used is a report: the task goes on
+                tlog.exception("任务 %s 的用量未能记录", task.id)
         with self.board.lock:  # the outcome is decided once, against a cancel arriving at the same moment
             stopped_here = bool(running.stop_reason) and not task.cancel_requested  # too many questions
             if result.cancelled and running.by_shutdown and not task.cancel_requested and not stopped_here:

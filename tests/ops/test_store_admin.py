@@ -23,6 +23,7 @@ from store.schema import SCHEMA_VERSION, StoreError
 from tasks.task import SUCCEEDED, Task
 from tests.conftest import ROOT
 from tests.pg_proxy import PgProxy
+from usage.table import UsageRow, UsageTable
 
 
 def _bot(tmp_path, *argv: str) -> subprocess.CompletedProcess:
@@ -95,11 +96,15 @@ def test_migrate_store_copies_a_sqlite_db_into_postgres_once(tmp_path, pg_url):
     schedules.add(Schedule(id="ab12cd34", user_id="u1", user_name="U", conversation_key="c", route=Route("1", "u1", ""),
                            cron="0 9 * * 1-5", words="工作日 09:00", prompt="生成日报", created_at=1.0, next_fire=2.0))
     schedules.close()
+    usage = UsageTable(str(path))
+    usage.add(UsageRow("0" * 16, "u1", "U", "c", "2026-11-29", 5.0, runs=1, input_tokens=1000, output_tokens=200,
+                       api_calls=2))
+    usage.close()
 
     result = _bot(tmp_path, "migrate-store", str(path), "--to", pg_url)
     assert result.returncode == 0, result.stderr
     assert ("copied 3 tasks, 1 seen_messages, 1 durations, 1 sessions, 1 api_calls, 1 api_calls_by_kind, "
-            "1 user_api_calls, 1 schedules") in result.stdout
+            "1 user_api_calls, 1 schedules, 1 usage") in result.stdout
     target = open_store(pg_url)
     assert [t.prompt for t in target.load()] == ["p0", "p1", "p2"] and target.session_for("c") == "s1"
     assert target.durations("报告") == [42.0] and target.api_calls("2026-11") == 19
@@ -109,6 +114,10 @@ def test_migrate_store_copies_a_sqlite_db_into_postgres_once(tmp_path, pg_url):
     moved = ScheduleTable(pg_url)
     assert moved.get("ab12cd34").prompt == "生成日报" and moved.get("ab12cd34").route == Route("1", "u1", "")
     moved.close()
+    moved_usage = UsageTable(pg_url)
+    assert moved_usage.user_totals("u1", day="2026-11-29").tokens == 1200
+    assert moved_usage.grouped("2026-11")[0].name == "U"
+    moved_usage.close()
 
     again = _bot(tmp_path, "migrate-store", str(path), "--to", pg_url)
     assert again.returncode == 1 and "already holds 3 task(s)" in again.stderr

@@ -213,7 +213,7 @@ _OLD_TASK = ("INSERT INTO tasks (id, user_id, route, prompt, status, created_at)
              "'succeeded', 1000.0)")
 
 
-def test_a_version_5_db_is_migrated_to_6_keeping_its_tasks_and_gaining_schedules_and_the_label(target):
+def test_a_version_5_db_is_migrated_to_7_keeping_its_tasks_and_gaining_schedules_the_label_and_usage(target):
     if target.kind == "sqlite":
         db = sqlite3.connect(target.url)
         db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
@@ -231,7 +231,7 @@ def test_a_version_5_db_is_migrated_to_6_keeping_its_tasks_and_gaining_schedules
             conn.execute("INSERT INTO schema_version VALUES (5)")
             conn.execute(_OLD_TASK)
     store = target.backend()
-    assert store.schema_version() == 6
+    assert store.schema_version() == 7 == SCHEMA_VERSION
     old = store.get("t5")
     assert old.prompt == "old prompt" and old.label == ""
     labelled = _task("t6")
@@ -240,3 +240,4 @@ def test_a_version_5_db_is_migrated_to_6_keeping_its_tasks_and_gaining_schedules
     assert store.get("t6").label == "⏰ 定时任务 ab12cd34"
     store.close()
     assert target.rows("SELECT count(*) FROM schedules") == [(0,)]
+    assert target.rows("SELECT count(*) FROM usage") == [(0,)]

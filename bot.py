@@ -134,7 +134,7 @@ def run_daemon(config: Config) -> int:
     status_server = start_status_server(config.status_port, StatusSources(
         manager=manager, sender=sender, client=client, stream=stream, store=manager.store,
         supervisor=manager.supervisor, intake=intake, durations=durations, schedules=firing,
-        host=this_host(config)))
+        host=this_host(config), token=config.status_token, tz=config.schedule_tz, secrets=config.secrets))
 
     def core_alive() -> bool:  # a dead core thread stops the watchdog pings, and systemd restarts the bot
         return not health.core_problems(manager.supervisor, intake)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from codebuddy_client import RunResult
+from ops.admin_view import UsageSource
 from ops.health import stream_connections
 from tasks.task import STATUS_LABELS
 
@@ -85,7 +86,7 @@ class TimedClient:
 
 @dataclass
 class StatusSources:
-    """The daemon's live objects that /healthz and /metrics read."""
+    """The daemon's live objects that /healthz, /metrics and the admin page (/) read."""
 
     manager: Any  # .stats, .outbox.waiting_retries
     sender: Any  # .stats (webhook_ok, batchSend_failed, …), .tokens.fetches
@@ -97,6 +98,11 @@ class StatusSources:
     durations: DurationHistogram
     schedules: Any = None  # .counts: schedules, fired, skipped (schedules/firing.py)
     host: str = ""  # HOST_NAME: every sample carries host="…" (several bot processes on one app); "" = no label
+    token: str = field(default="", repr=False)  # STATUS_TOKEN: asked on every path but /healthz; "" = no admin page
+    usage: UsageSource | None = None  # the month's usage by user and day for the admin page; None = not recorded
+    tz: str = "Asia/Shanghai"  # SCHEDULE_TZ: the admin page's times
+    version: str = ""  # shown in the admin page's header when known
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # never shown on the admin page (prompts, steps)
 
 
 def escape_label(value: str) -> str:

@@ -52,6 +52,7 @@ from ops import (
     task_table,
     usage_report,
 )
+from ops.admin_view import book_usage
 from ops.metrics import DurationHistogram, TimedClient
 from ops.startup import (
     StartCancelled,
@@ -135,10 +136,12 @@ def run_daemon(config: Config) -> int:
                                topics=card_topics(config),
                                callbacks={CARD_CALLBACK_TOPIC: on_card} if on_card is not None else None)
     notifier = systemd_notify.SystemdNotifier.from_environ(os.environ)  # sd_notify; a no-op outside systemd
+    usage_book = app.usage.quotas.book if app.usage is not None else None  # /metrics and the admin page read it
     status_server = start_status_server(config.status_port, StatusSources(
         manager=manager, sender=sender, client=client, stream=stream, store=manager.store,
         supervisor=manager.supervisor, intake=intake, durations=durations, schedules=firing,
-        usage=app.usage.quotas.book if app.usage is not None else None, host=this_host(config)))
+        usage_book=usage_book, usage=None if usage_book is None else book_usage(usage_book),
+        host=this_host(config), token=config.status_token, tz=config.schedule_tz, secrets=config.secrets))
 
     def core_alive() -> bool:  # a dead core thread stops the watchdog pings, and systemd restarts the bot
         return not health.core_problems(manager.supervisor, intake)

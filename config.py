@@ -17,6 +17,7 @@ from common.redaction import dsn_passwords, mask_secret
 from common.setting_values import (  # noqa: F401 (ConfigError and parse_positive_int are used through config)
     ConfigError,
     absolute_paths,
+    access_token,
     any_text,
     cli_args,
     comma_list,
@@ -169,6 +170,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("USER_RATE_LIMIT", "user_rate_limit", "20", parse_positive_int, "Prompts one user may send per minute"),
     Setting("STATUS_PORT", "status_port", "", optional_port,
             "Port of the 127.0.0.1 /healthz and /metrics server (unset = off)"),
+    Setting("STATUS_TOKEN", "status_token", "", access_token, "Token the status server asks for on every path but "
+            "/healthz (Authorization: Bearer, or ?token=); set, it serves the read-only admin page at / (unset: / "
+            "refused, /metrics open)", secret=True),
     Setting("WARM_SESSIONS", "warm_sessions", "4", non_negative_int,
             "CLI processes kept alive between a conversation's messages (least recently used ended first; 0 = none)"),
     Setting("WARM_IDLE_SECONDS", "warm_idle_seconds", "600", positive_float,
@@ -304,6 +308,7 @@ class Config:
     user_monthly_cost_usd: float = 0.0
     approval_max_waits: int = 3
     schedule_tz: str = "Asia/Shanghai"
+    status_token: str = field(default="", repr=False)
     schedule_min_interval: float = 3600.0
     schedule_catch_up: float = 3600.0
     max_schedules_per_user: int = 5
@@ -317,7 +322,7 @@ class Config:
     @property
     def secrets(self) -> tuple[str, ...]:
         """Every secret value the bot holds: replaced by *** in anything it logs or sends."""
-        return tuple(s for s in (self.client_secret, *self.cli_secrets, *dsn_passwords(self.task_db),
+        return tuple(s for s in (self.client_secret, self.status_token, *self.cli_secrets, *dsn_passwords(self.task_db),
                                  *(project.token for project in self.projects)) if s)
 
     @property

@@ -106,6 +106,17 @@ def any_text(name: str, raw: str) -> str:
     return raw
 
 
+MIN_TOKEN_CHARS = 16
+
+
+def access_token(name: str, raw: str) -> str:
+    """A secret given in an HTTP header or URL: empty (off), or 16+ URL-safe characters; the error never quotes it."""
+    if raw and (len(raw) < MIN_TOKEN_CHARS or not all(c.isascii() and (c.isalnum() or c in "-._~") for c in raw)):
+        raise ConfigError(f"{name} must be at least {MIN_TOKEN_CHARS} characters of A-Z a-z 0-9 - . _ ~ "
+                          "(e.g. the output of: python3 -c 'import secrets; print(secrets.token_urlsafe(24))')")
+    return raw
+
+
 _SANDBOXES = ("bwrap", "none")
 
 

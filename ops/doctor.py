@@ -303,6 +303,17 @@ def check_dingtalk(config: Config, error: ConfigError | None) -> list[CheckResul
     return [check_access_token(config), check_stream_gateway(config)]
 
 
+def admin_page_line(port: int | None, token: str) -> str:
+    """`bot.py check`'s line about the admin page (information): on (STATUS_TOKEN set) or off, and why."""
+    if port is None:
+        return "· admin page: off (STATUS_PORT unset)"
+    if not token:
+        return (f"· admin page: off (STATUS_TOKEN unset: 127.0.0.1:{port}/ answers 403; /healthz and /metrics "
+                "stay open)")
+    return (f"· admin page: on at http://127.0.0.1:{port}/ (read-only; STATUS_TOKEN asked on every path but "
+            "/healthz; reach it through an SSH tunnel)")
+
+
 def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", out: TextIO | None = None,
               cli_timeout: float = 20.0) -> int:
     """`python bot.py check`: print the settings and every ✓/✗ check, whatever fails; 0 only if all passed."""
@@ -333,6 +344,7 @@ def run_check(environ: Mapping[str, str], *, dotenv_path: str | None = ".env", o
           + ("" if config.status_port is not None else " (STATUS_PORT shows the live processes here)"), file=out)
     print(api_budget_line(config.task_db, config.monthly_call_budget), file=out)
     print(schedules_line(config.task_db, config.schedule_tz), file=out)
+    print(admin_page_line(config.status_port, config.status_token), file=out)
     if config.status_port is not None:
         running = check_running_bot(config.status_port)
         if running is None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from codebuddy_client import RunResult
+from ops.admin_view import UsageSource
 from ops.health import stream_connections
 from tasks.task import STATUS_LABELS
 
@@ -85,7 +86,7 @@ class TimedClient:
 
 @dataclass
 class StatusSources:
-    """The daemon's live objects that /healthz and /metrics read."""
+    """The daemon's live objects that /healthz, /metrics and the admin page (/) read."""
 
     manager: Any  # .stats, .outbox.waiting_retries
     sender: Any  # .stats (webhook_ok, batchSend_failed, …), .tokens.fetches
@@ -96,8 +97,13 @@ class StatusSources:
     intake: Any  # .backlog_age(now)
     durations: DurationHistogram
     schedules: Any = None  # .counts: schedules, fired, skipped (schedules/firing.py)
-    usage: Any = None  # .totals: runs, tokens by kind, cost, CPU since start (usage/book.py)
+    usage_book: Any = None  # .totals: runs, tokens by kind, cost, CPU since start (usage/book.py)
     host: str = ""  # HOST_NAME: every sample carries host="…" (several bot processes on one app); "" = no label
+    token: str = field(default="", repr=False)  # STATUS_TOKEN: asked on every path but /healthz; "" = no admin page
+    usage: UsageSource | None = None  # the month's usage by user and day for the admin page; None = not recorded
+    tz: str = "Asia/Shanghai"  # SCHEDULE_TZ: the admin page's times
+    version: str = ""  # shown in the admin page's header when known
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # never shown on the admin page (prompts, steps)
 
 
 def escape_label(value: str) -> str:
@@ -192,7 +198,7 @@ def render_metrics(sources: StatusSources) -> str:
                    "by outcome: run (a task) or skipped (the previous still ran, too late, the sender not allowed).")
         out.sample("dingtalk_bot_schedule_fires_total", counts["fired"], {"outcome": "run"})
         out.sample("dingtalk_bot_schedule_fires_total", counts["skipped"], {"outcome": "skipped"})
-    render_usage(out, sources.usage)
+    render_usage(out, sources.usage_book)
     out.family("dingtalk_bot_token_fetches_total", "counter", "Access tokens fetched from DingTalk.")
     out.sample("dingtalk_bot_token_fetches_total", sources.sender.tokens.fetches)
     out.family("dingtalk_bot_stream_connected", "gauge", "1 while at least one DingTalk Stream connection is live.")

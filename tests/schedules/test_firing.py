@@ -144,6 +144,22 @@ def test_a_fire_while_the_previous_one_still_runs_is_skipped_and_noted_in_the_ne
     assert "2026-12-07 10:00 (周一) 的一次未执行: 上一次 (任务 " in label
 
 
+def test_a_fire_of_a_sender_over_a_quota_is_skipped_and_the_next_answer_says_why(db):
+    clock = Clock(MONDAY_0830)
+    bot = Bot(db, clock, min_interval=60)
+    over = {"alice": "你今天的 token 用量已达上限: 6,000/5,000，12-08 00:00 (Asia/Shanghai) 重置。"}
+    bot.firing.quota = lambda user: over.get(user, "")  # usage/quotas.py Quotas.refusal, as bot.py wires it
+    schedule_id = _created_id(bot.say("/every 每小时 生成报告"))
+    clock.now = NINE
+    assert bot.fire() == []  # no task: the quota is used up
+    schedule = bot.table.get(schedule_id)
+    assert schedule.skipped == 1 and not schedule.paused and "token 用量已达上限: 6,000/5,000" in schedule.last_result
+    over.clear()  # the next day
+    clock.now = NINE + 3600
+    label = bot.manager.get_task(bot.fire()[0]).label
+    assert "2026-12-07 09:00 (周一) 的一次未执行: 你今天的 token 用量已达上限" in label
+
+
 def test_a_sender_no_longer_allowed_is_not_run_the_schedule_pauses_and_the_owner_is_told_once(db):
     clock, allowed = Clock(MONDAY_0830), {"alice"}
     bot = Bot(db, clock, allowed=lambda user: user in allowed, min_interval=60)

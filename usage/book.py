@@ -132,6 +132,8 @@ class UsageBook:
         with self._lock:
             self._stopping = True
             self._lock.notify_all()
+            if self._waiting:  # the DB stayed away: what this process recorded since is not in it
+                log.error("停止时仍有 %d 条用量记录未能写入任务数据库", len(self._waiting))
         if self._thread.is_alive():
             self._thread.join(timeout)
 

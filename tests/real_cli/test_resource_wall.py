@@ -44,7 +44,9 @@ def test_a_process_flood_is_capped_and_nothing_of_it_outlives_the_turn(standin, 
 
 def test_a_double_forked_process_is_ended_after_the_turn_and_the_cli_stays_warm(standin, real_bot, tmp_path):
     bot = real_bot(**LIMITS)
-    answer = _answer(standin, "daemon", "[bash:(setsid sleep 300 &) ; echo P-forked]")
+    # The daemon lets go of the tool's output (as daemons do): one still holding the pipe can make the real CLI's Bash
+    # tool report an empty Stdout under load (seen once in five stressed runs), which proves nothing either way.
+    answer = _answer(standin, "daemon", "[bash:(setsid sleep 300 </dev/null >/dev/null 2>&1 &) ; echo P-forked]")
     assert "P-forked" in answer.split("Stdout:", 1)[1], answer
     assert not [pid for pid, argv in processes_of_this_test(tmp_path).items() if argv == ["sleep", "300"]]
     assert "回答:" in _answer(standin, "daemon", "之后的问题")

@@ -32,6 +32,10 @@ from tasks.task import Task
 log = logging.getLogger("task_store")
 
 T = TypeVar("T")
+U = TypeVar("U")
+# A read of a DB counter plus the journal's pending adds is retried while a flush moves entries between the two.
+MAX_READ_TRIES = 50
+READ_RETRY_PAUSE = 0.005
 READ_FAILED = "任务数据库读取失败，使用内存中的记录 (%s)"
 LOST = "任务数据库关闭时仍有 %d 条记录未写入，已丢失 (%s)"
 
@@ -57,26 +61,47 @@ class _BudgetCounters:
         """Journal `count` API calls for the month (and the kind, and the user's day; the backend adds them at once)."""
         self._append("add_api_calls", month, count, kind, day, user_id)
 
+    def _with_pending(self, pending_of: Callable[[], T], read: Callable[[], U], fallback: U) -> tuple[T, U]:
+        """What is pending (`pending_of`, under the lock) and the DB's value (`read`), taken with no flush between
+        them: a flush that commits entries after they were counted as pending would have them counted twice (in the
+        DB and pending), one that took them before the DB was read, not at all. While a flush is committing (not
+        while the DB is down: nothing commits then) the read waits for it; past MAX_READ_TRIES: the last pending."""
+        for _ in range(MAX_READ_TRIES):
+            with self._lock:
+                before = (self._journal.flushes, self._journal.in_flight)
+                pending = pending_of()
+                committing = before[1] and self._down_since is None
+            if not committing:
+                stored = self._read(read, fallback)
+                with self._lock:
+                    if (self._journal.flushes, self._journal.in_flight) == before:
+                        return pending, stored
+            time.sleep(READ_RETRY_PAUSE)
+        return pending, self._read(read, fallback)
+
     def api_calls(self, month: str) -> int:
         """The month's API calls: the DB's counter plus the adds not yet written."""
-        with self._lock:
-            pending = sum(e.args[1] for e in self._journal.api_calls if e.args[0] == month)
-        return pending + self._read(lambda: self._backend.api_calls(month), 0)
+        pending, stored = self._with_pending(
+            lambda: sum(e.args[1] for e in self._journal.api_calls if e.args[0] == month),
+            lambda: self._backend.api_calls(month), 0)
+        return pending + stored
 
     def api_calls_by_kind(self, month: str) -> dict[str, int]:
         """The month's API calls by kind: the DB's counters plus the adds not yet written."""
-        with self._lock:
-            pending = [(e.args[2], e.args[1]) for e in self._journal.api_calls if e.args[0] == month and e.args[2]]
-        counts = dict(self._read(lambda: self._backend.api_calls_by_kind(month), {}))
+        pending, stored = self._with_pending(
+            lambda: [(e.args[2], e.args[1]) for e in self._journal.api_calls if e.args[0] == month and e.args[2]],
+            lambda: self._backend.api_calls_by_kind(month), {})
+        counts = dict(stored)
         for kind, count in pending:
             counts[kind] = counts.get(kind, 0) + count
         return counts
 
     def user_api_calls(self, day: str, user_id: str) -> int:
         """A user's API calls on a day, as every host counted them: the DB's counter plus the adds not yet written."""
-        with self._lock:
-            pending = sum(e.args[1] for e in self._journal.api_calls if e.args[3] == day and e.args[4] == user_id)
-        return pending + self._read(lambda: self._backend.user_api_calls(day, user_id), 0)
+        pending, stored = self._with_pending(
+            lambda: sum(e.args[1] for e in self._journal.api_calls if e.args[3] == day and e.args[4] == user_id),
+            lambda: self._backend.user_api_calls(day, user_id), 0)
+        return pending + stored
 
 
 class JournaledStore(_BudgetCounters, JournalWriter):

@@ -51,6 +51,10 @@ class Journal:
         self.entries: list[Entry] = []
         self.last = 0  # the sequence number of the last entry added
         self.written = 0  # every entry up to here is committed
+        # Flushes started, and whether one is between taking its entries and their leaving the journal (its commit
+        # may already be visible in the DB): a read of "DB + pending" is consistent only with none in between.
+        self.flushes = 0
+        self.in_flight = False
         self.tasks: dict[str, tuple[int, Task]] = {}  # the latest save of each task
         self.durations: list[Entry] = []
         self.sessions: dict[str, tuple[int, str]] = {}
@@ -163,6 +167,8 @@ class JournalWriter:
             entries = self._journal.to_write()
             elsewhere = set(self._elsewhere)
             self._flush_started = time.monotonic()
+            self._journal.flushes += 1
+            self._journal.in_flight = True
         purged = 0
         try:
             with self._backend.transaction():
@@ -174,6 +180,10 @@ class JournalWriter:
                         purged += result
                     elif entry.method == "remember_message" and self._shared and not result:
                         elsewhere.add(entry.args[0])
+        except BaseException:
+            with self._lock:
+                self._journal.in_flight = False  # nothing of it was committed
+            raise
         finally:
             with self._lock:
                 self._flush_started = None
@@ -185,6 +195,7 @@ class JournalWriter:
             log.warning(RECOVERED, len(entries))
         with self._lock:
             self._journal.committed(entries)
+            self._journal.in_flight = False
             self._down_since, self._down_reason = None, ""
             self._elsewhere.update({msg_id: self._clock() for msg_id in elsewhere - self._elsewhere.keys()})
             self._written.notify_all()

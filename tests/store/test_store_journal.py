@@ -441,3 +441,28 @@ def test_the_intake_acks_a_batch_after_its_records_are_written_or_the_store_gave
     assert asyncio.run(send(2)) is True  # the store is down: ACKed anyway, the record stays in memory
     assert events == ["handled 1", "written", "handled 2", "written"]
     intake.shutdown()
+
+
+def test_a_budget_count_read_while_a_flush_commits_its_adds_counts_each_once(target):
+    """A count is the DB's plus the journal's pending adds: a flush committing those adds between the two reads once
+    made a user's 3 calls read as 6 (seen in a stressed run: "已用 6 次，达到每人每天 3 次的上限")."""
+    backend = _Wrapped(target.backend())
+    store = JournaledStore(backend, flush_delay=30.0)  # nothing is written until the read below makes it so
+    for name in ("user_api_calls", "api_calls", "api_calls_by_kind"):
+        real = getattr(backend.backend, name)
+
+        def read_after_a_flush(*args, real=real, name=name):
+            if name not in flushed:  # the first read of each counter: the adds are committed just before it
+                flushed.add(name)
+                store.add_api_calls("2026-12", 1, "download", "2026-12-07", "u1")
+                assert store.wait_written(5)
+            return real(*args)
+
+        setattr(backend, name, read_after_a_flush)
+    flushed: set[str] = set()
+    for _ in range(3):
+        store.add_api_calls("2026-12", 1, "download", "2026-12-07", "u1")
+    assert store.user_api_calls("2026-12-07", "u1") == 4  # 3 counted pending, committed with a 4th meanwhile
+    assert store.api_calls("2026-12") == 5
+    assert store.api_calls_by_kind("2026-12") == {"download": 6}
+    store.close()

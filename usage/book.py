@@ -25,6 +25,8 @@ log = logging.getLogger("usage")
 
 MAX_WAITING = 10_000
 RETRY = 5.0
+READ_TRIES = 200  # a user's sums wait at most this many READ_PAUSEs for a row being written
+READ_PAUSE = 0.005
 TOKEN_KINDS = ("input", "output", "cache_read", "cache_creation")
 
 
@@ -45,6 +47,8 @@ class UsageBook:
         self._waiting: collections.deque[UsageRow] = collections.deque()
         self._written: list[UsageRow] = []  # without a table: every row, for the sums
         self._stopping = False
+        self._writes = 0  # rows written so far, and whether one is being written (it may be in the DB already)
+        self._writing = False
         self.dropped = 0
         self.totals: dict[str, float] = {"runs": 0, "cost_usd": 0.0, "cpu_seconds": 0.0, "api_calls": 0,
                                          **{f"{kind}_tokens": 0 for kind in TOKEN_KINDS}}  # this process, for /metrics
@@ -101,10 +105,13 @@ class UsageBook:
                 if not self._waiting:
                     return
                 row = self._waiting[0]
+                self._writing = True
             try:
                 assert self.table is not None
                 self.table.add(row)
             except Exception as exc:
+                with self._lock:
+                    self._writing = False
                 if not failing:
                     log.warning("用量写入任务数据库失败，%.0f 秒后重试: %s", self.retry,
                                 " ".join(str(exc).split())[:200])
@@ -119,6 +126,7 @@ class UsageBook:
             with self._lock:
                 if self._waiting and self._waiting[0] is row:
                     self._waiting.popleft()
+                self._writes, self._writing = self._writes + 1, False
                 self._lock.notify_all()
 
     def flush(self, timeout: float) -> bool:
@@ -139,18 +147,34 @@ class UsageBook:
 
     # -- reading
 
-    def _pending(self, keep: Callable[[UsageRow], bool]) -> list[UsageRow]:
-        with self._lock:
-            return [row for row in (self._written if self.table is None else self._waiting) if keep(row)]
+    def _with_waiting(self, keep: Callable[[UsageRow], bool], read: Callable[[UsageTable], Totals],
+                      empty: Totals) -> Totals:
+        """The table's sums (`read`) plus this host's rows not written yet that `keep` selects, taken with no row
+        written between the two (a row written meanwhile would count twice, or not at all); while one is being
+        written the read waits for it (at most READ_TRIES pauses)."""
+        if self.table is None:
+            with self._lock:
+                return _sum([row for row in self._written if keep(row)], empty)
+        for _ in range(READ_TRIES):
+            with self._lock:
+                before, writing = self._writes, self._writing
+                waiting = [row for row in self._waiting if keep(row)]
+            if not writing:
+                base = read(self.table)
+                with self._lock:
+                    if (self._writes, self._writing) == (before, False):
+                        return _sum(waiting, base)
+            time.sleep(READ_PAUSE)
+        return _sum(waiting, read(self.table))
 
     def user_day(self, user_id: str, day: str) -> Totals:
         """`user_id`'s sums on `day`, every host's, with this host's rows not written yet."""
-        base = self.table.user_totals(user_id, day=day) if self.table is not None else Totals(user_id)
-        return _sum(self._pending(lambda row: row.user_id == user_id and row.day == day), base)
+        return self._with_waiting(lambda row: row.user_id == user_id and row.day == day,
+                                  lambda table: table.user_totals(user_id, day=day), Totals(user_id))
 
     def user_month(self, user_id: str, month: str) -> Totals:
-        base = self.table.user_totals(user_id, month=month) if self.table is not None else Totals(user_id)
-        return _sum(self._pending(lambda row: row.user_id == user_id and row.day[:7] == month), base)
+        return self._with_waiting(lambda row: row.user_id == user_id and row.day[:7] == month,
+                                  lambda table: table.user_totals(user_id, month=month), Totals(user_id))
 
     def month(self, month: str, by: str = "user") -> list[Totals]:
         """The month's sums per user, day or chat (only what the table holds; [] without one)."""

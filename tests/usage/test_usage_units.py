@@ -196,3 +196,31 @@ def test_the_report_sums_to_the_total_and_csv_cells_cannot_be_formulas(task_db, 
     assert "2026-12-06" in out.getvalue() and "\x1b" not in out.getvalue() and "TOTAL" in out.getvalue()
     assert print_usage(task_db, TZ, month="2026-13") == 2
     assert "--month YYYY-MM" in capsys.readouterr().err
+
+
+def test_a_users_sums_read_while_a_row_is_being_written_count_it_once(tmp_path):
+    path = str(tmp_path / "tasks.db")
+    SQLiteTaskStore(path).close()
+    table = UsageTable(path)
+    committed, release = threading.Event(), threading.Event()
+
+    class CommitThenPause:  # the row is in the DB, and the writer has not yet taken it off its queue
+        def add(self, row: UsageRow) -> None:
+            table.add(row)
+            committed.set()
+            release.wait(5)
+
+        def __getattr__(self, name: str):
+            return getattr(table, name)
+
+    book = UsageBook(CommitThenPause(), TZ, clock=lambda: NOON).start()  # type: ignore[arg-type]
+    try:
+        book.record_run(_task("t1"), _result(1000, 200))
+        assert committed.wait(5)
+        threading.Timer(0.2, release.set).start()
+        today = book.user_day("u1", "2026-12-06")
+        assert (today.runs, today.tokens) == (1, 1200)  # not twice: the DB's row and the queue's
+    finally:
+        release.set()
+        book.stop()
+        table.close()

@@ -22,6 +22,7 @@ from common.redaction import replace_secrets
 from dingtalk.api_budget import GROUP_LABELS, month_of
 from schedules.forms import local_time
 from tasks.task import RUNNING, STATUS_LABELS
+from usage.book import day_in
 
 log = logging.getLogger("ops")
 
@@ -180,7 +181,7 @@ def admin_view(sources: Any, now: float) -> AdminView:
     spend = None if budget is None else _read("API budget", lambda: budget_view(budget, month), problems)
     users = days = None
     if sources.usage is not None:  # usage is counted in SCHEDULE_TZ days and months (usage/book.py)
-        usage_month = datetime.fromtimestamp(now, ZoneInfo(tz)).strftime("%Y-%m")
+        usage_month = day_in(now, tz)[:7]
         usage = _read("usage", lambda: sources.usage(usage_month), problems)
         if usage is not None:
             users, days = tuple(usage[0]), tuple(usage[1])

@@ -8,14 +8,14 @@ with ' so a spreadsheet shows it as text instead of running it as a formula."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 import sqlite3
 import sys
+import time
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from typing import TextIO
-from zoneinfo import ZoneInfo
 
 import psycopg
 
@@ -23,6 +23,7 @@ from common.logs import escape_controls
 from common.redaction import RedactedStream, dsn_passwords
 from ops.task_table import _clip, _display_width, _pad
 from store.postgres import is_postgres_url, safe_url
+from usage.book import day_in
 from usage.table import BY, Totals, UsageTable
 
 HEADER = ("RUNS", "INPUT", "OUTPUT", "CACHE_READ", "CACHE_WRITE", "COST_USD", "CPU_S", "WALL_S", "API_CALLS")
@@ -39,12 +40,6 @@ def _spreadsheet_safe(cell: str) -> str:
     return "'" + cell if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else cell
 
 
-def month_now(tz: str, now: float | None = None) -> str:
-    """The current month in `tz` ("2026-12")."""
-    return datetime.fromtimestamp(now if now is not None else datetime.now(UTC).timestamp(), UTC).astimezone(
-        ZoneInfo(tz)).strftime("%Y-%m")
-
-
 def format_usage(rows: list[Totals], total: Totals, by: str, as_csv: bool = False) -> str:
     """The rows and the total as an aligned table (or CSV text)."""
     head = ["USER", "NAME"] if by == "user" else [by.upper()]
@@ -53,21 +48,12 @@ def format_usage(rows: list[Totals], total: Totals, by: str, as_csv: bool = Fals
         lines.append([row.key, row.name, *_numbers(row)] if by == "user" else [row.key, *_numbers(row)])
     lines.append(["TOTAL", ""][:len(head)] + _numbers(total))
     if as_csv:
-        text = _Lines()
-        writer = csv.writer(text, lineterminator="\n")
-        writer.writerows([[_spreadsheet_safe(cell) for cell in line] for line in lines])
-        return "".join(text.parts).rstrip("\n")
+        text = io.StringIO()
+        csv.writer(text, lineterminator="\n").writerows([[_spreadsheet_safe(cell) for cell in line] for line in lines])
+        return text.getvalue().rstrip("\n")
     shown = [[_clip(cell, 40) if i < len(head) else cell for i, cell in enumerate(line)] for line in lines]
     widths = [max(_display_width(line[column]) for line in shown) for column in range(len(shown[0]))]
     return "\n".join("  ".join(_pad(cell, widths[i]) for i, cell in enumerate(line)).rstrip() for line in shown)
-
-
-class _Lines:
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-
-    def write(self, text: str) -> None:
-        self.parts.append(text)
 
 
 def print_usage(db_path: str, tz: str, *, month: str = "", by: str = "user", as_csv: bool = False,
@@ -75,7 +61,7 @@ def print_usage(db_path: str, tz: str, *, month: str = "", by: str = "user", as_
     """`python bot.py usage`: the month's usage from the task DB (a file or a postgresql:// URL); 1 on a problem."""
     secrets = (*secrets, *dsn_passwords(db_path))
     out, err = RedactedStream(out or sys.stdout, secrets), RedactedStream(sys.stderr, secrets)
-    month = month or month_now(tz)
+    month = month or day_in(time.time(), tz)[:7]
     if not MONTH.match(month) or by not in BY:
         print(f"usage: --month YYYY-MM (not {escape_controls(month)}), --by one of {', '.join(BY)}", file=err)
         return 2

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any, TypeVar
 
+from common.settled_read import read_with_pending
 from config import DEDUP_TTL_SECONDS
 from store.base import StoreBackend, StoreHealth
 from store.journal_writer import (  # noqa: F401 (the log lines, re-exported: tests and docs grep them here)
@@ -66,18 +67,10 @@ class _BudgetCounters:
         them: a flush that commits entries after they were counted as pending would have them counted twice (in the
         DB and pending), one that took them before the DB was read, not at all. While a flush is committing (not
         while the DB is down: nothing commits then) the read waits for it; past MAX_READ_TRIES: the last pending."""
-        for _ in range(MAX_READ_TRIES):
-            with self._lock:
-                before = (self._journal.flushes, self._journal.in_flight)
-                pending = pending_of()
-                committing = before[1] and self._down_since is None
-            if not committing:
-                stored = self._read(read, fallback)
-                with self._lock:
-                    if (self._journal.flushes, self._journal.in_flight) == before:
-                        return pending, stored
-            time.sleep(READ_RETRY_PAUSE)
-        return pending, self._read(read, fallback)
+        return read_with_pending(
+            self._lock, lambda: (self._journal.flushes, self._journal.in_flight),
+            lambda: self._journal.in_flight and self._down_since is None, pending_of,
+            lambda: self._read(read, fallback), tries=MAX_READ_TRIES, pause=READ_RETRY_PAUSE)
 
     def api_calls(self, month: str) -> int:
         """The month's API calls: the DB's counter plus the adds not yet written."""

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
 from codebuddy_client import RunResult
+from common.settled_read import read_with_pending
 from tasks.task import Task
 from usage.table import COUNTERS, Totals, UsageRow, UsageTable
 
@@ -28,6 +29,12 @@ RETRY = 5.0
 READ_TRIES = 200  # a user's sums wait at most this many READ_PAUSEs for a row being written
 READ_PAUSE = 0.005
 TOKEN_KINDS = ("input", "output", "cache_read", "cache_creation")
+
+
+def day_in(wall_time: float, tz: ZoneInfo | str) -> str:
+    """The day ("2026-12-06") of a wall-clock time in `tz` (SCHEDULE_TZ); its first seven letters are the month."""
+    zone = ZoneInfo(tz) if isinstance(tz, str) else tz
+    return datetime.fromtimestamp(wall_time, UTC).astimezone(zone).strftime("%Y-%m-%d")
 
 
 def _sum(rows: list[UsageRow], base: Totals) -> Totals:
@@ -56,7 +63,7 @@ class UsageBook:
 
     def day(self, wall_time: float) -> str:
         """The bot's day ("2026-12-06") of a wall-clock time, in SCHEDULE_TZ."""
-        return datetime.fromtimestamp(wall_time, UTC).astimezone(self.tz).strftime("%Y-%m-%d")
+        return day_in(wall_time, self.tz)
 
     # -- recording
 
@@ -155,17 +162,12 @@ class UsageBook:
         if self.table is None:
             with self._lock:
                 return _sum([row for row in self._written if keep(row)], empty)
-        for _ in range(READ_TRIES):
-            with self._lock:
-                before, writing = self._writes, self._writing
-                waiting = [row for row in self._waiting if keep(row)]
-            if not writing:
-                base = read(self.table)
-                with self._lock:
-                    if (self._writes, self._writing) == (before, False):
-                        return _sum(waiting, base)
-            time.sleep(READ_PAUSE)
-        return _sum(waiting, read(self.table))
+        table = self.table
+        waiting, base = read_with_pending(
+            self._lock, lambda: (self._writes, self._writing), lambda: self._writing,
+            lambda: [row for row in self._waiting if keep(row)], lambda: read(table), tries=READ_TRIES,
+            pause=READ_PAUSE)
+        return _sum(waiting, base)
 
     def user_day(self, user_id: str, day: str) -> Totals:
         """`user_id`'s sums on `day`, every host's, with this host's rows not written yet."""
